@@ -38,4 +38,29 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0+unknown"
 
-__all__ = ["__version__"]
+from sae.estimator import StructuredAutoEncoder  # noqa: E402
+from sae.model import (  # noqa: E402
+    FitResult,
+    encode_direct,
+    fit_sae,
+    objective_terms,
+    solve_codes,
+    solve_dictionary,
+    solve_encoder,
+)
+from sae.solvers import SolverResult, fista, spectral_norm  # noqa: E402
+
+__all__ = [
+    "__version__",
+    "StructuredAutoEncoder",
+    "FitResult",
+    "SolverResult",
+    "fit_sae",
+    "objective_terms",
+    "solve_codes",
+    "solve_dictionary",
+    "solve_encoder",
+    "encode_direct",
+    "fista",
+    "spectral_norm",
+]
