@@ -91,6 +91,57 @@ class CQTConfig(_Config):
         return self
 
 
+class BuiltinDatasetConfig(_Config):
+    """The built-in synthetic dataset (see `sae.datasets`): labelled clips in GTZAN layout."""
+
+    n_genres: int = Field(5, ge=2, le=10, description="Number of synthetic genres (at most 10).")
+    clips_per_genre: int = Field(20, ge=1, description="Clips generated per genre.")
+    duration: float = Field(
+        30.0, gt=0, description="Clip length in seconds; 30 s at 22050 Hz covers the default clip_samples."
+    )
+    sample_rate: int = Field(22050, ge=8000, description="Sample rate of the WAV files (Hz).")
+    crossover: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Probability that a clip borrows each trait (timbre, rhythm, harmony, tempo) from another genre.",
+    )
+    seed: int = Field(0, ge=0, description="Seed: same seed, same bytes.")
+
+
+class IngestConfig(_Config):
+    """Ingestion: audio files (or the built-in dataset) to the frames of a store."""
+
+    data: str | None = Field(
+        None,
+        description="GTZAN-style folder (<root>/<label>/<file>) or CSV manifest (columns path,label); "
+        "None generates the built-in dataset into '<store>-data' beside the store.",
+    )
+    store: str = Field("sae.zarr", min_length=1, description="Path of the Zarr store to create or resume.")
+    cqt: CQTConfig = Field(default_factory=CQTConfig, description="Audio loading and CQT.")
+    chunk_clips: int = Field(
+        64, ge=1, description="Clips per frames chunk and per batch task (64 x 1288 x 96 float32 = 32 MB)."
+    )
+    strict: bool = Field(False, description="Fail the run (after writing everything) if any clip is in error.")
+    retries: int = Field(2, ge=0, description="Retries of a batch task after an unexpected (I/O) failure.")
+    overwrite: bool = Field(False, description="Replace an existing store instead of resuming it.")
+    dataset: BuiltinDatasetConfig = Field(
+        default_factory=BuiltinDatasetConfig, description="The built-in dataset, used when data is None."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> IngestConfig:
+        if self.data is None and not self.cqt.pad_short:
+            samples = round(self.dataset.duration * self.cqt.sample_rate)
+            if samples < self.cqt.clip_samples:
+                raise ValueError(
+                    f"dataset.duration ({self.dataset.duration} s = {samples} samples at {self.cqt.sample_rate} Hz) "
+                    f"must cover cqt.clip_samples ({self.cqt.clip_samples}); lengthen the clips, "
+                    "lower clip_samples or set cqt.pad_short"
+                )
+        return self
+
+
 class PreprocessConfig(_Config):
     """Which frames the model sees and how they are scaled and perturbed.
 
@@ -124,5 +175,104 @@ class GraphConfig(_Config):
         "approximate", description="pynndescent (approximate) or blocked brute force (exact)."
     )
     block_size: int = Field(50_000, ge=16, description="Frames per block of the blocked kNN.")
+    n_neighbors_build: int = Field(
+        30,
+        ge=1,
+        description="Approximate: neighbours of each block's pynndescent graph and of the cross-block "
+        "queries (max(this, n_neighbors) is used); more is slower and more accurate.",
+    )
+    search_epsilon: float = Field(0.1, ge=0, description="Approximate: pynndescent query search width (epsilon).")
     recall_sample: int = Field(2000, ge=0, description="Queries used to measure recall against exact kNN.")
     random_state: int = Field(0, ge=0, description="Seed of the approximate search and of the recall sample.")
+
+
+class TrainConfig(_Config):
+    """Distributed training: the model's hyper-parameters plus how the work is split.
+
+    ``model`` is the one :class:`ModelConfig` shared with the estimator; the
+    other fields only say how :func:`sae.distributed.fit_distributed` runs it.
+
+    >>> TrainConfig(model=ModelConfig(n_atoms=512), block_size=20_000).model.n_atoms
+    512
+    """
+
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The model's hyper-parameters.")
+    block_size: int = Field(
+        50_000, ge=1, description="Frames per block: the unit of parallel work and the chunk of the stored codes."
+    )
+    laplacian_norm: Literal["power", "bound"] = Field(
+        "power",
+        description="||L||_2 for the Z step's step size: 'power' = distributed power iteration (as the "
+        "in-memory fit), 'bound' = Gershgorin bound max_i sum_j |L_ij| (an upper bound: smaller steps).",
+    )
+    lookahead: int = Field(
+        2, ge=1, description="Z-step iterations submitted ahead of the stopping test (hides the round trip)."
+    )
+    checkpoint: bool = Field(True, description="Write a checkpoint to the store after every outer iteration.")
+
+
+class ClassifyConfig(_Config):
+    """Genre classification of per-frame features (defaults: the thesis's, but the protocol).
+
+    Frames of a clip are aggregated into ``n_windows`` window vectors (plus as
+    many shifted by half a window), each classified on its own
+    (`sae.classify`).  ``protocol`` is how the vectors are split into training
+    and test sets:
+
+    - "thesis": ``ShuffleSplit(n_splits, test_size)`` over vectors, repeated
+      ``n_repeats`` times, as published; vectors of one clip fall on both sides
+      (a leak);
+    - "grouped" (default): ``StratifiedGroupKFold(n_splits)`` with the clips as
+      groups, repeated ``n_repeats`` times with different shuffles;
+    - "inductive": the grouped folds, and in every fold the auto-encoder
+      (``model``) and its graph (``graph``) are fitted on the training clips'
+      frames only; the test clips are encoded with ``encode_methods``.
+
+    >>> ClassifyConfig().n_windows, ClassifyConfig().classifier, ClassifyConfig().protocol
+    (6, 'svc', 'grouped')
+    >>> ClassifyConfig(protocol="inductive", encode_methods=("encoder",))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    pydantic_core._pydantic_core.ValidationError: 1 validation error for ClassifyConfig
+      Value error, encode_methods contains 'encoder', which needs an encoder: model.lambda_e must be > 0, got 0.0 ...
+    """
+
+    n_windows: int = Field(6, ge=1, description="Windows per clip (the thesis's Nvectors).")
+    window_frames: int | None = Field(
+        None, ge=1, description="Frames per window; None: floor(F / (n_windows + 0.5)) for a clip of F frames."
+    )
+    shifted: bool = Field(True, description="Add a second set of windows shifted by half a window (2 x n_windows vectors).")
+    rectify: bool = Field(True, description="Aggregate absolute values (sum |x|) rather than values (sum x).")
+    classifier: Literal["svc", "linear_svc", "logistic_regression", "ridge"] = Field(
+        "svc", description="svc: SVC(kernel='linear') (libsvm, one-vs-one) as the thesis; the others are linear too."
+    )
+    C: float = Field(1.0, gt=0, description="Inverse regularisation strength of the classifier (ridge: alpha = 1/C).")
+    scaling: Literal["none", "minmax", "standard"] = Field(
+        "none", description="Scaling of the window vectors, fitted on the training vectors of each split."
+    )
+    voting: bool = Field(False, description="Also classify whole clips by majority vote of their test vectors.")
+    protocol: Literal["thesis", "grouped", "inductive"] = Field("grouped", description="Cross-validation protocol.")
+    n_splits: int = Field(10, ge=2, description="Splits (folds) per repetition.")
+    test_size: float = Field(0.1, gt=0, lt=1, description="Test share of each ShuffleSplit split (protocol 'thesis').")
+    n_repeats: int = Field(20, ge=1, description="Repetitions of the cross-validation, each with its own shuffle.")
+    random_state: int = Field(0, ge=0, description="Seed of the splits (and of the randomised classifiers).")
+    chunk_clips: int = Field(64, ge=1, description="Clips aggregated per read when streaming frames.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Auto-encoder fitted per fold ('inductive').")
+    graph: GraphConfig = Field(
+        default_factory=lambda: GraphConfig(method="exact"),
+        description="Graph of the training frames, and of the test frames, per fold ('inductive', lambda_g > 0).",
+    )
+    encode_methods: tuple[Literal["exact", "encoder"], ...] = Field(
+        ("exact",), min_length=1, description="How test frames are encoded ('inductive'): Z step and/or direct encoder."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ClassifyConfig:
+        if "encoder" in self.encode_methods and self.model.lambda_e <= 0:
+            raise ValueError(
+                "encode_methods contains 'encoder', which needs an encoder: model.lambda_e must be > 0, "
+                f"got {self.model.lambda_e}"
+            )
+        if len(set(self.encode_methods)) != len(self.encode_methods):
+            raise ValueError(f"encode_methods must not repeat a method, got {self.encode_methods}")
+        return self

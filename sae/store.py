@@ -3,16 +3,18 @@
 A *store* is a Zarr v3 group on disk (``<name>.zarr``) that holds one dataset
 run and everything computed from it.  Nothing else in ``sae`` or ``flows``
 builds paths inside a store: it calls the functions here.  Everything in it is
-plain arrays and JSON attributes, readable by any Zarr v3 client.
+plain arrays and JSON attributes, readable by any Zarr v3 client (strings use
+the ``string`` data type with the ``vlen-utf8`` codec; no pickled objects).
 
 Layout (orientation: samples by features, see ``sae``)::
 
     <store>.zarr/
       attrs: sae_layout (int), sae_version, created (ISO 8601),
              cqt (CQTConfig as JSON), labels (sorted label names),
-             frames_per_clip (F), n_clips
-      frames        float32 (n_clips * F, n_bins), chunks (chunk_clips * F, n_bins)
-                    rows [i*F, (i+1)*F) belong to clip i; the rows of a clip
+             frames_per_clip (F), n_clips, chunk_clips
+      frames        float32 (n_clips * F, n_bins), chunks (chunk_clips * F, n_bins),
+                    Blosc(lz4, byte shuffle); dimension names ("frame", "bin").
+                    Rows [i*F, (i+1)*F) belong to clip i; the rows of a clip
                     whose status is not "ok" hold no data (fill value 0).
                     A chunk holds whole clips, so batches of chunk_clips clips
                     write disjoint chunks in parallel without locks.
@@ -24,15 +26,603 @@ Layout (orientation: samples by features, see ``sae``)::
         first_frame  int64  i * F
         n_frames     int32  F for ok clips, 0 otherwise
         status       str    "pending" | "ok" | "error"
-        error_kind   str    "" or one of: empty, corrupt, unsupported, too_short,
-                            silent, unreadable, missing
+        error_kind   str    "" or one of sae.audio.ERROR_KINDS: missing,
+                            unreadable, empty, unsupported, corrupt,
+                            truncated, too_short, silent
         error        str    human-readable message, "" when ok
       <stage>/<key>/  results of later stages (preprocess, graph, model,
                       features, results), one group per configuration
                       fingerprint; attrs: config (JSON), complete (bool, written
-                      last), created.
+                      last), created.  Sparse matrices inside a stage group are
+                      sub-groups written by `write_sparse`.
 
 The clip table is written by one writer only (the flow that owns the run),
 after the frames of a batch are fully written; a clip is "ok" only then, so a
-crash never leaves a half-written clip marked done.
+crash never leaves a half-written clip marked done.  Consolidated metadata is
+never written (it would go stale); groups are opened with
+``use_consolidated=False``.
+
+Example
+-------
+>>> import tempfile, os
+>>> from sae.config import CQTConfig
+>>> root = tempfile.mkdtemp()
+>>> cqt = CQTConfig(clip_samples=22050)
+>>> clips = [("a/x", "x.wav", "a"), ("b/y", "y.wav", "b"), ("a/z", "z.wav", "a")]
+>>> group = create_store(os.path.join(root, "demo.zarr"), cqt, clips, chunk_clips=2)
+>>> frames_array(group).shape, frames_array(group).chunks
+((126, 96), (84, 96))
+>>> clip_table(group)["label_index"].tolist()
+[0, 1, 0]
+>>> ok_clips(group).tolist()
+[]
 """
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import scipy.sparse as sp
+import zarr
+import zarr.codecs
+
+from sae import __version__
+from sae.config import CQTConfig
+
+logger = logging.getLogger(__name__)
+
+LAYOUT_VERSION = 1
+"""Version of the layout described in this module; bumped on incompatible change."""
+
+STATUSES = ("pending", "ok", "error")
+"""Values of the ``status`` column."""
+
+CLIP_COLUMNS = (
+    "clip_id",
+    "path",
+    "label",
+    "label_index",
+    "first_frame",
+    "n_frames",
+    "status",
+    "error_kind",
+    "error",
+)
+"""Columns of the clip table, in order."""
+
+_STRING_COLUMNS = ("clip_id", "path", "label", "status", "error_kind", "error")
+_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+PathLike = str | os.PathLike
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _frames_compressors() -> list:
+    return [zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")]
+
+
+def _strings(values: np.ndarray) -> np.ndarray:
+    """Fixed-width unicode copy of a string array read from Zarr (numpy StringDType)."""
+    return np.array(values.tolist(), dtype=str)
+
+
+def _as_json(config: Any) -> Any:
+    """A JSON-normalised copy of a configuration (pydantic model or mapping)."""
+    if hasattr(config, "model_dump"):
+        config = config.model_dump(mode="json")
+    return json.loads(json.dumps(config, sort_keys=True))
+
+
+# --------------------------------------------------------------------------- creation
+
+
+def create_store(
+    path: PathLike,
+    cqt: CQTConfig,
+    clips: Sequence[tuple[str, str, str]],
+    chunk_clips: int,
+    *,
+    overwrite: bool = False,
+) -> zarr.Group:
+    """Create an empty store for ``clips``: the frames array and a pending clip table.
+
+    Parameters
+    ----------
+    path : str or path-like
+        Directory of the store (conventionally ``<name>.zarr``).
+    cqt : CQTConfig
+        The CQT configuration; fixes the frames per clip F and the bins.
+    clips : sequence of (clip_id, path, label)
+        One entry per clip, in the order of the store.  ``clip_id`` must be unique.
+    chunk_clips : int
+        Clips per chunk of ``frames`` (and per ingestion batch), >= 1.
+    overwrite : bool
+        Replace an existing store at ``path``; otherwise an existing path is an error.
+
+    Returns
+    -------
+    zarr.Group
+        The root group, opened for writing.
+    """
+    from sae.audio import frames_per_clip  # sae.audio imports this module lazily too
+
+    if not isinstance(chunk_clips, int | np.integer) or chunk_clips < 1:
+        raise ValueError(f"chunk_clips must be an integer >= 1, got {chunk_clips!r}")
+    clips = [tuple(map(str, c)) for c in clips]
+    if not clips:
+        raise ValueError("clips must hold at least one (clip_id, path, label) entry, got an empty list")
+    if any(len(c) != 3 for c in clips):
+        raise ValueError("clips must be (clip_id, path, label) triples")
+    ids = [c[0] for c in clips]
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
+        raise ValueError(f"clip ids must be unique; duplicated: {dup}")
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"store path {str(path)!r} already exists; pass overwrite=True to replace it")
+
+    n_clips = len(clips)
+    n_frames = frames_per_clip(cqt)
+    chunk_clips = int(min(chunk_clips, n_clips))
+    labels = sorted({c[2] for c in clips})
+    label_index = {name: i for i, name in enumerate(labels)}
+
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    group.create_array(
+        "frames",
+        shape=(n_clips * n_frames, cqt.n_bins),
+        chunks=(chunk_clips * n_frames, cqt.n_bins),
+        dtype="float32",
+        fill_value=0.0,
+        compressors=_frames_compressors(),
+        dimension_names=("frame", "bin"),
+    )
+    table = group.create_group("clips")
+    columns: dict[str, np.ndarray] = {
+        "clip_id": np.array(ids, dtype=str),
+        "path": np.array([c[1] for c in clips], dtype=str),
+        "label": np.array([c[2] for c in clips], dtype=str),
+        "label_index": np.array([label_index[c[2]] for c in clips], dtype=np.int32),
+        "first_frame": np.arange(n_clips, dtype=np.int64) * n_frames,
+        "n_frames": np.zeros(n_clips, dtype=np.int32),
+        "status": np.full(n_clips, "pending"),
+        "error_kind": np.full(n_clips, ""),
+        "error": np.full(n_clips, ""),
+    }
+    for name in CLIP_COLUMNS:
+        values = columns[name]
+        dtype = str if name in _STRING_COLUMNS else values.dtype
+        array = table.create_array(
+            name, shape=(n_clips,), chunks=(n_clips,), dtype=dtype, dimension_names=("clip",)
+        )
+        array[:] = values
+    group.attrs.update(
+        {
+            "sae_layout": LAYOUT_VERSION,
+            "sae_version": __version__,
+            "created": _now(),
+            "cqt": cqt.model_dump(mode="json"),
+            "labels": labels,
+            "frames_per_clip": int(n_frames),
+            "n_clips": int(n_clips),
+            "chunk_clips": int(chunk_clips),
+        }
+    )
+    logger.info(
+        "created store %s: %d clips, %d labels, %d frames per clip, %d clips per chunk",
+        path, n_clips, len(labels), n_frames, chunk_clips,
+    )
+    return group
+
+
+def open_store(path: PathLike, mode: Literal["r", "r+", "a"] = "r") -> zarr.Group:
+    """Open an existing store, checking that it is a sae store of this layout version.
+
+    Parameters
+    ----------
+    path : str or path-like
+        Directory of the store.
+    mode : {"r", "r+", "a"}
+        "r" read only; "r+" and "a" read and write (the store must exist either way).
+
+    Raises
+    ------
+    FileNotFoundError
+        Nothing at ``path``.
+    ValueError
+        ``path`` is not a sae store, or its layout version differs from `LAYOUT_VERSION`.
+    """
+    if mode not in ("r", "r+", "a"):
+        raise ValueError(f"mode must be one of 'r', 'r+', 'a', got {mode!r}")
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no sae store at {str(path)!r}: the path does not exist")
+    try:
+        group = zarr.open_group(str(path), mode="r" if mode == "r" else "r+", use_consolidated=False)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError) as exc:
+        raise ValueError(f"{str(path)!r} is not a sae store: not a Zarr group ({exc})") from exc
+    layout = group.attrs.get("sae_layout")
+    if layout is None:
+        raise ValueError(f"{str(path)!r} is not a sae store: attribute 'sae_layout' is missing")
+    if layout != LAYOUT_VERSION:
+        raise ValueError(
+            f"store {str(path)!r} has layout version {layout}; this sae ({__version__}) reads "
+            f"layout version {LAYOUT_VERSION} only: re-create the store"
+        )
+    return group
+
+
+def _group(group_or_path: zarr.Group | PathLike, mode: Literal["r", "r+", "a"] = "r") -> zarr.Group:
+    if isinstance(group_or_path, zarr.Group):
+        return group_or_path
+    return open_store(group_or_path, mode=mode)
+
+
+def store_path(group: zarr.Group) -> str:
+    """The local directory of a store opened with `create_store` or `open_store`."""
+    root = getattr(group.store, "root", None)
+    if root is None:
+        raise ValueError(f"the store of this group is not a local directory: {group.store!r}")
+    return str(Path(root) / group.path) if group.path else str(root)
+
+
+def store_cqt(group: zarr.Group) -> CQTConfig:
+    """The CQT configuration the store's frames were computed with."""
+    return CQTConfig.model_validate(group.attrs["cqt"])
+
+
+def store_labels(group: zarr.Group) -> list[str]:
+    """Sorted label names; ``label_index`` in the clip table indexes this list."""
+    return list(group.attrs["labels"])
+
+
+def store_frames_per_clip(group: zarr.Group) -> int:
+    """F, the number of frames (rows of ``frames``) of every clip."""
+    return int(group.attrs["frames_per_clip"])
+
+
+# --------------------------------------------------------------------------- frames
+
+
+def frames_array(group: zarr.Group) -> zarr.Array:
+    """The ``frames`` array, (n_clips * F, n_bins) float32, for ``dask.array.from_zarr``."""
+    return group["frames"]
+
+
+def n_chunks(group: zarr.Group) -> int:
+    """Number of chunks of ``frames`` along the frame axis (= ingestion batches)."""
+    chunk_clips = int(group.attrs["chunk_clips"])
+    n_clips = int(group.attrs["n_clips"])
+    return -(-n_clips // chunk_clips)
+
+
+def chunk_clips_range(group: zarr.Group, chunk_index: int) -> range:
+    """The clip indices whose frames live in chunk ``chunk_index`` of ``frames``."""
+    count = n_chunks(group)
+    if not 0 <= chunk_index < count:
+        raise ValueError(f"chunk_index must be in [0, {count}), got {chunk_index}")
+    chunk_clips = int(group.attrs["chunk_clips"])
+    n_clips = int(group.attrs["n_clips"])
+    start = chunk_index * chunk_clips
+    return range(start, min(start + chunk_clips, n_clips))
+
+
+def read_chunk_frames(group: zarr.Group, chunk_index: int) -> np.ndarray:
+    """The frames of one chunk, (len(chunk_clips_range) * F, n_bins) float32."""
+    clips = chunk_clips_range(group, chunk_index)
+    n_frames = store_frames_per_clip(group)
+    return frames_array(group)[clips.start * n_frames : clips.stop * n_frames]
+
+
+def write_chunk_frames(group: zarr.Group, chunk_index: int, frames: np.ndarray) -> None:
+    """Write the frames of every clip of one chunk, exactly that chunk.
+
+    ``frames`` is (len(chunk_clips_range) * F, n_bins); the write covers whole
+    chunks only, so concurrent writers of different chunks never touch the same
+    chunk object.
+    """
+    clips = chunk_clips_range(group, chunk_index)
+    n_frames = store_frames_per_clip(group)
+    array = frames_array(group)
+    expected = (len(clips) * n_frames, array.shape[1])
+    if frames.shape != expected:
+        raise ValueError(f"frames of chunk {chunk_index} must have shape {expected}, got {frames.shape}")
+    array[clips.start * n_frames : clips.stop * n_frames] = np.asarray(frames, dtype=np.float32)
+
+
+# --------------------------------------------------------------------------- clip table
+
+
+def clip_table(group: zarr.Group) -> dict[str, np.ndarray]:
+    """All columns of the clip table, as numpy arrays (strings as fixed-width unicode).
+
+    Returns
+    -------
+    dict of str to np.ndarray
+        Keys are `CLIP_COLUMNS`; every array has length n_clips.
+    """
+    table = group["clips"]
+    out = {}
+    for name in CLIP_COLUMNS:
+        values = table[name][:]
+        out[name] = _strings(values) if name in _STRING_COLUMNS else np.asarray(values)
+    return out
+
+
+def update_clips(group: zarr.Group, records: Iterable[Mapping[str, Any]]) -> None:
+    """Write the outcome of processed clips into the clip table (single writer only).
+
+    Parameters
+    ----------
+    group : zarr.Group
+        The store, opened for writing.
+    records : iterable of mapping
+        One per clip: ``index`` (clip index), ``status`` ("ok" or "error"),
+        ``error_kind`` and ``error`` (strings, "" when ok), ``n_frames`` (int).
+    """
+    records = list(records)
+    if not records:
+        return
+    table = group["clips"]
+    columns = {name: table[name][:] for name in ("n_frames", "status", "error_kind", "error")}
+    for name in ("status", "error_kind", "error"):
+        columns[name] = np.array(columns[name].tolist(), dtype=object)
+    n_clips = len(columns["status"])
+    for record in records:
+        index = int(record["index"])
+        if not 0 <= index < n_clips:
+            raise ValueError(f"clip index must be in [0, {n_clips}), got {index}")
+        status = record["status"]
+        if status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
+        columns["status"][index] = status
+        columns["error_kind"][index] = str(record.get("error_kind", ""))
+        columns["error"][index] = str(record.get("error", ""))
+        columns["n_frames"][index] = int(record.get("n_frames", 0))
+    for name, values in columns.items():
+        table[name][:] = values.astype(str) if values.dtype == object else values
+
+
+def ok_clips(group: zarr.Group) -> np.ndarray:
+    """Indices (int64, increasing) of the clips whose status is "ok"."""
+    status = _strings(group["clips"]["status"][:])
+    return np.flatnonzero(status == "ok").astype(np.int64)
+
+
+def frame_rows(
+    group: zarr.Group,
+    clips: Sequence[int] | np.ndarray | None = None,
+    frames_per_clip: int | None = None,
+) -> np.ndarray:
+    """Row indices into ``frames`` of the ok clips, clip after clip, in clip order.
+
+    Parameters
+    ----------
+    group : zarr.Group
+        The store.
+    clips : sequence of int, optional
+        Restrict to these clip indices (the ones that are not ok are dropped).
+        Default: every ok clip.
+    frames_per_clip : int, optional
+        Keep only the first ``frames_per_clip`` frames of every clip, 1 <= value <= F.
+        Default: all F.
+
+    Returns
+    -------
+    np.ndarray
+        int64, of length n_selected_clips * frames_per_clip: for clip i the rows
+        i*F, ..., i*F + frames_per_clip - 1.
+    """
+    n_frames = store_frames_per_clip(group)
+    if frames_per_clip is None:
+        frames_per_clip = n_frames
+    if not 1 <= int(frames_per_clip) <= n_frames:
+        raise ValueError(f"frames_per_clip must be in [1, {n_frames}] for this store, got {frames_per_clip}")
+    selected = ok_clips(group)
+    if clips is not None:
+        wanted = np.unique(np.asarray(clips, dtype=np.int64))
+        selected = selected[np.isin(selected, wanted)]
+    rows = selected[:, None] * n_frames + np.arange(int(frames_per_clip), dtype=np.int64)[None, :]
+    return rows.ravel()
+
+
+def ingest_summary(group: zarr.Group) -> dict[str, Any]:
+    """Counts per status and the list of errors of the clip table (JSON-friendly)."""
+    table = clip_table(group)
+    counts = {status: int(np.sum(table["status"] == status)) for status in STATUSES}
+    errors = [
+        {
+            "index": int(i),
+            "clip_id": str(table["clip_id"][i]),
+            "path": str(table["path"][i]),
+            "kind": str(table["error_kind"][i]),
+            "message": str(table["error"][i]),
+        }
+        for i in np.flatnonzero(table["status"] == "error")
+    ]
+    return {"store": store_path(group), "n_clips": len(table["status"]), "counts": counts, "errors": errors}
+
+
+def errors_markdown(summary: Mapping[str, Any]) -> str:
+    """A markdown report of an `ingest_summary`: counts, then one table row per error."""
+    counts = summary["counts"]
+    lines = [
+        f"# Ingestion of `{summary['store']}`",
+        "",
+        ", ".join(f"{name}: {counts[name]}" for name in STATUSES) + f" (of {summary['n_clips']} clips)",
+        "",
+    ]
+    if summary["errors"]:
+        lines += ["| clip | kind | message |", "|---|---|---|"]
+        for err in summary["errors"]:
+            message = err["message"].replace("|", "\\|").replace("\n", " ")
+            lines.append(f"| `{err['clip_id']}` | {err['kind']} | {message} |")
+    else:
+        lines.append("No errors.")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- stage groups
+
+
+def _check_name(what: str, value: str) -> None:
+    if not isinstance(value, str) or not _NAME_PATTERN.match(value) or value in ("frames", "clips"):
+        raise ValueError(
+            f"{what} must be a non-empty name of letters, digits, '_', '-', '.' other than "
+            f"'frames' and 'clips', got {value!r}"
+        )
+
+
+def stage_group(
+    group_or_path: zarr.Group | PathLike,
+    stage: str,
+    key: str,
+    *,
+    config: Mapping[str, Any] | Any = None,
+    mode: Literal["r", "a", "w"] = "a",
+) -> zarr.Group:
+    """The group ``<stage>/<key>`` of a store, for the results of a later stage.
+
+    Parameters
+    ----------
+    group_or_path : zarr.Group or path
+        The store (a path is opened with `open_store`).
+    stage, key : str
+        E.g. ``"graph"`` and a configuration fingerprint.
+    config : mapping or pydantic model
+        The configuration of the stage, recorded as attribute ``config``.
+    mode : {"r", "a", "w"}
+        "r": open an existing group read only (error if absent).
+        "a": open if present (its recorded ``config`` must equal ``config``), else create.
+        "w": create, deleting any existing group of that name.
+
+    Returns
+    -------
+    zarr.Group
+        Attributes ``config``, ``complete`` (False until `mark_complete`), ``created``.
+    """
+    _check_name("stage", stage)
+    _check_name("key", key)
+    if mode not in ("r", "a", "w"):
+        raise ValueError(f"mode must be one of 'r', 'a', 'w', got {mode!r}")
+    root = _group(group_or_path, mode="r" if mode == "r" else "r+")
+    name = f"{stage}/{key}"
+    exists = name in root
+    if mode == "r":
+        if not exists:
+            raise KeyError(f"store has no group {name!r}")
+        return root[name]
+    wanted = None if config is None else _as_json(config)
+    if exists and mode == "a":
+        found = root[name]
+        if wanted is not None and _as_json(found.attrs.get("config")) != wanted:
+            raise ValueError(
+                f"group {name!r} exists with config {found.attrs.get('config')!r}, "
+                f"which differs from the config given {wanted!r}; use mode='w' to replace it"
+            )
+        return found
+    if exists:
+        del root[name]
+    parent = root.require_group(stage)
+    created = parent.create_group(key)
+    created.attrs.update({"config": wanted, "complete": False, "created": _now()})
+    return created
+
+
+def mark_complete(group: zarr.Group) -> None:
+    """Flag a stage group as complete; call last, after every array is written."""
+    group.attrs.update({"complete": True, "completed": _now()})
+
+
+def is_complete(group: zarr.Group | PathLike, stage: str, key: str) -> bool:
+    """Whether ``<stage>/<key>`` exists and was marked complete."""
+    root = _group(group)
+    name = f"{stage}/{key}"
+    return name in root and root[name].attrs.get("complete") is True
+
+
+# --------------------------------------------------------------------------- sparse matrices
+
+
+def write_sparse(
+    group: zarr.Group,
+    name: str,
+    matrix: sp.sparray | sp.spmatrix,
+    *,
+    chunk_entries: int = 1 << 20,
+    chunk_rows: int = 1 << 16,
+) -> zarr.Group:
+    """Store a sparse matrix as CSR: sub-group ``name`` with three 1-D arrays.
+
+    ``indptr`` int64 (n_rows + 1), ``indices`` int32 (nnz), ``data`` float32 (nnz),
+    attributes ``shape``, ``nnz`` and ``format`` ("csr").  Row i holds
+    ``indices[indptr[i]:indptr[i+1]]``, so `read_sparse` can read a range of
+    rows without reading the rest.  Indices are sorted within rows.
+    """
+    _check_name("name", name)
+    csr = sp.csr_array(matrix, copy=True)
+    csr.sum_duplicates()
+    if csr.shape[1] > np.iinfo(np.int32).max:
+        raise ValueError(f"matrix has {csr.shape[1]} columns; at most {np.iinfo(np.int32).max} fit int32 indices")
+    if name in group:
+        del group[name]
+    sub = group.create_group(name)
+    for array_name, values, chunk in (
+        ("indptr", csr.indptr.astype(np.int64), chunk_rows + 1),
+        ("indices", csr.indices.astype(np.int32), chunk_entries),
+        ("data", csr.data.astype(np.float32), chunk_entries),
+    ):
+        array = sub.create_array(
+            array_name, shape=values.shape, chunks=(max(1, min(chunk, values.size)),), dtype=values.dtype
+        )
+        if values.size:
+            array[:] = values
+    sub.attrs.update({"format": "csr", "shape": [int(s) for s in csr.shape], "nnz": int(csr.nnz)})
+    return sub
+
+
+def read_sparse(group: zarr.Group, name: str, rows: slice | None = None) -> sp.csr_array:
+    """Read a matrix written by `write_sparse`, optionally only the rows ``rows`` (step 1).
+
+    Returns
+    -------
+    scipy.sparse.csr_array
+        float32, of shape (n_rows_selected, n_cols).
+    """
+    if name not in group:
+        raise KeyError(f"group {group.path!r} has no sparse matrix {name!r}")
+    sub = group[name]
+    if sub.attrs.get("format") != "csr":
+        raise ValueError(f"{name!r} is not a CSR matrix written by write_sparse")
+    n_rows, n_cols = sub.attrs["shape"]
+    start, stop, step = (rows or slice(None)).indices(n_rows)
+    if step != 1:
+        raise ValueError(f"rows must be a slice with step 1, got step {step}")
+    stop = max(start, stop)
+    indptr = sub["indptr"][start : stop + 1]
+    lo, hi = int(indptr[0]), int(indptr[-1])
+    indices = sub["indices"][lo:hi] if hi > lo else np.zeros(0, np.int32)
+    data = sub["data"][lo:hi] if hi > lo else np.zeros(0, np.float32)
+    return sp.csr_array((data, indices, indptr - lo), shape=(stop - start, n_cols))
+
+
+def pending_batches(group: zarr.Group) -> list[tuple[int, list[int]]]:
+    """The ingestion work left: ``(chunk_index, clip indices not "ok")`` for every chunk that has some."""
+    status = _strings(group["clips"]["status"][:])
+    batches = []
+    for chunk_index in range(n_chunks(group)):
+        todo = [i for i in chunk_clips_range(group, chunk_index) if status[i] != "ok"]
+        if todo:
+            batches.append((chunk_index, todo))
+    return batches

@@ -1,0 +1,142 @@
+"""The ingestion flow: audio files (or the built-in dataset) to the frames of a Zarr store.
+
+One Prefect task per batch of ``chunk_clips`` clips: it computes their CQTs,
+writes its own chunk of ``frames`` (`sae.audio.process_batch`) and returns
+metadata only.  The flow is the single writer of the clip table: it records
+each batch's outcome as the batch completes, so an interrupted run resumes
+where it stopped (clips already "ok" are skipped).
+
+Run it locally (threads) or on Dask workers::
+
+    from prefect_dask import DaskTaskRunner
+    from sae.config import IngestConfig
+    from flows.ingest import run_ingest
+
+    run_ingest(IngestConfig(data="gtzan/genres", store="gtzan.zarr"),
+               task_runner=DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1}))
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext
+from prefect.futures import as_completed
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+
+from sae.audio import prepare_ingest, process_batch
+from sae.config import IngestConfig
+from sae.store import errors_markdown, ingest_summary, open_store, pending_batches, update_clips
+
+
+@task(name="prepare-store", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
+def prepare_store(config: IngestConfig) -> str:
+    """Resolve the clips (or generate the built-in dataset) and create or check the store."""
+    return prepare_ingest(config)
+
+
+@task(name="ingest-batch", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def ingest_batch(store: str, chunk_index: int, clip_indices: list[int]) -> list[dict]:
+    """CQT of one batch of clips, written to its own chunk; returns per-clip metadata."""
+    return process_batch(store, chunk_index, clip_indices)
+
+
+@flow(name="ingest", task_runner=ThreadPoolTaskRunner(max_workers=2))
+def ingest_flow(config: IngestConfig) -> dict[str, Any]:
+    """Ingest ``config.data`` into the store ``config.store``; return a summary.
+
+    Returns
+    -------
+    dict
+        ``store``, ``n_clips``, ``counts`` (clips per status), ``errors`` (one
+        dict per clip in error: index, clip_id, path, kind, message),
+        ``computed`` (indices of the clips processed by this run) and
+        ``failed_batches`` (chunk indices whose task failed).
+
+    Raises
+    ------
+    RuntimeError
+        At the end, after the clip table is written, if a batch task failed
+        (re-run to resume) or, with ``config.strict``, if any clip is in error.
+    """
+    logger = get_run_logger()
+    store = prepare_store(config)
+    group = open_store(store, mode="r+")
+    n_clips = int(group.attrs["n_clips"])
+    batches = pending_batches(group)
+    done = n_clips - sum(len(clips) for _, clips in batches)
+    logger.info("%s: %d clips, %d already ok, %d batches to run", store, n_clips, done, len(batches))
+
+    batch_task = ingest_batch.with_options(retries=config.retries)
+    futures = {batch_task.submit(store, chunk, clips): chunk for chunk, clips in batches}
+    computed: list[int] = []
+    failed: list[int] = []
+    for future in as_completed(list(futures)):
+        chunk = futures[future]
+        try:
+            records = future.result()
+        except Exception as exc:  # a batch task failed after its retries: record it, go on
+            failed.append(chunk)
+            logger.error("batch %d failed: %r; its clips stay pending", chunk, exc)
+            continue
+        update_clips(group, records)
+        computed.extend(record["index"] for record in records)
+        done += len(records)
+        n_errors = sum(record["status"] == "error" for record in records)
+        logger.info("ingested %d/%d clips (batch %d: %d errors)", done, n_clips, chunk, n_errors)
+
+    summary = ingest_summary(group)
+    summary["computed"] = sorted(computed)
+    summary["failed_batches"] = sorted(failed)
+    logger.info("ingestion of %s: %s", store, summary["counts"])
+    if FlowRunContext.get() is not None:
+        create_markdown_artifact(
+            errors_markdown(summary), key="ingest-errors", description=f"Clips in error in {store}"
+        )
+    if failed:
+        raise RuntimeError(
+            f"{len(failed)} batch(es) failed ({sorted(failed)}); their clips are still pending: re-run to resume"
+        )
+    if config.strict and summary["counts"]["error"]:
+        kinds = sorted({error["kind"] for error in summary["errors"]})
+        raise RuntimeError(
+            f"strict ingestion: {summary['counts']['error']} clip(s) in error (kinds: {', '.join(kinds)}); "
+            f"see the clip table of {store}"
+        )
+    return summary
+
+
+def run_ingest(config: IngestConfig, task_runner: TaskRunner | None = None) -> dict[str, Any]:
+    """Run `ingest_flow` with a given task runner (default: 2 threads); returns its summary."""
+    runnable = ingest_flow if task_runner is None else ingest_flow.with_options(task_runner=task_runner)
+    return runnable(config)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: ``python -m flows.ingest --data <folder|csv> --store <path.zarr>``."""
+    parser = argparse.ArgumentParser(prog="python -m flows.ingest", description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=None, help="GTZAN-style folder or CSV manifest (default: built-in dataset)")
+    parser.add_argument("--store", default="sae.zarr", help="Zarr store to create or resume")
+    parser.add_argument("--chunk-clips", type=int, default=IngestConfig.model_fields["chunk_clips"].default)
+    parser.add_argument("--strict", action="store_true", help="fail if any clip is in error")
+    parser.add_argument("--dask-workers", type=int, default=0, help="run on a local Dask cluster of N processes")
+    args = parser.parse_args(argv)
+    config = IngestConfig(data=args.data, store=args.store, chunk_clips=args.chunk_clips, strict=args.strict)
+    runner = None
+    if args.dask_workers:
+        from prefect_dask import DaskTaskRunner
+
+        runner = DaskTaskRunner(
+            cluster_kwargs={"n_workers": args.dask_workers, "threads_per_worker": 1, "host": "127.0.0.1",
+                            "dashboard_address": "127.0.0.1:0"}
+        )
+    summary = run_ingest(config, runner)
+    print(errors_markdown(summary))
+
+
+if __name__ == "__main__":
+    main()

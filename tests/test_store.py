@@ -1,0 +1,163 @@
+"""The store layout: creation, checks, clip table, frames chunks, stage groups, sparse matrices."""
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import zarr
+
+from sae import store
+from sae.audio import frames_per_clip
+from sae.config import CQTConfig
+
+CQT = CQTConfig(clip_samples=22050)
+CLIPS = [(f"{lab}/c{i}", f"/nowhere/{lab}/c{i}.wav", lab) for i, lab in enumerate("abcabcab")]
+
+
+@pytest.fixture
+def group(tmp_path):
+    return store.create_store(tmp_path / "s.zarr", CQT, CLIPS, chunk_clips=3)
+
+
+def test_create_layout(group, tmp_path):
+    n_frames = frames_per_clip(CQT)
+    frames = store.frames_array(group)
+    assert frames.shape == (len(CLIPS) * n_frames, CQT.n_bins)
+    assert frames.chunks == (3 * n_frames, CQT.n_bins)
+    assert frames.dtype == np.float32
+    table = store.clip_table(group)
+    assert set(table) == set(store.CLIP_COLUMNS)
+    assert table["clip_id"].tolist() == [c[0] for c in CLIPS]
+    labels = store.store_labels(group)
+    assert labels == sorted({c[2] for c in CLIPS})
+    assert [labels[i] for i in table["label_index"]] == [c[2] for c in CLIPS]
+    np.testing.assert_array_equal(table["first_frame"], np.arange(len(CLIPS)) * n_frames)
+    assert set(table["status"]) == {"pending"}
+    assert store.store_cqt(group) == CQT
+    assert store.n_chunks(group) == 3
+    assert list(store.chunk_clips_range(group, 2)) == [6, 7]
+    assert store.store_path(group) == str(tmp_path / "s.zarr")
+
+
+def test_readable_by_plain_zarr_without_pickles(group, tmp_path):
+    meta = json.loads((tmp_path / "s.zarr" / "clips" / "clip_id" / "zarr.json").read_text())
+    assert meta["data_type"] == "string"
+    plain = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")
+    assert plain["clips"]["label"][:].tolist() == [c[2] for c in CLIPS]
+    assert plain.attrs["frames_per_clip"] == frames_per_clip(CQT)
+
+
+def test_create_rejects_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="chunk_clips"):
+        store.create_store(tmp_path / "a.zarr", CQT, CLIPS, chunk_clips=0)
+    with pytest.raises(ValueError, match="unique"):
+        store.create_store(tmp_path / "b.zarr", CQT, CLIPS + CLIPS[:1], chunk_clips=2)
+    with pytest.raises(ValueError, match="at least one"):
+        store.create_store(tmp_path / "c.zarr", CQT, [], chunk_clips=2)
+    store.create_store(tmp_path / "d.zarr", CQT, CLIPS, chunk_clips=2)
+    with pytest.raises(FileExistsError, match="overwrite"):
+        store.create_store(tmp_path / "d.zarr", CQT, CLIPS, chunk_clips=2)
+    again = store.create_store(tmp_path / "d.zarr", CQT, CLIPS[:2], chunk_clips=2, overwrite=True)
+    assert again.attrs["n_clips"] == 2
+
+
+def test_open_store_errors(tmp_path, group):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        store.open_store(tmp_path / "missing.zarr")
+    zarr.open_group(str(tmp_path / "other.zarr"), mode="w")
+    with pytest.raises(ValueError, match="not a sae store"):
+        store.open_store(tmp_path / "other.zarr")
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(ValueError, match="not a sae store"):
+        store.open_store(tmp_path / "file.txt")
+    group.attrs["sae_layout"] = store.LAYOUT_VERSION + 1
+    with pytest.raises(ValueError, match="layout version"):
+        store.open_store(tmp_path / "s.zarr")
+    with pytest.raises(ValueError, match="mode must be"):
+        store.open_store(tmp_path / "s.zarr", mode="w")
+
+
+def test_update_clips_ok_clips_and_frame_rows(group):
+    n_frames = store.store_frames_per_clip(group)
+    store.update_clips(
+        group,
+        [
+            {"index": 1, "status": "ok", "n_frames": n_frames},
+            {"index": 4, "status": "error", "error_kind": "silent", "error": "quiet"},
+            {"index": 6, "status": "ok", "n_frames": n_frames},
+        ],
+    )
+    table = store.clip_table(group)
+    assert table["status"].tolist() == ["pending", "ok", "pending", "pending", "error", "pending", "ok", "pending"]
+    assert table["error_kind"][4] == "silent" and table["error"][4] == "quiet"
+    np.testing.assert_array_equal(store.ok_clips(group), [1, 6])
+    expected = np.concatenate([np.arange(i * n_frames, (i + 1) * n_frames) for i in (1, 6)])
+    np.testing.assert_array_equal(store.frame_rows(group), expected)
+    first = np.concatenate([np.arange(i * n_frames, i * n_frames + 5) for i in (6,)])
+    np.testing.assert_array_equal(store.frame_rows(group, clips=[6, 4, 0], frames_per_clip=5), first)
+    with pytest.raises(ValueError, match="frames_per_clip"):
+        store.frame_rows(group, frames_per_clip=n_frames + 1)
+    with pytest.raises(ValueError, match="status"):
+        store.update_clips(group, [{"index": 0, "status": "done"}])
+    assert [b[0] for b in store.pending_batches(group)] == [0, 1, 2]
+    assert store.pending_batches(group)[2] == (2, [7])
+    summary = store.ingest_summary(group)
+    assert summary["counts"] == {"pending": 5, "ok": 2, "error": 1}
+    assert summary["errors"][0]["kind"] == "silent"
+    assert "| `b/c4` | silent | quiet |" in store.errors_markdown(summary)
+
+
+def test_chunk_writes_are_aligned_and_concurrent_writes_match_serial(group, tmp_path, rng):
+    n_frames = store.store_frames_per_clip(group)
+    blocks = [rng.random((len(store.chunk_clips_range(group, c)) * n_frames, CQT.n_bins), dtype=np.float32)
+              for c in range(store.n_chunks(group))]
+    with ThreadPoolExecutor(3) as pool:
+        list(pool.map(lambda c: store.write_chunk_frames(group, c, blocks[c]), range(3)))
+    np.testing.assert_array_equal(store.frames_array(group)[:], np.concatenate(blocks))
+    np.testing.assert_array_equal(store.read_chunk_frames(group, 1), blocks[1])
+    with pytest.raises(ValueError, match="shape"):
+        store.write_chunk_frames(group, 0, blocks[2])
+    with pytest.raises(ValueError, match="chunk_index"):
+        store.write_chunk_frames(group, 3, blocks[2])
+
+
+def test_stage_groups(group, tmp_path):
+    config = {"k": 10, "kernel": "exp"}
+    stage = store.stage_group(tmp_path / "s.zarr", "graph", "abc123", config=config, mode="a")
+    stage.create_array("x", data=np.arange(4))
+    assert not store.is_complete(group, "graph", "abc123")
+    store.mark_complete(stage)
+    assert store.is_complete(tmp_path / "s.zarr", "graph", "abc123")
+    assert not store.is_complete(group, "graph", "other")
+    same = store.stage_group(group, "graph", "abc123", config=dict(config), mode="a")
+    np.testing.assert_array_equal(same["x"][:], np.arange(4))
+    with pytest.raises(ValueError, match="differs"):
+        store.stage_group(group, "graph", "abc123", config={"k": 11}, mode="a")
+    fresh = store.stage_group(group, "graph", "abc123", config={"k": 11}, mode="w")
+    assert "x" not in fresh and fresh.attrs["complete"] is False and fresh.attrs["config"] == {"k": 11}
+    assert store.stage_group(group, "graph", "abc123", mode="r").attrs["config"] == {"k": 11}
+    with pytest.raises(KeyError, match="no group"):
+        store.stage_group(group, "model", "zzz", mode="r")
+    with pytest.raises(ValueError, match="stage"):
+        store.stage_group(group, "a/b", "k", config={})
+    with pytest.raises(ValueError, match="key"):
+        store.stage_group(group, "graph", "clips/../x", config={})
+
+
+@pytest.mark.parametrize("shape, density", [((50, 40), 0.1), ((7, 3), 0.0), ((200, 200), 0.05)])
+def test_sparse_round_trip_and_row_ranges(group, rng, shape, density):
+    matrix = sp.random_array(shape, density=density, format="csr", dtype=np.float32, rng=rng)
+    stage = store.stage_group(group, "graph", "k1", config={})
+    store.write_sparse(stage, "laplacian", matrix, chunk_entries=16, chunk_rows=8)
+    back = store.read_sparse(stage, "laplacian")
+    assert isinstance(back, sp.csr_array) and back.dtype == np.float32 and back.shape == shape
+    np.testing.assert_array_equal(back.toarray(), matrix.toarray())
+    rows = store.read_sparse(stage, "laplacian", rows=slice(2, 6))
+    np.testing.assert_array_equal(rows.toarray(), matrix.toarray()[2:6])
+    assert stage["laplacian"]["indptr"].dtype == np.int64
+    assert stage["laplacian"]["indices"].dtype == np.int32
+    with pytest.raises(KeyError, match="no sparse matrix"):
+        store.read_sparse(stage, "nothing")
