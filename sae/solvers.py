@@ -188,6 +188,7 @@ def fista(
     atol: float = 0.0,
     max_iter: int = 500,
     lipschitz: float | None = None,
+    restart: bool = True,
 ) -> SolverResult:
     """Minimise ``F(x) = f(x) + g(x)``, ``f`` = sum of quadratic terms, ``g`` = ``prox_term``.
 
@@ -211,6 +212,14 @@ def fista(
     ``|F_k - F_{k-1}| <= rtol |F_k|`` ("rtol"), else ``|F_k - F_{k-1}| <= atol``
     ("atol"), else ``k = max_iter`` ("max_iter").
 
+    **Adaptive restart** (``restart=True``, O'Donoghue & Candes 2015, gradient
+    scheme): when ``<y_k - x_{k+1}, x_{k+1} - x_k> > 0`` the momentum points
+    against the descent direction; it is then reset (``t = 1``), so the next
+    step is a plain proximal-gradient step from ``x_{k+1}``.  Same fixed
+    points and the same ``O(1/k^2)`` guarantee, and far fewer iterations on
+    ill-conditioned problems (coherent dictionaries).  ``restart=False`` is the
+    plain FISTA of the original implementation.
+
     FISTA is not monotone: if the last iterate is worse than ``x0`` (possible
     after an early stop), ``x0`` is returned, so a warm-started solve never
     increases the objective.  The momentum is restarted at every call.
@@ -228,6 +237,8 @@ def fista(
     lipschitz : float, optional
         ``beta`` to use instead of ``LIPSCHITZ_SAFETY * sum_i term.lipschitz()``.
         When it is 0 (zero operator) a unit step is used.
+    restart : bool
+        Adaptive (gradient) restart of the momentum; False: plain FISTA.
 
     Returns
     -------
@@ -262,27 +273,40 @@ def fista(
     Ax = _sum_apply(quadratic_terms, x)
     x_prev, Ax_prev = x, Ax
     history = [objective(x, Ax)]
+    # Work buffers, reused every iteration: the extrapolated point y and the
+    # forward step.  Iterates themselves are fresh arrays (from prox and A).
+    y_buf = np.empty_like(x)
+    forward = np.empty_like(Ax)
     t = 1.0
     stop_reason: StopReason = "max_iter"
     n_iter = 0
     for n_iter in range(1, max_iter + 1):
         t_next = next_momentum(t)
         alpha = dtype.type((t - 1.0) / t_next)
-        # forward = y - step (A(y) - B), in two fresh buffers (x, A(x) and their
-        # predecessors are kept intact for the next extrapolation)
-        forward = np.subtract(x, x_prev)  # -> y
-        forward *= alpha
-        forward += x
-        grad = np.subtract(Ax, Ax_prev)  # -> A(y) - B
-        grad *= alpha
-        grad += Ax
+        # forward = y - step (A(y) - B), with y and A(y) extrapolated linearly.
+        if alpha != 0:
+            y = np.subtract(x, x_prev, out=y_buf)
+            y *= alpha
+            y += x
+            np.subtract(Ax, Ax_prev, out=forward)
+            forward *= alpha
+            forward += Ax
+        else:
+            y = x
+            np.copyto(forward, Ax)
         if B is not None:
-            grad -= B
-        grad *= step_t
-        forward -= grad
-        del grad
+            forward -= B
+        forward *= step_t
+        np.subtract(y, forward, out=forward)
         x_new = prox_term.prox(forward, step) if prox_term is not None else forward
+        if np.shares_memory(x_new, forward):  # an identity prox returns its input
+            x_new = x_new.copy()
         Ax_new = _sum_apply(quadratic_terms, x_new)
+        if restart and alpha != 0:
+            # <y - x_new, x_new - x> > 0: the momentum opposes the descent.
+            step_taken = np.subtract(x_new, x, out=forward)  # forward is free after the prox
+            if inner(y, step_taken) - inner(x_new, step_taken) > 0:
+                t_next = 1.0
         x_prev, Ax_prev, x, Ax, t = x, Ax, x_new, Ax_new, t_next
         history.append(objective(x, Ax))
         change = abs(history[-1] - history[-2])

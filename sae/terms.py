@@ -84,11 +84,10 @@ def soft_threshold(values: np.ndarray, threshold: float) -> np.ndarray:
     if threshold < 0:
         raise ValueError(f"threshold must be >= 0, got {threshold!r}")
     values = np.asarray(values)
-    out = np.subtract(values, threshold)
-    np.maximum(out, 0, out=out)
-    negative = np.add(values, threshold)
-    np.minimum(negative, 0, out=negative)
-    out += negative
+    # h_t(v) = v - clip(v, -t, t): two passes over the array, exact zeros inside [-t, t].
+    t = values.dtype.type(threshold) if values.dtype.kind == "f" else threshold
+    out = np.clip(values, -t, t)
+    np.subtract(values, out, out=out)
     return out
 
 
