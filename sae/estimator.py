@@ -51,7 +51,7 @@ class StructuredAutoEncoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
 
     Parameters
     ----------
-    n_atoms, lambda_d, lambda_z, lambda_g, lambda_e, rtol, inner_rtol, atol, max_outer, max_inner, dtype, random_state
+    n_atoms, lambda_d, lambda_z, lambda_g, lambda_e, rtol, inner_rtol, atol, max_outer, max_inner, fista_restart, dtype, random_state
         Exactly the fields of :class:`sae.config.ModelConfig`, with its defaults
         and its constraints; they are validated by ``fit``.  ``random_state`` may
         also be a ``numpy.random.RandomState`` or ``Generator``, from which an
@@ -98,6 +98,7 @@ class StructuredAutoEncoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
         atol: float = 0.0,
         max_outer: int = 50,
         max_inner: int = 500,
+        fista_restart: bool = True,
         dtype: str = "float32",
         random_state: Any = None,
     ) -> None:
@@ -111,6 +112,7 @@ class StructuredAutoEncoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
         self.atol = atol
         self.max_outer = max_outer
         self.max_inner = max_inner
+        self.fista_restart = fista_restart
         self.dtype = dtype
         self.random_state = random_state
 
@@ -212,6 +214,7 @@ class StructuredAutoEncoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
             lambda_d=config.lambda_d, lambda_z=config.lambda_z,
             lambda_g=config.lambda_g, lambda_e=config.lambda_e,
             rtol=config.inner_tolerance, atol=config.atol, max_iter=config.max_inner,
+            restart=config.fista_restart,
         )
         return result.solution
 

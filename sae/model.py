@@ -165,6 +165,7 @@ def solve_codes(
     atol: float = 0.0,
     max_iter: int = 500,
     laplacian_norm: float | None = None,
+    restart: bool = True,
 ) -> SolverResult:
     """Z step: minimise over ``Z`` the objective with ``C`` and ``E`` fixed.
 
@@ -202,7 +203,7 @@ def solve_codes(
         Z = np.zeros_like(Z0)
         value = L1Norm(lambda_z).value(Z0)
         return SolverResult(Z, 1, "rtol", np.array([value, 0.0]))  # exact in one step
-    return fista(terms, L1Norm(lambda_z), Z0, rtol=rtol, atol=atol, max_iter=max_iter)
+    return fista(terms, L1Norm(lambda_z), Z0, rtol=rtol, atol=atol, max_iter=max_iter, restart=restart)
 
 
 def solve_dictionary(
@@ -215,6 +216,7 @@ def solve_dictionary(
     atol: float = 0.0,
     max_iter: int = 500,
     data_sq_norm: float = 0.0,
+    restart: bool = True,
 ) -> SolverResult:
     """D step from sufficient statistics: ``argmin_{||c_i|| <= 1} lambda_d/2 ||X - Z C||_F^2``.
 
@@ -229,7 +231,7 @@ def solve_dictionary(
     dtype = C0.dtype
     term = DictionaryFit(np.asarray(ZtZ, dtype=dtype), np.asarray(ZtX, dtype=dtype), lambda_d,
                          data_sq_norm=data_sq_norm)
-    return fista([term], RowNormBall(1.0), C0, rtol=rtol, atol=atol, max_iter=max_iter)
+    return fista([term], RowNormBall(1.0), C0, rtol=rtol, atol=atol, max_iter=max_iter, restart=restart)
 
 
 def solve_encoder(
@@ -242,6 +244,7 @@ def solve_encoder(
     atol: float = 0.0,
     max_iter: int = 500,
     codes_sq_norm: float = 0.0,
+    restart: bool = True,
 ) -> SolverResult:
     """E step from sufficient statistics: ``argmin_{||e_k|| <= 1} lambda_e/2 ||Z - X E^T||_F^2``.
 
@@ -254,7 +257,7 @@ def solve_encoder(
     dtype = E0.dtype
     term = EncoderFit(np.asarray(XtX, dtype=dtype), np.asarray(ZtX, dtype=dtype), lambda_e,
                       codes_sq_norm=codes_sq_norm)
-    return fista([term], RowNormBall(1.0), E0, rtol=rtol, atol=atol, max_iter=max_iter)
+    return fista([term], RowNormBall(1.0), E0, rtol=rtol, atol=atol, max_iter=max_iter, restart=restart)
 
 
 def objective_terms(
@@ -421,7 +424,8 @@ def fit_sae(
 
     XtX = X.T @ X if E is not None else None
     X_sq_norm = inner(X, X)
-    inner_kw = dict(rtol=config.inner_tolerance, atol=config.atol, max_iter=config.max_inner)
+    inner_kw = dict(rtol=config.inner_tolerance, atol=config.atol, max_iter=config.max_inner,
+                    restart=config.fista_restart)
 
     def record_of(iteration: int, seconds: float, steps: dict[str, SolverResult | None], previous: float | None):
         record: dict[str, Any] = {"iteration": iteration}
