@@ -54,6 +54,9 @@ class ModelConfig(_Config):
     atol: float = Field(0.0, ge=0, description="Inner stop: absolute change of the sub-objective.")
     max_outer: int = Field(50, ge=1, description="Cap on outer (alternating) iterations.")
     max_inner: int = Field(500, ge=1, description="Cap on FISTA iterations per sub-problem.")
+    fista_restart: bool = Field(
+        True, description="Adaptive restart of FISTA's momentum (False: plain FISTA as the original code)."
+    )
     dtype: Literal["float32", "float64"] = Field("float32", description="Floating point precision.")
     random_state: int | None = Field(None, ge=0, description="Seed of the initialisation.")
 
@@ -275,4 +278,92 @@ class ClassifyConfig(_Config):
             )
         if len(set(self.encode_methods)) != len(self.encode_methods):
             raise ValueError(f"encode_methods must not repeat a method, got {self.encode_methods}")
+        return self
+
+
+PIPELINE_DEFAULTS: dict[str, dict] = {
+    "ingest": {"dataset": {"clips_per_genre": 20, "duration": 10.0}, "cqt": {"clip_samples": 220500}},
+    "preprocess": {"frames_per_clip": 298},
+    "graph": {"method": "exact"},
+    "train": {"model": {"n_atoms": 64, "lambda_g": 100.0, "rtol": 1e-3, "max_outer": 10, "random_state": 0}},
+    "classify": {"n_repeats": 5},
+}
+"""What `PipelineConfig` changes from the stages' own (thesis) defaults, so that the default run
+on the built-in dataset takes minutes on a laptop: 5 genres x 20 clips of 10 s, the first 298
+frames of each (as the thesis), an exact kNN graph (cheap at this size), 64 atoms, lambda_g = 100,
+rtol = 1e-3 and at most 10 outer iterations, 5 x 10 grouped folds.
+A section given as a mapping is merged over these values; a section given as a model is
+taken as it is."""
+
+
+def _merged(defaults: dict, given: dict) -> dict:
+    """``given`` merged over ``defaults``, recursively for nested mappings."""
+    out = dict(defaults)
+    for key, value in given.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merged(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+class PipelineConfig(_Config):
+    """The whole pipeline: ingestion, preprocessing and graph, training, classification.
+
+    Each section is the configuration of one stage (the models above); defaults
+    are the stages' own but for `PIPELINE_DEFAULTS`, merged under whatever is
+    given.  ``cluster`` is the address of a Dask scheduler the stages run their
+    tasks on (None: the environment variable ``SAE_DASK_ADDRESS`` if set, else
+    local threads; "local": local threads whatever the environment says).
+
+    >>> config = PipelineConfig(train={"model": {"n_atoms": 32}})
+    >>> config.train.model.n_atoms, config.train.model.lambda_g, config.train.model.lambda_d
+    (32, 100.0, 10.0)
+    >>> PipelineConfig(cluster="8786")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    pydantic_core._pydantic_core.ValidationError: 1 validation error for PipelineConfig
+    cluster
+      Value error, cluster must be 'local' or a Dask scheduler address such as 'tcp://127.0.0.1:8786', got '8786' ...
+    """
+
+    ingest: IngestConfig = Field(default_factory=IngestConfig, description="Ingestion: data, store, CQT.")
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig, description="Frames, scaling, noise.")
+    graph: GraphConfig = Field(default_factory=GraphConfig, description="kNN graph and Laplacian.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="The auto-encoder and its training.")
+    classify: ClassifyConfig = Field(default_factory=ClassifyConfig, description="Genre classification.")
+    cluster: str | None = Field(
+        None,
+        description="Dask scheduler address (e.g. tcp://127.0.0.1:8786) the stages run on; None: "
+        "$SAE_DASK_ADDRESS if set, else local threads; 'local': local threads.",
+    )
+    force: bool = Field(False, description="Recompute every stage: the store is created anew.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, values: object) -> object:
+        if not isinstance(values, dict):
+            return values
+        out = dict(values)
+        for section, defaults in PIPELINE_DEFAULTS.items():
+            given = out.get(section, {})
+            if isinstance(given, dict):
+                out[section] = _merged(defaults, given)
+        return out
+
+    @model_validator(mode="after")
+    def _check(self) -> PipelineConfig:
+        import os
+
+        cluster = self.cluster
+        if cluster is not None and cluster != "local" and "://" not in cluster:
+            raise ValueError(
+                "cluster must be 'local' or a Dask scheduler address such as 'tcp://127.0.0.1:8786', "
+                f"got {cluster!r}"
+            )
+        data = self.ingest.data
+        if data is not None and not os.path.exists(data):
+            raise ValueError(
+                f"ingest.data must be an existing GTZAN-style folder or CSV manifest, got {data!r} (no such path)"
+            )
         return self
