@@ -1,0 +1,100 @@
+"""The graph flow: preprocessed frames, then the kNN graph and its Laplacian, in a store.
+
+Two coarse Prefect tasks, each calling one ``sae`` function and returning
+metadata only:
+
+1. ``preprocess`` -> `sae.preprocess.run_preprocess` (skipped when complete);
+2. ``graph`` -> `sae.graph.run_graph`: blocked kNN as plain Dask tasks, recall
+   against exact search on a sample, W and L written as CSR (skipped when
+   complete).
+
+Inside a task the Dask work goes to the cluster of a ``DaskTaskRunner``
+(``prefect_dask.get_dask_client()``, the task seceding from its worker thread
+while it waits), otherwise to the local threaded scheduler::
+
+    from prefect_dask import DaskTaskRunner
+    from sae.config import GraphConfig, PreprocessConfig
+    from flows.graph import run_graph_flow
+
+    run_graph_flow("gtzan.zarr", PreprocessConfig(frames_per_clip=298), GraphConfig(),
+                   task_runner=DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1}))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import dask
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+
+from sae.config import GraphConfig, PreprocessConfig
+from sae.graph import run_graph
+from sae.preprocess import run_preprocess
+
+
+@contextmanager
+def dask_scheduler() -> Iterator[str]:
+    """Route ``dask.compute`` to the cluster when running on a Dask worker, else to local threads."""
+    from distributed import get_worker, rejoin, secede
+
+    try:
+        get_worker()
+    except ValueError:
+        with dask.config.set(scheduler="threads"):
+            yield "threads"
+        return
+    from prefect_dask import get_dask_client
+
+    secede()  # free this worker thread for the tasks we wait on
+    try:
+        with get_dask_client() as client:
+            yield f"distributed {client.scheduler.address}"
+    finally:
+        rejoin()
+
+
+@task(name="preprocess", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
+def preprocess_task(store: str, config: PreprocessConfig) -> dict[str, Any]:
+    """Selected, scaled, noisy frames written once to ``preprocess/<key>``."""
+    with dask_scheduler():
+        return run_preprocess(store, config)
+
+
+@task(name="graph", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
+def graph_task(store: str, preprocess_key: str, config: GraphConfig) -> dict[str, Any]:
+    """kNN, recall, W and L written to ``graph/<key>``."""
+    with dask_scheduler() as where:
+        get_run_logger().info("kNN (%s, %s) on %s", config.method, config.metric, where)
+        return run_graph(store, preprocess_key, config)
+
+
+@flow(name="graph", task_runner=ThreadPoolTaskRunner(max_workers=1))
+def graph_flow(store: str, preprocess: PreprocessConfig, graph: GraphConfig) -> dict[str, Any]:
+    """Preprocess the frames of ``store`` and build their graph; returns both stages' metadata.
+
+    Returns
+    -------
+    dict
+        ``store``, ``preprocess`` (key, n_rows, n_bins, skipped) and ``graph``
+        (key, n_rows, nnz, recall, recall_queries, skipped).
+    """
+    logger = get_run_logger()
+    pre = preprocess_task.submit(store, preprocess).result()
+    logger.info("preprocess %s: %d x %d%s", pre["key"], pre["n_rows"], pre["n_bins"], " (already complete)" if pre["skipped"] else "")
+    out = graph_task.submit(store, pre["key"], graph).result()
+    if out["recall"] is not None:
+        logger.info("graph %s: recall@%d = %.4f on %d sampled frames", out["key"], graph.n_neighbors, out["recall"], out["recall_queries"])
+    logger.info("graph %s: N=%d, nnz(L)=%d%s", out["key"], out["n_rows"], out["nnz"], " (already complete)" if out["skipped"] else "")
+    return {"store": store, "preprocess": pre, "graph": out}
+
+
+def run_graph_flow(
+    store: str, preprocess: PreprocessConfig, graph: GraphConfig, task_runner: TaskRunner | None = None
+) -> dict[str, Any]:
+    """Run `graph_flow` with a given task runner (default: local threads)."""
+    runnable = graph_flow if task_runner is None else graph_flow.with_options(task_runner=task_runner)
+    return runnable(store=store, preprocess=preprocess, graph=graph)

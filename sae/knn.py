@@ -1,0 +1,544 @@
+"""Blocked k-nearest-neighbour search between frames, exact or approximate, on Dask.
+
+The frames X (N, n_features) are cut into B row blocks of at most
+``block_size`` rows.  Both methods produce, for every frame, its K nearest
+other frames: ``indices`` (N, K) int64 and ``distances`` (N, K) float32,
+sorted by increasing distance.  *Self is excluded by index*, never by
+distance: duplicated frames (silence) are at distance 0 of each other and
+stay each other's neighbours; the graph adds self-loops explicitly
+(`sae.graph`).
+
+Exact (``method="exact"``): blocked brute force
+    One Dask task per (query block, reference block) pair computes the
+    distance tile in float64, in row slices of at most `TILE_ENTRIES`
+    entries (so never more than ``block_size**2``), and keeps its top K; one
+    task per query block merges the B candidate lists (top K by distance, ties
+    by index).  Cost: N^2 n_features / 2 multiply-adds in B^2 tasks; memory
+    per task: two blocks and one tile slice.
+
+Approximate (``method="approximate"``): blocked pynndescent
+    1. one `pynndescent.NNDescent` index per block, built with
+       ``n_neighbors_build`` >= K neighbours (B tasks);
+    2. diagonal pairs read the block's own neighbour graph
+       (``index.neighbor_graph``: no query needed);
+    3. off-diagonal pairs query the other block's index with the query block,
+       ``k = n_neighbors_build``, ``epsilon = search_epsilon`` (B (B - 1) tasks);
+    4. a merge per query block as for the exact method (B tasks).
+    Cost: B builds of ~block_size log(block_size) work each and B (B - 1)
+    queries of block_size frames, i.e. query work ~ B N log(block_size):
+    bigger blocks mean fewer, better-balanced tasks, and the query cost grows
+    linearly with B.  The scheduler runs every query task where its index
+    lives.  A task holds at most one index (its block plus a graph of
+    block_size x n_neighbors_build) and one query block.
+    Building with more neighbours than kept is what buys recall: with
+    n_neighbors=30 kept to 10, recall@10 was 0.996 against 0.845 when built
+    with 10 (100k frames).  Alternatives that pynndescent allows but which
+    put a whole-data step on one worker: a single index over all frames
+    (best recall per CPU second below ~1M frames but one process, and
+    ``n_jobs`` threads, does everything), and refining the merged blockwise
+    graph with ``NNDescent(X, init_graph=...)`` (again all frames in one
+    process).  The blockwise scheme is the one whose tasks stay bounded.
+
+pynndescent compiles its numba kernels on first use in every process (one to
+several minutes on a loaded 2-core machine; they are not cached on disk), so
+each Dask worker pays that once; see `warm_up`.
+
+The functions build `dask.delayed` graphs and compute them with
+`dask.compute`, i.e. on the active distributed client if there is one, else on
+the local threaded scheduler.  X may be a numpy array or a dask array (e.g.
+``dask.array.from_zarr``), in which case blocks are read by the tasks.
+
+>>> import numpy as np
+>>> X = np.random.default_rng(0).random((50, 4))
+>>> indices, distances = nearest_neighbors(X, 3, method="exact", block_size=16)
+>>> indices.shape, distances.dtype
+((50, 3), dtype('float32'))
+>>> bool(np.all(indices != np.arange(50)[:, None]))
+True
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import dask
+import dask.array as da
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("approximate", "exact")
+METRICS = ("euclidean", "cosine")
+
+_QUERY_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_QUERY_LOCKS_GUARD = threading.Lock()
+
+TILE_ENTRIES = 1 << 22
+"""Most distance entries (float64) held at once by an exact tile task (32 MiB)."""
+
+
+# --------------------------------------------------------------------------- checks and blocks
+
+
+def _check(name: str, value: Any, allowed: Sequence[Any]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
+
+
+def _check_sizes(n_samples: int, n_neighbors: int, block_size: int) -> None:
+    if not 1 <= n_neighbors < n_samples:
+        raise ValueError(
+            f"n_neighbors must be in [1, n_samples - 1] = [1, {n_samples - 1}], got {n_neighbors}"
+        )
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+
+
+def _as_dask(X: Any, block_size: int) -> da.Array:
+    """X as a dask array with row chunks of ``block_size`` and one column chunk."""
+    if isinstance(X, da.Array):
+        arr = X
+    else:
+        arr = da.from_array(np.asarray(X), chunks=(block_size, -1))
+    if arr.ndim != 2:
+        raise ValueError(f"X must be a 2-D array (n_samples, n_features), got shape {arr.shape}")
+    return arr.rechunk((block_size, -1))
+
+
+def _blocks(X: Any, block_size: int) -> tuple[list[Any], list[int], int]:
+    """Delayed row blocks of X, their row offsets and N."""
+    arr = _as_dask(X, block_size)
+    offsets = np.concatenate([[0], np.cumsum(arr.chunks[0])]).astype(int).tolist()
+    return list(arr.to_delayed().ravel()), offsets[:-1], int(arr.shape[0])
+
+
+def _prepare(block: np.ndarray, metric: str) -> np.ndarray:
+    """float64 rows; unit rows for the cosine metric (zero rows stay zero)."""
+    block = np.asarray(block, dtype=np.float64)
+    if metric == "cosine":
+        norms = np.linalg.norm(block, axis=1, keepdims=True)
+        block = np.divide(block, norms, out=np.zeros_like(block), where=norms > 0)
+    return block
+
+
+# --------------------------------------------------------------------------- exact
+
+
+def _tile_top_k(
+    queries: np.ndarray,
+    query_ids: np.ndarray,
+    reference: np.ndarray,
+    reference_offset: int,
+    n_neighbors: int,
+    metric: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The K nearest rows of ``reference`` for every query, self excluded by index.
+
+    Euclidean distances come from ``||q||^2 + ||r||^2 - 2 q.r`` (float64,
+    clipped at 0); cosine distances are ``1 - q.r / (||q|| ||r||)`` with zero
+    rows at distance 1 of everything.  Row ``i`` of ``queries`` is frame
+    ``query_ids[i]``; reference row ``j`` is frame ``reference_offset + j``.
+
+    Returns
+    -------
+    indices : (n_queries, k') int64, global frame ids, ``k' = min(K, n_reference)``
+    distances : (n_queries, k') float64
+    """
+    Q = _prepare(queries, metric)
+    R = _prepare(reference, metric)
+    n_ref = R.shape[0]
+    k = min(n_neighbors, n_ref)
+    out_i = np.empty((Q.shape[0], k), dtype=np.int64)
+    out_d = np.empty((Q.shape[0], k), dtype=np.float64)
+    r_sq = np.einsum("ij,ij->i", R, R)
+    step = max(1, TILE_ENTRIES // max(n_ref, 1))
+    for start in range(0, Q.shape[0], step):
+        stop = min(start + step, Q.shape[0])
+        q = Q[start:stop]
+        if metric == "euclidean":
+            D = np.einsum("ij,ij->i", q, q)[:, None] + r_sq[None, :] - 2.0 * (q @ R.T)
+            np.maximum(D, 0.0, out=D)
+        else:
+            D = 1.0 - q @ R.T
+            np.clip(D, 0.0, 2.0, out=D)
+        local = query_ids[start:stop] - reference_offset
+        own = np.flatnonzero((local >= 0) & (local < n_ref))
+        D[own, local[own]] = np.inf
+        if k < n_ref:
+            part = np.argpartition(D, k - 1, axis=1)[:, :k]
+        else:
+            part = np.broadcast_to(np.arange(n_ref), D.shape).copy()
+        dist = np.take_along_axis(D, part, axis=1)
+        out_i[start:stop] = part + reference_offset
+        out_d[start:stop] = dist
+    if metric == "euclidean":
+        np.sqrt(out_d, out=out_d)
+    out_i[~np.isfinite(out_d)] = -1
+    return out_i, out_d
+
+
+def _merge(candidates: Sequence[tuple[np.ndarray, np.ndarray]], n_neighbors: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top K of concatenated candidate lists, by distance then index; (n, K) int64 and float32.
+
+    Missing entries (index -1) sort last with distance ``inf``; a frame
+    listed twice (it cannot be, blocks are disjoint) would be kept twice.
+    """
+    indices = np.concatenate([c[0] for c in candidates], axis=1)
+    distances = np.concatenate([np.asarray(c[1], dtype=np.float64) for c in candidates], axis=1)
+    distances = np.where(indices < 0, np.inf, distances)
+    tie_key = np.where(indices < 0, np.iinfo(np.int64).max, indices)
+    order = np.lexsort((tie_key, distances), axis=-1)[:, :n_neighbors]
+    indices = np.take_along_axis(indices, order, axis=1)
+    distances = np.take_along_axis(distances, order, axis=1)
+    if indices.shape[1] < n_neighbors:
+        pad = n_neighbors - indices.shape[1]
+        indices = np.pad(indices, ((0, 0), (0, pad)), constant_values=-1)
+        distances = np.pad(distances, ((0, 0), (0, pad)), constant_values=np.inf)
+    indices[~np.isfinite(distances)] = -1
+    return indices, distances.astype(np.float32)
+
+
+def _exact_pair(
+    queries: np.ndarray, query_offset: int, reference: np.ndarray, reference_offset: int, n_neighbors: int, metric: str
+) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.arange(query_offset, query_offset + len(queries), dtype=np.int64)
+    return _tile_top_k(queries, ids, reference, reference_offset, n_neighbors, metric)
+
+
+def exact_neighbors(
+    X: Any,
+    n_neighbors: int = 10,
+    *,
+    metric: Literal["euclidean", "cosine"] = "euclidean",
+    block_size: int = 4096,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact K nearest neighbours of every row of X by blocked brute force, self excluded.
+
+    Parameters
+    ----------
+    X : np.ndarray or dask.array.Array
+        (N, n_features) frames.
+    n_neighbors : int
+        K, 1 <= K < N.
+    metric : {"euclidean", "cosine"}
+        Distance between rows.
+    block_size : int
+        Rows per block: B = ceil(N / block_size) and B^2 tile tasks.
+
+    Returns
+    -------
+    indices : np.ndarray
+        (N, K) int64, sorted by increasing distance, ties by increasing index.
+    distances : np.ndarray
+        (N, K) float32.
+    """
+    _check("metric", metric, METRICS)
+    blocks, offsets, n_samples = _blocks(X, block_size)
+    _check_sizes(n_samples, n_neighbors, block_size)
+    pair = dask.delayed(_exact_pair, pure=True, nout=2)
+    merge = dask.delayed(_merge, pure=True, nout=2)
+    merged = []
+    for q_block, q_off in zip(blocks, offsets):
+        candidates = [pair(q_block, q_off, r_block, r_off, n_neighbors, metric) for r_block, r_off in zip(blocks, offsets)]
+        merged.append(merge(candidates, n_neighbors))
+    logger.info("exact kNN: N=%d, K=%d, %d blocks, %d tile tasks", n_samples, n_neighbors, len(blocks), len(blocks) ** 2)
+    results = dask.compute(*merged)
+    return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
+
+
+def exact_neighbors_of(
+    X: Any,
+    query_ids: np.ndarray,
+    n_neighbors: int = 10,
+    *,
+    metric: Literal["euclidean", "cosine"] = "euclidean",
+    block_size: int = 4096,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact K nearest neighbours of the rows ``query_ids`` of X among all rows, self excluded.
+
+    One task per reference block, then a merge: for measuring recall on a sample.
+
+    Returns
+    -------
+    indices : (len(query_ids), K) int64;  distances : (len(query_ids), K) float32
+    """
+    _check("metric", metric, METRICS)
+    blocks, offsets, n_samples = _blocks(X, block_size)
+    _check_sizes(n_samples, n_neighbors, block_size)
+    query_ids = np.asarray(query_ids, dtype=np.int64)
+    if query_ids.size and (query_ids.min() < 0 or query_ids.max() >= n_samples):
+        raise ValueError(f"query_ids must lie in [0, {n_samples}), got values in [{query_ids.min()}, {query_ids.max()}]")
+    queries = _as_dask(X, block_size)[query_ids].rechunk((-1, -1)).to_delayed().ravel()[0]
+    tile = dask.delayed(_tile_top_k, pure=True, nout=2)
+    candidates = [tile(queries, query_ids, r_block, r_off, n_neighbors, metric) for r_block, r_off in zip(blocks, offsets)]
+    return dask.compute(dask.delayed(_merge, pure=True, nout=2)(candidates, n_neighbors))[0]
+
+
+# --------------------------------------------------------------------------- approximate
+
+
+def _build_index(
+    reference: np.ndarray, n_neighbors_build: int, metric: str, seed: int, n_jobs: int | None
+) -> Any:
+    """A pynndescent index over one block, prepared for queries."""
+    from pynndescent import NNDescent
+
+    reference = np.ascontiguousarray(reference, dtype=np.float32)
+    index = NNDescent(
+        reference,
+        metric=metric,
+        n_neighbors=min(n_neighbors_build, len(reference) - 1),
+        random_state=seed,
+        n_jobs=n_jobs,
+        low_memory=True,
+    )
+    index.prepare()
+    return index
+
+
+def _index_own_neighbors(index: Any, offset: int, n_neighbors: int) -> tuple[np.ndarray, np.ndarray]:
+    """A block's K nearest other rows from its index's graph, self removed by index."""
+    indices, distances = index.neighbor_graph
+    indices = np.asarray(indices, dtype=np.int64)
+    distances = np.asarray(distances, dtype=np.float64)
+    own = indices == np.arange(len(indices))[:, None]
+    missing = (indices < 0) | own
+    indices = np.where(missing, -1, indices + offset)
+    distances = np.where(missing, np.inf, distances)
+    return _merge([(indices, distances)], n_neighbors)
+
+
+def _query_index(
+    index: Any, queries: np.ndarray, offset: int, n_reference: int, k: int, epsilon: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Approximate k nearest rows of an index's block (``n_reference`` rows) per query, as global ids."""
+    k = min(k, n_reference)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    # NNDescent.query reuses a workspace stored on the index: queries of one
+    # index from several threads of a worker must not overlap.
+    with _QUERY_LOCKS_GUARD:
+        lock = _QUERY_LOCKS.setdefault(index, threading.Lock())
+    with lock:
+        indices, distances = index.query(queries, k=k, epsilon=epsilon)
+        indices = np.array(indices, dtype=np.int64)
+        distances = np.array(distances, dtype=np.float64)
+    return np.where(indices < 0, -1, indices + offset), distances
+
+
+def block_seeds(random_state: int, n_blocks: int) -> list[int]:
+    """Independent 31-bit seeds, one per block, derived from ``(random_state, block)``.
+
+    >>> block_seeds(0, 3) == block_seeds(0, 3)
+    True
+    """
+    return [int(np.random.SeedSequence([random_state, b]).generate_state(1)[0] >> 1) for b in range(n_blocks)]
+
+
+def approximate_neighbors(
+    X: Any,
+    n_neighbors: int = 10,
+    *,
+    metric: Literal["euclidean", "cosine"] = "euclidean",
+    block_size: int = 50_000,
+    n_neighbors_build: int = 30,
+    search_epsilon: float = 0.1,
+    random_state: int = 0,
+    n_jobs: int | None = 1,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Approximate K nearest neighbours of every row of X with blocked pynndescent.
+
+    Scheme and cost: see the module docstring (B builds, B (B - 1) queries,
+    B merges, B = ceil(N / block_size)).
+
+    Parameters
+    ----------
+    X : np.ndarray or dask.array.Array
+        (N, n_features) frames.
+    n_neighbors : int
+        K kept per frame, 1 <= K < N.
+    metric : {"euclidean", "cosine"}
+        Distance between rows.
+    block_size : int
+        Rows per block (one index per block).
+    n_neighbors_build : int
+        Neighbours of the index graphs, >= K; also the ``k`` of the
+        cross-block queries.  More is slower and more accurate.
+    search_epsilon : float
+        pynndescent's query search width (``epsilon``), >= 0.
+    random_state : int
+        Seed; block b's index gets ``block_seeds(random_state, B)[b]``.
+    n_jobs : int or None
+        Threads of each pynndescent build (None: all cores).  Dask already
+        runs one task per worker thread: keep 1 there.
+
+    Returns
+    -------
+    indices : np.ndarray
+        (N, K) int64, sorted by increasing distance; -1 where fewer than K were found.
+    distances : np.ndarray
+        (N, K) float32 (``inf`` where missing).
+    """
+    _check("metric", metric, METRICS)
+    if n_neighbors_build < n_neighbors:
+        raise ValueError(f"n_neighbors_build must be >= n_neighbors = {n_neighbors}, got {n_neighbors_build}")
+    if not search_epsilon >= 0:
+        raise ValueError(f"search_epsilon must be >= 0, got {search_epsilon!r}")
+    blocks, offsets, n_samples = _blocks(X, block_size)
+    _check_sizes(n_samples, n_neighbors, block_size)
+    sizes = np.diff(offsets + [n_samples]).tolist()
+    if min(sizes) < 2:
+        raise ValueError(f"every block needs at least 2 rows: lower or raise block_size (got {block_size} for N={n_samples})")
+    seeds = block_seeds(random_state, len(blocks))
+    build = dask.delayed(_build_index, pure=True)
+    own = dask.delayed(_index_own_neighbors, pure=True, nout=2)
+    query = dask.delayed(_query_index, pure=True, nout=2)
+    merge = dask.delayed(_merge, pure=True, nout=2)
+    indexes = [build(block, n_neighbors_build, metric, seed, n_jobs) for block, seed in zip(blocks, seeds)]
+    merged = []
+    for q, (q_block, q_off) in enumerate(zip(blocks, offsets)):
+        candidates = []
+        for r, (index, r_off) in enumerate(zip(indexes, offsets)):
+            if r == q:
+                candidates.append(own(index, q_off, n_neighbors))
+            else:
+                candidates.append(query(index, q_block, r_off, sizes[r], n_neighbors_build, search_epsilon))
+        merged.append(merge(candidates, n_neighbors))
+    logger.info(
+        "approximate kNN: N=%d, K=%d (built with %d), %d blocks: %d builds, %d queries",
+        n_samples, n_neighbors, n_neighbors_build, len(blocks), len(blocks), len(blocks) * (len(blocks) - 1),
+    )
+    results = dask.compute(*merged)
+    return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
+
+
+def nearest_neighbors(
+    X: Any,
+    n_neighbors: int = 10,
+    *,
+    method: Literal["approximate", "exact"] = "approximate",
+    metric: Literal["euclidean", "cosine"] = "euclidean",
+    block_size: int = 50_000,
+    n_neighbors_build: int = 30,
+    search_epsilon: float = 0.1,
+    random_state: int = 0,
+    n_jobs: int | None = 1,
+) -> tuple[np.ndarray, np.ndarray]:
+    """K nearest neighbours of every row of X, self excluded: `approximate_neighbors` or `exact_neighbors`.
+
+    The exact method ignores ``n_neighbors_build``, ``search_epsilon``,
+    ``random_state`` and ``n_jobs``.  Returns (N, K) int64 indices and
+    (N, K) float32 distances, sorted by distance.
+    """
+    _check("method", method, METHODS)
+    if method == "exact":
+        return exact_neighbors(X, n_neighbors, metric=metric, block_size=block_size)
+    return approximate_neighbors(
+        X,
+        n_neighbors,
+        metric=metric,
+        block_size=block_size,
+        n_neighbors_build=n_neighbors_build,
+        search_epsilon=search_epsilon,
+        random_state=random_state,
+        n_jobs=n_jobs,
+    )
+
+
+# --------------------------------------------------------------------------- quality
+
+
+def recall_at_k(
+    found_indices: np.ndarray,
+    true_indices: np.ndarray,
+    *,
+    found_distances: np.ndarray | None = None,
+    true_distances: np.ndarray | None = None,
+    rtol: float = 1e-4,
+) -> float:
+    """Mean fraction of the true K nearest neighbours that a search found.
+
+    ``recall = 1/(n K) sum_i |found_i ∩ true_i|`` over n queries, both (n, K).
+    With distances given, ties count as found: a found neighbour whose
+    distance is at most the true K-th distance (times ``1 + rtol``) is as good
+    as a true one (duplicated frames make the "true" ids arbitrary among
+    equals).  Missing entries (index < 0) never count.
+
+    >>> recall_at_k(np.array([[1, 2], [0, 3]]), np.array([[1, 2], [0, 2]]))
+    0.75
+    """
+    found_indices = np.asarray(found_indices)
+    true_indices = np.asarray(true_indices)
+    if found_indices.shape != true_indices.shape:
+        raise ValueError(
+            f"found_indices must have the shape of true_indices {true_indices.shape}, got {found_indices.shape}"
+        )
+    n, k = true_indices.shape
+    if n == 0:
+        raise ValueError("recall_at_k needs at least one query, got 0")
+    hits = 0
+    for i in range(n):
+        found = found_indices[i]
+        valid = found >= 0
+        if found_distances is not None and true_distances is not None:
+            bound = float(np.max(true_distances[i])) * (1 + rtol) + 1e-12
+            good = valid & (np.asarray(found_distances[i], dtype=np.float64) <= bound)
+            good |= valid & np.isin(found, true_indices[i])
+            hits += min(int(good.sum()), k)
+        else:
+            hits += int(np.isin(found[valid], true_indices[i]).sum())
+    return hits / (n * k)
+
+
+def sample_recall(
+    X: Any,
+    indices: np.ndarray,
+    distances: np.ndarray | None = None,
+    *,
+    n_queries: int = 2000,
+    metric: Literal["euclidean", "cosine"] = "euclidean",
+    block_size: int = 4096,
+    random_state: int = 0,
+) -> dict[str, Any]:
+    """recall@K of neighbour lists (N, K) against exact search on a random sample of frames.
+
+    The sample is ``min(n_queries, N)`` distinct frames drawn with
+    ``numpy.random.default_rng(random_state)``; their exact neighbours come
+    from `exact_neighbors_of`.  Recall is tie-aware when ``distances`` is given
+    (see `recall_at_k`).
+
+    Returns
+    -------
+    dict
+        ``recall`` (float), ``n_queries`` (int), ``random_state`` (int).
+    """
+    indices = np.asarray(indices)
+    n_samples, k = indices.shape
+    n_queries = min(int(n_queries), n_samples)
+    if n_queries < 1:
+        raise ValueError(f"n_queries must be >= 1, got {n_queries}")
+    rng = np.random.default_rng(random_state)
+    query_ids = np.sort(rng.choice(n_samples, size=n_queries, replace=False))
+    true_i, true_d = exact_neighbors_of(X, query_ids, k, metric=metric, block_size=block_size)
+    recall = recall_at_k(
+        indices[query_ids],
+        true_i,
+        found_distances=None if distances is None else np.asarray(distances)[query_ids],
+        true_distances=None if distances is None else true_d,
+    )
+    logger.info("recall@%d on %d sampled frames: %.4f", k, n_queries, recall)
+    return {"recall": float(recall), "n_queries": int(n_queries), "random_state": int(random_state)}
+
+
+def warm_up(metric: Literal["euclidean", "cosine"] = "euclidean") -> None:
+    """Compile pynndescent's kernels in this process (build and query a tiny index).
+
+    Run it on every worker (``client.run(warm_up)``) before timing anything.
+    """
+    X = np.random.default_rng(0).random((64, 4)).astype(np.float32)
+    index = _build_index(X, 5, metric, 0, 1)
+    index.query(X[:2], k=3)
+    _ = index.neighbor_graph

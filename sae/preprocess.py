@@ -1,0 +1,293 @@
+"""The model input: selected frames, scaled per feature, optionally noisy; computed once, stored.
+
+The graph, the model and the baseline classifier all read the one array this
+stage writes, so they see exactly the same (possibly noisy) frames.
+
+For a `sae.config.PreprocessConfig` the stage
+
+1. selects rows of the store's ``frames``: the first ``frames_per_clip``
+   frames of every ok clip whose label is in ``labels``, clip after clip in
+   clip order;
+2. scales every feature (column) over the selected frames (all samples by
+   features, see ``sae``)::
+
+       X = (F - offset) / scale                       F: (n_rows, n_bins)
+
+   ``minmax`` (the thesis): offset = min_j F_jk, scale = max_j F_jk - min_j F_jk,
+   so X lies in [0, 1]; ``standard``: offset = mean, scale = std (ddof 0);
+   ``none``: offset 0, scale 1.  A constant feature gets scale 1 (X = 0 there);
+3. adds i.i.d. Gaussian noise ``noise_std * N(0, 1)`` after scaling.  The
+   noise of row r is row ``r mod NOISE_BLOCK_ROWS`` of the
+   (NOISE_BLOCK_ROWS, n_bins) standard normal matrix drawn by
+   ``numpy.random.default_rng([noise_seed, r // NOISE_BLOCK_ROWS])``
+   (float64): it depends on the seed and the row only, never on how the work is
+   chunked;
+4. writes, in the store's stage group ``preprocess/<config fingerprint>``:
+   ``X`` float32 (n_rows, n_bins), ``clip_index`` int64 (n_rows,) (row of the
+   clip table), ``frame_index`` int32 (n_rows,) (frame within its clip),
+   ``offset`` and ``scale`` float64 (n_bins,); attributes ``n_rows``,
+   ``n_bins``, ``n_clips`` (clips kept), ``noise_block_rows``, ``formula``
+   (and ``config``, ``complete`` as every stage group).
+
+Statistics are dask reductions over chunks, so the frames never need to fit
+in one worker's memory; X is written chunk by chunk with chunk-aligned
+regions (no locks needed).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import dask
+import dask.array as da
+import numpy as np
+import zarr
+
+from sae.config import PreprocessConfig
+
+logger = logging.getLogger(__name__)
+
+STAGE = "preprocess"
+"""Stage name of the preprocessed frames in a store."""
+
+NOISE_BLOCK_ROWS = 8192
+"""Rows per noise block: the fixed unit from which the noise of a row is drawn."""
+
+SCALINGS = ("minmax", "standard", "none")
+
+
+# --------------------------------------------------------------------------- maths
+
+
+def scaling_statistics(
+    frames: np.ndarray | da.Array, scaling: Literal["minmax", "standard", "none"] = "minmax"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature ``offset`` and ``scale`` (n_features,) float64 of frames (n_rows, n_features).
+
+    ``minmax``: (min, max - min); ``standard``: (mean, std with ddof 0);
+    ``none``: (0, 1).  A zero scale becomes 1.  Dask input is reduced chunk by
+    chunk (one ``dask.compute``).
+
+    >>> offset, scale = scaling_statistics(np.array([[1.0, 5.0], [3.0, 5.0]]))
+    >>> offset.tolist(), scale.tolist()
+    ([1.0, 5.0], [2.0, 1.0])
+    """
+    if scaling not in SCALINGS:
+        raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
+    if frames.ndim != 2:
+        raise ValueError(f"frames must be a 2-D array (n_rows, n_features), got shape {frames.shape}")
+    n_features = frames.shape[1]
+    if scaling == "none":
+        return np.zeros(n_features), np.ones(n_features)
+    if frames.shape[0] == 0:
+        raise ValueError("frames has no rows: cannot compute scaling statistics")
+    lazy = frames if isinstance(frames, da.Array) else da.from_array(np.asarray(frames))
+    lazy = lazy.astype(np.float64)
+    if scaling == "minmax":
+        low, high = dask.compute(lazy.min(axis=0), lazy.max(axis=0))
+        offset, scale = np.asarray(low), np.asarray(high) - np.asarray(low)
+    else:
+        mean, std = dask.compute(lazy.mean(axis=0), lazy.std(axis=0))
+        offset, scale = np.asarray(mean), np.asarray(std)
+    scale = np.where(scale > 0, scale, 1.0)
+    return offset.astype(np.float64), scale.astype(np.float64)
+
+
+def noise_rows(
+    start: int, stop: int, n_features: int, noise_seed: int, *, noise_block_rows: int = NOISE_BLOCK_ROWS
+) -> np.ndarray:
+    """Standard normal noise of rows [start, stop), (stop - start, n_features) float64.
+
+    Row r is row ``r % noise_block_rows`` of
+    ``default_rng([noise_seed, r // noise_block_rows]).standard_normal((noise_block_rows, n_features))``.
+
+    >>> a = noise_rows(0, 10, 3, 7, noise_block_rows=4)
+    >>> bool(np.array_equal(a[5:9], noise_rows(5, 9, 3, 7, noise_block_rows=4)))
+    True
+    """
+    if noise_block_rows < 1:
+        raise ValueError(f"noise_block_rows must be >= 1, got {noise_block_rows}")
+    if stop <= start:
+        return np.zeros((0, n_features))
+    first, last = start // noise_block_rows, (stop - 1) // noise_block_rows
+    blocks = [
+        np.random.default_rng([noise_seed, b]).standard_normal((noise_block_rows, n_features))
+        for b in range(first, last + 1)
+    ]
+    base = first * noise_block_rows
+    return np.concatenate(blocks)[start - base : stop - base]
+
+
+def _scale_block(
+    block: np.ndarray,
+    offset: np.ndarray,
+    scale: np.ndarray,
+    noise_std: float,
+    noise_seed: int,
+    noise_block_rows: int,
+    block_info: dict | None = None,
+) -> np.ndarray:
+    out = (np.asarray(block, dtype=np.float64) - offset) / scale
+    if noise_std > 0:
+        start, stop = block_info[0]["array-location"][0]
+        out += noise_std * noise_rows(start, stop, out.shape[1], noise_seed, noise_block_rows=noise_block_rows)
+    return out.astype(np.float32)
+
+
+def scale_and_perturb(
+    frames: np.ndarray | da.Array,
+    offset: np.ndarray,
+    scale: np.ndarray,
+    *,
+    noise_std: float = 0.0,
+    noise_seed: int = 0,
+    noise_block_rows: int = NOISE_BLOCK_ROWS,
+) -> da.Array:
+    """``X = (frames - offset) / scale + noise_std * noise_rows(...)``, lazily, float32.
+
+    ``frames`` (n_rows, n_features), ``offset`` and ``scale`` (n_features,).
+    The result keeps the row chunks of ``frames`` and the same values whatever
+    they are (see `noise_rows`).
+    """
+    if not noise_std >= 0:
+        raise ValueError(f"noise_std must be >= 0, got {noise_std!r}")
+    lazy = frames if isinstance(frames, da.Array) else da.from_array(np.asarray(frames))
+    lazy = lazy.rechunk({1: -1})
+    return lazy.map_blocks(
+        _scale_block,
+        np.asarray(offset, dtype=np.float64),
+        np.asarray(scale, dtype=np.float64),
+        float(noise_std),
+        int(noise_seed),
+        int(noise_block_rows),
+        dtype=np.float32,
+        meta=np.empty((0, 0), dtype=np.float32),
+    )
+
+
+def preprocess_frames(
+    frames: np.ndarray | da.Array, config: PreprocessConfig, *, noise_block_rows: int = NOISE_BLOCK_ROWS
+) -> tuple[da.Array, np.ndarray, np.ndarray]:
+    """Scale (statistics over ``frames``) then perturb already selected frames.
+
+    Returns the lazy X (n_rows, n_features) float32 and ``offset``, ``scale``.
+    """
+    offset, scale = scaling_statistics(frames, config.scaling)
+    X = scale_and_perturb(
+        frames, offset, scale, noise_std=config.noise_std, noise_seed=config.noise_seed,
+        noise_block_rows=noise_block_rows,
+    )
+    return X, offset, scale
+
+
+# --------------------------------------------------------------------------- the stage in a store
+
+
+def preprocess_key(config: PreprocessConfig) -> str:
+    """The stage group key of a configuration (its fingerprint)."""
+    return config.fingerprint()
+
+
+def select_rows(group: zarr.Group, config: PreprocessConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows of ``frames`` that a configuration keeps, with their clip and frame indices.
+
+    Returns
+    -------
+    rows : (n_rows,) int64, row indices into the store's ``frames``
+    clip_index : (n_rows,) int64, row of the clip table of each row
+    frame_index : (n_rows,) int32, frame within its clip
+    """
+    from sae import store
+
+    clips = None
+    if config.labels is not None:
+        known = store.store_labels(group)
+        unknown = sorted(set(config.labels) - set(known))
+        if unknown:
+            raise ValueError(f"labels must be among the store's labels {known}, got unknown labels {unknown}")
+        table = store.clip_table(group)
+        clips = np.flatnonzero(np.isin(table["label"], list(config.labels)))
+    n_frames = store.store_frames_per_clip(group)
+    if config.frames_per_clip is not None and config.frames_per_clip > n_frames:
+        raise ValueError(
+            f"frames_per_clip must be <= {n_frames} (the store's frames per clip), got {config.frames_per_clip}"
+        )
+    rows = store.frame_rows(group, clips=clips, frames_per_clip=config.frames_per_clip)
+    return rows, rows // n_frames, (rows % n_frames).astype(np.int32)
+
+
+def run_preprocess(
+    store_path: str | Path,
+    config: PreprocessConfig,
+    *,
+    chunk_rows: int = 32768,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Compute the preprocessed frames of a store once and write them (skipped when complete).
+
+    Parameters
+    ----------
+    store_path : str or Path
+        The store (see `sae.store`).
+    config : PreprocessConfig
+        What to select, how to scale and perturb.
+    chunk_rows : int
+        Rows per chunk of the stored X (and per task).
+    overwrite : bool
+        Recompute even when a complete result exists.
+
+    Returns
+    -------
+    dict
+        ``key``, ``n_rows``, ``n_bins``, ``skipped`` (bool).
+    """
+    from sae import store
+
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    key = preprocess_key(config)
+    root = store.open_store(store_path, mode="r+")
+    if store.is_complete(root, STAGE, key) and not overwrite:
+        out = store.stage_group(root, STAGE, key, mode="r")
+        logger.info("preprocess %s: complete, skipped", key)
+        return {"key": key, "n_rows": int(out.attrs["n_rows"]), "n_bins": int(out.attrs["n_bins"]), "skipped": True}
+    rows, clip_index, frame_index = select_rows(root, config)
+    if rows.size == 0:
+        raise ValueError(f"the configuration selects no frames (no ok clip with labels {config.labels})")
+    frames = da.from_zarr(store.frames_array(root))
+    selected = frames[rows].rechunk((chunk_rows, -1))
+    X, offset, scale = preprocess_frames(selected, config)
+    n_rows, n_bins = X.shape
+    group = store.stage_group(root, STAGE, key, config=config, mode="w")
+    target = group.create_array("X", shape=(n_rows, n_bins), chunks=(min(chunk_rows, n_rows), n_bins), dtype="float32")
+    da.store(X.rechunk((chunk_rows, -1)), target, lock=False)
+    for name, values in (("clip_index", clip_index), ("frame_index", frame_index), ("offset", offset), ("scale", scale)):
+        group.create_array(name, shape=values.shape, dtype=values.dtype)[:] = values
+    group.attrs.update(
+        {
+            "n_rows": int(n_rows),
+            "n_bins": int(n_bins),
+            "n_clips": int(np.unique(clip_index).size),
+            "noise_block_rows": NOISE_BLOCK_ROWS,
+            "formula": "X = (frames[rows] - offset) / scale + noise_std * N(0, 1)",
+        }
+    )
+    store.mark_complete(group)
+    logger.info("preprocess %s: %d rows x %d bins from %d clips", key, n_rows, n_bins, np.unique(clip_index).size)
+    return {"key": key, "n_rows": int(n_rows), "n_bins": int(n_bins), "skipped": False}
+
+
+def open_preprocessed(store_path: str | Path | zarr.Group, key: str) -> zarr.Group:
+    """The complete stage group ``preprocess/<key>`` (arrays X, clip_index, frame_index, offset, scale)."""
+    from sae import store
+
+    if not store.is_complete(store_path, STAGE, key):
+        raise ValueError(f"the store has no complete preprocessed frames for key {key!r}: run run_preprocess first")
+    return store.stage_group(store_path, STAGE, key, mode="r")
+
+
+def preprocessed_frames(store_path: str | Path | zarr.Group, key: str) -> da.Array:
+    """The stored X (n_rows, n_bins) float32 as a dask array over its chunks."""
+    return da.from_zarr(open_preprocessed(store_path, key)["X"])

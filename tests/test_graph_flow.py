@@ -1,0 +1,106 @@
+"""The graph flow: stored Laplacian equals the in-memory one from exact kNN on the same frames."""
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from prefect_dask import DaskTaskRunner
+from sklearn.neighbors import NearestNeighbors
+
+from flows.graph import run_graph_flow
+from sae import store
+from sae.config import CQTConfig, GraphConfig, PreprocessConfig
+from sae.graph import laplacian_from_neighbors, open_graph
+from sae.preprocess import open_preprocessed
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+@pytest.fixture
+def store_path(tmp_path, rng):
+    """A store of 12 clips of low-rank + noise CQT-like frames, one clip failed."""
+    cqt = CQTConfig(clip_samples=22050, n_bins=16)
+    labels = ("blues", "jazz")
+    clips = [(f"{labels[i % 2]}/c{i}", f"c{i}.wav", labels[i % 2]) for i in range(12)]
+    path = tmp_path / "g.zarr"
+    group = store.create_store(path, cqt, clips, chunk_clips=5)
+    n_frames = store.store_frames_per_clip(group)
+    basis = np.abs(rng.standard_normal((4, 16)))
+    for chunk in range(store.n_chunks(group)):
+        n = len(store.chunk_clips_range(group, chunk)) * n_frames
+        frames = np.abs(rng.random((n, 4)) @ basis + 0.1 * rng.standard_normal((n, 16)))
+        store.write_chunk_frames(group, chunk, frames.astype(np.float32))
+    store.update_clips(
+        group,
+        [{"index": i, "status": "error" if i == 3 else "ok", "n_frames": 0 if i == 3 else n_frames,
+          "error_kind": "corrupt" if i == 3 else "", "error": ""} for i in range(12)],
+    )
+    return str(path)
+
+
+def _in_memory_laplacian(X, config):
+    distances, indices = NearestNeighbors(n_neighbors=config.n_neighbors, algorithm="brute").fit(X).kneighbors()
+    return laplacian_from_neighbors(
+        indices, distances, kernel=config.kernel, sigma_factor=config.sigma_factor,
+        self_loops=config.self_loops, laplacian=config.laplacian,
+    )
+
+
+@pytest.mark.parametrize(
+    "graph",
+    [
+        GraphConfig(method="exact", block_size=100),
+        GraphConfig(method="exact", block_size=64, n_neighbors=5, kernel="gaussian", laplacian="combinatorial",
+                    self_loops=False),
+    ],
+)
+def test_stored_laplacian_equals_in_memory(store_path, graph):
+    preprocess = PreprocessConfig(frames_per_clip=20)
+    out = run_graph_flow(store_path, preprocess, graph)
+    assert out["preprocess"]["n_rows"] == 11 * 20
+    X = open_preprocessed(store_path, out["preprocess"]["key"])["X"][:].astype(np.float64)
+    group = open_graph(store_path, out["graph"]["key"])
+    L = store.read_sparse(group, "laplacian")
+    expected = _in_memory_laplacian(X, graph)
+    assert L.shape == (220, 220) and L.dtype == np.float32
+    np.testing.assert_allclose(L.toarray(), expected.toarray(), atol=1e-5)
+    assert abs(L - L.T).max() == 0
+    dense = L.toarray().astype(np.float64)
+    if graph.laplacian == "combinatorial":
+        np.testing.assert_allclose(dense.sum(axis=1), 0, atol=1e-4)
+    else:
+        eigenvalues = np.linalg.eigvalsh(dense)
+        assert eigenvalues.min() > -1e-4 and eigenvalues.max() < 2 + 1e-4
+    W = store.read_sparse(group, "adjacency")
+    assert abs(W - W.T).max() == 0
+    assert np.all(W.diagonal() == (1.0 if graph.self_loops else 0.0))
+    assert group["indices"].shape == (220, graph.n_neighbors)
+    assert group.attrs["config"] == graph.model_dump(mode="json")
+    assert group.attrs["recall"] is None  # exact: nothing to measure
+    again = run_graph_flow(store_path, preprocess, graph)
+    assert again["preprocess"]["skipped"] and again["graph"]["skipped"]
+
+
+@pytest.mark.slow
+def test_approximate_on_dask_task_runner(store_path):
+    # pynndescent compiles on first use in the process; the Dask cluster runs threads in this process
+    runner = DaskTaskRunner(
+        cluster_class="distributed.LocalCluster",
+        cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": False, "dashboard_address": "127.0.0.1:0"},
+    )
+    preprocess = PreprocessConfig(frames_per_clip=30, noise_std=0.05, noise_seed=1)
+    graph = GraphConfig(method="approximate", block_size=130, recall_sample=100)  # 3 blocks
+    out = run_graph_flow(store_path, preprocess, graph, task_runner=runner)
+    group = open_graph(store_path, out["graph"]["key"])
+    assert group.attrs["recall_queries"] == 100
+    assert out["graph"]["recall"] == group.attrs["recall"] >= 0.9
+    X = open_preprocessed(store_path, out["preprocess"]["key"])["X"][:].astype(np.float64)
+    L = store.read_sparse(group, "laplacian")
+    # the stored Laplacian is the one of the stored neighbour lists
+    indices, distances = group["indices"][:], group["distances"][:]
+    expected = laplacian_from_neighbors(indices, distances)
+    assert abs(sp.csr_array(L) - expected).max() < 1e-6
+    # and those lists are true neighbour distances
+    true = np.linalg.norm(X[:, None, :] - X[indices], axis=-1)
+    np.testing.assert_allclose(distances, true, rtol=1e-4, atol=1e-5)
+    exact = _in_memory_laplacian(X, graph)
+    assert abs(L - exact).max() < 0.5  # close to the exact graph's Laplacian

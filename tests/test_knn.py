@@ -1,0 +1,140 @@
+"""Blocked kNN (sae.knn) against scikit-learn's brute force."""
+
+import dask.array as da
+import numpy as np
+import pytest
+from sklearn.neighbors import NearestNeighbors
+
+from sae.knn import (
+    approximate_neighbors,
+    exact_neighbors,
+    exact_neighbors_of,
+    nearest_neighbors,
+    recall_at_k,
+    sample_recall,
+)
+
+
+def _reference(X, k, metric="euclidean"):
+    distances, indices = NearestNeighbors(n_neighbors=k, algorithm="brute", metric=metric).fit(X).kneighbors()
+    return indices, distances
+
+
+def _assert_same_neighbors(indices, distances, ref_indices, ref_distances, atol=1e-5):
+    np.testing.assert_allclose(distances, ref_distances, rtol=1e-5, atol=atol)
+    # indices must agree wherever the distance is not tied with another one of the row
+    d = ref_distances
+    tied = np.zeros(d.shape, dtype=bool)
+    tied[:, 1:] |= np.isclose(d[:, 1:], d[:, :-1], rtol=1e-6, atol=atol)
+    tied[:, :-1] |= np.isclose(d[:, :-1], d[:, 1:], rtol=1e-6, atol=atol)
+    tied[:, -1] = True  # the K-th may tie with the (K+1)-th, which we do not see
+    assert np.array_equal(indices[~tied], ref_indices[~tied])
+    # and as sets per row up to the ties at the K-th distance
+    for row, ref_row, dist in zip(indices, ref_indices, d):
+        strict = dist < dist[-1] - atol
+        assert set(ref_row[strict]) <= set(row)
+
+
+@pytest.fixture
+def data(rng):
+    return rng.random((97, 5))
+
+
+@pytest.mark.parametrize("block_size", [97, 200, 40, 17, 16])
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_exact_equals_sklearn_brute(data, block_size, metric):
+    k = 6
+    indices, distances = exact_neighbors(data, k, metric=metric, block_size=block_size)
+    assert indices.shape == (97, k) and indices.dtype == np.int64
+    assert distances.dtype == np.float32
+    assert np.all(np.diff(distances, axis=1) >= 0)
+    _assert_same_neighbors(indices, distances, *_reference(data, k, metric))
+
+
+@pytest.mark.parametrize("chunks", [97, 30, 13])
+def test_exact_dask_input_any_chunking(data, chunks):
+    expected = exact_neighbors(data, 4, block_size=25)
+    got = exact_neighbors(da.from_array(data, chunks=(chunks, -1)), 4, block_size=25)
+    np.testing.assert_array_equal(got[0], expected[0])
+    np.testing.assert_array_equal(got[1], expected[1])
+
+
+def test_exact_duplicates_exclude_self_by_index(rng):
+    X = rng.random((40, 3))
+    X[10:20] = 0.0  # ten identical silent frames
+    indices, distances = exact_neighbors(X, 5, block_size=7)
+    assert not np.any(indices == np.arange(40)[:, None])
+    for i in range(10, 20):
+        assert np.all(distances[i] == 0)
+        assert set(indices[i]) <= set(range(10, 20)) - {i}
+    _assert_same_neighbors(indices, distances, *_reference(X, 5))
+
+
+def test_exact_neighbors_of_sample(data, rng):
+    ids = np.sort(rng.choice(97, size=20, replace=False))
+    full_i, full_d = exact_neighbors(data, 5, block_size=30)
+    sub_i, sub_d = exact_neighbors_of(data, ids, 5, block_size=23)
+    np.testing.assert_array_equal(sub_i, full_i[ids])
+    np.testing.assert_allclose(sub_d, full_d[ids], rtol=1e-6)
+
+
+def test_recall_at_k_counts_and_ties():
+    true = np.array([[1, 2, 3], [0, 2, 3]])
+    found = np.array([[1, 2, 4], [-1, 5, 0]])
+    manual = (2 + 1) / 6
+    assert recall_at_k(found, true) == pytest.approx(manual)
+    # with distances: found 4 ties with the true 3rd neighbour, so it counts
+    true_d = np.array([[0.1, 0.2, 0.3], [0.1, 0.2, 0.3]])
+    found_d = np.array([[0.1, 0.2, 0.3], [np.inf, 0.5, 0.1]])
+    assert recall_at_k(found, true, found_distances=found_d, true_distances=true_d) == pytest.approx(4 / 6)
+    with pytest.raises(ValueError, match="found_indices must have the shape"):
+        recall_at_k(found[:, :2], true)
+
+
+def test_sample_recall_of_exact_is_one(data):
+    indices, distances = exact_neighbors(data, 4, block_size=50)
+    out = sample_recall(data, indices, distances, n_queries=30, block_size=40, random_state=3)
+    assert out == {"recall": 1.0, "n_queries": 30, "random_state": 3}
+    shuffled = np.roll(indices, 1, axis=0)
+    assert sample_recall(data, shuffled, n_queries=30, block_size=40)["recall"] < 0.5
+
+
+def test_errors_name_the_parameter(data):
+    with pytest.raises(ValueError, match=r"n_neighbors must be in \[1, n_samples - 1\]"):
+        exact_neighbors(data, 97)
+    with pytest.raises(ValueError, match="method must be one of"):
+        nearest_neighbors(data, 3, method="flann")
+    with pytest.raises(ValueError, match="metric must be one of"):
+        exact_neighbors(data, 3, metric="manhattan")
+    with pytest.raises(ValueError, match="n_neighbors_build must be >= n_neighbors"):
+        approximate_neighbors(data, 10, n_neighbors_build=5)
+
+
+def _clustered(rng, n, n_features=24, n_clusters=12):
+    centers = rng.random((n_clusters, n_features)) * 4
+    labels = rng.integers(0, n_clusters, size=n)
+    X = centers[labels] + 0.3 * rng.standard_normal((n, n_features))
+    X[:25] = 0.0  # duplicated silent frames
+    return np.abs(X).astype(np.float32)
+
+
+@pytest.mark.slow
+def test_approximate_blocked_recall(rng):
+    # pynndescent compiles its kernels on first use in a process (tens of seconds)
+    X = _clustered(rng, 3000)
+    k = 10
+    indices, distances = nearest_neighbors(
+        X, k, method="approximate", block_size=1100, n_neighbors_build=30, random_state=0
+    )  # 3 blocks: 3 builds, 6 cross-block queries
+    assert indices.shape == (3000, k)
+    assert not np.any(indices == np.arange(3000)[:, None])
+    assert np.all(indices >= 0)
+    assert np.all(np.diff(distances, axis=1) >= -1e-6)
+    # the reported distances are the true distances of the reported pairs
+    true_pair = np.linalg.norm(X[:, None, :].astype(np.float64) - X[indices].astype(np.float64), axis=-1)
+    np.testing.assert_allclose(distances, true_pair, rtol=1e-4, atol=1e-4)
+    ref_i, ref_d = _reference(X.astype(np.float64), k)
+    recall = recall_at_k(indices, ref_i, found_distances=distances, true_distances=ref_d)
+    assert recall >= 0.95
+    # the silent frames find each other at distance 0, self excluded
+    assert np.all(distances[:25] == 0)
