@@ -1,0 +1,124 @@
+"""The training flow: the structured auto-encoder fitted on a store's preprocessed frames.
+
+One coarse Prefect task, ``train``, calls `sae.distributed.train_model`: the
+Z step as per-block Dask tasks, the D and E steps from reduced statistics, a
+checkpoint in ``model/<key>`` after every outer iteration.  A retry (or a
+rerun of the flow) resumes from the last checkpoint, so ``retries=1`` costs at
+most one outer iteration.  The task logs one line per outer iteration
+(objective terms, relative change, sparsity, time) with ``get_run_logger``, so
+the progress shows in the Prefect UI.
+
+Where the Dask work runs: on the cluster of a ``DaskTaskRunner``
+(``prefect_dask.get_dask_client()``; the task secedes from its worker thread
+while it waits, so the thread is free for the training tasks), otherwise on
+an in-process ``distributed.LocalCluster`` of threads::
+
+    from prefect_dask import DaskTaskRunner
+    from sae.config import ModelConfig, TrainConfig
+    from flows.train import run_train_flow
+
+    run_train_flow("gtzan.zarr", "<preprocess key>",
+                   TrainConfig(model=ModelConfig(n_atoms=512, lambda_g=100, max_outer=15)),
+                   graph_key="<graph key>",
+                   task_runner=DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1}))
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+
+from sae.config import TrainConfig
+from sae.distributed import train_model
+
+
+@contextmanager
+def dask_client() -> Iterator[Any]:
+    """The cluster's client when running on a Dask worker, else an in-process threaded cluster's."""
+    from distributed import Client, LocalCluster, get_worker, rejoin, secede
+
+    try:
+        get_worker()
+    except ValueError:
+        threads = max(1, os.cpu_count() or 1)
+        with LocalCluster(n_workers=1, threads_per_worker=threads, processes=False, dashboard_address=None) as cluster:
+            with Client(cluster) as client:
+                yield client
+        return
+    from prefect_dask import get_dask_client
+
+    secede()  # free this worker thread for the tasks we wait on
+    try:
+        with get_dask_client() as client:
+            yield client
+    finally:
+        rejoin()
+
+
+def _log_record(logger: Any, record: dict[str, Any]) -> None:
+    terms = ", ".join(
+        f"{name} {record[name]:.5g} (x w = {record[name + '_weighted']:.5g})"
+        for name in ("reconstruction", "sparsity", "graph", "encoder")
+        if record[name + "_weighted"] or name == "reconstruction"
+    )
+    logger.info(
+        "outer %d: objective %.6g, relative change %.2e, non-zeros %.2f%%, inner Z/D/E %d/%d/%d, %.1f s; %s",
+        record["iteration"], record["total"], record["relative_change"], record["sparsity_percent"],
+        record["inner_codes"], record["inner_dictionary"], record["inner_encoder"], record["seconds"], terms,
+    )
+
+
+@task(name="train", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
+def train_task(store: str, preprocess_key: str, graph_key: str | None, train: TrainConfig) -> dict[str, Any]:
+    """Train (or resume, or skip when complete) and return the run's metadata, never arrays."""
+    logger = get_run_logger()
+    with dask_client() as client:
+        logger.info("training on %s (%d workers)", client.scheduler.address, len(client.scheduler_info()["workers"]))
+        return train_model(
+            store, preprocess_key, train, client=client, graph_key=graph_key,
+            callback=lambda record: _log_record(logger, record),
+        )
+
+
+@flow(name="train", task_runner=ThreadPoolTaskRunner(max_workers=1))
+def train_flow(store: str, preprocess_key: str, train: TrainConfig, graph_key: str | None = None) -> dict[str, Any]:
+    """Train the structured auto-encoder on ``preprocess/<preprocess_key>`` of ``store``.
+
+    ``graph_key`` names ``graph/<graph_key>`` (see ``flows.graph``), needed
+    when ``train.model.lambda_g > 0``.
+
+    Returns
+    -------
+    dict
+        ``key`` (of ``model/<key>``), ``n_iter``, ``stop_reason``,
+        ``resumed_from``, ``objective``, ``sparsity_percent``, ``seconds``,
+        ``skipped``.
+    """
+    logger = get_run_logger()
+    out = train_task.submit(store, preprocess_key, graph_key, train).result()
+    logger.info(
+        "model %s: %d outer iterations (%s%s), objective %.6g, non-zeros %.2f%%",
+        out["key"], out["n_iter"], out["stop_reason"],
+        f", resumed from {out['resumed_from']}" if out["resumed_from"] else "",
+        out["objective"], out["sparsity_percent"],
+    )
+    return out
+
+
+def run_train_flow(
+    store: str,
+    preprocess_key: str,
+    train: TrainConfig,
+    *,
+    graph_key: str | None = None,
+    task_runner: TaskRunner | None = None,
+) -> dict[str, Any]:
+    """Run `train_flow` with a given task runner (default: local threads)."""
+    runnable = train_flow if task_runner is None else train_flow.with_options(task_runner=task_runner)
+    return runnable(store=store, preprocess_key=preprocess_key, train=train, graph_key=graph_key)

@@ -1,0 +1,1127 @@
+"""Distributed training of the structured auto-encoder on a Dask cluster.
+
+Orientation (see :mod:`sae`): ``X`` (N, n) frames, ``Z`` (N, m) codes,
+``C`` (m, n) components, ``E`` (m, n) encoder, ``L`` (N, N) Laplacian.  The
+frames are cut into row blocks ``X_b`` (N_b, n) of ``block_size`` frames;
+block ``b`` owns the rows ``Z_b`` (N_b, m) of the codes (the thesis's
+*columns* of ``Z``: our Z step is "column-parallel" in its orientation).
+The objective is :func:`sae.model.fit_sae`'s, and so is the algorithm: an
+outer loop of a Z step, a D step and an E step, with the same FISTA, the same
+step sizes and the same stopping rules.
+
+Z step (block-parallel)
+-----------------------
+Smooth part ``1/2 <Z, A(Z)> - <Z, B> + c`` with, per block,
+``A(Z)_b = lambda_d Z_b C C^T + lambda_e Z_b + lambda_g (L Z)_b`` and
+``B_b = lambda_d X_b C^T + lambda_e X_b E^T``.  Only the graph term couples
+blocks: ``(L Z)_b = sum_c L[b, c] Z_c`` needs, from every other block ``c``,
+the rows of ``Z_c`` whose columns are non-zero in ``L[b rows, :]`` (the
+*halo* of ``b`` in ``c``).
+
+* ``lambda_g > 0``: **one global FISTA whose iterations are per-block
+  tasks.**  Iteration ``k`` is one task per block that receives the halo rows
+  of ``x_k`` from its neighbours, computes ``A(x_k)_b`` (one application of
+  ``A``, as :func:`sae.solvers.fista`), the block's parts of ``F(x_k)``, then
+  the next iterate ``x_{k+1, b} = soft(y_b - (A(y)_b - B_b) / beta,
+  lambda_z / beta)`` with ``y = x_k + alpha_k (x_k - x_{k-1})`` and
+  ``A(y) = A(x_k) + alpha_k (A(x_k) - A(x_{k-1}))``; small tasks then cut
+  the halo rows of ``x_{k+1, b}`` wanted by each neighbour.  The adaptive
+  restart of :func:`sae.solvers.fista` (momentum reset when
+  ``<y_k - x_{k+1}, x_{k+1} - x_k> > 0``) needs a global sum: each block
+  returns its two partial inner products and a tiny task sums them in block
+  order and yields ``(t_{k+1}, alpha_{k+1})`` for the next iteration, on the
+  cluster, so the client need not be in the loop.  Every operation
+  is row-wise except ``L Z``, which the halo makes exact, and the restart
+  test, which is summed globally, so the iterates **are** those of
+  :func:`sae.solvers.fista` on the global problem (the same ``alpha_k``, the
+  same global ``beta``; equal up to float rounding of the sums), and
+  converge as it does.  The client sums the
+  per-block objective parts in block order, applies the global stopping rule
+  of :func:`sae.solvers.fista` (``|F_k - F_{k-1}| <= rtol |F_k|``, ``atol``,
+  ``max_iter``, and ``x_0`` back if the last iterate is worse) and decides.
+  Iterations are submitted ``lookahead`` ahead of that test (the momentum
+  ``alpha_k`` depends on ``k`` only), so the round trip is hidden; iterates
+  submitted past the stop are simply dropped.
+
+  Communication per iteration: each block ``c`` cuts one *pack*
+  ``{b: rows of x_{k+1, c} that b needs}`` (CSR when sparse enough, which
+  the prox makes them); a pack moves at most once to each *worker* that holds
+  a neighbour of ``c`` (Dask keeps a transferred pack for every task on that
+  worker), so the traffic is at most (workers - 1) x the halo rows, and 3
+  tasks per block (iterate, pack, scalars) plus one momentum task per
+  iteration, whatever the number of neighbours.  Each block returns a few
+  floats; nothing of size N reaches the client.
+  ``beta = 1.01 (lambda_d ||C C^T||_2 + lambda_e + lambda_g ||L||_2)``
+  (:data:`sae.solvers.LIPSCHITZ_SAFETY`); ``||C C^T||_2`` is an (m, m)
+  power iteration on the client; ``||L||_2`` is computed once per training,
+  either by the power iteration of :func:`sae.solvers.spectral_norm`, as the
+  in-memory fit, in ONE task that stacks the row blocks of ``L``
+  (``laplacian_norm="power"``, the default: ``L`` has ~``(K+1) N``
+  non-zeros, ~0.3 GB at full scale on one worker, and one task avoids up to
+  2000 client round trips), or by the Gershgorin bound ``max_i sum_j |L_ij|``
+  (``"bound"``: per-block scalars, no iteration, valid for any symmetric
+  ``L``; an upper bound, so a smaller step; for a normalised Laplacian, whose
+  norm is at most 2, passing ``laplacian_norm=2.0`` is the cheaper bound).
+
+* ``lambda_g = 0``: blocks are independent, and each block's whole FISTA runs
+  in **one task** (:func:`sae.model.solve_codes` on the block: no round
+  trips).  The stopping rule is then per block.  It is at least as strict as
+  the global one: if ``|dF_b| <= rtol |F_b|`` for every block then
+  ``|dF| <= sum |dF_b| <= rtol F`` (every ``F_b >= 0``), so the global rule is
+  met when every block stops; blocks may run a few more iterations than the
+  in-memory fit, never fewer.  The reported inner iteration count is the
+  maximum over blocks.
+
+Memory.  The FISTA state lives in worker memory as futures: per block
+``X_b``, ``B_b`` and three (N_b, m) iterates (``x_k``, ``x_{k-1}``,
+``A(x_{k-1})``) in the model's dtype; at full scale (N = 1,288,000, m = 512,
+float32) that is ~5 x 2.6 GB over the whole cluster, ~13 GB, spread by
+blocks.  The client holds only (m, m), (m, n), (n, n) matrices and scalars.
+
+D and E steps (row-parallel)
+----------------------------
+Each block returns ``Z_b^T Z_b`` (m, m), ``Z_b^T X_b`` (m, n) and (once)
+``X_b^T X_b`` (n, n); the client sums them **in block order** in float64 and
+calls :func:`sae.model.solve_dictionary` and :func:`sae.model.solve_encoder`
+on the sums.  The objective terms after the D and E steps are per-block sums
+too (the graph term comes from the Z step, whose last task computed
+``<Z_b, (L Z)_b>``).  Since every reduction is done on the client in block
+order, the result does not depend on the number of workers nor on the order
+in which tasks finish.
+
+Storage and checkpoints
+-----------------------
+Codes are stored **dense**, chunked ``(block_size, m)`` and compressed with
+Blosc (zstd, bit shuffle): each block writes exactly one chunk, so block
+writes are chunk-aligned and need no lock; zeros compress to almost nothing;
+readers get a plain (N, m) array (no sparse format to agree on).
+
+Checkpoint layout in the group ``model/<key>``: two slots
+``checkpoint_0/`` and ``checkpoint_1/`` each holding ``codes`` (N, m),
+``components`` (m, n) and ``encoder`` (m, n, absent when ``lambda_e = 0``).
+Outer iteration ``k`` writes slot ``k % 2`` (the codes block by block, on
+the workers), then the attributes ``history`` (list of records as
+:class:`sae.model.FitResult`) and last ``last_complete_outer = k`` and
+``checkpoint_slot``: a crash at any point leaves the previous checkpoint
+intact.  A rerun with the same configuration resumes from it (the key does
+not include ``max_outer``, so a run with a larger ``max_outer`` continues).
+After a checkpoint the codes are read back from the store, which cuts the
+task lineage: a worker lost later costs at most the current outer iteration,
+which Dask recomputes from the store (every task is a pure function of its
+inputs, so the recomputed result is the same).
+
+>>> import numpy as np
+>>> block_bounds(10, 4)
+[(0, 4), (4, 8), (8, 10)]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import scipy.sparse as sp
+import zarr
+import zarr.codecs
+
+from sae.config import ModelConfig, TrainConfig
+from sae.model import TERM_NAMES, init_dictionary, init_encoder, solve_codes, solve_dictionary, solve_encoder
+from sae.solvers import LIPSCHITZ_SAFETY, next_momentum, spectral_norm
+from sae.terms import CodeEncoderFit, CodeReconstruction, inner, soft_threshold
+
+__all__ = [
+    "STAGE",
+    "model_key",
+    "train_model",
+    "open_model",
+    "LaplacianRef",
+    "DistributedFit",
+    "block_bounds",
+    "fit_distributed",
+    "read_checkpoint",
+]
+
+logger = logging.getLogger("sae.distributed")
+
+#: Halo rows are sent as CSR when at most this fraction of their entries is non-zero.
+SPARSE_HALO_DENSITY = 0.25
+
+
+# --------------------------------------------------------------------------- blocks and sources
+
+
+def block_bounds(n_rows: int, block_size: int) -> list[tuple[int, int]]:
+    """Row ranges ``[start, stop)`` of consecutive blocks of ``block_size`` rows (the last may be shorter).
+
+    >>> block_bounds(7, 3)
+    [(0, 3), (3, 6), (6, 7)]
+    """
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size!r}")
+    return [(start, min(start + block_size, n_rows)) for start in range(0, n_rows, block_size)]
+
+
+@dataclass(frozen=True)
+class LaplacianRef:
+    """A Laplacian stored with :func:`sae.store.write_sparse`: ``group[name]`` (CSR, rows readable by range)."""
+
+    group: zarr.Group
+    name: str
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        n_rows, n_cols = self.group[self.name].attrs["shape"]
+        return int(n_rows), int(n_cols)
+
+
+def _read_rows(source: Any, start: int, stop: int, dtype: str) -> np.ndarray:
+    """Rows ``[start, stop)`` of a Zarr array (or of an in-memory block when ``start`` is None)."""
+    rows = source if start is None else source[start:stop]
+    return np.ascontiguousarray(np.asarray(rows), dtype=dtype)
+
+
+def _read_laplacian_rows(source: Any, start: int | None, stop: int | None, dtype: str) -> sp.csr_array:
+    """Rows ``[start, stop)`` of a stored Laplacian (or an in-memory block of rows when ``start`` is None)."""
+    if isinstance(source, LaplacianRef):
+        from sae.store import read_sparse
+
+        rows = read_sparse(source.group, source.name, rows=slice(start, stop))
+    else:
+        rows = sp.csr_array(source)
+    rows = sp.csr_array(rows, dtype=dtype)
+    rows.sort_indices()
+    return rows
+
+
+def _row_source(source: Any, start: int, stop: int) -> tuple[Any, int | None, int | None]:
+    """What a task needs to read rows ``[start, stop)``: the stored array, or the in-memory rows themselves."""
+    if isinstance(source, (zarr.Array, LaplacianRef)):
+        return source, start, stop
+    return source[start:stop], None, None
+
+
+# --------------------------------------------------------------------------- graph blocks
+
+
+@dataclass(frozen=True)
+class _GraphBlock:
+    """Rows ``[start, stop)`` of ``L`` and their halo plan.
+
+    ``rows`` (N_b, N) with global columns (for the norm of ``L``); ``extended``
+    (N_b, N_b + H) with columns renumbered into ``[own rows, halo of the first
+    neighbour, halo of the second, ...]``; ``requests[c]`` the sorted local row
+    indices of block ``c`` that this block needs.
+    """
+
+    rows: sp.csr_array
+    extended: sp.csr_array
+    neighbours: tuple[int, ...]
+    requests: dict[int, np.ndarray]
+    abs_row_sum_max: float
+
+
+def _graph_block(rows: sp.csr_array, bounds: Sequence[tuple[int, int]], index: int) -> _GraphBlock:
+    starts = np.array([start for start, _ in bounds] + [bounds[-1][1]])
+    start, stop = bounds[index]
+    cols = rows.indices.astype(np.int64)
+    owner = np.searchsorted(starts, cols, side="right") - 1
+    new_cols = np.empty_like(cols)
+    own = owner == index
+    new_cols[own] = cols[own] - start
+    offset = stop - start
+    requests: dict[int, np.ndarray] = {}
+    neighbours = []
+    for c in np.unique(owner[~own]).tolist():
+        mask = owner == c
+        wanted, position = np.unique(cols[mask] - starts[c], return_inverse=True)
+        requests[c] = wanted
+        neighbours.append(c)
+        new_cols[mask] = offset + position
+        offset += wanted.size
+    extended = sp.csr_array((rows.data, new_cols.astype(np.int64), rows.indptr), shape=(stop - start, offset))
+    abs_sums = np.abs(rows).sum(axis=1) if rows.nnz else np.zeros(1)
+    return _GraphBlock(rows, extended, tuple(neighbours), requests, float(np.max(abs_sums, initial=0.0)))
+
+
+def _graph_neighbours(block: _GraphBlock) -> tuple[tuple[int, ...], float]:
+    return block.neighbours, block.abs_row_sum_max
+
+
+def _graph_request(block: _GraphBlock, source: int) -> np.ndarray:
+    return block.requests[source]
+
+
+def _laplacian_norm(*blocks: _GraphBlock) -> float:
+    """``||L||_2`` by :func:`sae.solvers.spectral_norm` on the stacked row blocks, in one task.
+
+    ``L`` (N, N) has ~``(K + 1) N`` non-zeros for a kNN graph: 12 bytes each on
+    one worker (~0.3 GB at full scale), far less than the codes; one task
+    avoids a client round trip per power iteration.
+    """
+    laplacian = sp.vstack([block.rows for block in blocks], format="csr")
+    return spectral_norm(laplacian)
+
+
+# --------------------------------------------------------------------------- Z step kernels
+
+
+@dataclass(frozen=True)
+class _CodeProblem:
+    """The data of block ``b``'s part of the Z step (constant during the step)."""
+
+    index: int  # b
+    apply_terms: tuple  # quadratic terms acting row-wise (reconstruction, encoder), in solve_codes' order
+    linear: np.ndarray | None  # B_b (N_b, m)
+    constant: float  # c_b
+    lambda_z: float
+    lambda_g: float
+    step: float
+    graph: _GraphBlock | None
+
+
+@dataclass(frozen=True)
+class _CodeState:
+    """FISTA state of one block: ``x`` = x_k (A not yet applied), ``x_prev`` = x_{k-1}, ``Ax_prev`` = A(x_{k-1})."""
+
+    x: np.ndarray
+    x_prev: np.ndarray | None = None
+    Ax_prev: np.ndarray | None = None
+    scalars: dict[str, float] = field(default_factory=dict)
+
+
+def _code_problem(
+    index: int,
+    X_block: np.ndarray,
+    components: np.ndarray,
+    encoder: np.ndarray | None,
+    graph: _GraphBlock | None,
+    params: dict[str, float],
+) -> _CodeProblem:
+    terms: list = []
+    if params["lambda_d"] > 0:
+        terms.append(CodeReconstruction(X_block, components, params["lambda_d"]))
+    if params["lambda_e"] > 0:
+        terms.append(CodeEncoderFit(X_block, encoder, params["lambda_e"]))
+    linear = None
+    for term in terms:
+        linear = term.linear if linear is None else linear + term.linear
+    return _CodeProblem(
+        index=index,
+        apply_terms=tuple(terms),
+        linear=linear,
+        constant=sum(term.constant for term in terms),
+        lambda_z=params["lambda_z"],
+        lambda_g=params["lambda_g"],
+        step=params["step"],
+        graph=graph,
+    )
+
+
+def _densify(rows: Any) -> np.ndarray:
+    return rows.toarray() if sp.issparse(rows) else rows
+
+
+def _code_iterate(
+    problem: _CodeProblem, state: _CodeState, packs: Sequence[dict], momentum: tuple[float, float]
+) -> _CodeState:
+    """One FISTA iteration on one block (see the module docstring).
+
+    Computes ``A(x_k)_b`` (with the halo rows of ``x_k`` for the graph term,
+    taken from the neighbours' ``packs``, in neighbour order), the parts of
+    ``F(x_k)`` on the block, and ``x_{k+1, b}``.
+    """
+    x = state.x
+    halos = [pack[problem.index] for pack in packs]
+    dtype = x.dtype
+    Ax = None
+    for term in problem.apply_terms:
+        Ax = term.apply(x) if Ax is None else Ax + term.apply(x)
+    graph_energy = 0.0
+    if problem.graph is not None:
+        extended = np.vstack([x] + [_densify(h) for h in halos]) if halos else x
+        Lx = np.asarray(problem.graph.extended @ extended, dtype=dtype)
+        graph_energy = inner(x, Lx)
+        gLx = dtype.type(problem.lambda_g) * Lx
+        Ax = gLx if Ax is None else Ax + gLx
+    scalars = {
+        "xAx": inner(x, Ax),
+        "xB": inner(x, problem.linear) if problem.linear is not None else 0.0,
+        "constant": problem.constant,
+        "l1": float(np.abs(x).sum(dtype=np.float64)),
+        "graph": graph_energy,
+        "nnz": float(np.count_nonzero(x)),
+    }
+    alpha_t = dtype.type(momentum[1])
+    # forward = y - step (A(y) - B), with y and A(y) extrapolated linearly; in place, in the order of
+    # sae.solvers.fista (same rounding), to spare (N_b, m) temporaries
+    forward = np.empty_like(Ax)
+    if state.x_prev is not None and alpha_t != 0:
+        y = np.subtract(x, state.x_prev)
+        y *= alpha_t
+        y += x
+        np.subtract(Ax, state.Ax_prev, out=forward)
+        forward *= alpha_t
+        forward += Ax
+    else:
+        y = x
+        np.copyto(forward, Ax)
+    if problem.linear is not None:
+        forward -= problem.linear
+    forward *= dtype.type(problem.step)
+    np.subtract(y, forward, out=forward)
+    x_next = soft_threshold(forward, problem.step * problem.lambda_z) if problem.lambda_z > 0 else forward
+    # adaptive restart test of sae.solvers.fista, <y - x_{k+1}, x_{k+1} - x_k>, split in two block sums
+    used = bool(state.x_prev is not None and alpha_t != 0)
+    step_taken = x_next - x if used else None
+    scalars["momentum_used"] = used
+    scalars["restart_y"] = inner(y, step_taken) if used else 0.0
+    scalars["restart_x"] = inner(x_next, step_taken) if used else 0.0
+    return _CodeState(x=x_next, x_prev=x, Ax_prev=Ax, scalars=scalars)
+
+
+def _first_momentum() -> tuple[float, float]:
+    """``(t_1, alpha_1) = (1, 0)``: the first step is a plain proximal-gradient step."""
+    return 1.0, (1.0 - 1.0) / next_momentum(1.0)
+
+
+def _next_momentum(
+    momentum: tuple[float, float], parts: Sequence[dict[str, Any]], restart: bool = True
+) -> tuple[float, float]:
+    """``(t_{k+1}, alpha_{k+1})`` after iteration ``k``, with the adaptive restart of :func:`sae.solvers.fista`.
+
+    ``t_{k+1} = next_momentum(t_k)``, or 1 when the momentum was used and
+    ``<y_k - x_{k+1}, x_{k+1} - x_k> > 0`` (block sums added in block order);
+    ``alpha_{k+1} = (t_{k+1} - 1) / next_momentum(t_{k+1})``.  ``restart=False``: plain FISTA.
+    """
+    t = next_momentum(momentum[0])
+    if restart and parts and parts[0]["momentum_used"]:
+        if sum(p["restart_y"] for p in parts) - sum(p["restart_x"] for p in parts) > 0:
+            t = 1.0
+    return t, (t - 1.0) / next_momentum(t)
+
+
+def _state_scalars(state: _CodeState) -> dict[str, float]:
+    return state.scalars
+
+
+def _state_solution(state: _CodeState) -> np.ndarray:
+    return state.x_prev
+
+
+def _halo_pack(state: _CodeState, plan: dict[int, np.ndarray]) -> dict[int, Any]:
+    """The rows of ``x_k`` every neighbour wants: ``{receiver: rows}`` (CSR when sparse enough)."""
+    pack = {}
+    for receiver, wanted in plan.items():
+        rows = state.x[wanted]
+        if rows.size and np.count_nonzero(rows) <= SPARSE_HALO_DENSITY * rows.size:
+            rows = sp.csr_array(rows)
+        pack[receiver] = rows
+    return pack
+
+
+def _send_plan(receivers: Sequence[int], wanted: Sequence[np.ndarray]) -> dict[int, np.ndarray]:
+    return dict(zip(receivers, wanted))
+
+
+def _solve_codes_block(
+    X_block: np.ndarray,
+    components: np.ndarray,
+    encoder: np.ndarray | None,
+    Z0: np.ndarray,
+    params: dict[str, float],
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """The whole Z step of one block when blocks are independent (``lambda_g = 0``)."""
+    result = solve_codes(
+        X_block, components, encoder, None, Z0,
+        lambda_d=params["lambda_d"], lambda_z=params["lambda_z"], lambda_e=params["lambda_e"],
+        rtol=params["rtol"], atol=params["atol"], max_iter=int(params["max_iter"]), restart=bool(params["restart"]),
+    )
+    return result.solution, {"n_iter": result.n_iter, "stop_reason": result.stop_reason, "graph": 0.0}
+
+
+def _first(pair: tuple) -> Any:
+    return pair[0]
+
+
+def _second(pair: tuple) -> Any:
+    return pair[1]
+
+
+# --------------------------------------------------------------------------- per-block statistics
+
+
+def _block_statistics(X_block: np.ndarray, Z_block: np.ndarray) -> dict[str, Any]:
+    """``Z_b^T Z_b`` (m, m), ``Z_b^T X_b`` (m, n), ``||Z_b||_F^2``, ``||Z_b||_1`` and its non-zeros."""
+    return {
+        "ZtZ": Z_block.T @ Z_block,
+        "ZtX": Z_block.T @ X_block,
+        "Z_sq": inner(Z_block, Z_block),
+        "l1": float(np.abs(Z_block).sum(dtype=np.float64)),
+        "nnz": int(np.count_nonzero(Z_block)),
+    }
+
+
+def _block_data_statistics(X_block: np.ndarray) -> dict[str, Any]:
+    """``X_b^T X_b`` (n, n) and ``||X_b||_F^2``."""
+    return {"XtX": X_block.T @ X_block, "X_sq": inner(X_block, X_block)}
+
+
+def _block_residuals(
+    X_block: np.ndarray, Z_block: np.ndarray, components: np.ndarray, encoder: np.ndarray | None
+) -> dict[str, float]:
+    """``||X_b - Z_b C||_F^2`` and ``||Z_b - X_b E^T||_F^2`` (NaN without encoder)."""
+    residual = X_block - Z_block @ components
+    out = {"reconstruction": inner(residual, residual), "encoder": float("nan")}
+    if encoder is not None:
+        residual = Z_block - X_block @ encoder.T
+        out["encoder"] = inner(residual, residual)
+    return out
+
+
+def _write_rows(array: zarr.Array, start: int, stop: int, values: np.ndarray) -> int:
+    array[start:stop] = values
+    return stop - start
+
+
+def _zeros(n_rows: int, n_cols: int, dtype: str) -> np.ndarray:
+    return np.zeros((n_rows, n_cols), dtype=dtype)
+
+
+# --------------------------------------------------------------------------- results and checkpoints
+
+
+@dataclass(frozen=True)
+class DistributedFit:
+    """Result of :func:`fit_distributed`.
+
+    Attributes
+    ----------
+    components : ndarray (m, n)
+    encoder : ndarray (m, n) or None
+        None when ``lambda_e = 0``.
+    codes : zarr.Array (N, m), ndarray (N, m) or None
+        The stored codes of the last checkpoint when checkpointing; the
+        gathered codes when ``return_codes=True`` and no checkpoint; else None.
+    history : list of dict
+        As :attr:`sae.model.FitResult.history` (iteration 0 is the start).
+    n_iter : int
+        Outer iterations performed in total (resumed ones included).
+    stop_reason : {"rtol", "max_outer"}
+    resumed_from : int
+        The outer iteration of the checkpoint the run started from (0: fresh).
+    """
+
+    components: np.ndarray
+    encoder: np.ndarray | None
+    codes: Any
+    history: list[dict[str, Any]]
+    n_iter: int
+    stop_reason: str
+    resumed_from: int = 0
+
+
+def _json_record(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in record.items()}
+
+
+def _python_record(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: (float("nan") if v is None else v) for k, v in record.items()}
+
+
+def _checkpoint_arrays(
+    group: zarr.Group, slot: int, n_rows: int, n_atoms: int, n_features: int, block_size: int, dtype: str, encoder: bool
+) -> zarr.Group:
+    name = f"checkpoint_{slot}"
+    sub = group.require_group(name)
+    if "codes" not in sub:
+        sub.create_array(
+            "codes", shape=(n_rows, n_atoms), chunks=(block_size, n_atoms), dtype=dtype,
+            compressors=[zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")],
+            dimension_names=("frame", "atom"),
+        )
+    for array_name in ("components",) + (("encoder",) if encoder else ()):
+        if array_name not in sub:
+            sub.create_array(array_name, shape=(n_atoms, n_features), chunks=(n_atoms, n_features), dtype=dtype)
+    return sub
+
+
+def read_checkpoint(group: zarr.Group) -> dict[str, Any] | None:
+    """The last complete checkpoint of a ``model/<key>`` group, or None.
+
+    Returns
+    -------
+    dict or None
+        ``iteration`` (int), ``components`` (m, n), ``encoder`` (m, n) or None,
+        ``codes`` (the stored zarr array, (N, m)), ``history`` (list of dict),
+        ``stop_reason`` ("" while running, else "rtol" or "max_outer").
+    """
+    iteration = group.attrs.get("last_complete_outer")
+    if iteration is None:
+        return None
+    sub = group[f"checkpoint_{int(group.attrs['checkpoint_slot'])}"]
+    return {
+        "iteration": int(iteration),
+        "components": sub["components"][:],
+        "encoder": sub["encoder"][:] if "encoder" in sub else None,
+        "codes": sub["codes"] if "codes" in sub else None,
+        "history": [_python_record(r) for r in group.attrs["history"]],
+        "stop_reason": group.attrs.get("stop_reason", ""),
+    }
+
+
+# --------------------------------------------------------------------------- the trainer
+
+
+class _Trainer:
+    """Client-side driver of :func:`fit_distributed` (holds futures, never big arrays)."""
+
+    def __init__(self, client: Any, X: Any, laplacian: Any, config: ModelConfig, block_size: int,
+                 laplacian_norm: float | str, lookahead: int) -> None:
+        self.client = client
+        self.config = config
+        self.dtype = config.dtype
+        self.n_rows, self.n_features = (int(s) for s in X.shape)
+        self.bounds = block_bounds(self.n_rows, block_size)
+        self.block_size = block_size
+        self.lookahead = lookahead
+        self.token = uuid.uuid4().hex[:8]
+        self.X_blocks = [
+            client.submit(_read_rows, *_row_source(X, start, stop), self.dtype, key=f"sae-X-{self.token}-{b}")
+            for b, (start, stop) in enumerate(self.bounds)
+        ]
+        self.graph = None
+        self.laplacian_norm = None
+        if config.lambda_g > 0:
+            self._setup_graph(laplacian, laplacian_norm)
+
+    # -- graph
+    def _setup_graph(self, laplacian: Any, laplacian_norm: float | str) -> None:
+        client, bounds = self.client, self.bounds
+        if laplacian is None:
+            raise ValueError(
+                f"laplacian is required when lambda_g > 0 (got lambda_g={self.config.lambda_g!r} and "
+                "laplacian=None): pass a sparse (N, N) matrix or a LaplacianRef, or set lambda_g=0"
+            )
+        if tuple(laplacian.shape) != (self.n_rows, self.n_rows):
+            raise ValueError(
+                f"laplacian must have shape (n_samples, n_samples) = ({self.n_rows}, {self.n_rows}), "
+                f"got {tuple(laplacian.shape)}"
+            )
+        if sp.issparse(laplacian):
+            laplacian = sp.csr_array(laplacian)
+        self.graph = []
+        for b, (start, stop) in enumerate(bounds):
+            rows = client.submit(_read_laplacian_rows, *_row_source(laplacian, start, stop), self.dtype,
+                                 key=f"sae-Lrows-{self.token}-{b}")
+            self.graph.append(client.submit(_graph_block, rows, bounds, b, key=f"sae-graph-{self.token}-{b}"))
+        info = client.gather([client.submit(_graph_neighbours, g) for g in self.graph])
+        self.neighbours = [neighbours for neighbours, _ in info]
+        # send_plans[c] = {b: indices of block c's rows that b needs}, built on the workers
+        requests = {
+            (b, c): client.submit(_graph_request, self.graph[b], c, key=f"sae-request-{self.token}-{b}-{c}")
+            for b in range(len(bounds)) for c in self.neighbours[b]
+        }
+        self.send_plans = []
+        for c in range(len(bounds)):
+            receivers = [b for b in range(len(bounds)) if c in self.neighbours[b]]
+            self.send_plans.append(client.submit(_send_plan, receivers, [requests[b, c] for b in receivers],
+                                                 key=f"sae-plan-{self.token}-{c}"))
+        if isinstance(laplacian_norm, (int, float)):
+            self.laplacian_norm = float(laplacian_norm)
+        elif laplacian_norm == "bound":
+            self.laplacian_norm = max(bound for _, bound in info)
+        elif laplacian_norm == "power":
+            self.laplacian_norm = client.submit(_laplacian_norm, *self.graph).result()
+        else:
+            raise ValueError(f"laplacian_norm must be 'power', 'bound' or a number, got {laplacian_norm!r}")
+        logger.info("||L||_2 = %.6g (%s) over %d blocks", self.laplacian_norm, laplacian_norm, len(bounds))
+
+    def _scatter(self, array: np.ndarray | None) -> Any:
+        # C and E are small ((m, n)): they travel inside the task specifications rather than as scattered
+        # data, so that a task lost with its worker can be recomputed (scattered data would be lost with it).
+        return array
+
+    # -- Z step
+    def _params(self, extra: dict[str, float] | None = None) -> dict[str, float]:
+        config = self.config
+        params = {
+            "lambda_d": config.lambda_d, "lambda_z": config.lambda_z,
+            "lambda_g": config.lambda_g, "lambda_e": config.lambda_e,
+            "rtol": config.inner_tolerance, "atol": config.atol, "max_iter": config.max_inner,
+            "restart": config.fista_restart,
+        }
+        params.update(extra or {})
+        return params
+
+    def code_step(self, Z_blocks: list, C: np.ndarray, E: np.ndarray | None, outer: int) -> tuple[list, dict]:
+        if self.graph is None:
+            return self._code_step_independent(Z_blocks, C, E, outer)
+        return self._code_step_global(Z_blocks, C, E, outer)
+
+    def _code_step_independent(self, Z_blocks: list, C: np.ndarray, E: np.ndarray | None, outer: int):
+        client = self.client
+        C_f, E_f = self._scatter(C), self._scatter(E)
+        params = self._params()
+        results = [
+            client.submit(_solve_codes_block, X, C_f, E_f, Z, params, key=f"sae-zsolve-{self.token}-{outer}-{b}")
+            for b, (X, Z) in enumerate(zip(self.X_blocks, Z_blocks))
+        ]
+        new_blocks = [client.submit(_first, r, key=f"sae-Z-{self.token}-{outer}-{b}") for b, r in enumerate(results)]
+        infos = client.gather([client.submit(_second, r) for r in results])
+        n_iter = max(info["n_iter"] for info in infos)
+        reasons = sorted({info["stop_reason"] for info in infos})
+        return new_blocks, {"n_iter": n_iter, "stop_reason": "+".join(reasons), "graph": float("nan")}
+
+    def _code_step_global(self, Z_blocks: list, C: np.ndarray, E: np.ndarray | None, outer: int):
+        client, config, dtype = self.client, self.config, np.dtype(self.dtype)
+        m, n = C.shape
+        terms_norm = []
+        if config.lambda_d > 0:
+            small = C @ C.T if m <= n else C.T @ C
+            terms_norm.append(config.lambda_d * spectral_norm(small))
+        if config.lambda_e > 0:
+            terms_norm.append(config.lambda_e)
+        terms_norm.append(config.lambda_g * self.laplacian_norm)
+        beta = LIPSCHITZ_SAFETY * sum(terms_norm)
+        beta = beta if beta > 0 else 1.0
+        params = self._params({"step": 1.0 / beta})
+        C_f, E_f = self._scatter(C), self._scatter(E)
+        tag = f"{self.token}-{outer}"
+        problems = [
+            client.submit(_code_problem, b, X, C_f, E_f, g, params, key=f"sae-zproblem-{tag}-{b}")
+            for b, (X, g) in enumerate(zip(self.X_blocks, self.graph))
+        ]
+        n_blocks = len(self.bounds)
+        states = [client.submit(_CodeState, Z, key=f"sae-zstate-{tag}-0-{b}") for b, Z in enumerate(Z_blocks)]
+
+        def submit_iteration(k: int, states: list, momentum: Any) -> tuple[list, list, Any]:
+            packs = [
+                client.submit(_halo_pack, states[c], self.send_plans[c], key=f"sae-halo-{tag}-{k}-{c}")
+                for c in range(n_blocks)
+            ]
+            new = [
+                client.submit(_code_iterate, problems[b], states[b], [packs[c] for c in self.neighbours[b]], momentum,
+                              key=f"sae-ziter-{tag}-{k}-{b}")
+                for b in range(n_blocks)
+            ]
+            scalars = [client.submit(_state_scalars, s, key=f"sae-zscalars-{tag}-{k}-{b}") for b, s in enumerate(new)]
+            # the momentum of the next iteration is decided on the cluster (adaptive restart needs a global sum),
+            # so iterations can be submitted ahead of the client's stopping test
+            following = client.submit(_next_momentum, momentum, scalars, config.fista_restart,
+                                      key=f"sae-momentum-{tag}-{k}")
+            return new, scalars, following
+
+        pending: deque = deque()
+        submitted_states = states
+        momentum: Any = _first_momentum()
+        next_k = 0
+        max_iter, rtol, atol = config.max_inner, config.inner_tolerance, config.atol
+        history: list[float] = []
+        graph_energy = start_graph_energy = float("nan")
+        stop_reason = "max_iter"
+        final_states = None
+        while True:
+            while len(pending) < self.lookahead and next_k <= max_iter:
+                new, scalars, momentum = submit_iteration(next_k, submitted_states, momentum)
+                pending.append((next_k, new, scalars))
+                submitted_states = new
+                next_k += 1
+            k, new, scalars = pending.popleft()
+            parts = client.gather(scalars)
+            value = (0.5 * sum(p["xAx"] for p in parts) + sum(p["constant"] for p in parts)
+                     - sum(p["xB"] for p in parts) + config.lambda_z * sum(p["l1"] for p in parts))
+            history.append(value)
+            graph_energy = math.fsum(p["graph"] for p in parts)
+            if k == 0:
+                start_graph_energy = graph_energy
+            final_states = new
+            if k >= 1:
+                change = abs(history[-1] - history[-2])
+                if change <= rtol * abs(history[-1]):
+                    stop_reason = "rtol"
+                    break
+                if change <= atol:
+                    stop_reason = "atol"
+                    break
+                if k >= max_iter:
+                    break
+        pending.clear()  # iterations submitted past the stop: dropping the futures releases them
+        if history[-1] > history[0]:
+            logger.debug("Z step: last iterate worse than the start, keeping the start")
+            new_blocks, graph_energy = list(Z_blocks), start_graph_energy
+        else:
+            new_blocks = [client.submit(_state_solution, s, key=f"sae-Z-{tag}-{b}") for b, s in enumerate(final_states)]
+        return new_blocks, {"n_iter": len(history) - 1, "stop_reason": stop_reason, "graph": graph_energy,
+                            "objective": history}
+
+    # -- statistics and objective
+    def statistics(self, Z_blocks: list) -> dict[str, Any]:
+        stats = self.client.gather([self.client.submit(_block_statistics, X, Z) for X, Z in zip(self.X_blocks, Z_blocks)])
+        out: dict[str, Any] = {}
+        for name in ("ZtZ", "ZtX"):
+            total = np.zeros(stats[0][name].shape, dtype=np.float64)
+            for s in stats:
+                total += s[name]
+            out[name] = total.astype(self.dtype)
+        for name in ("Z_sq", "l1"):
+            out[name] = math.fsum(s[name] for s in stats)
+        out["nnz"] = sum(s["nnz"] for s in stats)
+        return out
+
+    def data_statistics(self) -> dict[str, Any]:
+        stats = self.client.gather([self.client.submit(_block_data_statistics, X) for X in self.X_blocks])
+        total = np.zeros(stats[0]["XtX"].shape, dtype=np.float64)
+        for s in stats:
+            total += s["XtX"]
+        return {"XtX": total.astype(self.dtype), "X_sq": math.fsum(s["X_sq"] for s in stats)}
+
+    def residuals(self, Z_blocks: list, C: np.ndarray, E: np.ndarray | None) -> dict[str, float]:
+        C_f, E_f = self._scatter(C), self._scatter(E)
+        parts = self.client.gather(
+            [self.client.submit(_block_residuals, X, Z, C_f, E_f) for X, Z in zip(self.X_blocks, Z_blocks)]
+        )
+        return {name: math.fsum(p[name] for p in parts) for name in ("reconstruction", "encoder")}
+
+    def zero_codes(self, n_atoms: int) -> list:
+        return [
+            self.client.submit(_zeros, stop - start, n_atoms, self.dtype, key=f"sae-Z0-{self.token}-{b}")
+            for b, (start, stop) in enumerate(self.bounds)
+        ]
+
+    def read_codes(self, array: zarr.Array, outer: int) -> list:
+        return [
+            self.client.submit(_read_rows, array, start, stop, self.dtype, key=f"sae-Zread-{self.token}-{outer}-{b}")
+            for b, (start, stop) in enumerate(self.bounds)
+        ]
+
+    def write_codes(self, array: zarr.Array, Z_blocks: list) -> None:
+        written = [
+            self.client.submit(_write_rows, array, start, stop, Z, pure=False)
+            for (start, stop), Z in zip(self.bounds, Z_blocks)
+        ]
+        self.client.gather(written)
+
+    def gather_codes(self, Z_blocks: list) -> np.ndarray:
+        return np.concatenate(self.client.gather(Z_blocks), axis=0)
+
+
+def _record(
+    iteration: int,
+    config: ModelConfig,
+    residuals: dict[str, float],
+    l1: float,
+    graph: float,
+    nnz: int,
+    size: int,
+    previous: float | None,
+    steps: dict[str, dict[str, Any] | None],
+    seconds: float,
+) -> dict[str, Any]:
+    """One history record, with the keys and meaning of :class:`sae.model.FitResult`'s."""
+    record: dict[str, Any] = {
+        "iteration": iteration,
+        "reconstruction": residuals["reconstruction"],
+        "sparsity": l1,
+        "graph": graph if config.lambda_g > 0 else float("nan"),
+        "encoder": residuals["encoder"],
+    }
+    weights = {"reconstruction": config.lambda_d / 2, "sparsity": config.lambda_z,
+               "graph": config.lambda_g / 2, "encoder": config.lambda_e / 2}
+    total = 0.0
+    for name in TERM_NAMES:
+        weighted = weights[name] * record[name] if weights[name] > 0 else 0.0
+        record[f"{name}_weighted"] = weighted
+        total += weighted
+    record["total"] = total
+    record["relative_change"] = (
+        float("nan") if previous is None else abs(previous - total) / max(abs(total), np.finfo(np.float64).tiny)
+    )
+    record["sparsity_percent"] = 100.0 * nnz / max(size, 1)
+    for name in ("codes", "dictionary", "encoder"):
+        step = steps.get(name)
+        record[f"inner_{name}"] = 0 if step is None else int(step["n_iter"])
+        record[f"stop_{name}"] = "" if step is None else str(step["stop_reason"])
+    record["seconds"] = seconds
+    return record
+
+
+def fit_distributed(
+    X: Any,
+    config: ModelConfig,
+    *,
+    client: Any,
+    laplacian: Any = None,
+    block_size: int = 50_000,
+    laplacian_norm: float | Literal["power", "bound"] = "power",
+    lookahead: int = 2,
+    checkpoint: zarr.Group | None = None,
+    return_codes: bool = False,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+) -> DistributedFit:
+    """Fit the structured auto-encoder on a Dask cluster, block by block (see the module docstring).
+
+    Same objective, initialisation (``np.random.default_rng(config.random_state)``:
+    components then encoder, ``Z = 0``), sub-problems, stopping rules and
+    history as :func:`sae.model.fit_sae`.
+
+    Parameters
+    ----------
+    X : zarr.Array or ndarray (N, n)
+        The frames.  A Zarr array is read block by block on the workers (and
+        re-read if a worker is lost); an ndarray is cut on the client and
+        its blocks travel inside the task graph (small problems only).
+    config : ModelConfig
+    client : distributed.Client
+    laplacian : scipy sparse (N, N), LaplacianRef or None
+        Required when ``config.lambda_g > 0``; a ``LaplacianRef`` is read by
+        row blocks on the workers.
+    block_size : int
+        Frames per block (the last block may be shorter); also the chunk of the
+        stored codes.
+    laplacian_norm : "power", "bound" or float
+        How ``||L||_2`` is obtained (module docstring), or its value.
+    lookahead : int
+        Z-step iterations submitted ahead of the stopping test.
+    checkpoint : zarr.Group, optional
+        A ``model/<key>`` group: a checkpoint is written after every outer
+        iteration and the fit resumes from the last complete one found there.
+    return_codes : bool
+        Without checkpoint, gather the codes into :attr:`DistributedFit.codes`.
+    callback : callable, optional
+        Called with each outer iteration's history record.
+
+    Returns
+    -------
+    DistributedFit
+    """
+    started = time.perf_counter()
+    dtype = config.dtype
+    if len(getattr(X, "shape", ())) != 2:
+        raise ValueError(f"X must be a 2-D array (n_samples, n_features), got shape {getattr(X, 'shape', None)}")
+    if lookahead < 1:
+        raise ValueError(f"lookahead must be >= 1, got {lookahead!r}")
+    trainer = _Trainer(client, X, laplacian, config, block_size, laplacian_norm, lookahead)
+    n_rows, n_features, m = trainer.n_rows, trainer.n_features, config.n_atoms
+    use_encoder = config.lambda_e > 0
+    slots = None
+    if checkpoint is not None:
+        slots = [_checkpoint_arrays(checkpoint, s, n_rows, m, n_features, block_size, dtype, use_encoder)
+                 for s in (0, 1)]
+
+    data_stats = trainer.data_statistics() if use_encoder else None
+    state = read_checkpoint(checkpoint) if checkpoint is not None else None
+    if state is not None:
+        C = np.asarray(state["components"], dtype=dtype)
+        E = np.asarray(state["encoder"], dtype=dtype) if use_encoder else None
+        history = state["history"]
+        start_outer = state["iteration"]
+        Z_blocks = trainer.read_codes(state["codes"], start_outer)
+        logger.info("resuming from the checkpoint of outer iteration %d", start_outer)
+        if state["stop_reason"] == "rtol" or start_outer >= config.max_outer:
+            return DistributedFit(C, E, state["codes"], history, start_outer,
+                                  state["stop_reason"] or "max_outer", start_outer)
+    else:
+        rng = np.random.default_rng(config.random_state)
+        C = init_dictionary(m, n_features, rng=rng, dtype=dtype)
+        E = init_encoder(m, n_features, rng=rng, dtype=dtype) if use_encoder else None
+        Z_blocks = trainer.zero_codes(m)
+        start_outer = 0
+        residuals = trainer.residuals(Z_blocks, C, E)
+        history = [_record(0, config, residuals, 0.0, 0.0, 0, n_rows * m, None, {}, 0.0)]
+    X_sq = data_stats["X_sq"] if data_stats is not None else None
+
+    stop_reason = "max_outer"
+    iteration = start_outer
+    for iteration in range(start_outer + 1, config.max_outer + 1):
+        tic = time.perf_counter()
+        steps: dict[str, dict[str, Any] | None] = {}
+        Z_blocks, steps["codes"] = trainer.code_step(Z_blocks, C, E, iteration)
+        code_seconds = time.perf_counter() - tic
+        stats = trainer.statistics(Z_blocks) if (config.lambda_d > 0 or use_encoder) else None
+        inner_kw = dict(rtol=config.inner_tolerance, atol=config.atol, max_iter=config.max_inner,
+                        restart=config.fista_restart)
+        if config.lambda_d > 0:
+            if X_sq is None:
+                X_sq = trainer.data_statistics()["X_sq"]
+            result = solve_dictionary(stats["ZtZ"], stats["ZtX"], C, lambda_d=config.lambda_d, data_sq_norm=X_sq,
+                                      **inner_kw)
+            C = result.solution
+            steps["dictionary"] = {"n_iter": result.n_iter, "stop_reason": result.stop_reason}
+        if use_encoder:
+            result = solve_encoder(data_stats["XtX"], stats["ZtX"], E, lambda_e=config.lambda_e,
+                                   codes_sq_norm=stats["Z_sq"], **inner_kw)
+            E = result.solution
+            steps["encoder"] = {"n_iter": result.n_iter, "stop_reason": result.stop_reason}
+        if stats is None:
+            stats = trainer.statistics(Z_blocks)
+        residuals = trainer.residuals(Z_blocks, C, E)
+        record = _record(iteration, config, residuals, stats["l1"], steps["codes"]["graph"], stats["nnz"],
+                         n_rows * m, history[-1]["total"], steps, 0.0)
+        record["seconds_codes"] = code_seconds  # extra key: wall time of the Z step alone
+        converged = record["relative_change"] <= config.rtol
+        if converged:
+            stop_reason = "rtol"
+        if checkpoint is not None:
+            slot = iteration % 2
+            trainer.write_codes(slots[slot]["codes"], Z_blocks)
+            slots[slot]["components"][...] = C
+            if use_encoder:
+                slots[slot]["encoder"][...] = E
+            record["seconds"] = time.perf_counter() - tic
+            history.append(record)
+            checkpoint.attrs.update({
+                "history": [_json_record(r) for r in history],
+                "stop_reason": stop_reason if (converged or iteration == config.max_outer) else "",
+                "checkpoint_slot": slot,
+                "last_complete_outer": iteration,
+            })
+            Z_blocks = trainer.read_codes(slots[slot]["codes"], iteration)  # cut the lineage
+        else:
+            record["seconds"] = time.perf_counter() - tic
+            history.append(record)
+        logger.info(
+            "outer %d: objective %.6g (rel. change %.2e), non-zeros %.2f%%, inner Z/D/E %d/%d/%d, %.2f s",
+            iteration, record["total"], record["relative_change"], record["sparsity_percent"],
+            record["inner_codes"], record["inner_dictionary"], record["inner_encoder"], record["seconds"],
+        )
+        if callback is not None:
+            callback(record)
+        if converged:
+            break
+
+    if checkpoint is not None:
+        codes: Any = slots[int(checkpoint.attrs["checkpoint_slot"])]["codes"] if iteration > 0 else None
+    elif return_codes:
+        codes = trainer.gather_codes(Z_blocks)
+    else:
+        codes = None
+    logger.info("trained in %.1f s: %d outer iterations (%s)", time.perf_counter() - started, iteration, stop_reason)
+    return DistributedFit(C, E, codes, history, iteration, stop_reason, start_outer)
+
+
+# --------------------------------------------------------------------------- the training stage in a store
+
+STAGE = "model"
+"""Stage name of trained models in a store."""
+
+
+def _stage_config(train: TrainConfig, preprocess_key: str, graph_key: str | None) -> dict[str, Any]:
+    """What identifies a training run: everything but ``max_outer`` (so a longer rerun resumes) and ``lookahead``."""
+    config = train.model_dump(mode="json")
+    config["model"].pop("max_outer")
+    config.pop("lookahead")
+    config.pop("checkpoint")
+    return {"train": config, "preprocess": preprocess_key, "graph": graph_key if train.model.lambda_g > 0 else None}
+
+
+def model_key(train: TrainConfig, preprocess_key: str, graph_key: str | None = None) -> str:
+    """Stage group key of a training run: a fingerprint of the configuration (but ``max_outer``) and its inputs.
+
+    >>> from sae.config import ModelConfig, TrainConfig
+    >>> a = model_key(TrainConfig(model=ModelConfig(max_outer=2)), "p")
+    >>> a == model_key(TrainConfig(model=ModelConfig(max_outer=9)), "p"), a == model_key(TrainConfig(), "q")
+    (True, False)
+    """
+    blob = json.dumps(_stage_config(train, preprocess_key, graph_key), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def train_model(
+    store_path: Any,
+    preprocess_key: str,
+    train: TrainConfig,
+    *,
+    client: Any,
+    graph_key: str | None = None,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Train on the frames ``preprocess/<preprocess_key>/X`` of a store; write ``model/<key>``.
+
+    The Laplacian is ``graph/<graph_key>/laplacian`` (required when
+    ``train.model.lambda_g > 0``).  Checkpoints (module docstring) go to the
+    stage group; a rerun resumes from the last one, and returns at once when
+    the group is complete for this ``max_outer`` or converged.
+
+    Returns
+    -------
+    dict
+        ``key``, ``n_iter``, ``stop_reason``, ``resumed_from``, ``objective``
+        (final total), ``sparsity_percent``, ``seconds``, ``skipped`` (bool).
+    """
+    from sae import store
+    from sae.preprocess import open_preprocessed
+
+    config = train.model
+    if config.lambda_g > 0 and graph_key is None:
+        raise ValueError(
+            f"graph_key is required when lambda_g > 0 (got lambda_g={config.lambda_g!r} and graph_key=None)"
+        )
+    key = model_key(train, preprocess_key, graph_key)
+    root = store.open_store(store_path, mode="r+")
+    X = open_preprocessed(root, preprocess_key)["X"]
+    laplacian = None
+    if config.lambda_g > 0:
+        from sae.graph import open_graph
+
+        laplacian = LaplacianRef(open_graph(root, graph_key), "laplacian")
+    group = store.stage_group(root, STAGE, key, config=_stage_config(train, preprocess_key, graph_key),
+                              mode="w" if overwrite else "a")
+    done = read_checkpoint(group) if not overwrite else None
+    if done is not None and (done["stop_reason"] == "rtol" or done["iteration"] >= config.max_outer):
+        logger.info("model %s: complete at outer iteration %d (%s), skipped", key, done["iteration"], done["stop_reason"])
+        last = done["history"][-1]
+        return {"key": key, "n_iter": done["iteration"], "stop_reason": done["stop_reason"] or "max_outer",
+                "resumed_from": done["iteration"], "objective": last["total"],
+                "sparsity_percent": last["sparsity_percent"], "seconds": 0.0, "skipped": True}
+    group.attrs.update({"complete": False, "max_outer": config.max_outer, "block_size": train.block_size})
+    started = time.perf_counter()
+    fit = fit_distributed(
+        X, config, client=client, laplacian=laplacian, block_size=train.block_size,
+        laplacian_norm=train.laplacian_norm, lookahead=train.lookahead,
+        checkpoint=group if train.checkpoint else None, callback=callback,
+    )
+    if not train.checkpoint:  # still leave the result in the store
+        _write_final(group, fit, client, train.block_size)
+    store.mark_complete(group)
+    last = fit.history[-1]
+    return {"key": key, "n_iter": fit.n_iter, "stop_reason": fit.stop_reason, "resumed_from": fit.resumed_from,
+            "objective": last["total"], "sparsity_percent": last["sparsity_percent"],
+            "seconds": time.perf_counter() - started, "skipped": False}
+
+
+def _write_final(group: zarr.Group, fit: DistributedFit, client: Any, block_size: int) -> None:
+    m, n = fit.components.shape
+    sub = group.require_group("checkpoint_0")
+    for name, value in (("components", fit.components), ("encoder", fit.encoder)):
+        if value is not None:
+            if name in sub:
+                del sub[name]
+            sub.create_array(name, shape=value.shape, dtype=value.dtype)[...] = value
+    group.attrs.update({"history": [_json_record(r) for r in fit.history], "checkpoint_slot": 0,
+                        "stop_reason": fit.stop_reason, "last_complete_outer": fit.n_iter})
+
+
+def open_model(store_path: Any, key: str) -> dict[str, Any]:
+    """A trained model of a store: ``components``, ``encoder`` (or None), ``codes`` (zarr (N, m)), ``history``.
+
+    Reads the last complete checkpoint of ``model/<key>`` (the final one when
+    the group is complete).
+    """
+    from sae import store
+
+    group = store.stage_group(store_path, STAGE, key, mode="r")
+    state = read_checkpoint(group)
+    if state is None:
+        raise ValueError(f"model/{key} holds no complete outer iteration yet: run train_model first")
+    state["complete"] = bool(group.attrs.get("complete"))
+    return state

@@ -1,0 +1,232 @@
+"""Distributed training against the in-memory reference `sae.model.fit_sae`.
+
+Real Dask clusters on 127.0.0.1 (threads for speed, processes where the
+number of processes matters, real ``dask scheduler`` / ``dask worker``
+processes for the failure test); the reference is the in-memory fit.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import zarr
+from distributed import Client, LocalCluster
+from sklearn.neighbors import kneighbors_graph
+
+from sae.config import ModelConfig
+from sae.distributed import block_bounds, fit_distributed, read_checkpoint
+from sae.model import fit_sae
+
+
+def make_data(n_samples: int, n_features: int = 12, n_true: int = 6, seed: int = 0):
+    """Sparse combinations of a random dictionary plus noise, min-max scaled, and a normalised kNN Laplacian."""
+    rng = np.random.default_rng(seed)
+    D = rng.random((n_true, n_features))
+    Z = rng.random((n_samples, n_true)) * (rng.random((n_samples, n_true)) < 0.3)
+    X = Z @ D + 0.05 * rng.standard_normal((n_samples, n_features))
+    X = (X - X.min(0)) / (X.max(0) - X.min(0))
+    W = kneighbors_graph(X, 5, mode="connectivity")
+    W = W.maximum(W.T)
+    d = np.asarray(W.sum(axis=1)).ravel()
+    Dm = sp.diags(1 / np.sqrt(d))
+    L = sp.csr_array(sp.eye(n_samples) - Dm @ W @ Dm)
+    return X.astype(np.float32), L
+
+
+@pytest.fixture(scope="module")
+def thread_client():
+    # in-process workers talk over the inproc:// transport: no network address at all
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def small():
+    return make_data(300)
+
+
+def _blocks(n: int, k: int) -> int:
+    return -(-n // k)
+
+
+def test_block_bounds_cover_rows():
+    bounds = block_bounds(10, 3)
+    assert bounds[0][0] == 0 and bounds[-1][1] == 10
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+    with pytest.raises(ValueError, match="block_size must be >= 1, got 0"):
+        block_bounds(10, 0)
+
+
+def _check_close(result, reference):
+    final, ref = result.history[-1], reference.history[-1]
+    assert abs(final["total"] - ref["total"]) <= 5e-3 * abs(ref["total"])
+    assert abs(final["sparsity_percent"] - ref["sparsity_percent"]) <= 1.0
+    for name in ("reconstruction", "sparsity", "graph", "encoder"):
+        assert np.isnan(final[name]) == np.isnan(ref[name])
+
+
+@pytest.mark.parametrize("n_blocks", [1, 3, 7])
+@pytest.mark.parametrize("lambda_e", [0.0, 1.0])
+def test_independent_blocks_match_reference(thread_client, n_blocks, lambda_e):
+    X, _ = make_data(700)
+    config = ModelConfig(n_atoms=10, lambda_e=lambda_e, max_outer=8, max_inner=100, random_state=1)
+    reference = fit_sae(X, config)
+    result = fit_distributed(X, config, client=thread_client, block_size=_blocks(len(X), n_blocks),
+                             return_codes=True)
+    _check_close(result, reference)
+    assert result.codes.shape == reference.codes.shape and result.codes.dtype == np.float32
+    assert np.all(np.linalg.norm(result.components, axis=1) <= 1 + 1e-5)
+    assert (result.encoder is None) == (lambda_e == 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n_blocks", [1, 3, 7])
+@pytest.mark.parametrize("lambda_e", [0.0, 1.0])
+def test_global_fista_with_graph_matches_reference(thread_client, small, n_blocks, lambda_e):
+    X, L = small
+    config = ModelConfig(n_atoms=8, lambda_g=5.0, lambda_e=lambda_e, max_outer=2, max_inner=10, random_state=0,
+                         fista_restart=bool(lambda_e))  # both FISTA variants
+    reference = fit_sae(X, config, L)
+    result = fit_distributed(X, config, client=thread_client, laplacian=L, block_size=_blocks(len(X), n_blocks),
+                             lookahead=3, return_codes=True)
+    _check_close(result, reference)
+    # the same global FISTA: same inner iteration counts, and the codes agree
+    assert [r["inner_codes"] for r in result.history] == [r["inner_codes"] for r in reference.history]
+    np.testing.assert_allclose(result.codes @ result.components, reference.codes @ reference.components,
+                               atol=1e-3)
+
+
+def test_graph_term_needs_a_laplacian(thread_client, small):
+    X, L = small
+    config = ModelConfig(n_atoms=4, lambda_g=1.0, max_outer=1)
+    with pytest.raises(ValueError, match="laplacian is required when lambda_g > 0"):
+        fit_distributed(X, config, client=thread_client, block_size=100)
+    with pytest.raises(ValueError, match=r"laplacian must have shape \(n_samples, n_samples\) = \(300, 300\)"):
+        fit_distributed(X, config, client=thread_client, laplacian=L[:100, :100], block_size=100)
+
+
+def test_laplacian_bound_is_an_upper_bound(thread_client, small):
+    X, L = small
+    config = ModelConfig(n_atoms=6, lambda_g=5.0, max_outer=1, max_inner=5, random_state=0)
+    # the Gershgorin bound (max absolute row sum) is >= the spectral norm, which the power iteration finds
+    from sae.distributed import _Trainer
+
+    exact = _Trainer(thread_client, X, L, config, 100, "power", 1).laplacian_norm
+    bound = _Trainer(thread_client, X, L, config, 100, "bound", 1).laplacian_norm
+    absolute_row_sums = np.abs(L).sum(axis=1)
+    assert exact <= bound and np.isclose(bound, absolute_row_sums.max(), rtol=1e-5)
+    np.testing.assert_allclose(exact, np.abs(np.linalg.eigvalsh(L.toarray())).max(), rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_same_result_whatever_the_number_of_workers(small):
+    X, L = small
+    config = ModelConfig(n_atoms=8, lambda_g=5.0, lambda_e=1.0, max_outer=2, max_inner=8, random_state=3)
+    totals = []
+    for n_workers in (1, 2):
+        with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                          host="127.0.0.1") as cluster, Client(cluster) as client:
+            fit = fit_distributed(X, config, client=client, laplacian=L, block_size=100)
+            totals.append([r["total"] for r in fit.history])
+    np.testing.assert_allclose(totals[0], totals[1], rtol=1e-5)
+
+
+def _store_array(path, X) -> zarr.Array:
+    group = zarr.open_group(str(path), mode="w")
+    array = group.create_array("X", shape=X.shape, chunks=(100, X.shape[1]), dtype=X.dtype)
+    array[:] = X
+    return array
+
+
+def test_resume_from_checkpoint_ends_where_an_uninterrupted_run_ends(thread_client, tmp_path):
+    X, _ = make_data(500)
+    X_stored = _store_array(tmp_path / "data.zarr", X)
+    config = ModelConfig(n_atoms=8, lambda_e=1.0, max_outer=4, max_inner=50, rtol=1e-9, random_state=2)
+    straight = fit_distributed(X_stored, config, client=thread_client, block_size=128,
+                               checkpoint=zarr.open_group(str(tmp_path / "a.zarr"), mode="w"))
+
+    group = zarr.open_group(str(tmp_path / "b.zarr"), mode="w")
+    first = fit_distributed(X_stored, config.model_copy(update={"max_outer": 2}), client=thread_client,
+                            block_size=128, checkpoint=group)
+    assert first.n_iter == 2 and read_checkpoint(group)["iteration"] == 2
+
+    class Interrupt(RuntimeError):
+        pass
+
+    def interrupt(record):  # a real exception in the middle of the run
+        if record["iteration"] == 3:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        fit_distributed(X_stored, config, client=thread_client, block_size=128, checkpoint=group, callback=interrupt)
+    assert read_checkpoint(group)["iteration"] == 3
+    resumed = fit_distributed(X_stored, config, client=thread_client, block_size=128, checkpoint=group)
+    assert resumed.resumed_from == 3 and resumed.n_iter == 4
+    np.testing.assert_allclose([r["total"] for r in resumed.history], [r["total"] for r in straight.history],
+                               rtol=1e-6)
+    np.testing.assert_allclose(resumed.components, straight.components, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(resumed.codes[:], straight.codes[:], rtol=1e-5, atol=1e-6)
+
+
+def _start(args, **kw):
+    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kw)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_killed_worker_does_not_change_the_result(tmp_path, small):
+    X, L = small
+    X_stored = _store_array(tmp_path / "data.zarr", X)
+    config = ModelConfig(n_atoms=8, lambda_g=5.0, max_outer=2, max_inner=10, random_state=4)
+    scheduler_file = str(tmp_path / "scheduler.json")
+    dask = [sys.executable, "-m", "distributed.cli.dask_scheduler"]
+    processes = [_start(dask + ["--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+                                "--scheduler-file", scheduler_file])]
+    try:
+        for _ in range(2):
+            processes.append(_start([sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file",
+                                     scheduler_file, "--nthreads", "1", "--no-nanny", "--host", "127.0.0.1",
+                                     "--no-dashboard"]))
+        deadline = time.time() + 60
+        while not os.path.exists(scheduler_file) and time.time() < deadline:
+            time.sleep(0.2)
+        with Client(scheduler_file=scheduler_file, timeout=60) as client:
+            client.wait_for_workers(2, timeout=60)
+            undisturbed = fit_distributed(X_stored, config, client=client, laplacian=L, block_size=100,
+                                          checkpoint=zarr.open_group(str(tmp_path / "a.zarr"), mode="w"))
+            victim = processes[1]
+            killed = threading.Event()
+
+            def kill_soon(record):
+                if record["iteration"] == 1:  # kill during the next Z step
+                    def kill():
+                        victim.send_signal(signal.SIGKILL)
+                        killed.set()
+                    threading.Timer(0.2, kill).start()
+
+            disturbed = fit_distributed(X_stored, config, client=client, laplacian=L, block_size=100,
+                                        checkpoint=zarr.open_group(str(tmp_path / "b.zarr"), mode="w"),
+                                        callback=kill_soon)
+            assert killed.is_set() and victim.wait(timeout=10) == -signal.SIGKILL
+            assert len(client.scheduler_info()["workers"]) == 1
+        np.testing.assert_allclose([r["total"] for r in disturbed.history],
+                                   [r["total"] for r in undisturbed.history], rtol=1e-6)
+        np.testing.assert_allclose(disturbed.codes[:], undisturbed.codes[:], atol=1e-5)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGINT)
+        for process in processes:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()

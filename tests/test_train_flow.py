@@ -1,0 +1,77 @@
+"""The training stage in a real store: `sae.distributed.train_model` and the Prefect flow."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from distributed import Client, LocalCluster
+
+from sae import store
+from sae.config import CQTConfig, ModelConfig, TrainConfig
+from sae.distributed import model_key, open_model, train_model
+from sae.model import fit_sae
+from tests.test_distributed import make_data
+
+
+@pytest.fixture
+def training_store(tmp_path):
+    """A store with a preprocessed X (400 x 12) and its Laplacian, written through sae.store."""
+    X, L = make_data(400)
+    path = str(tmp_path / "tiny.zarr")
+    root = store.create_store(path, CQTConfig(clip_samples=22050), [("a/x", "x.wav", "a")], chunk_clips=1)
+    pre = store.stage_group(root, "preprocess", "pre", config={"test": 1}, mode="w")
+    pre.create_array("X", shape=X.shape, chunks=(128, X.shape[1]), dtype="float32")[:] = X
+    store.mark_complete(pre)
+    graph = store.stage_group(root, "graph", "pre-g", config={"test": 1}, mode="w")
+    store.write_sparse(graph, "laplacian", L)
+    store.mark_complete(graph)
+    return path, X, L
+
+
+@pytest.fixture(scope="module")
+def client():
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        yield client
+
+
+def test_train_model_resumes_and_skips(training_store, client):
+    path, X, L = training_store
+    train = TrainConfig(model=ModelConfig(n_atoms=8, lambda_g=3.0, max_outer=2, max_inner=10, random_state=0),
+                        block_size=128)
+    first = train_model(path, "pre", train, client=client, graph_key="pre-g")
+    assert first["n_iter"] == 2 and not first["skipped"]
+    again = train_model(path, "pre", train, client=client, graph_key="pre-g")
+    assert again["skipped"] and again["objective"] == first["objective"]
+
+    longer = train.model_copy(update={"model": train.model.model_copy(update={"max_outer": 3})})
+    assert model_key(longer, "pre", "pre-g") == first["key"]
+    resumed = train_model(path, "pre", longer, client=client, graph_key="pre-g")
+    assert resumed["resumed_from"] == 2 and resumed["n_iter"] == 3
+    reference = fit_sae(X, longer.model, L)
+    assert abs(resumed["objective"] - reference.history[-1]["total"]) <= 5e-3 * reference.history[-1]["total"]
+    model = open_model(path, first["key"])
+    assert model["complete"] and model["codes"].shape == (400, 8) and model["codes"].chunks == (128, 8)
+    assert len(model["history"]) == 4
+    with pytest.raises(ValueError, match="graph_key is required when lambda_g > 0"):
+        train_model(path, "pre", train, client=client)
+
+
+@pytest.mark.slow
+def test_train_flow_logs_and_matches_reference(training_store, capfd):
+    from flows.train import train_flow
+
+    path, X, _ = training_store
+    train = TrainConfig(model=ModelConfig(n_atoms=8, lambda_e=1.0, max_outer=3, max_inner=50, random_state=0),
+                        block_size=150)
+    out = train_flow(store=path, preprocess_key="pre", train=train)
+    printed = "".join(capfd.readouterr())  # Prefect's console handler prints the run loggers
+    reference = fit_sae(X, train.model)
+    assert abs(out["objective"] - reference.history[-1]["total"]) <= 5e-3 * reference.history[-1]["total"]
+    assert out["n_iter"] == reference.n_iter
+    # one line per outer iteration from the task's run logger (the only one that writes "relative change")
+    for outer in range(1, out["n_iter"] + 1):
+        assert f"outer {outer}: objective" in printed
+    assert printed.count("relative change") >= out["n_iter"]
+    model = open_model(path, out["key"])
+    np.testing.assert_allclose(model["components"].shape, (8, X.shape[1]))
