@@ -1,0 +1,745 @@
+"""Genre classification of per-frame features: aggregation per clip and cross-validation.
+
+Aggregation (as the thesis)
+---------------------------
+The F frames of a clip (rows of ``X``, in time order) are cut into
+``n_windows`` windows of ``w`` frames,
+
+    w = floor(F / (n_windows + 1/2))          (or ``window_frames`` if given),
+
+starting at frames ``0, w, 2w, ...`` (the *aligned* set) and, with
+``shifted``, a second set starting at ``floor(w / 2) + k w`` (the *shifted*
+set): ``2 n_windows = 12`` windows per clip, each half a window after the
+previous one.  The frames after the last window of each set are dropped.  A
+window is aggregated as the sum of absolute values (``rectify``) of its
+frames:
+
+    v_{c, j}[i] = sum_{t = s_j}^{s_j + w - 1} |X[r_c + t, i]|
+
+with ``r_c`` the first row of clip ``c`` and ``s_j`` the start of window j.
+The vectors of a clip are ordered window by window, the aligned one first:
+``(a_0, s_0, a_1, s_1, ...)``.  ``X`` is (n_rows, d) (samples by features,
+as everywhere in ``sae``): per-frame codes ``Z`` (d = n_atoms) or scaled CQT
+frames (d = n_bins, the baseline); the vectors are (n_clips * V, d) with
+``V = n_windows * (1 + shifted)``.
+
+Protocols
+---------
+See `sae.config.ClassifyConfig`: "thesis" (ShuffleSplit over vectors, with
+its clip leak), "grouped" (StratifiedGroupKFold over clips) and "inductive"
+(the grouped folds, with the auto-encoder fitted per fold on the training
+clips only).  Every split is a separate task when a Dask client is given;
+the data are scattered to the cluster once and each task receives only the
+indices of its test vectors.
+
+>>> import numpy as np
+>>> X = np.arange(26.0).reshape(13, 2)          # one clip of 13 frames, d = 2
+>>> windows = window_starts(13, n_windows=2)    # w = floor(13 / 2.5) = 5
+>>> windows.tolist()
+[0, 2, 5, 7]
+>>> features = aggregate_clips(X, np.zeros(13, dtype=int), n_windows=2)
+>>> features.vectors[:, 0].tolist()             # sums of X[s:s+5, 0] = 2 (s + 2) * 5
+[20.0, 40.0, 70.0, 90.0]
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from sklearn.base import clone
+from sklearn.linear_model import LogisticRegression, RidgeClassifier
+from sklearn.metrics import confusion_matrix
+from sklearn.model_selection import ShuffleSplit, StratifiedGroupKFold
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import MinMaxScaler, StandardScaler
+from sklearn.svm import SVC, LinearSVC
+
+from sae.config import ClassifyConfig
+
+__all__ = [
+    "CLASSIFIERS",
+    "PROTOCOLS",
+    "AggregatedFeatures",
+    "Split",
+    "window_length",
+    "window_starts",
+    "clip_runs",
+    "aggregate_clips",
+    "make_classifier",
+    "cv_splits",
+    "evaluate_split",
+    "summarize_splits",
+    "cross_validate",
+    "inductive_fold",
+    "evaluate_inductive_split",
+    "inductive_cross_validate",
+    "chance_level",
+]
+
+logger = logging.getLogger(__name__)
+
+CLASSIFIERS = ("svc", "linear_svc", "logistic_regression", "ridge")
+"""Classifiers selectable by name (`make_classifier`)."""
+
+PROTOCOLS = ("thesis", "grouped", "inductive")
+"""Cross-validation protocols (`sae.config.ClassifyConfig`)."""
+
+SCALINGS = ("none", "minmax", "standard")
+"""Scalings of the window vectors, fitted per split on the training vectors."""
+
+
+# --------------------------------------------------------------------------- aggregation
+
+
+def window_length(n_frames: int, n_windows: int = 6, window_frames: int | None = None) -> int:
+    """Frames per window for a clip of ``n_frames`` frames.
+
+    ``window_frames`` if given, else the thesis's ``floor(n_frames / (n_windows + 1/2))``,
+    the longest window such that ``n_windows`` windows plus half a window fit.
+
+    >>> window_length(298), window_length(1288), window_length(1288, window_frames=100)
+    (45, 198, 100)
+    """
+    if n_windows < 1:
+        raise ValueError(f"n_windows must be >= 1, got {n_windows}")
+    if window_frames is not None:
+        if window_frames < 1:
+            raise ValueError(f"window_frames must be >= 1 or None, got {window_frames}")
+        return int(window_frames)
+    length = (2 * int(n_frames)) // (2 * n_windows + 1)
+    if length < 1:
+        raise ValueError(
+            f"a clip of {n_frames} frames is too short for n_windows={n_windows}: "
+            f"it needs at least n_windows + 1/2 = {n_windows + 0.5} frames"
+        )
+    return length
+
+
+def window_starts(
+    n_frames: int, n_windows: int = 6, window_frames: int | None = None, shifted: bool = True
+) -> np.ndarray:
+    """First frame of every window of a clip of ``n_frames`` frames, in output order.
+
+    Aligned windows start at ``k w``, shifted ones at ``floor(w / 2) + k w``
+    (k = 0 .. n_windows - 1, ``w`` from `window_length`); with ``shifted`` the
+    two sets interleave: ``(0, w//2, w, w + w//2, ...)``.
+
+    Returns
+    -------
+    np.ndarray
+        int64, of length ``n_windows * (1 + shifted)``.
+
+    >>> window_starts(298).tolist()
+    [0, 22, 45, 67, 90, 112, 135, 157, 180, 202, 225, 247]
+    >>> window_starts(298, shifted=False).tolist()
+    [0, 45, 90, 135, 180, 225]
+    """
+    w = window_length(n_frames, n_windows, window_frames)
+    aligned = np.arange(n_windows, dtype=np.int64) * w
+    starts = np.stack([aligned, aligned + w // 2], axis=1).ravel() if shifted else aligned
+    last = int(starts.max()) + w
+    if last > n_frames:
+        raise ValueError(
+            f"window_frames={window_frames} is too long for a clip of {n_frames} frames: "
+            f"{n_windows} windows of {w} frames{' plus half a window' if shifted else ''} need {last} frames"
+        )
+    return starts
+
+
+def clip_runs(row_clips: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The clips of a row->clip mapping as contiguous runs of rows.
+
+    Parameters
+    ----------
+    row_clips : array (n_rows,) of int
+        ``row_clips[r]`` is the clip of row r.  The rows of a clip must be
+        contiguous (and in time order, which cannot be checked here).
+
+    Returns
+    -------
+    clips, starts, stops : np.ndarray
+        int64, one entry per clip in order of appearance: clip ``clips[i]``
+        owns rows ``starts[i]:stops[i]``.
+
+    >>> [a.tolist() for a in clip_runs(np.array([4, 4, 4, 2, 2, 7]))]
+    [[4, 2, 7], [0, 3, 5], [3, 5, 6]]
+    """
+    row_clips = np.asarray(row_clips)
+    if row_clips.ndim != 1 or row_clips.size == 0:
+        raise ValueError(f"row_clips must be a non-empty 1-D array, got shape {row_clips.shape}")
+    if not np.issubdtype(row_clips.dtype, np.integer):
+        raise ValueError(f"row_clips must hold integer clip indices, got dtype {row_clips.dtype}")
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(row_clips)) + 1]).astype(np.int64)
+    stops = np.concatenate([starts[1:], [row_clips.size]]).astype(np.int64)
+    clips = row_clips[starts].astype(np.int64)
+    unique, counts = np.unique(clips, return_counts=True)
+    if unique.size != clips.size:
+        repeated = unique[counts > 1]
+        raise ValueError(
+            f"row_clips must list the rows of each clip contiguously; clips {repeated[:5].tolist()} "
+            "appear in several runs"
+        )
+    return clips, starts, stops
+
+
+@dataclass(frozen=True)
+class AggregatedFeatures:
+    """Window vectors of clips (output of `aggregate_clips`).
+
+    Attributes
+    ----------
+    vectors : ndarray (n_clips * V, d) float64
+        Clip after clip, ``V`` vectors each (module docstring).
+    labels : ndarray (n_clips * V,) int64 or None
+        The label of each vector's clip (None if no ``clip_labels`` were given).
+    groups : ndarray (n_clips * V,) int64
+        The clip index of each vector (groups of the grouped protocol).
+    clips : ndarray (n_clips,) int64
+        Clip indices in the order of the vectors.
+    vectors_per_clip : int
+        ``V = n_windows * (1 + shifted)``.
+    """
+
+    vectors: np.ndarray
+    labels: np.ndarray | None
+    groups: np.ndarray
+    clips: np.ndarray
+    vectors_per_clip: int
+
+
+def _read_rows(X: Any, start: int, stop: int) -> np.ndarray:
+    """Rows ``start:stop`` of a numpy, Zarr or Dask array, as numpy."""
+    block = X[start:stop]
+    if hasattr(block, "compute"):
+        block = block.compute()
+    return np.asarray(block)
+
+
+def _window_sums(clips: np.ndarray, n_windows: int, window_frames: int | None, shifted: bool) -> np.ndarray:
+    """Window sums of clips of equal length: (k, F, d) -> (k, V, d), in the order of `window_starts`."""
+    k, n_frames, d = clips.shape
+    starts = window_starts(n_frames, n_windows, window_frames, shifted)  # validates the lengths
+    w = window_length(n_frames, n_windows, window_frames)
+    sets = [clips[:, : n_windows * w].reshape(k, n_windows, w, d).sum(axis=2)]
+    if shifted:
+        sets.append(clips[:, starts[1] : starts[1] + n_windows * w].reshape(k, n_windows, w, d).sum(axis=2))
+    return np.stack(sets, axis=2).reshape(k, len(starts), d)
+
+
+def aggregate_clips(
+    X: Any,
+    row_clips: np.ndarray,
+    *,
+    clip_labels: np.ndarray | None = None,
+    n_windows: int = 6,
+    window_frames: int | None = None,
+    shifted: bool = True,
+    rectify: bool = True,
+    chunk_clips: int = 64,
+) -> AggregatedFeatures:
+    """Aggregate per-frame features into window vectors per clip (module docstring).
+
+    Reads ``X`` by chunks of ``chunk_clips`` clips, so only one chunk of
+    frames is ever in memory: ``X`` may be a numpy array, a Zarr array or a
+    Dask array.
+
+    Parameters
+    ----------
+    X : array (n_rows, d)
+        Per-frame features, the rows of a clip contiguous and in time order.
+    row_clips : array (n_rows,) of int
+        Clip index of every row of ``X``.
+    clip_labels : array, optional
+        Label of clip ``c`` at ``clip_labels[c]`` (e.g. the ``label_index``
+        column of the clip table).
+    n_windows, window_frames, shifted, rectify
+        As `sae.config.ClassifyConfig`.
+    chunk_clips : int
+        Clips read at once.
+
+    Returns
+    -------
+    AggregatedFeatures
+        ``vectors`` (n_clips * V, d) float64 with
+        ``vectors[c V + j] = sum_{t < w} |X[r_c + s_j + t]|``.
+    """
+    row_clips = np.asarray(row_clips)
+    if len(X.shape) != 2:
+        raise ValueError(f"X must be a 2-D array (n_rows, n_features), got shape {tuple(X.shape)}")
+    if row_clips.shape != (X.shape[0],):
+        raise ValueError(
+            f"row_clips must have one entry per row of X ({X.shape[0]}), got shape {row_clips.shape}"
+        )
+    if chunk_clips < 1:
+        raise ValueError(f"chunk_clips must be >= 1, got {chunk_clips}")
+    clips, starts, stops = clip_runs(row_clips)
+    n_vectors = n_windows * (2 if shifted else 1)
+    n_features = int(X.shape[1])
+    vectors = np.empty((clips.size * n_vectors, n_features), dtype=np.float64)
+    for first in range(0, clips.size, chunk_clips):
+        last = min(first + chunk_clips, clips.size)
+        offset = int(starts[first])
+        block = _read_rows(X, offset, int(stops[last - 1])).astype(np.float64, copy=False)
+        if rectify:
+            block = np.abs(block)
+        # Runs of consecutive clips of equal length are aggregated together by reshapes.
+        lengths = stops[first:last] - starts[first:last]
+        run_starts = np.concatenate([[0], np.flatnonzero(np.diff(lengths)) + 1, [lengths.size]])
+        for a, b in zip(run_starts[:-1], run_starts[1:]):
+            n_frames = int(lengths[a])
+            rows = block[int(starts[first + a]) - offset : int(stops[first + b - 1]) - offset]
+            windows = _window_sums(rows.reshape(b - a, n_frames, n_features), n_windows, window_frames, shifted)
+            vectors[(first + a) * n_vectors : (first + b) * n_vectors] = windows.reshape(-1, n_features)
+    groups = np.repeat(clips, n_vectors)
+    labels = None
+    if clip_labels is not None:
+        clip_labels = np.asarray(clip_labels)
+        if clips.max() >= clip_labels.shape[0]:
+            raise ValueError(
+                f"clip_labels must have an entry for every clip index (max {int(clips.max())}), "
+                f"got length {clip_labels.shape[0]}"
+            )
+        labels = np.repeat(clip_labels[clips], n_vectors).astype(np.int64)
+    logger.debug("aggregated %d clips into %d vectors of dimension %d", clips.size, vectors.shape[0], n_features)
+    return AggregatedFeatures(vectors, labels, groups, clips, n_vectors)
+
+
+# --------------------------------------------------------------------------- classifiers and splits
+
+
+def make_classifier(
+    name: str = "svc", *, C: float = 1.0, scaling: str = "none", random_state: int | None = None
+) -> Any:
+    """A scikit-learn classifier by name, optionally behind a scaler.
+
+    ========================  ===================================================
+    ``"svc"``                 ``SVC(kernel="linear", C=C)`` (libsvm, one-vs-one), the thesis's
+    ``"linear_svc"``          ``LinearSVC(C=C)`` (liblinear, one-vs-rest)
+    ``"logistic_regression"`` ``LogisticRegression(C=C)``
+    ``"ridge"``               ``RidgeClassifier(alpha=1/C)``
+    ========================  ===================================================
+
+    ``scaling`` "minmax" or "standard" puts the scaler in a pipeline, so it is
+    fitted on the training vectors of each split only.
+
+    >>> make_classifier("svc")
+    SVC(kernel='linear')
+    >>> make_classifier("linear_svc", C=0.5, scaling="minmax")
+    Pipeline(steps=[('minmaxscaler', MinMaxScaler()),
+                    ('linearsvc', LinearSVC(C=0.5))])
+    """
+    if name not in CLASSIFIERS:
+        raise ValueError(f"classifier must be one of {CLASSIFIERS}, got {name!r}")
+    if scaling not in SCALINGS:
+        raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
+    if not C > 0:
+        raise ValueError(f"C must be > 0, got {C}")
+    if name == "svc":
+        model = SVC(kernel="linear", C=C)
+    elif name == "linear_svc":
+        model = LinearSVC(C=C, random_state=random_state)
+    elif name == "logistic_regression":
+        model = LogisticRegression(C=C, max_iter=1000)
+    else:
+        model = RidgeClassifier(alpha=1.0 / C)
+    if scaling == "minmax":
+        return make_pipeline(MinMaxScaler(), model)
+    if scaling == "standard":
+        return make_pipeline(StandardScaler(), model)
+    return model
+
+
+def _classifier(config: ClassifyConfig) -> Any:
+    return make_classifier(config.classifier, C=config.C, scaling=config.scaling, random_state=config.random_state)
+
+
+@dataclass(frozen=True)
+class Split:
+    """One train/test split: repetition, fold, and the indices of its test vectors.
+
+    The training vectors are all the others.
+    """
+
+    repeat: int
+    fold: int
+    test: np.ndarray = field(repr=False)
+
+
+def _repeat_seeds(random_state: int, n_repeats: int) -> list[int]:
+    return [int(s) for s in np.random.SeedSequence(random_state).generate_state(n_repeats)]
+
+
+def cv_splits(
+    labels: np.ndarray,
+    groups: np.ndarray,
+    *,
+    protocol: str = "grouped",
+    n_splits: int = 10,
+    n_repeats: int = 20,
+    test_size: float = 0.1,
+    random_state: int = 0,
+) -> list[Split]:
+    """The splits of a protocol: ``n_repeats`` repetitions of ``n_splits`` splits.
+
+    "thesis": ``ShuffleSplit(n_splits, test_size)`` over the vectors, ignoring
+    ``groups`` (vectors of one clip may be on both sides).  "grouped" and
+    "inductive": ``StratifiedGroupKFold(n_splits, shuffle=True)`` with the
+    clips as groups: no clip on both sides; every vector is tested once per
+    repetition.  Repetition r uses the seed ``SeedSequence(random_state)``'s
+    r-th state, so the splits depend only on the arguments.
+
+    Returns
+    -------
+    list of Split
+        ``n_repeats * n_splits`` splits, repetition-major.
+    """
+    labels = np.asarray(labels)
+    groups = np.asarray(groups)
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    if labels.shape != groups.shape or labels.ndim != 1:
+        raise ValueError(f"labels and groups must be 1-D of equal length, got {labels.shape} and {groups.shape}")
+    if n_splits < 2:
+        raise ValueError(f"n_splits must be >= 2, got {n_splits}")
+    if n_repeats < 1:
+        raise ValueError(f"n_repeats must be >= 1, got {n_repeats}")
+    placeholder = np.zeros((labels.size, 1))
+    splits = []
+    for repeat, seed in enumerate(_repeat_seeds(random_state, n_repeats)):
+        if protocol == "thesis":
+            splitter = ShuffleSplit(n_splits=n_splits, test_size=test_size, random_state=seed)
+            folds = splitter.split(placeholder)
+        else:
+            n_groups = np.unique(groups).size
+            if n_splits > n_groups:
+                raise ValueError(f"n_splits must be <= the number of clips ({n_groups}), got {n_splits}")
+            splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+            folds = splitter.split(placeholder, labels, groups)
+        for fold, (_, test) in enumerate(folds):
+            splits.append(Split(repeat, fold, np.asarray(test, dtype=np.int64)))
+    return splits
+
+
+def _votes(predictions: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Majority label of each group's predictions (ties: the smallest label); groups sorted."""
+    clips, inverse = np.unique(groups, return_inverse=True)
+    classes, coded = np.unique(predictions, return_inverse=True)
+    counts = np.zeros((clips.size, classes.size), dtype=np.int64)
+    np.add.at(counts, (inverse, coded), 1)
+    return clips, classes[np.argmax(counts, axis=1)]
+
+
+def evaluate_split(
+    vectors: np.ndarray,
+    labels: np.ndarray,
+    groups: np.ndarray,
+    split: Split,
+    config: ClassifyConfig,
+    classes: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """Fit the classifier on the training vectors of ``split`` and score it on its test vectors.
+
+    Returns
+    -------
+    dict
+        ``repeat``, ``fold``, ``accuracy`` (share of test vectors well
+        classified), ``confusion`` ((k, k) int64 counts, rows = true class,
+        columns = predicted, over ``classes``), ``n_test``; with
+        ``config.voting``: ``clip_accuracy`` and ``clip_confusion`` of the
+        majority vote of each test clip's test vectors.
+    """
+    classes = np.unique(labels) if classes is None else np.asarray(classes)
+    test = split.test
+    train = np.ones(labels.size, dtype=bool)
+    train[test] = False
+    model = clone(_classifier(config))
+    model.fit(vectors[train], labels[train])
+    predicted = model.predict(vectors[test])
+    truth = labels[test]
+    out = {
+        "repeat": split.repeat,
+        "fold": split.fold,
+        "accuracy": float(np.mean(predicted == truth)),
+        "confusion": confusion_matrix(truth, predicted, labels=classes),
+        "n_test": int(test.size),
+    }
+    if config.voting:
+        clips, voted = _votes(predicted, groups[test])
+        clip_truth = _votes(truth, groups[test])[1]
+        out["clip_accuracy"] = float(np.mean(voted == clip_truth))
+        out["clip_confusion"] = confusion_matrix(clip_truth, voted, labels=classes)
+        out["n_test_clips"] = int(clips.size)
+    return out
+
+
+def chance_level(labels: np.ndarray) -> float:
+    """Share of the majority class: the accuracy of always predicting it.
+
+    >>> chance_level(np.array([0, 0, 1, 2]))
+    0.5
+    """
+    _, counts = np.unique(np.asarray(labels), return_counts=True)
+    return float(counts.max() / counts.sum())
+
+
+def summarize_splits(
+    results: Sequence[dict[str, Any]], labels: np.ndarray, classes: np.ndarray | None = None, *, prefix: str = ""
+) -> dict[str, Any]:
+    """Mean, std and pooled confusion of the per-split results of `evaluate_split`.
+
+    ``accuracy_std`` is the population std (``ddof=0``) of the split scores, as
+    the thesis reported.  ``per_class_accuracy[k]`` is the recall of class k
+    over all splits pooled: ``confusion[k, k] / sum_j confusion[k, j]``.
+    ``prefix`` "clip_" summarises the majority-vote fields instead.
+    """
+    classes = np.unique(labels) if classes is None else np.asarray(classes)
+    results = sorted(results, key=lambda r: (r["repeat"], r["fold"]))
+    scores = np.array([r[f"{prefix}accuracy"] for r in results], dtype=np.float64)
+    confusion = np.sum([r[f"{prefix}confusion"] for r in results], axis=0).astype(np.int64)
+    support = confusion.sum(axis=1)
+    per_class = np.divide(np.diag(confusion), support, out=np.full(classes.size, np.nan), where=support > 0)
+    return {
+        "accuracy_mean": float(scores.mean()),
+        "accuracy_std": float(scores.std()),
+        "scores": scores.tolist(),
+        "n_scores": int(scores.size),
+        "chance": chance_level(labels),
+        "classes": classes.tolist(),
+        "per_class_accuracy": per_class.tolist(),
+        "confusion": confusion.tolist(),
+    }
+
+
+def _summary(results: Sequence[dict[str, Any]], labels: np.ndarray, classes: np.ndarray, config: ClassifyConfig,
+             protocol: str) -> dict[str, Any]:
+    summary = summarize_splits(results, labels, classes)
+    summary.update(protocol=protocol, classifier=config.classifier, n_vectors=int(labels.size))
+    if config.voting:
+        summary["voting"] = {
+            k: v for k, v in summarize_splits(results, labels, classes, prefix="clip_").items() if k != "chance"
+        }
+    return summary
+
+
+@dataclass(frozen=True)
+class _Data:
+    """What every split task needs, scattered to the cluster once."""
+
+    vectors: np.ndarray
+    labels: np.ndarray
+    groups: np.ndarray
+    classes: np.ndarray
+
+
+def _evaluate_task(split: Split, data: _Data, config: ClassifyConfig) -> dict[str, Any]:
+    return evaluate_split(data.vectors, data.labels, data.groups, split, config, data.classes)
+
+
+def _run_splits(function: Any, splits: Sequence[Split], data: Any, config: ClassifyConfig, client: Any) -> list:
+    """``[function(split, data, config) for split in splits]``, one Dask task per split if ``client``."""
+    if client is None:
+        return [function(split, data, config) for split in splits]
+    data_future = client.scatter(data, broadcast=False, hash=False)
+    futures = client.map(function, list(splits), data=data_future, config=config, pure=False)
+    try:
+        return client.gather(futures)
+    finally:
+        client.cancel([*futures, data_future])
+
+
+def cross_validate(
+    features: AggregatedFeatures, config: ClassifyConfig, *, client: Any = None, protocol: str | None = None
+) -> dict[str, Any]:
+    """Cross-validated accuracy of window vectors under ``config`` (protocol "thesis" or "grouped").
+
+    Parameters
+    ----------
+    features : AggregatedFeatures
+        With labels.
+    config : ClassifyConfig
+    client : distributed.Client, optional
+        Run one task per split on it (the data scattered once); serial if None.
+        The results are the same either way.
+    protocol : str, optional
+        Overrides ``config.protocol``; "inductive" is evaluated here as
+        "grouped" (same splits) for features that do not depend on the fold.
+
+    Returns
+    -------
+    dict
+        Of `summarize_splits` plus ``protocol``, ``classifier``, ``n_vectors``
+        and, with voting, ``voting`` (the same statistics for whole clips).
+    """
+    if features.labels is None:
+        raise ValueError("features must have labels: pass clip_labels to aggregate_clips")
+    protocol = protocol or config.protocol
+    split_protocol = "grouped" if protocol == "inductive" else protocol
+    splits = cv_splits(
+        features.labels, features.groups, protocol=split_protocol, n_splits=config.n_splits,
+        n_repeats=config.n_repeats, test_size=config.test_size, random_state=config.random_state,
+    )
+    classes = np.unique(features.labels)
+    data = _Data(features.vectors, features.labels, features.groups, classes)
+    logger.info("%s protocol: %d splits of %d vectors", split_protocol, len(splits), features.labels.size)
+    results = _run_splits(_evaluate_task, splits, data, config, client)
+    return _summary(results, features.labels, classes, config, protocol)
+
+
+# --------------------------------------------------------------------------- inductive protocol
+
+
+def _fold_laplacian(frames: np.ndarray, config: ClassifyConfig) -> Any:
+    """Laplacian of the exact kNN graph of ``frames`` (None when lambda_g = 0)."""
+    if config.model.lambda_g <= 0:
+        return None
+    import dask
+
+    from sae.graph import graph_options, laplacian_from_neighbors
+    from sae.knn import exact_neighbors
+
+    # The fold is one task: its kNN runs inside it, never as sub-tasks of the cluster.
+    with dask.config.set(scheduler="synchronous"):
+        indices, distances = exact_neighbors(
+            frames, config.graph.n_neighbors, metric=config.graph.metric, block_size=config.graph.block_size
+        )
+    return laplacian_from_neighbors(indices, distances, **graph_options(config.graph))
+
+
+def inductive_fold(
+    frames: np.ndarray, row_clips: np.ndarray, test_clips: np.ndarray, config: ClassifyConfig
+) -> tuple[Any, np.ndarray, dict[str, np.ndarray]]:
+    """Fit the auto-encoder on the training clips of a fold and encode both sides.
+
+    The model (``config.model``) and, when ``lambda_g > 0``, its graph (exact
+    kNN of the training frames, `sae.graph` with ``config.graph``) see only
+    the frames of the clips not in ``test_clips``.  The test frames are then
+    encoded with ``StructuredAutoEncoder.transform`` for every method of
+    ``config.encode_methods``: "encoder" is the direct encoder (no graph);
+    "exact" re-solves the Z step, whose graph term (when ``lambda_g > 0``)
+    needs a Laplacian between the test frames: the one of their own exact kNN
+    graph, built the same way (the test frames are encoded together, as a
+    batch, but never influence the model).
+
+    Returns
+    -------
+    model : StructuredAutoEncoder
+        Fitted on the training frames.
+    train_codes : ndarray (n_train_rows, n_atoms)
+        ``fit_transform`` codes of the training frames, in row order.
+    test_codes : dict of str to ndarray (n_test_rows, n_atoms)
+        Codes of the test frames (in row order) per encoding method.
+    """
+    from sae.estimator import StructuredAutoEncoder
+
+    row_clips = np.asarray(row_clips)
+    is_test = np.isin(row_clips, np.asarray(test_clips))
+    if not is_test.any() or is_test.all():
+        raise ValueError("test_clips must select some but not all of the rows' clips")
+    train_frames = np.asarray(frames[~is_test])
+    test_frames = np.asarray(frames[is_test])
+    model = StructuredAutoEncoder(**config.model.model_dump())
+    train_codes = model.fit_transform(train_frames, laplacian=_fold_laplacian(train_frames, config))
+    test_laplacian = _fold_laplacian(test_frames, config) if "exact" in config.encode_methods else None
+    test_codes = {
+        method: model.transform(test_frames, laplacian=test_laplacian if method == "exact" else None, method=method)
+        for method in config.encode_methods
+    }
+    return model, train_codes, test_codes
+
+
+@dataclass(frozen=True)
+class _FrameData:
+    frames: np.ndarray
+    row_clips: np.ndarray
+    clip_labels: np.ndarray
+    classes: np.ndarray
+
+
+def evaluate_inductive_split(
+    frames: np.ndarray,
+    row_clips: np.ndarray,
+    clip_labels: np.ndarray,
+    split_clips: tuple[int, int, np.ndarray],
+    config: ClassifyConfig,
+    classes: np.ndarray | None = None,
+) -> dict[str, dict[str, Any]]:
+    """One fold of the inductive protocol: `inductive_fold`, aggregation, classification.
+
+    ``split_clips`` is ``(repeat, fold, test clip indices)``.  Returns, per
+    encoding method, the dict of `evaluate_split` for the window vectors of
+    the training codes (training set) and of the test codes (test set).
+    """
+    repeat, fold, test_clips = split_clips
+    row_clips = np.asarray(row_clips)
+    _, train_codes, test_codes = inductive_fold(frames, row_clips, test_clips, config)
+    is_test = np.isin(row_clips, np.asarray(test_clips))
+    options = dict(n_windows=config.n_windows, window_frames=config.window_frames, shifted=config.shifted,
+                   rectify=config.rectify, chunk_clips=config.chunk_clips)
+    train = aggregate_clips(train_codes, row_clips[~is_test], clip_labels=clip_labels, **options)
+    out = {}
+    for method, codes in test_codes.items():
+        test = aggregate_clips(codes, row_clips[is_test], clip_labels=clip_labels, **options)
+        vectors = np.concatenate([train.vectors, test.vectors])
+        labels = np.concatenate([train.labels, test.labels])
+        groups = np.concatenate([train.groups, test.groups])
+        split = Split(repeat, fold, np.arange(train.labels.size, labels.size, dtype=np.int64))
+        out[method] = evaluate_split(vectors, labels, groups, split, config, classes)
+    return out
+
+
+def _inductive_task(split_clips: tuple[int, int, np.ndarray], data: _FrameData, config: ClassifyConfig) -> dict:
+    return evaluate_inductive_split(data.frames, data.row_clips, data.clip_labels, split_clips, config, data.classes)
+
+
+def inductive_cross_validate(
+    frames: Any,
+    row_clips: np.ndarray,
+    clip_labels: np.ndarray,
+    config: ClassifyConfig,
+    *,
+    client: Any = None,
+) -> dict[str, dict[str, Any]]:
+    """Cross-validated accuracy of codes learned per fold on the training clips only.
+
+    The folds are those of `cross_validate` with protocol "grouped" on the
+    window vectors of the same clips (so the results pair with it fold by
+    fold); each fold is one task (`evaluate_inductive_split`) that fits the
+    auto-encoder in memory: for small datasets.
+
+    Parameters
+    ----------
+    frames : array (n_rows, n_features)
+        The model input (e.g. scaled CQT frames), read whole into memory.
+    row_clips : array (n_rows,) of int
+    clip_labels : array
+        ``clip_labels[c]`` is the label of clip c.
+    config : ClassifyConfig
+    client : distributed.Client, optional
+
+    Returns
+    -------
+    dict of str to dict
+        For every method of ``config.encode_methods``, the summary of `cross_validate`.
+    """
+    frames = _read_rows(frames, 0, frames.shape[0])
+    row_clips = np.asarray(row_clips)
+    clip_labels = np.asarray(clip_labels)
+    clips, _, _ = clip_runs(row_clips)
+    n_vectors = config.n_windows * (2 if config.shifted else 1)
+    labels = np.repeat(clip_labels[clips], n_vectors).astype(np.int64)
+    groups = np.repeat(clips, n_vectors)
+    splits = cv_splits(labels, groups, protocol="grouped", n_splits=config.n_splits, n_repeats=config.n_repeats,
+                       random_state=config.random_state)
+    split_clips = [(s.repeat, s.fold, np.unique(groups[s.test])) for s in splits]
+    classes = np.unique(labels)
+    data = _FrameData(frames, row_clips, clip_labels, classes)
+    logger.info("inductive protocol: %d folds, %d frames", len(split_clips), frames.shape[0])
+    results = _run_splits(_inductive_task, split_clips, data, config, client)
+    return {
+        method: _summary([r[method] for r in results], labels, classes, config, "inductive")
+        for method in config.encode_methods
+    }

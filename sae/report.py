@@ -1,0 +1,195 @@
+"""Markdown tables and figures of classification results (plain functions, matplotlib Agg).
+
+The inputs are the summaries of `sae.classify.cross_validate` (dicts with
+``accuracy_mean``, ``accuracy_std``, ``chance``, ``classes``,
+``per_class_accuracy``, ``confusion``, optionally ``class_names`` and
+``voting``), keyed by feature set name.  Figures are drawn on a
+`matplotlib.figure.Figure` (no pyplot state, no display) and saved as PNG.
+
+>>> summary = {"accuracy_mean": 0.8, "accuracy_std": 0.05, "chance": 0.5, "n_scores": 10,
+...            "protocol": "grouped", "classes": [0, 1], "class_names": ["blues", "disco"],
+...            "per_class_accuracy": [0.9, 0.7], "confusion": [[9, 1], [3, 7]]}
+>>> print(results_markdown({"cqt": summary}).splitlines()[4])
+| cqt | grouped | 80.0 ± 5.0 | 50.0 | 10 |
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "PUBLISHED_NOISE_TABLE",
+    "results_markdown",
+    "plot_results",
+    "noise_table_markdown",
+    "plot_noise_experiment",
+]
+
+PUBLISHED_NOISE_TABLE: dict[float, dict[str, float]] = {
+    0.0: {"baseline": 69.7, "lambda_g_off": 75.9, "lambda_g_on": 78.0},
+    0.1: {"baseline": 58.7, "lambda_g_off": 57.1, "lambda_g_on": 65.9},
+    0.2: {"baseline": 46.9, "lambda_g_off": 42.6, "lambda_g_on": 51.6},
+}
+"""The thesis's accuracies (%) by noise std: CQT baseline, lambda_g off, lambda_g = 100
+(5 genres x 100 clips x 149 frames, m = 128, lambda_z = 1, lambda_d = 10, K = 10)."""
+
+
+def _percent(value: float) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
+
+
+def _class_names(summary: Mapping[str, Any]) -> list[str]:
+    return [str(name) for name in summary.get("class_names") or summary["classes"]]
+
+
+def results_markdown(results: Mapping[str, Mapping[str, Any]], title: str = "Genre classification") -> str:
+    """A markdown report: accuracy per feature set, then per-class accuracy.
+
+    Accuracies in percent, ``mean ± std`` over the splits; chance is the share
+    of the majority class.  With voting, a column of whole-clip accuracy.
+    """
+    voting = any("voting" in summary for summary in results.values())
+    header = ["features", "protocol", "accuracy (%)", "chance (%)", "splits"]
+    if voting:
+        header.append("clip accuracy, voting (%)")
+    lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, summary in results.items():
+        row = [
+            name,
+            str(summary.get("protocol", "")),
+            f"{_percent(summary['accuracy_mean'])} ± {_percent(summary['accuracy_std'])}",
+            _percent(summary["chance"]),
+            str(summary.get("n_scores", len(summary.get("scores", [])))),
+        ]
+        if voting:
+            vote = summary.get("voting")
+            row.append(f"{_percent(vote['accuracy_mean'])} ± {_percent(vote['accuracy_std'])}" if vote else "")
+        lines.append("| " + " | ".join(row) + " |")
+    if results:
+        first = next(iter(results.values()))
+        names = _class_names(first)
+        lines += ["", "Per-class accuracy (%, recall over all splits pooled):", ""]
+        lines += ["| class | " + " | ".join(results) + " |", "|---|" + "---|" * len(results)]
+        for k, class_name in enumerate(names):
+            cells = [_percent(summary["per_class_accuracy"][k]) for summary in results.values()]
+            lines.append(f"| {class_name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_results(results: Mapping[str, Mapping[str, Any]], path: str | os.PathLike) -> str:
+    """Save a PNG: accuracy per feature set (bars, std error bars, chance line) and
+    the row-normalised confusion matrix of each feature set.
+
+    Returns the path written.
+    """
+    from matplotlib.figure import Figure
+
+    names = list(results)
+    n_panels = 1 + len(names)
+    fig = Figure(figsize=(4.2 * n_panels, 4.0), layout="constrained")
+    axes = fig.subplots(1, n_panels, squeeze=False)[0]
+    means = [100 * results[name]["accuracy_mean"] for name in names]
+    stds = [100 * results[name]["accuracy_std"] for name in names]
+    ax = axes[0]
+    ax.bar(range(len(names)), means, yerr=stds, capsize=4, color="tab:blue")
+    if names:
+        ax.axhline(100 * results[names[0]]["chance"], color="tab:red", linestyle="--", label="chance")
+        ax.legend(loc="lower right")
+    ax.set_xticks(range(len(names)), names, rotation=20)
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("accuracy (mean ± std over splits)")
+    for ax, name in zip(axes[1:], names):
+        confusion = np.asarray(results[name]["confusion"], dtype=np.float64)
+        support = confusion.sum(axis=1, keepdims=True)
+        normalised = np.divide(confusion, support, out=np.zeros_like(confusion), where=support > 0)
+        image = ax.imshow(normalised, vmin=0, vmax=1, cmap="Blues")
+        labels = _class_names(results[name])
+        ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+        ax.set_yticks(range(len(labels)), labels)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(f"{name}: confusion (row share)")
+        fig.colorbar(image, ax=ax, shrink=0.8)
+    path = os.fspath(path)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def noise_table_markdown(
+    table: Mapping[float, Mapping[str, Mapping[str, Any]]],
+    columns: Sequence[str] | None = None,
+    *,
+    published: Mapping[float, Mapping[str, float]] | None = PUBLISHED_NOISE_TABLE,
+) -> str:
+    """The thesis's noise table: accuracy (%) per noise std (rows) and feature set (columns).
+
+    ``table[noise_std][feature]`` is a summary of `sae.classify.cross_validate`;
+    ``columns`` fixes the column order (default: first appearance).  With
+    ``published``, each cell whose noise std and column name are in it shows
+    the thesis's figure in brackets.
+
+    >>> cell = {"accuracy_mean": 0.7, "accuracy_std": 0.02}
+    >>> print(noise_table_markdown({0.0: {"baseline": cell}}).splitlines()[2])
+    | 0 | 70.0 ± 2.0 (69.7) |
+    """
+    if columns is None:
+        columns = list(dict.fromkeys(name for row in table.values() for name in row))
+    lines = ["| noise std | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for noise_std in sorted(table):
+        cells = []
+        for name in columns:
+            summary = table[noise_std].get(name)
+            cell = (
+                f"{_percent(summary['accuracy_mean'])} ± {_percent(summary['accuracy_std'])}" if summary else "—"
+            )
+            reference = (published or {}).get(float(noise_std), {}).get(name)
+            if reference is not None:
+                cell += f" ({reference:.1f})"
+            cells.append(cell)
+        lines.append(f"| {noise_std:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_noise_experiment(
+    table: Mapping[float, Mapping[str, Mapping[str, Any]]],
+    path: str | os.PathLike,
+    *,
+    published: Mapping[float, Mapping[str, float]] | None = PUBLISHED_NOISE_TABLE,
+) -> str:
+    """Save a PNG of accuracy (%) against noise std, one line (± std) per feature set;
+    the thesis's figures, when given for a feature set, as a dashed line of the same colour.
+
+    Returns the path written.
+    """
+    from matplotlib.figure import Figure
+
+    noise = sorted(table)
+    names = list(dict.fromkeys(name for row in table.values() for name in row))
+    fig = Figure(figsize=(6.0, 4.0), layout="constrained")
+    ax = fig.subplots()
+    for index, name in enumerate(names):
+        color = f"C{index}"
+        xs = [s for s in noise if name in table[s]]
+        ax.errorbar(
+            xs,
+            [100 * table[s][name]["accuracy_mean"] for s in xs],
+            yerr=[100 * table[s][name]["accuracy_std"] for s in xs],
+            marker="o", capsize=4, color=color, label=name,
+        )
+        ref = [(s, published[s][name]) for s in sorted(published or {}) if name in published[s]]
+        if ref:
+            ax.plot(*zip(*ref), linestyle="--", marker="x", color=color, label=f"{name} (thesis)")
+    ax.set_xlabel("noise std")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("accuracy against noise")
+    ax.grid(True)
+    ax.legend(loc="best", fontsize="small")
+    path = os.fspath(path)
+    fig.savefig(path, dpi=100)
+    return path

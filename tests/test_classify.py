@@ -1,0 +1,318 @@
+"""Tests of sae.classify: aggregation, splits, cross-validation, the inductive protocol, reports."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import dask.array as da
+import numpy as np
+import pytest
+import zarr
+from sklearn.metrics import confusion_matrix
+from sklearn.svm import SVC
+
+from sae.classify import (
+    Split,
+    aggregate_clips,
+    chance_level,
+    clip_runs,
+    cross_validate,
+    cv_splits,
+    evaluate_split,
+    inductive_cross_validate,
+    inductive_fold,
+    window_length,
+    window_starts,
+)
+from sae.config import ClassifyConfig, ModelConfig
+from sae.estimator import StructuredAutoEncoder
+from sae.report import noise_table_markdown, plot_noise_experiment, plot_results, results_markdown
+
+
+def separable_frames(rng, n_classes=3, clips_per_class=8, n_frames=30, n_features=8, noise=1.0):
+    """Frames of clips whose class sets the mean of every frame; clip c has class c % n_classes."""
+    patterns = 2 * rng.random((n_classes, n_features))
+    n_clips = n_classes * clips_per_class
+    clip_labels = np.arange(n_clips) % n_classes
+    frames = patterns[np.repeat(clip_labels, n_frames)] + rng.normal(0, noise, (n_clips * n_frames, n_features))
+    row_clips = np.repeat(np.arange(n_clips), n_frames)
+    return frames.astype(np.float32), row_clips, clip_labels
+
+
+# --------------------------------------------------------------------------- aggregation
+
+
+def test_aggregation_equals_hand_computed_example():
+    # One clip of 13 frames, values 1..13 in column 0 and -(1..13) in column 1.
+    # n_windows = 2: w = floor(13 / 2.5) = 5; aligned windows [0:5], [5:10];
+    # shifted by floor(5/2) = 2: [2:7], [7:12]; frame 12 (value 13) is dropped.
+    # Sums of |x|: 1+..+5 = 15, 3+..+7 = 25, 6+..+10 = 40, 8+..+12 = 50.
+    values = np.arange(1.0, 14.0)
+    X = np.stack([values, -values], axis=1)
+    features = aggregate_clips(X, np.full(13, 7), clip_labels=np.arange(10), n_windows=2)
+    assert features.vectors.tolist() == [[15, 15], [25, 25], [40, 40], [50, 50]]
+    assert features.groups.tolist() == [7, 7, 7, 7]
+    assert features.labels.tolist() == [7, 7, 7, 7]
+    assert features.vectors_per_clip == 4
+    # Without rectification the signed sums; without the shifted set only the aligned windows.
+    signed = aggregate_clips(X, np.zeros(13, dtype=int), n_windows=2, rectify=False).vectors
+    assert signed[:, 1].tolist() == [-15, -25, -40, -50]
+    aligned = aggregate_clips(X, np.zeros(13, dtype=int), n_windows=2, shifted=False).vectors
+    assert aligned[:, 0].tolist() == [15, 40]
+
+
+def test_window_lengths_follow_the_thesis():
+    # 2 x 149 frames and 6 windows: 45 frames per window (about 5 s at a 512-sample hop).
+    assert window_length(298, 6) == int(np.floor(298 / 6.5)) == 45
+    assert window_length(1288, 6) == int(np.floor(1288 / 6.5))
+    starts = window_starts(298, 6)
+    assert starts[::2].tolist() == [45 * k for k in range(6)]
+    assert starts[1::2].tolist() == [22 + 45 * k for k in range(6)]
+    assert starts.max() + 45 <= 298
+
+
+def reference_aggregation(X, row_clips, n_windows, window_frames=None):
+    """The thesis's aggregation written with reshapes, clip by clip."""
+    out = []
+    for clip in dict.fromkeys(row_clips.tolist()):
+        frames = np.abs(X[row_clips == clip].astype(np.float64))
+        n, d = frames.shape
+        w = window_frames or int(np.floor(n / (n_windows + 0.5)))
+        aligned = frames[: n_windows * w].reshape(n_windows, w, d).sum(axis=1)
+        shifted = frames[w // 2 : w // 2 + n_windows * w].reshape(n_windows, w, d).sum(axis=1)
+        out.append(np.stack([aligned, shifted], axis=1).reshape(2 * n_windows, d))
+    return np.concatenate(out)
+
+
+@pytest.mark.parametrize("chunk_clips", [1, 3, 100])
+@pytest.mark.parametrize("kind", ["numpy", "zarr", "dask"])
+def test_aggregation_streams_any_array_by_chunks(rng, tmp_path, chunk_clips, kind):
+    X = rng.normal(size=(7 * 40, 5)).astype(np.float32)
+    row_clips = np.repeat([3, 0, 6, 1, 2, 5, 4], 40)  # clips in any order, rows contiguous
+    expected = reference_aggregation(X, row_clips, n_windows=3)
+    if kind == "zarr":
+        source = zarr.create_array(str(tmp_path / "x.zarr"), shape=X.shape, chunks=(33, 5), dtype=X.dtype)
+        source[:] = X
+    elif kind == "dask":
+        source = da.from_array(X, chunks=(50, 5))
+    else:
+        source = X
+    features = aggregate_clips(source, row_clips, n_windows=3, chunk_clips=chunk_clips)
+    np.testing.assert_allclose(features.vectors, expected, rtol=1e-12)
+    assert features.clips.tolist() == [3, 0, 6, 1, 2, 5, 4]
+    assert features.groups.tolist() == np.repeat([3, 0, 6, 1, 2, 5, 4], 6).tolist()
+
+
+def test_aggregation_of_clips_of_different_lengths(rng):
+    X = rng.normal(size=(30 + 50, 4))
+    row_clips = np.repeat([0, 1], [30, 50])
+    features = aggregate_clips(X, row_clips, n_windows=2)
+    np.testing.assert_allclose(features.vectors, reference_aggregation(X, row_clips, 2))
+    fixed = aggregate_clips(X, row_clips, n_windows=2, window_frames=10)
+    np.testing.assert_allclose(fixed.vectors, reference_aggregation(X, row_clips, 2, window_frames=10))
+
+
+def test_aggregation_errors_name_the_parameter():
+    X = np.ones((20, 2))
+    with pytest.raises(ValueError, match="row_clips must list the rows of each clip contiguously"):
+        aggregate_clips(X, np.array([0] * 5 + [1] * 10 + [0] * 5))
+    with pytest.raises(ValueError, match="too short for n_windows=6"):
+        aggregate_clips(X[:6], np.zeros(6, dtype=int))
+    with pytest.raises(ValueError, match="window_frames=10 is too long"):
+        aggregate_clips(X, np.zeros(20, dtype=int), n_windows=2, window_frames=10)
+    with pytest.raises(ValueError, match="row_clips must have one entry per row"):
+        aggregate_clips(X, np.zeros(19, dtype=int))
+    with pytest.raises(ValueError, match="clip_labels must have an entry for every clip"):
+        aggregate_clips(X, np.full(20, 3), n_windows=2, clip_labels=np.zeros(3))
+    assert [a.tolist() for a in clip_runs(np.array([5, 5, 1]))] == [[5, 1], [0, 2], [2, 3]]
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def test_grouped_folds_never_share_a_clip():
+    labels = np.repeat(np.arange(20) % 4, 12)
+    groups = np.repeat(np.arange(20) * 3 + 1, 12)
+    splits = cv_splits(labels, groups, protocol="grouped", n_splits=5, n_repeats=3, random_state=1)
+    assert len(splits) == 15
+    for split in splits:
+        train = np.setdiff1d(np.arange(labels.size), split.test)
+        assert not set(groups[split.test]) & set(groups[train]), (split.repeat, split.fold)
+        assert set(labels[split.test]) == set(labels)  # stratified: every class in every test fold
+    for repeat in range(3):
+        tested = np.concatenate([s.test for s in splits if s.repeat == repeat])
+        assert np.array_equal(np.sort(tested), np.arange(labels.size))  # each vector tested once
+    # repetitions use different shuffles
+    first = [frozenset(groups[s.test]) for s in splits if s.repeat == 0]
+    second = [frozenset(groups[s.test]) for s in splits if s.repeat == 1]
+    assert set(first) != set(second)
+
+
+def test_thesis_protocol_leaks_clips_between_train_and_test():
+    labels = np.repeat(np.arange(20) % 4, 12)
+    groups = np.repeat(np.arange(20), 12)
+    splits = cv_splits(labels, groups, protocol="thesis", n_splits=10, n_repeats=20, test_size=0.1)
+    assert len(splits) == 200
+    assert all(s.test.size == 24 for s in splits)  # 10% of 240 vectors
+    shared = 0
+    for split in splits:
+        train = np.setdiff1d(np.arange(labels.size), split.test)
+        shared += bool(set(groups[split.test]) & set(groups[train]))
+    assert shared > 0  # the documented leak: a clip's vectors on both sides
+
+
+def test_splits_are_reproducible_and_validated():
+    labels = np.repeat(np.arange(10) % 2, 4)
+    groups = np.repeat(np.arange(10), 4)
+    a = cv_splits(labels, groups, n_splits=5, n_repeats=2, random_state=3)
+    b = cv_splits(labels, groups, n_splits=5, n_repeats=2, random_state=3)
+    c = cv_splits(labels, groups, n_splits=5, n_repeats=2, random_state=4)
+    assert all(np.array_equal(x.test, y.test) for x, y in zip(a, b))
+    assert not all(np.array_equal(x.test, y.test) for x, y in zip(a, c))
+    with pytest.raises(ValueError, match="protocol must be one of"):
+        cv_splits(labels, groups, protocol="kfold")
+    with pytest.raises(ValueError, match=r"n_splits must be <= the number of clips \(10\), got 11"):
+        cv_splits(labels, groups, n_splits=11)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def test_evaluate_split_matches_scikit_learn_and_votes(rng):
+    frames, row_clips, clip_labels = separable_frames(rng, noise=3.0)
+    features = aggregate_clips(frames, row_clips, clip_labels=clip_labels, n_windows=2)
+    test = np.flatnonzero(np.isin(features.groups, [0, 4, 8, 13]))
+    config = ClassifyConfig(voting=True)
+    result = evaluate_split(features.vectors, features.labels, features.groups, Split(0, 0, test), config)
+    train = np.setdiff1d(np.arange(features.labels.size), test)
+    predicted = SVC(kernel="linear", C=1).fit(features.vectors[train], features.labels[train]).predict(
+        features.vectors[test]
+    )
+    assert result["accuracy"] == pytest.approx(np.mean(predicted == features.labels[test]))
+    assert np.array_equal(result["confusion"], confusion_matrix(features.labels[test], predicted))
+    votes = {}
+    for clip in [0, 4, 8, 13]:
+        counts = Counter(predicted[features.groups[test] == clip].tolist())
+        top = max(counts.values())
+        votes[clip] = min(label for label, n in counts.items() if n == top)
+    truth = {clip: clip_labels[clip] for clip in votes}
+    assert result["clip_accuracy"] == pytest.approx(np.mean([votes[c] == truth[c] for c in votes]))
+    assert result["n_test_clips"] == 4
+
+
+def test_chance_level():
+    assert chance_level(np.array([1, 1, 1, 2])) == 0.75
+
+
+def test_features_beat_chance_and_dask_equals_serial(rng):
+    frames, row_clips, clip_labels = separable_frames(rng, noise=1.5)
+    config = ClassifyConfig(n_windows=2, n_splits=4, n_repeats=2, voting=True)
+    baseline = aggregate_clips(frames, row_clips, clip_labels=clip_labels, n_windows=2)
+    codes = StructuredAutoEncoder(n_atoms=12, max_outer=5, random_state=0).fit_transform(frames - frames.min())
+    coded = aggregate_clips(codes, row_clips, clip_labels=clip_labels, n_windows=2)
+    serial = {name: cross_validate(f, config) for name, f in (("cqt", baseline), ("sae", coded))}
+    for summary in serial.values():
+        assert summary["n_scores"] == 8
+        assert summary["accuracy_mean"] > summary["chance"] + 0.3
+        assert summary["chance"] == pytest.approx(1 / 3)
+        assert np.sum(summary["confusion"]) == baseline.labels.size * config.n_repeats
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=False, dashboard_address="127.0.0.1:0"
+    ) as cluster:
+        with Client(cluster) as client:
+            parallel = {name: cross_validate(f, config, client=client) for name, f in (("cqt", baseline),
+                                                                                        ("sae", coded))}
+    assert parallel == serial
+
+
+def test_scaling_and_classifiers_are_selectable(rng):
+    frames, row_clips, clip_labels = separable_frames(rng, noise=2.0)
+    features = aggregate_clips(frames, row_clips, clip_labels=clip_labels, n_windows=2)
+    for classifier in ("linear_svc", "logistic_regression", "ridge"):
+        config = ClassifyConfig(classifier=classifier, scaling="standard", n_splits=3, n_repeats=1)
+        summary = cross_validate(features, config)
+        assert summary["classifier"] == classifier
+        assert summary["accuracy_mean"] > summary["chance"] + 0.3
+
+
+# --------------------------------------------------------------------------- inductive protocol
+
+
+def test_inductive_fold_never_sees_the_test_clips(rng):
+    frames, row_clips, clip_labels = separable_frames(rng, clips_per_class=3, n_frames=20)
+    test_clips = np.array([1, 5])
+    is_test = np.isin(row_clips, test_clips)
+    config = ClassifyConfig(
+        protocol="inductive", model=ModelConfig(n_atoms=6, max_outer=4, lambda_e=1.0, random_state=0),
+        encode_methods=("exact", "encoder"),
+    )
+    # The model of the fold is the one fitted on the training clips alone ...
+    reference = StructuredAutoEncoder(**config.model.model_dump())
+    reference_codes = reference.fit_transform(frames[~is_test])
+    model, train_codes, test_codes = inductive_fold(frames, row_clips, test_clips, config)
+    np.testing.assert_array_equal(model.components_, reference.components_)
+    np.testing.assert_array_equal(model.encoder_, reference.encoder_)
+    np.testing.assert_array_equal(train_codes, reference_codes)
+    for method in ("exact", "encoder"):
+        np.testing.assert_allclose(test_codes[method], reference.transform(frames[is_test], method=method))
+    # ... and whatever the test clips hold, the fit does not change: only their codes do.
+    poisoned = frames.copy()
+    poisoned[is_test] = 1e4 * rng.random((int(is_test.sum()), frames.shape[1]))
+    model_b, train_codes_b, test_codes_b = inductive_fold(poisoned, row_clips, test_clips, config)
+    np.testing.assert_array_equal(model_b.components_, model.components_)
+    np.testing.assert_array_equal(train_codes_b, train_codes)
+    assert not np.allclose(test_codes_b["encoder"], test_codes["encoder"])
+    # NaN test frames: the fold fits (it never reads them) and fails only when encoding them.
+    poisoned[is_test] = np.nan
+    with pytest.raises(ValueError, match="NaN") as excinfo:
+        inductive_fold(poisoned, row_clips, test_clips, config)
+    assert [entry.name for entry in excinfo.traceback if entry.name in ("fit_transform", "transform")] == [
+        "transform"
+    ]
+    with pytest.raises(ValueError, match="NaN"):
+        StructuredAutoEncoder(**config.model.model_dump()).fit(poisoned)
+
+
+@pytest.mark.slow
+def test_inductive_protocol_with_graph_beats_chance(rng):
+    frames, row_clips, clip_labels = separable_frames(rng, clips_per_class=4, n_frames=16, noise=1.5)
+    frames = frames - frames.min()
+    config = ClassifyConfig(
+        protocol="inductive", n_windows=2, n_splits=2, n_repeats=1,
+        model=ModelConfig(n_atoms=8, max_outer=3, max_inner=50, lambda_g=1.0, lambda_e=1.0, random_state=0),
+        encode_methods=("exact", "encoder"),
+    )
+    results = inductive_cross_validate(frames, row_clips, clip_labels, config)
+    assert set(results) == {"exact", "encoder"}
+    for summary in results.values():
+        assert summary["protocol"] == "inductive" and summary["n_scores"] == 2
+        assert summary["accuracy_mean"] > summary["chance"] + 0.2
+    # Poisoning the test frames of a fold does not change that fold's model.
+    test_clips = np.unique(row_clips)[::3]
+    poisoned = frames.copy()
+    poisoned[np.isin(row_clips, test_clips)] = 1e6
+    a, _, _ = inductive_fold(frames, row_clips, test_clips, config)
+    b, _, _ = inductive_fold(poisoned, row_clips, test_clips, config)
+    np.testing.assert_array_equal(a.components_, b.components_)
+
+
+# --------------------------------------------------------------------------- reports
+
+
+def test_reports_render(tmp_path, rng):
+    frames, row_clips, clip_labels = separable_frames(rng)
+    features = aggregate_clips(frames, row_clips, clip_labels=clip_labels, n_windows=2)
+    summary = cross_validate(features, ClassifyConfig(n_splits=3, n_repeats=1, voting=True))
+    summary["class_names"] = ["a", "b", "c"]
+    text = results_markdown({"cqt": summary, "sae": summary})
+    assert f"{100 * summary['accuracy_mean']:.1f} ± {100 * summary['accuracy_std']:.1f}" in text
+    assert "| a |" in text and "clip accuracy" in text
+    png = plot_results({"cqt": summary, "sae": summary}, tmp_path / "results.png")
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    table = {0.0: {"baseline": summary}, 0.1: {"baseline": summary, "lambda_g_on": summary}}
+    text = noise_table_markdown(table)
+    assert "(69.7)" in text and "(65.9)" in text and "—" in text
+    png = plot_noise_experiment(table, tmp_path / "noise.png")
+    assert open(png, "rb").read(4) == b"\x89PNG"
