@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +41,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
+from flows._dask import cluster_client
 from sae import store as sae_store
 from sae.classify import aggregate_clips, cross_validate, inductive_cross_validate
 from sae.config import ClassifyConfig
@@ -105,27 +104,6 @@ def open_source(store: str, source: str) -> Any:
     if array not in group:
         raise KeyError(f"feature source {source!r}: group {stage}/{key} has no array {array!r}")
     return group[array]
-
-
-@contextmanager
-def cluster_client() -> Iterator[Any]:
-    """The Dask client of the task runner when running on a Dask worker (the task seceding
-    from its worker thread while it waits on its sub-tasks), else None (serial)."""
-    try:
-        from distributed import get_worker, rejoin, secede
-
-        get_worker()
-    except (ImportError, ValueError):
-        yield None
-        return
-    from prefect_dask import get_dask_client
-
-    secede()
-    try:
-        with get_dask_client() as client:
-            yield client
-    finally:
-        rejoin()
 
 
 def _write_feature_results(group: Any, name: str, features: Any, summary: dict[str, Any]) -> None:

@@ -31,6 +31,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
+from flows._dask import cluster_client
 from sae.config import GraphConfig, PreprocessConfig
 from sae.graph import run_graph
 from sae.preprocess import run_preprocess
@@ -39,22 +40,12 @@ from sae.preprocess import run_preprocess
 @contextmanager
 def dask_scheduler() -> Iterator[str]:
     """Route ``dask.compute`` to the cluster when running on a Dask worker, else to local threads."""
-    from distributed import get_worker, rejoin, secede
-
-    try:
-        get_worker()
-    except ValueError:
-        with dask.config.set(scheduler="threads"):
-            yield "threads"
-        return
-    from prefect_dask import get_dask_client
-
-    secede()  # free this worker thread for the tasks we wait on
-    try:
-        with get_dask_client() as client:
+    with cluster_client() as client:
+        if client is not None:
             yield f"distributed {client.scheduler.address}"
-    finally:
-        rejoin()
+            return
+    with dask.config.set(scheduler="threads"):
+        yield "threads"
 
 
 @task(name="preprocess", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)

@@ -25,40 +25,15 @@ an in-process ``distributed.LocalCluster`` of threads::
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
+from flows._dask import dask_client
 from sae.config import TrainConfig
 from sae.distributed import train_model
-
-
-@contextmanager
-def dask_client() -> Iterator[Any]:
-    """The cluster's client when running on a Dask worker, else an in-process threaded cluster's."""
-    from distributed import Client, LocalCluster, get_worker, rejoin, secede
-
-    try:
-        get_worker()
-    except ValueError:
-        threads = max(1, os.cpu_count() or 1)
-        with LocalCluster(n_workers=1, threads_per_worker=threads, processes=False, dashboard_address=None) as cluster:
-            with Client(cluster) as client:
-                yield client
-        return
-    from prefect_dask import get_dask_client
-
-    secede()  # free this worker thread for the tasks we wait on
-    try:
-        with get_dask_client() as client:
-            yield client
-    finally:
-        rejoin()
 
 
 def _log_record(logger: Any, record: dict[str, Any]) -> None:

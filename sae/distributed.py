@@ -682,7 +682,7 @@ class _Trainer:
         return new_blocks, {"n_iter": n_iter, "stop_reason": "+".join(reasons), "graph": float("nan")}
 
     def _code_step_global(self, Z_blocks: list, C: np.ndarray, E: np.ndarray | None, outer: int):
-        client, config, dtype = self.client, self.config, np.dtype(self.dtype)
+        client, config = self.client, self.config
         m, n = C.shape
         terms_norm = []
         if config.lambda_d > 0:

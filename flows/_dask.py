@@ -1,0 +1,58 @@
+"""Which Dask client a flow task computes on.
+
+A task run by a ``prefect_dask.DaskTaskRunner`` executes on a Dask worker: its
+fine-grained work goes to the same cluster through
+``prefect_dask.get_dask_client()``, the task seceding from its worker thread
+while it waits (so a single-threaded worker cannot deadlock on its own
+sub-tasks).  A task run by a thread pool (local runs) has no cluster.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+
+def on_dask_worker() -> bool:
+    """True inside a task executing on a Dask worker."""
+    from distributed import get_worker
+
+    try:
+        get_worker()
+    except ValueError:
+        return False
+    return True
+
+
+@contextmanager
+def cluster_client() -> Iterator[Any]:
+    """The cluster's client on a Dask worker, else None."""
+    if not on_dask_worker():
+        yield None
+        return
+    from distributed import rejoin, secede
+    from prefect_dask import get_dask_client
+
+    secede()  # free this worker thread for the tasks we wait on
+    try:
+        with get_dask_client() as client:
+            yield client
+    finally:
+        rejoin()
+
+
+@contextmanager
+def dask_client() -> Iterator[Any]:
+    """Always a client: the cluster's on a Dask worker, else an in-process threaded cluster's."""
+    if on_dask_worker():
+        with cluster_client() as client:
+            yield client
+        return
+    from distributed import Client, LocalCluster
+
+    threads = max(1, os.cpu_count() or 1)
+    with LocalCluster(n_workers=1, threads_per_worker=threads, processes=False, dashboard_address=None) as cluster:
+        with Client(cluster) as client:
+            yield client
