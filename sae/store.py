@@ -30,8 +30,8 @@ Layout (orientation: samples by features, see ``sae``)::
                             unreadable, empty, unsupported, corrupt,
                             truncated, too_short, silent
         error        str    human-readable message, "" when ok
-      <stage>/<key>/  results of later stages (preprocess, graph, model,
-                      features, results), one group per configuration
+      <stage>/<key>/  results of later stages (ingest: the record of a complete
+                      ingestion; preprocess, graph, model, results), one group per configuration
                       fingerprint; attrs: config (JSON), complete (bool, written
                       last), created.  Sparse matrices inside a stage group are
                       sub-groups written by `write_sparse`.

@@ -1,0 +1,345 @@
+"""The ``sae`` command: the whole pipeline (``sae run``) or one stage at a time.
+
+Every command builds one `sae.config.PipelineConfig` from, in increasing
+priority: the pipeline's defaults, ``--config file.yaml|.toml``, ``--set
+section.field=value`` overrides, and ``--data`` / ``--store`` / ``--cluster``.
+An invalid configuration (unknown key, value out of range, missing data) stops
+the command before any work, with exit code 2 and a message naming the field.
+
+Without a Prefect server (``PREFECT_API_URL`` unset) the flows run in Prefect's
+ephemeral mode: a temporary local server for the duration of the command.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before Prefect and Dask are imported: no analytics, the library's logs on the
+# terminal with the flows', Dask's own chatter only when it matters.
+for _name, _value in (
+    ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
+    ("DO_NOT_TRACK", "1"),
+    ("PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT", "false"),
+    ("PREFECT_LOGGING_EXTRA_LOGGERS", "sae"),
+    ("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"),
+    ("DASK_LOGGING__DISTRIBUTED", "warning"),
+):
+    os.environ.setdefault(_name, _value)
+
+import json  # noqa: E402
+import sys  # noqa: E402
+import tomllib  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Annotated, Any  # noqa: E402
+
+import typer  # noqa: E402
+import yaml  # noqa: E402
+from pydantic import ValidationError  # noqa: E402
+
+from sae.config import PipelineConfig  # noqa: E402
+
+USAGE_ERROR = 2
+"""Exit code of an invalid command line or configuration (no work done)."""
+
+app = typer.Typer(
+    name="sae",
+    help="Structured auto-encoders for music: CQT -> Zarr store -> kNN graph -> SAE training -> "
+    "cross-validated genre classification, as Prefect flows on local threads or a Dask cluster.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="YAML (.yaml/.yml) or TOML (.toml) file of a PipelineConfig: sections "
+                 "ingest, preprocess, graph, train, classify, and cluster, force.", show_default=False),
+]
+DataOption = Annotated[
+    str | None,
+    typer.Option("--data", help="GTZAN-style folder (<root>/<genre>/<clip>) or CSV manifest (path,label). "
+                 "Default: the built-in synthetic dataset, generated beside the store.", show_default=False),
+]
+StoreOption = Annotated[
+    str | None, typer.Option("--store", help="Zarr store to create or reuse (default: sae.zarr).", show_default=False)
+]
+ClusterOption = Annotated[
+    str | None,
+    typer.Option("--cluster", help="Dask scheduler address, e.g. tcp://127.0.0.1:8786; 'local' for local threads. "
+                 "Default: $SAE_DASK_ADDRESS if set, else local threads.", show_default=False),
+]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override one field, e.g. --set train.model.n_atoms=128 "
+                 "(value parsed as YAML); repeatable.", show_default=False),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the summary as JSON instead of text.")]
+ForceOption = Annotated[bool, typer.Option("--force", help="Create the store anew and recompute every stage.")]
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names the field(s) and the problem."""
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The mapping of a YAML or TOML configuration file (empty file: empty mapping)."""
+    if not path.is_file():
+        raise ConfigError(f"--config: no such file {str(path)!r}")
+    suffix = path.suffix.lower()
+    text = path.read_text()
+    try:
+        if suffix == ".toml":
+            values = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml", ".json"):
+            values = yaml.safe_load(text)
+        else:
+            raise ConfigError(f"--config must end in .yaml, .yml, .toml or .json, got {str(path)!r}")
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as error:
+        raise ConfigError(f"--config {str(path)!r} is not valid {suffix[1:].upper()}: {error}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"--config {str(path)!r} must hold a mapping of sections, got {type(values).__name__}")
+    return values
+
+
+def apply_override(values: dict[str, Any], assignment: str) -> None:
+    """Set ``a.b.c=value`` in nested ``values`` (value parsed as YAML: 1e-3, true, [a, b], null).
+
+    >>> values = {}
+    >>> apply_override(values, "train.model.n_atoms=128"); values
+    {'train': {'model': {'n_atoms': 128}}}
+    """
+    path, sep, raw = assignment.partition("=")
+    keys = path.strip().split(".")
+    if not sep or not all(keys):
+        raise ConfigError(f"--set must read 'section.field=value', got {assignment!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--set {assignment!r}: the value is not valid YAML: {error}") from None
+    node = values
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {assignment!r}: {key!r} is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def describe_errors(error: ValidationError) -> str:
+    """One line per problem: the dotted field, pydantic's message and the value received."""
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
+        received = "" if item["type"] == "value_error" else f" (got {item['input']!r})"
+        if item["type"] == "extra_forbidden":
+            message, received = "unknown key", ""
+        lines.append(f"  {where}: {message}{received}" if where else f"  {message}")
+    return "\n".join(lines)
+
+
+def build_config(
+    config_file: Path | None = None,
+    overrides: list[str] | None = None,
+    *,
+    data: str | None = None,
+    store: str | None = None,
+    cluster: str | None = None,
+    force: bool = False,
+) -> PipelineConfig:
+    """The validated configuration of a command (see the module docstring for the priority).
+
+    Raises
+    ------
+    ConfigError
+        With every problem found, each naming its field.
+    """
+    values = read_config_file(config_file) if config_file is not None else {}
+    for assignment in overrides or ():
+        apply_override(values, assignment)
+    for dotted, value in (("ingest.data", data), ("ingest.store", store), ("cluster", cluster)):
+        if value is not None:
+            section, _, field = dotted.rpartition(".")
+            target = values.setdefault(section, {}) if section else values
+            if not isinstance(target, dict):
+                raise ConfigError(f"{section} must be a mapping of fields, got {target!r}")
+            target[field] = value
+    if force:
+        values["force"] = True
+    try:
+        return PipelineConfig.model_validate(values)
+    except ValidationError as error:
+        source = f" in {str(config_file)!r}" if config_file is not None else ""
+        raise ConfigError(f"invalid configuration{source}:\n{describe_errors(error)}") from None
+
+
+def _config_or_exit(**kwargs: Any) -> PipelineConfig:
+    try:
+        return build_config(**kwargs)
+    except ConfigError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(USAGE_ERROR) from None
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _echo_summary(summary: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2, default=str))
+        return
+    for key, value in summary.items():
+        if key == "table" or (key == "results" and "table" in summary):
+            continue
+        if key == "cluster" and value is None:
+            value = "local threads"
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items())
+        typer.echo(f"{key}: {value}")
+    if "table" in summary:
+        typer.echo("\n" + summary["table"])
+
+
+def _run_stage(name: str, config: PipelineConfig, as_json: bool) -> None:
+    import logging
+
+    from flows import pipeline
+
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+    pipeline.show_library_logs()
+    config = pipeline.resolve_paths(config)
+    runners = {
+        "ingest": pipeline.run_ingest_stage,
+        "graph": pipeline.run_graph_stage,
+        "train": pipeline.run_train_stage,
+        "classify": pipeline.run_classify_stage,
+    }
+    try:
+        pipeline.check_frames(config)
+    except ValueError as error:
+        typer.echo(f"error: invalid configuration:\n  {error}", err=True)
+        raise typer.Exit(USAGE_ERROR) from None
+    try:
+        if name == "run":
+            summary = pipeline.run_pipeline(config)
+        else:
+            summary = runners[name](config, pipeline.dask_address(config))
+            summary = {"store": config.ingest.store, **summary}
+            if name == "classify":
+                summary["table"] = pipeline.accuracy_table(summary["results"])
+    except (RuntimeError, ValueError, FileNotFoundError, NotADirectoryError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from None
+    if name == "ingest":
+        summary = {k: v for k, v in summary.items() if k not in ("errors", "computed")} | {
+            "n_errors": len(summary.get("errors", []))
+        }
+    _echo_summary(summary, as_json)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+@app.command()
+def run(
+    config: ConfigOption = None,
+    data: DataOption = None,
+    store: StoreOption = None,
+    cluster: ClusterOption = None,
+    set_: SetOption = None,
+    force: ForceOption = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Run the whole pipeline: ingest -> preprocess + graph -> train -> classify.
+
+    Stages whose result the store already holds (same configuration) are
+    skipped. Prints the store, the report and the accuracy table. The default
+    run, on the built-in dataset with local threads, takes a few minutes.
+    """
+    cfg = _config_or_exit(config_file=config, overrides=set_, data=data, store=store, cluster=cluster, force=force)
+    _run_stage("run", cfg, as_json)
+
+
+@app.command()
+def ingest(
+    config: ConfigOption = None,
+    data: DataOption = None,
+    store: StoreOption = None,
+    cluster: ClusterOption = None,
+    set_: SetOption = None,
+    force: ForceOption = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Ingest audio clips: CQT of every clip into the frames of the store (resumes an interrupted run)."""
+    cfg = _config_or_exit(config_file=config, overrides=set_, data=data, store=store, cluster=cluster, force=force)
+    _run_stage("ingest", cfg, as_json)
+
+
+@app.command()
+def graph(
+    config: ConfigOption = None,
+    data: DataOption = None,
+    store: StoreOption = None,
+    cluster: ClusterOption = None,
+    set_: SetOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Preprocess the frames (selection, scaling, noise) and build their kNN graph and Laplacian."""
+    cfg = _config_or_exit(config_file=config, overrides=set_, data=data, store=store, cluster=cluster)
+    _run_stage("graph", cfg, as_json)
+
+
+@app.command()
+def train(
+    config: ConfigOption = None,
+    data: DataOption = None,
+    store: StoreOption = None,
+    cluster: ClusterOption = None,
+    set_: SetOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Train the structured auto-encoder on the preprocessed frames (resumes from its last checkpoint)."""
+    cfg = _config_or_exit(config_file=config, overrides=set_, data=data, store=store, cluster=cluster)
+    _run_stage("train", cfg, as_json)
+
+
+@app.command()
+def classify(
+    config: ConfigOption = None,
+    data: DataOption = None,
+    store: StoreOption = None,
+    cluster: ClusterOption = None,
+    set_: SetOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Cross-validated genre classification of the scaled CQT (baseline) and of the learned codes."""
+    cfg = _config_or_exit(config_file=config, overrides=set_, data=data, store=store, cluster=cluster)
+    _run_stage("classify", cfg, as_json)
+
+
+@app.command("config")
+def show_config(
+    config: ConfigOption = None,
+    data: DataOption = None,
+    store: StoreOption = None,
+    cluster: ClusterOption = None,
+    set_: SetOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Validate and print the complete configuration (YAML, usable as --config); runs nothing."""
+    cfg = _config_or_exit(config_file=config, overrides=set_, data=data, store=store, cluster=cluster)
+    values = cfg.model_dump(mode="json")
+    typer.echo(json.dumps(values, indent=2) if as_json else yaml.safe_dump(values, sort_keys=False).rstrip())
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

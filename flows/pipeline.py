@@ -1,0 +1,404 @@
+"""The end-to-end pipeline: ingestion, preprocessing and graph, training, classification.
+
+`pipeline_flow` chains the stage flows as sub-flows, passing them only the
+store path, stage keys and typed configurations (`sae.config.PipelineConfig`):
+
+1. ``ingest`` (`flows.ingest.ingest_flow`): audio -> ``frames`` and the clip table;
+2. ``graph`` (`flows.graph.graph_flow`): ``preprocess/<key>`` and ``graph/<key>``;
+3. ``train`` (`flows.train.train_flow`): ``model/<key>``;
+4. ``classify`` (`flows.classify.classify_flow`): the baseline (scaled CQT) and the
+   auto-encoder's codes, cross-validated, in ``results/<key>``, with a markdown
+   report and a figure in ``<store>-reports/``.
+
+A stage whose complete result is already in the store for the same
+configuration is skipped without starting its flow, so a re-run only computes
+what changed; ``force`` creates the store anew and recomputes everything.
+
+Where the tasks run: local threads by default; with a Dask scheduler address
+(``config.cluster`` or the environment variable ``SAE_DASK_ADDRESS``) every
+stage flow runs with ``prefect_dask.DaskTaskRunner(address=...)``::
+
+    from flows.pipeline import pipeline_flow
+    from sae.config import PipelineConfig
+
+    summary = pipeline_flow(PipelineConfig(ingest={"data": "gtzan/genres", "store": "gtzan.zarr"},
+                                           cluster="tcp://127.0.0.1:8786"))
+    print(summary["table"])
+
+The ``run_*_stage`` functions run one stage (with the same skipping) outside or
+inside a flow; the ``sae`` command calls them, and `stage_flow` runs one of them
+as a flow (the per-stage deployments of ``deploy/prefect.yaml``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.context import FlowRunContext
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+
+from sae import store as sae_store
+from sae.config import IngestConfig, PipelineConfig
+
+DASK_ADDRESS_VARIABLE = "SAE_DASK_ADDRESS"
+"""Environment variable naming the Dask scheduler when ``config.cluster`` is None."""
+
+INGEST_STAGE = "ingest"
+"""Stage group recording a complete ingestion (its configuration and clip counts)."""
+
+STAGES = ("ingest", "graph", "train", "classify")
+"""The stages, in order."""
+
+_library_logger = logging.getLogger(__name__)
+
+
+def show_library_logs() -> None:
+    """Let the ``sae`` library's INFO records through (unless its level was set explicitly).
+
+    Prefect forwards the loggers named in ``PREFECT_LOGGING_EXTRA_LOGGERS`` (``sae``
+    in the deployments and the ``sae`` command) to the terminal and the UI, but
+    leaves their level to the root logger's (WARNING).
+    """
+    library = logging.getLogger("sae")
+    if library.level == logging.NOTSET:
+        library.setLevel(logging.INFO)
+
+
+def _logger() -> Any:
+    """The run logger inside a flow run (shown in the UI), else this module's logger."""
+    return get_run_logger() if FlowRunContext.get() is not None else _library_logger
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def resolve_paths(config: PipelineConfig) -> PipelineConfig:
+    """The configuration with absolute ``ingest.store`` and ``ingest.data``.
+
+    Tasks may run on Dask workers started in another folder: they get absolute paths.
+    """
+    ingest = config.ingest
+    update: dict[str, Any] = {"store": str(Path(ingest.store).expanduser().resolve())}
+    if ingest.data is not None:
+        update["data"] = str(Path(ingest.data).expanduser().resolve())
+    return config.model_copy(update={"ingest": ingest.model_copy(update=update)})
+
+
+def check_frames(config: PipelineConfig) -> None:
+    """Fail before any work if ``preprocess.frames_per_clip`` exceeds the frames the CQT gives a clip."""
+    from sae.audio import frames_per_clip
+
+    available = frames_per_clip(config.ingest.cqt)
+    wanted = config.preprocess.frames_per_clip
+    if wanted is not None and wanted > available:
+        raise ValueError(
+            f"preprocess.frames_per_clip must be <= {available} (the frames of a clip of "
+            f"ingest.cqt.clip_samples = {config.ingest.cqt.clip_samples}), got {wanted}"
+        )
+
+
+def dask_address(config: PipelineConfig) -> str | None:
+    """The Dask scheduler the stages use: ``config.cluster``, else ``$SAE_DASK_ADDRESS``, else None (threads)."""
+    if config.cluster == "local":
+        return None
+    if config.cluster is not None:
+        return config.cluster
+    return os.environ.get(DASK_ADDRESS_VARIABLE) or None
+
+
+def make_task_runner(address: str | None) -> TaskRunner | None:
+    """``DaskTaskRunner(address=address)``, or None (each stage flow's own threaded runner)."""
+    if address is None:
+        return None
+    from prefect_dask import DaskTaskRunner
+
+    return DaskTaskRunner(address=address)
+
+
+def _with_runner(stage_flow: Any, address: str | None) -> Any:
+    runner = make_task_runner(address)
+    return stage_flow if runner is None else stage_flow.with_options(task_runner=runner)
+
+
+# --------------------------------------------------------------------------- stage keys and completeness
+
+
+def ingest_key(config: IngestConfig) -> str:
+    """Key of ``ingest/<key>``: what the frames depend on (data, CQT, chunking, built-in dataset).
+
+    >>> ingest_key(IngestConfig(strict=True)) == ingest_key(IngestConfig(retries=0))
+    True
+    """
+    return config.model_copy(update={"store": "", "strict": False, "retries": 0, "overwrite": False}).fingerprint()
+
+
+def stage_keys(config: PipelineConfig) -> dict[str, str]:
+    """The store keys of every stage's result for ``config`` (no store needed).
+
+    Returns
+    -------
+    dict
+        ``ingest``, ``preprocess``, ``graph``, ``model`` and ``results``.
+    """
+    from flows.classify import results_key
+    from sae.distributed import model_key
+    from sae.graph import graph_key
+    from sae.preprocess import preprocess_key
+
+    pre = preprocess_key(config.preprocess)
+    graph = graph_key(pre, config.graph)
+    model = model_key(config.train, pre, graph if config.train.model.lambda_g > 0 else None)
+    return {
+        "ingest": ingest_key(config.ingest),
+        "preprocess": pre,
+        "graph": graph,
+        "model": model,
+        "results": results_key(pre, feature_sources(pre, model), config.classify),
+    }
+
+
+def feature_sources(preprocess_key: str, model_key: str) -> dict[str, str]:
+    """The feature sets classified: the scaled CQT frames (baseline) and the codes of the model."""
+    return {"baseline": f"preprocess/{preprocess_key}", "sae": f"model/{model_key}"}
+
+
+def _store_exists(store: str) -> bool:
+    return Path(store).exists()
+
+
+def ingest_complete(config: IngestConfig) -> bool:
+    """Whether the store holds a complete ingestion for this configuration (no clip pending)."""
+    if not _store_exists(config.store) or not sae_store.is_complete(config.store, INGEST_STAGE, ingest_key(config)):
+        return False
+    status = sae_store.clip_table(sae_store.open_store(config.store))["status"]
+    return not bool((status == "pending").any())
+
+
+def model_complete(store: str, key: str, max_outer: int) -> bool:
+    """Whether ``model/<key>`` is complete: converged (rtol), or trained for at least ``max_outer`` iterations."""
+    from sae.distributed import read_checkpoint
+
+    if not sae_store.is_complete(store, "model", key):
+        return False
+    state = read_checkpoint(sae_store.stage_group(store, "model", key, mode="r"))
+    return state is not None and (state["stop_reason"] == "rtol" or state["iteration"] >= max_outer)
+
+
+# --------------------------------------------------------------------------- the stages
+
+
+def results_current(store: str, results_key: str, model_key: str) -> bool:
+    """Whether ``results/<results_key>`` is complete and was computed after ``model/<model_key>`` was.
+
+    A training run resumed with a larger ``max_outer`` keeps its key; results
+    completed before it describe older codes.
+    """
+    if not sae_store.is_complete(store, "results", results_key):
+        return False
+    results = sae_store.stage_group(store, "results", results_key, mode="r").attrs.get("completed", "")
+    model = sae_store.stage_group(store, "model", model_key, mode="r").attrs.get("completed", "")
+    return results >= model
+
+
+def run_ingest_stage(config: PipelineConfig, address: str | None = None) -> dict[str, Any]:
+    """Ingestion, skipped when complete; with ``config.force`` the store is created anew.
+
+    Returns
+    -------
+    dict
+        ``skipped`` and, when run, the ingestion summary (``counts``, ``errors``, ...).
+    """
+    from flows.ingest import ingest_flow
+
+    log = _logger()
+    ingest = config.ingest.model_copy(update={"overwrite": config.ingest.overwrite or config.force})
+    key = ingest_key(ingest)
+    if not ingest.overwrite and ingest_complete(ingest):
+        root = sae_store.open_store(ingest.store)
+        counts = sae_store.ingest_summary(root)["counts"]
+        log.info("ingest: %s holds every clip (%s): skipped", ingest.store, counts)
+        return {"skipped": True, "store": ingest.store, "key": key, "counts": counts}
+    summary = _with_runner(ingest_flow, address)(config=ingest)
+    group = sae_store.stage_group(ingest.store, INGEST_STAGE, key, config=ingest.model_dump(mode="json"), mode="w")
+    group.attrs.update({"counts": summary["counts"]})
+    sae_store.mark_complete(group)
+    return {"skipped": False, "key": key, **summary}
+
+
+def run_graph_stage(config: PipelineConfig, address: str | None = None) -> dict[str, Any]:
+    """Preprocessing and graph, skipped when both are complete; returns their keys and ``skipped``."""
+    from flows.graph import graph_flow
+
+    log = _logger()
+    store, keys = config.ingest.store, stage_keys(config)
+    _require_frames(config)
+    if sae_store.is_complete(store, "preprocess", keys["preprocess"]) and sae_store.is_complete(
+        store, "graph", keys["graph"]
+    ):
+        log.info("graph: preprocess/%s and graph/%s are complete: skipped", keys["preprocess"], keys["graph"])
+        return {"skipped": True, "preprocess": {"key": keys["preprocess"]}, "graph": {"key": keys["graph"]}}
+    out = _with_runner(graph_flow, address)(store=store, preprocess=config.preprocess, graph=config.graph)
+    return {"skipped": False, **out}
+
+
+def run_train_stage(config: PipelineConfig, address: str | None = None) -> dict[str, Any]:
+    """Training, skipped when ``model/<key>`` is complete for this ``max_outer``."""
+    from flows.train import train_flow
+
+    log = _logger()
+    store, keys = config.ingest.store, stage_keys(config)
+    _require(store, "preprocess", keys["preprocess"], "graph")
+    graph = keys["graph"] if config.train.model.lambda_g > 0 else None
+    if graph is not None:
+        _require(store, "graph", graph, "graph")
+    if model_complete(store, keys["model"], config.train.model.max_outer):
+        log.info("train: model/%s is complete: skipped", keys["model"])
+        return {"skipped": True, "key": keys["model"]}
+    out = _with_runner(train_flow, address)(
+        store=store, preprocess_key=keys["preprocess"], train=config.train, graph_key=graph
+    )
+    return {**out, "skipped": False}
+
+
+def run_classify_stage(config: PipelineConfig, address: str | None = None) -> dict[str, Any]:
+    """Classification of the baseline and the codes, skipped when ``results/<key>`` is current and its report exists.
+
+    Returns
+    -------
+    dict
+        ``skipped``, ``key``, ``results`` (feature set -> accuracy_mean,
+        accuracy_std, chance, n_scores), ``markdown`` and ``png`` (paths).
+    """
+    from flows.classify import brief, classify_flow, report_paths
+
+    log = _logger()
+    store, keys = config.ingest.store, stage_keys(config)
+    _require(store, "preprocess", keys["preprocess"], "graph")
+    if not model_complete(store, keys["model"], config.train.model.max_outer):
+        raise RuntimeError(f"store {store!r} has no complete model/{keys['model']}: run the train stage first")
+    markdown, png = report_paths(store, keys["results"])
+    current = results_current(store, keys["results"], keys["model"])
+    if not current and sae_store.is_complete(store, "results", keys["results"]):
+        # The model was trained further under the same key (a larger max_outer): the stored
+        # results describe its earlier codes, so they are replaced.
+        log.info("classify: results/%s predate model/%s: recomputed", keys["results"], keys["model"])
+        sae_store.stage_group(store, "results", keys["results"], mode="w")
+    elif current and markdown.exists() and png.exists():
+        summaries = dict(sae_store.stage_group(store, "results", keys["results"], mode="r").attrs["summaries"])
+        log.info("classify: results/%s is complete: skipped", keys["results"])
+        return {"skipped": True, "store": store, "key": keys["results"], "results": brief(summaries),
+                "markdown": str(markdown), "png": str(png)}
+    out = _with_runner(classify_flow, address)(
+        store=store, preprocess_key=keys["preprocess"],
+        features=feature_sources(keys["preprocess"], keys["model"]), config=config.classify,
+    )
+    return {**out, "skipped": False}
+
+
+def _require_frames(config: PipelineConfig) -> None:
+    store = config.ingest.store
+    status = sae_store.clip_table(sae_store.open_store(store))["status"] if _store_exists(store) else None
+    if status is None or (status == "pending").any() or not (status == "ok").any():
+        raise RuntimeError(f"store {store!r} holds no complete ingestion: run the ingest stage first")
+
+
+def _require(store: str, stage: str, key: str, producer: str) -> None:
+    if not _store_exists(store) or not sae_store.is_complete(store, stage, key):
+        raise RuntimeError(f"store {store!r} has no complete {stage}/{key}: run the {producer} stage first")
+
+
+# --------------------------------------------------------------------------- the flow
+
+
+def accuracy_table(results: dict[str, dict[str, float]]) -> str:
+    """A markdown table of accuracies: feature set, mean ± std (%), chance (%), splits.
+
+    >>> print(accuracy_table({"baseline": {"accuracy_mean": 0.5, "accuracy_std": 0.05, "chance": 0.2, "n_scores": 10}}))
+    | features | accuracy (%) | chance (%) | splits |
+    |---|---|---|---|
+    | baseline | 50.0 ± 5.0 | 20.0 | 10 |
+    """
+    lines = ["| features | accuracy (%) | chance (%) | splits |", "|---|---|---|---|"]
+    for name, row in results.items():
+        lines.append(
+            f"| {name} | {100 * row['accuracy_mean']:.1f} ± {100 * row['accuracy_std']:.1f} "
+            f"| {100 * row['chance']:.1f} | {row['n_scores']} |"
+        )
+    return "\n".join(lines)
+
+
+@flow(name="pipeline", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=False)
+def pipeline_flow(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # noqa: B008 - frozen model
+    """Ingest, preprocess and build the graph, train, classify; each stage skipped when complete.
+
+    Parameters
+    ----------
+    config : PipelineConfig
+        Every stage's configuration, the Dask address (``cluster``) and ``force``.
+
+    Returns
+    -------
+    dict
+        ``store`` (absolute path), ``keys`` (stage -> key in the store),
+        ``skipped`` (stage -> bool), ``cluster`` (Dask address or None),
+        ``results`` (feature set -> accuracy_mean, accuracy_std, chance,
+        n_scores), ``table`` (markdown), ``markdown`` and ``png`` (report paths).
+    """
+    log = get_run_logger()
+    show_library_logs()
+    check_frames(config)
+    config = resolve_paths(config)
+    address = dask_address(config)
+    log.info("pipeline on %s; tasks on %s", config.ingest.store, address or "local threads")
+    skipped: dict[str, bool] = {}
+    for stage, run in (("ingest", run_ingest_stage), ("graph", run_graph_stage), ("train", run_train_stage)):
+        skipped[stage] = run(config, address)["skipped"]
+    out = run_classify_stage(config, address)
+    skipped["classify"] = out["skipped"]
+    table = accuracy_table(out["results"])
+    log.info("accuracy (report: %s):\n%s", out["markdown"], table)
+    if FlowRunContext.get() is not None:
+        create_markdown_artifact(
+            f"# Pipeline on `{config.ingest.store}`\n\n{table}\n\nReport: `{out['markdown']}`\n",
+            key="pipeline-summary", description=f"Accuracies of the pipeline on {config.ingest.store}",
+        )
+    return {
+        "store": config.ingest.store,
+        "keys": stage_keys(config),
+        "skipped": skipped,
+        "cluster": address,
+        "results": out["results"],
+        "table": table,
+        "markdown": out["markdown"],
+        "png": out["png"],
+    }
+
+
+@flow(name="pipeline-stage", task_runner=ThreadPoolTaskRunner(max_workers=1))
+def stage_flow(
+    stage: Literal["ingest", "graph", "train", "classify"],
+    config: PipelineConfig = PipelineConfig(),  # noqa: B008 - frozen model
+) -> dict[str, Any]:
+    """One stage of the pipeline for ``config`` (skipped when complete), on ``config.cluster``'s Dask if any.
+
+    The stage keys come from the configuration, so a stage is run with the same
+    parameters as the whole pipeline; the stages it reads must be complete.
+    """
+    runners = {"ingest": run_ingest_stage, "graph": run_graph_stage, "train": run_train_stage,
+               "classify": run_classify_stage}
+    if stage not in runners:
+        raise ValueError(f"stage must be one of {tuple(runners)}, got {stage!r}")
+    show_library_logs()
+    config = resolve_paths(config)
+    out = runners[stage](config, dask_address(config))
+    return {"stage": stage, "store": config.ingest.store, **out}
+
+
+def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
+    """Run `pipeline_flow` (a plain call: local Prefect, or the server of ``PREFECT_API_URL``)."""
+    return pipeline_flow(config)

@@ -1,0 +1,94 @@
+"""The ``sae`` command: configuration checks before any work, help texts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from flows.cli import USAGE_ERROR, app, build_config
+from sae.config import PIPELINE_DEFAULTS, ModelConfig, PipelineConfig
+
+COMMANDS = ("run", "ingest", "graph", "train", "classify")
+
+
+@pytest.fixture
+def runner():
+    return CliRunner()
+
+
+def _fails_before_work(runner, args, tmp_path, *needles):
+    """The command exits with USAGE_ERROR, names the problem, and leaves no store behind."""
+    store = tmp_path / "never.zarr"
+    result = runner.invoke(app, [*args, "--store", str(store)])
+    assert result.exit_code == USAGE_ERROR, result.output
+    for needle in needles:
+        assert needle in result.output
+    assert not store.exists() and not (tmp_path / "never-data").exists()
+    return result
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_unknown_key_in_config_file_fails_before_work(runner, tmp_path, command):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"train": {"model": {"n_atom": 16}}}))
+    _fails_before_work(runner, [command, "--config", str(path)], tmp_path, "train.model.n_atom", "unknown key")
+
+
+def test_negative_lambda_fails_before_work_in_toml_and_set(runner, tmp_path):
+    path = tmp_path / "config.toml"
+    path.write_text("[train.model]\nlambda_g = -1.0\n")
+    _fails_before_work(runner, ["run", "--config", str(path)], tmp_path, "train.model.lambda_g", "greater than or equal to 0")
+    _fails_before_work(runner, ["train", "--set", "train.model.lambda_z=-0.5"], tmp_path, "train.model.lambda_z")
+
+
+def test_missing_data_folder_fails_before_work(runner, tmp_path):
+    missing = tmp_path / "no-such-gtzan"
+    result = _fails_before_work(runner, ["run", "--data", str(missing)], tmp_path, "ingest.data", str(missing))
+    assert "no such path" in result.output
+
+
+def test_more_frames_than_a_clip_has_fails_before_work(runner, tmp_path):
+    _fails_before_work(runner, ["run", "--set", "ingest.cqt.clip_samples=44100", "--set", "ingest.dataset.duration=2"],
+                       tmp_path, "preprocess.frames_per_clip", "got 298")
+
+
+def test_other_configuration_errors_name_the_option(runner, tmp_path):
+    _fails_before_work(runner, ["run", "--cluster", "8786"], tmp_path, "cluster", "'8786'")
+    _fails_before_work(runner, ["run", "--config", str(tmp_path / "absent.yaml")], tmp_path, "--config", "absent.yaml")
+    _fails_before_work(runner, ["run", "--set", "train.model.n_atoms"], tmp_path, "--set", "section.field=value")
+    bad = tmp_path / "bad.ini"
+    bad.write_text("[train]\n")
+    _fails_before_work(runner, ["run", "--config", str(bad)], tmp_path, ".yaml", ".toml")
+
+
+@pytest.mark.parametrize("command", (None, *COMMANDS, "config"))
+def test_help(runner, command):
+    result = runner.invoke(app, ["--help"] if command is None else [command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+    if command is not None and command != "config":
+        for option in ("--config", "--data", "--store", "--cluster", "--set"):
+            assert option in result.output
+
+
+def test_config_command_round_trips_and_layers_sources(runner, tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"train": {"model": {"n_atoms": 16}}, "classify": {"n_repeats": 2}}))
+    result = runner.invoke(
+        app, ["config", "--json", "--config", str(path), "--set", "classify.n_repeats=3", "--store", "x.zarr"]
+    )
+    assert result.exit_code == 0, result.output
+    config = PipelineConfig.model_validate(json.loads(result.output))
+    assert config.train.model.n_atoms == 16  # from the file
+    assert config.classify.n_repeats == 3  # --set wins over the file
+    assert config.ingest.store == "x.zarr"  # the option wins over both
+    # Fields the file does not give keep the pipeline's defaults, then the model's.
+    assert config.train.model.lambda_g == PIPELINE_DEFAULTS["train"]["model"]["lambda_g"]
+    assert config.train.model.lambda_d == ModelConfig().lambda_d
+    # The printed YAML is itself a valid --config giving the same configuration.
+    dumped = tmp_path / "dumped.yaml"
+    dumped.write_text(runner.invoke(app, ["config", "--config", str(path)]).output)
+    assert build_config(dumped) == build_config(path)
