@@ -23,3 +23,22 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=60):
         yield
+
+
+@pytest.fixture(autouse=True)
+def _restore_dask_config():
+    """Give every test the dask configuration it started with.
+
+    A distributed ``Client`` sets ``scheduler="dask.distributed"`` globally; one
+    closed from another thread (e.g. by a Prefect task on a Dask worker) can
+    leave that setting behind, and the next plain ``dask.compute`` then fails
+    with "no Client active".
+    """
+    import copy
+
+    import dask
+
+    saved = copy.deepcopy(dask.config.config)
+    yield
+    dask.config.config.clear()
+    dask.config.config.update(saved)

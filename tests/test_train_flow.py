@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 from distributed import Client, LocalCluster
@@ -58,14 +60,15 @@ def test_train_model_resumes_and_skips(training_store, client):
 
 
 @pytest.mark.slow
-def test_train_flow_logs_and_matches_reference(training_store, capfd):
+def test_train_flow_logs_and_matches_reference(training_store, caplog):
     from flows.train import train_flow
 
+    caplog.set_level(logging.INFO, logger="prefect.task_runs")
     path, X, _ = training_store
     train = TrainConfig(model=ModelConfig(n_atoms=8, lambda_e=1.0, max_outer=3, max_inner=50, random_state=0),
                         block_size=150)
     out = train_flow(store=path, preprocess_key="pre", train=train)
-    printed = "".join(capfd.readouterr())  # Prefect's console handler prints the run loggers
+    printed = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("prefect.task_runs"))
     reference = fit_sae(X, train.model)
     assert abs(out["objective"] - reference.history[-1]["total"]) <= 5e-3 * reference.history[-1]["total"]
     assert out["n_iter"] == reference.n_iter
