@@ -280,46 +280,30 @@ def ingest(
     _run_stage("ingest", cfg, as_json)
 
 
-@app.command()
-def graph(
-    config: ConfigOption = None,
-    data: DataOption = None,
-    store: StoreOption = None,
-    cluster: ClusterOption = None,
-    set_: SetOption = None,
-    as_json: JsonOption = False,
-) -> None:
-    """Preprocess the frames (selection, scaling, noise) and build their kNN graph and Laplacian."""
-    cfg = _config_or_exit(config_file=config, overrides=set_, data=data, store=store, cluster=cluster)
-    _run_stage("graph", cfg, as_json)
+def _add_stage_command(stage: str, summary: str) -> None:
+    """Register ``sae <stage>``: one stage of the pipeline, with the options of ``sae run``."""
+
+    def command(
+        config: ConfigOption = None,
+        data: DataOption = None,
+        store: StoreOption = None,
+        cluster: ClusterOption = None,
+        set_: SetOption = None,
+        as_json: JsonOption = False,
+    ) -> None:
+        cfg = _config_or_exit(config_file=config, overrides=set_, data=data, store=store, cluster=cluster)
+        _run_stage(stage, cfg, as_json)
+
+    command.__doc__ = summary
+    app.command(stage)(command)
 
 
-@app.command()
-def train(
-    config: ConfigOption = None,
-    data: DataOption = None,
-    store: StoreOption = None,
-    cluster: ClusterOption = None,
-    set_: SetOption = None,
-    as_json: JsonOption = False,
-) -> None:
-    """Train the structured auto-encoder on the preprocessed frames (resumes from its last checkpoint)."""
-    cfg = _config_or_exit(config_file=config, overrides=set_, data=data, store=store, cluster=cluster)
-    _run_stage("train", cfg, as_json)
-
-
-@app.command()
-def classify(
-    config: ConfigOption = None,
-    data: DataOption = None,
-    store: StoreOption = None,
-    cluster: ClusterOption = None,
-    set_: SetOption = None,
-    as_json: JsonOption = False,
-) -> None:
-    """Cross-validated genre classification of the scaled CQT (baseline) and of the learned codes."""
-    cfg = _config_or_exit(config_file=config, overrides=set_, data=data, store=store, cluster=cluster)
-    _run_stage("classify", cfg, as_json)
+for _stage, _summary in (
+    ("graph", "Preprocess the frames (selection, scaling, noise) and build their kNN graph and Laplacian."),
+    ("train", "Train the structured auto-encoder on the preprocessed frames (resumes from its last checkpoint)."),
+    ("classify", "Cross-validated genre classification of the scaled CQT (baseline) and of the learned codes."),
+):
+    _add_stage_command(_stage, _summary)
 
 
 @app.command("config")
