@@ -308,7 +308,34 @@ class GraphDirichlet(QuadraticTerm):
         return self.weight * float(norm)
 
 
-class DictionaryFit(QuadraticTerm):
+class _StatisticsFit(QuadraticTerm):
+    """A least-squares term in a parameter ``V`` (m, n), given by sufficient statistics.
+
+    ``A(V) = w gram V`` or ``w V gram`` (the subclass says which side),
+    ``B = w cross``, ``c = w/2 sq_norm``, Lipschitz constant ``w ||gram||_2``.
+    """
+
+    def __init__(self, gram: np.ndarray, cross: np.ndarray, weight: float, sq_norm: float) -> None:
+        super().__init__(weight)
+        self.gram = gram
+        self._linear = cross.dtype.type(self.weight) * cross
+        self._constant = 0.5 * self.weight * float(sq_norm)
+
+    @property
+    def linear(self) -> np.ndarray:
+        return self._linear
+
+    @property
+    def constant(self) -> float:
+        return self._constant
+
+    def _operator_norm(self) -> float:
+        from sae.solvers import spectral_norm
+
+        return self.weight * spectral_norm(self.gram)
+
+
+class DictionaryFit(_StatisticsFit):
     """Reconstruction term as a function of the components, from sufficient statistics.
 
     ``w/2 ||X - Z C||_F^2 = w/2 tr(C^T (Z^T Z) C) - w <C, Z^T X> + w/2 ||X||_F^2``
@@ -329,34 +356,20 @@ class DictionaryFit(QuadraticTerm):
         *,
         data_sq_norm: float = 0.0,
     ) -> None:
-        super().__init__(weight)
-        self.codes_gram = _check_2d("ZtZ", codes_gram)
+        codes_gram = _check_2d("ZtZ", codes_gram)
         codes_data = _check_2d("ZtX", codes_data)
-        if self.codes_gram.shape != (codes_data.shape[0],) * 2:
+        if codes_gram.shape != (codes_data.shape[0],) * 2:
             raise ValueError(
-                f"ZtZ must be (m, m) with m = ZtX.shape[0] = {codes_data.shape[0]}, got {self.codes_gram.shape}"
+                f"ZtZ must be (m, m) with m = ZtX.shape[0] = {codes_data.shape[0]}, got {codes_gram.shape}"
             )
-        self._linear = codes_data.dtype.type(self.weight) * codes_data
-        self._constant = 0.5 * self.weight * float(data_sq_norm)
+        super().__init__(codes_gram, codes_data, weight, data_sq_norm)
+        self.codes_gram = codes_gram
 
     def apply(self, V: np.ndarray) -> np.ndarray:
         return V.dtype.type(self.weight) * (self.codes_gram @ V)
 
-    @property
-    def linear(self) -> np.ndarray:
-        return self._linear
 
-    @property
-    def constant(self) -> float:
-        return self._constant
-
-    def _operator_norm(self) -> float:
-        from sae.solvers import spectral_norm
-
-        return self.weight * spectral_norm(self.codes_gram)
-
-
-class EncoderFit(QuadraticTerm):
+class EncoderFit(_StatisticsFit):
     """Encoder term as a function of the encoder, from sufficient statistics.
 
     ``w/2 ||Z - X E^T||_F^2 = w/2 tr(E (X^T X) E^T) - w <E, Z^T X> + w/2 ||Z||_F^2``
@@ -375,31 +388,17 @@ class EncoderFit(QuadraticTerm):
         *,
         codes_sq_norm: float = 0.0,
     ) -> None:
-        super().__init__(weight)
-        self.data_gram = _check_2d("XtX", data_gram)
+        data_gram = _check_2d("XtX", data_gram)
         codes_data = _check_2d("ZtX", codes_data)
-        if self.data_gram.shape != (codes_data.shape[1],) * 2:
+        if data_gram.shape != (codes_data.shape[1],) * 2:
             raise ValueError(
-                f"XtX must be (n, n) with n = ZtX.shape[1] = {codes_data.shape[1]}, got {self.data_gram.shape}"
+                f"XtX must be (n, n) with n = ZtX.shape[1] = {codes_data.shape[1]}, got {data_gram.shape}"
             )
-        self._linear = codes_data.dtype.type(self.weight) * codes_data
-        self._constant = 0.5 * self.weight * float(codes_sq_norm)
+        super().__init__(data_gram, codes_data, weight, codes_sq_norm)
+        self.data_gram = data_gram
 
     def apply(self, V: np.ndarray) -> np.ndarray:
         return V.dtype.type(self.weight) * (V @ self.data_gram)
-
-    @property
-    def linear(self) -> np.ndarray:
-        return self._linear
-
-    @property
-    def constant(self) -> float:
-        return self._constant
-
-    def _operator_norm(self) -> float:
-        from sae.solvers import spectral_norm
-
-        return self.weight * spectral_norm(self.data_gram)
 
 
 class L1Norm:
