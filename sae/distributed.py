@@ -134,8 +134,17 @@ import zarr
 import zarr.codecs
 
 from sae.config import ModelConfig, TrainConfig
-from sae.model import TERM_NAMES, init_dictionary, init_encoder, solve_codes, solve_dictionary, solve_encoder
+from sae.model import (
+    TERM_NAMES,
+    init_dictionary,
+    init_encoder,
+    log_outer,
+    solve_codes,
+    solve_dictionary,
+    solve_encoder,
+)
 from sae.solvers import LIPSCHITZ_SAFETY, next_momentum, spectral_norm
+from sae.solvers import stop_reason as fista_stop_reason
 from sae.terms import CodeEncoderFit, CodeReconstruction, inner, soft_threshold
 
 __all__ = [
@@ -745,12 +754,9 @@ class _Trainer:
                 start_graph_energy = graph_energy
             final_states = new
             if k >= 1:
-                change = abs(history[-1] - history[-2])
-                if change <= rtol * abs(history[-1]):
-                    stop_reason = "rtol"
-                    break
-                if change <= atol:
-                    stop_reason = "atol"
+                reason = fista_stop_reason(history, rtol, atol)
+                if reason is not None:
+                    stop_reason = reason
                     break
                 if k >= max_iter:
                     break
@@ -988,11 +994,7 @@ def fit_distributed(
         else:
             record["seconds"] = time.perf_counter() - tic
             history.append(record)
-        logger.info(
-            "outer %d: objective %.6g (rel. change %.2e), non-zeros %.2f%%, inner Z/D/E %d/%d/%d, %.2f s",
-            iteration, record["total"], record["relative_change"], record["sparsity_percent"],
-            record["inner_codes"], record["inner_dictionary"], record["inner_encoder"], record["seconds"],
-        )
+        log_outer(logger, record)
         if callback is not None:
             callback(record)
         if converged:

@@ -358,6 +358,15 @@ class FitResult:
     stop_reason: str
 
 
+def log_outer(log: logging.Logger, record: dict[str, Any]) -> None:
+    """One progress line for an outer iteration's history record (see `FitResult`)."""
+    log.info(
+        "outer %d: objective %.6g (rel. change %.2e), non-zeros %.2f%%, inner Z/D/E %d/%d/%d, %.2f s",
+        record["iteration"], record["total"], record["relative_change"], record["sparsity_percent"],
+        record["inner_codes"], record["inner_dictionary"], record["inner_encoder"], record["seconds"],
+    )
+
+
 def fit_sae(
     X: np.ndarray,
     config: ModelConfig,
@@ -468,11 +477,7 @@ def fit_sae(
             steps["encoder"] = result
         record = record_of(iteration, time.perf_counter() - start, steps, history[-1]["total"])
         history.append(record)
-        logger.info(
-            "outer %d: objective %.6g (rel. change %.2e), non-zeros %.2f%%, inner Z/D/E %d/%d/%d, %.2f s",
-            iteration, record["total"], record["relative_change"], record["sparsity_percent"],
-            record["inner_codes"], record["inner_dictionary"], record["inner_encoder"], record["seconds"],
-        )
+        log_outer(logger, record)
         if callback is not None:
             callback(FitState(iteration=iteration, codes=Z, components=C, encoder=E, record=record))
         if record["relative_change"] <= config.rtol:

@@ -28,7 +28,7 @@ import scipy.sparse.linalg as spla
 
 from sae.terms import QuadraticTerm, inner
 
-__all__ = ["SolverResult", "fista", "spectral_norm", "LIPSCHITZ_SAFETY", "next_momentum"]
+__all__ = ["SolverResult", "fista", "spectral_norm", "stop_reason", "LIPSCHITZ_SAFETY", "next_momentum"]
 
 logger = logging.getLogger(__name__)
 
@@ -163,6 +163,26 @@ def next_momentum(t: float) -> float:
     return (1.0 + math.sqrt(1.0 + 4.0 * t * t)) / 2.0
 
 
+def stop_reason(history: Sequence[float], rtol: float, atol: float) -> StopReason | None:
+    """The stopping rule of FISTA on an objective history (``len(history) >= 2``).
+
+    ``"rtol"`` if ``|F_k - F_{k-1}| <= rtol |F_k|``, else ``"atol"`` if
+    ``|F_k - F_{k-1}| <= atol``, else None.  The distributed trainer applies the
+    same rule, so both stop at the same iteration.
+
+    >>> stop_reason([10.0, 9.99999], rtol=1e-5, atol=0.0)
+    'rtol'
+    >>> stop_reason([10.0, 9.0], rtol=1e-5, atol=0.0) is None
+    True
+    """
+    change = abs(history[-1] - history[-2])
+    if change <= rtol * abs(history[-1]):
+        return "rtol"
+    if change <= atol:
+        return "atol"
+    return None
+
+
 def _sum_apply(terms: Sequence[QuadraticTerm], V: np.ndarray) -> np.ndarray:
     out = terms[0].apply(V)
     for term in terms[1:]:
@@ -278,7 +298,7 @@ def fista(
     y_buf = np.empty_like(x)
     forward = np.empty_like(Ax)
     t = 1.0
-    stop_reason: StopReason = "max_iter"
+    stopped: StopReason = "max_iter"
     n_iter = 0
     for n_iter in range(1, max_iter + 1):
         t_next = next_momentum(t)
@@ -309,12 +329,9 @@ def fista(
                 t_next = 1.0
         x_prev, Ax_prev, x, Ax, t = x, Ax, x_new, Ax_new, t_next
         history.append(objective(x, Ax))
-        change = abs(history[-1] - history[-2])
-        if change <= rtol * abs(history[-1]):
-            stop_reason = "rtol"
-            break
-        if change <= atol:
-            stop_reason = "atol"
+        reason = stop_reason(history, rtol, atol)
+        if reason is not None:
+            stopped = reason
             break
     objective_history = np.asarray(history, dtype=np.float64)
     solution = x
@@ -322,4 +339,4 @@ def fista(
         logger.debug("fista: last iterate worse than the start (%g > %g): returning x0",
                      objective_history[-1], objective_history[0])
         solution = x0
-    return SolverResult(solution=solution, n_iter=n_iter, stop_reason=stop_reason, objective=objective_history)
+    return SolverResult(solution=solution, n_iter=n_iter, stop_reason=stopped, objective=objective_history)
