@@ -306,6 +306,73 @@ for _stage, _summary in (
     _add_stage_command(_stage, _summary)
 
 
+@app.command()
+def sweep(
+    param: Annotated[
+        list[str],
+        typer.Option("--param", "-p", help="Parameter to sweep: a dotted path (train.model.lambda_g) or a field "
+                     "name looked up in train.model, train, preprocess, graph, classify (lambda_g); repeatable, "
+                     "each with its --values: the grid is their product.", show_default=False),
+    ],
+    values: Annotated[
+        list[str],
+        typer.Option("--values", "-v", help="Comma-separated values of the matching --param, e.g. 0,10,100.",
+                     show_default=False),
+    ],
+    parallel: Annotated[
+        int | None,
+        typer.Option("--parallel", min=1, help="Trainings at the same time (default: all on a Dask cluster, "
+                     "1 on local threads).", show_default=False),
+    ] = None,
+    config: ConfigOption = None,
+    data: DataOption = None,
+    store: StoreOption = None,
+    cluster: ClusterOption = None,
+    set_: SetOption = None,
+    force: ForceOption = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Sweep hyper-parameters: the pipeline at every point of the grid, reusing every stage it can.
+
+    Writes a CSV (one row per point: accuracy, baseline, chance, sparsity, objective terms, time,
+    iterations), plots of each metric, of the atoms and of the convergence, and a report beside
+    the store; prints the table.
+    """
+    import logging
+
+    from flows import pipeline
+    from flows.sweep import run_sweep
+    from sae.sweep import parse_values, sweep_points
+
+    cfg = _config_or_exit(config_file=config, overrides=set_, data=data, store=store, cluster=cluster, force=force)
+    if len(param) != len(values):
+        typer.echo(f"error: every --param needs one --values (got {len(param)} --param and {len(values)} --values)",
+                   err=True)
+        raise typer.Exit(USAGE_ERROR)
+    try:
+        pipeline.check_frames(cfg)
+        grid = {name: values_text for name, values_text in zip(param, values)}
+        sweep_points(cfg, grid)  # every point valid before any work
+    except ValueError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(USAGE_ERROR) from None
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+    pipeline.show_library_logs()
+    parameters = {name: parse_values(text) for name, text in grid.items()}
+    try:
+        summary = run_sweep(cfg, parameters, parallel=parallel)
+    except (RuntimeError, ValueError, FileNotFoundError, NotADirectoryError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2, default=str))
+        return
+    for name in ("store", "key", "csv", "markdown", "metrics_png", "atoms_png", "convergence_png"):
+        typer.echo(f"{name}: {summary[name]}")
+    typer.echo("computed: " + ", ".join(f"{stage} {len(keys)}" for stage, keys in summary["computed"].items()))
+    typer.echo("\n" + summary["table"])
+
+
 @app.command("config")
 def show_config(
     config: ConfigOption = None,

@@ -57,6 +57,11 @@ class ModelConfig(_Config):
     fista_restart: bool = Field(
         True, description="Adaptive restart of FISTA's momentum (False: plain FISTA as the original code)."
     )
+    balance_lambdas: bool = Field(
+        False,
+        description="After the first outer iteration, rescale lambda_d, lambda_g and lambda_e so that every "
+        "weighted term equals lambda_z ||Z||_1, then train on with them.",
+    )
     dtype: Literal["float32", "float64"] = Field("float32", description="Floating point precision.")
     random_state: int | None = Field(None, ge=0, description="Seed of the initialisation.")
 

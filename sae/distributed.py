@@ -135,13 +135,14 @@ import zarr.codecs
 
 from sae.config import ModelConfig, TrainConfig
 from sae.model import (
-    TERM_NAMES,
     init_dictionary,
     init_encoder,
     log_outer,
+    rebalance,
     solve_codes,
     solve_dictionary,
     solve_encoder,
+    weigh_terms,
 )
 from sae.solvers import LIPSCHITZ_SAFETY, next_momentum, spectral_norm
 from sae.solvers import stop_reason as fista_stop_reason
@@ -840,14 +841,8 @@ def _record(
         "graph": graph if config.lambda_g > 0 else float("nan"),
         "encoder": residuals["encoder"],
     }
-    weights = {"reconstruction": config.lambda_d / 2, "sparsity": config.lambda_z,
-               "graph": config.lambda_g / 2, "encoder": config.lambda_e / 2}
-    total = 0.0
-    for name in TERM_NAMES:
-        weighted = weights[name] * record[name] if weights[name] > 0 else 0.0
-        record[f"{name}_weighted"] = weighted
-        total += weighted
-    record["total"] = total
+    record.update(weigh_terms(record, config))
+    total = record["total"]
     record["relative_change"] = (
         float("nan") if previous is None else abs(previous - total) / max(abs(total), np.finfo(np.float64).tiny)
     )
@@ -932,6 +927,10 @@ def fit_distributed(
         start_outer = state["iteration"]
         Z_blocks = trainer.read_codes(state["codes"], start_outer)
         logger.info("resuming from the checkpoint of outer iteration %d", start_outer)
+        if config.balance_lambdas and any(r.get("balanced") for r in history):
+            config = trainer.config = config.model_copy(  # the weights the checkpoint was trained with
+                update={name: float(history[-1][name]) for name in ("lambda_d", "lambda_g", "lambda_e")}
+            )
         if state["stop_reason"] == "rtol" or start_outer >= config.max_outer:
             return DistributedFit(C, E, state["codes"], history, start_outer,
                                   state["stop_reason"] or "max_outer", start_outer)
@@ -973,7 +972,9 @@ def fit_distributed(
         record = _record(iteration, config, residuals, stats["l1"], steps["codes"]["graph"], stats["nnz"],
                          n_rows * m, history[-1]["total"], steps, 0.0)
         record["seconds_codes"] = code_seconds  # extra key: wall time of the Z step alone
-        converged = record["relative_change"] <= config.rtol
+        if config.balance_lambdas and iteration == 1:
+            config = trainer.config = rebalance(history + [record], config)
+        converged = record["relative_change"] <= config.rtol and not record.get("balanced")
         if converged:
             stop_reason = "rtol"
         if checkpoint is not None:

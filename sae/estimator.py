@@ -51,7 +51,7 @@ class StructuredAutoEncoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
 
     Parameters
     ----------
-    n_atoms, lambda_d, lambda_z, lambda_g, lambda_e, rtol, inner_rtol, atol, max_outer, max_inner, fista_restart, dtype, random_state
+    n_atoms, lambda_d, lambda_z, lambda_g, lambda_e, rtol, inner_rtol, atol, max_outer, max_inner, fista_restart, balance_lambdas, dtype, random_state
         Exactly the fields of :class:`sae.config.ModelConfig`, with its defaults
         and its constraints; they are validated by ``fit``.  ``random_state`` may
         also be a ``numpy.random.RandomState`` or ``Generator``, from which an
@@ -70,7 +70,9 @@ class StructuredAutoEncoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
     stop_reason_ : str
         "rtol" or "max_outer".
     config_ : ModelConfig
-        The validated configuration used by ``fit`` and ``transform``.
+        The configuration the model was trained with, used by ``transform``:
+        the parameters, validated, with the rescaled weights when
+        ``balance_lambdas`` is set.
     n_features_in_ : int
 
     Notes
@@ -99,6 +101,7 @@ class StructuredAutoEncoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
         max_outer: int = 50,
         max_inner: int = 500,
         fista_restart: bool = True,
+        balance_lambdas: bool = False,
         dtype: str = "float32",
         random_state: Any = None,
     ) -> None:
@@ -113,6 +116,7 @@ class StructuredAutoEncoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
         self.max_outer = max_outer
         self.max_inner = max_inner
         self.fista_restart = fista_restart
+        self.balance_lambdas = balance_lambdas
         self.dtype = dtype
         self.random_state = random_state
 
@@ -148,7 +152,7 @@ class StructuredAutoEncoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
         config = self._validated_config()
         X = validate_data(self, X, dtype=np.dtype(config.dtype), ensure_min_samples=1)
         result = fit_sae(X, config, laplacian)
-        self.config_ = config
+        self.config_ = result.config
         self.components_ = result.components
         self.encoder_ = result.encoder
         self.objective_ = result.history

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +66,9 @@ __all__ = [
     "solve_encoder",
     "encode_direct",
     "TERM_NAMES",
+    "TERM_WEIGHTS",
+    "weigh_terms",
+    "balanced_weights",
 ]
 
 logger = logging.getLogger("sae.model")
@@ -260,6 +263,66 @@ def solve_encoder(
     return fista([term], RowNormBall(1.0), E0, rtol=rtol, atol=atol, max_iter=max_iter, restart=restart)
 
 
+TERM_WEIGHTS = {"reconstruction": ("lambda_d", 0.5), "sparsity": ("lambda_z", 1.0),
+                "graph": ("lambda_g", 0.5), "encoder": ("lambda_e", 0.5)}
+"""How each term enters the objective: its weight's name and factor (``lambda_d/2 ||X - Z C||^2``, ...)."""
+
+
+def weigh_terms(terms: Mapping[str, float], config: ModelConfig) -> dict[str, float]:
+    """The weighted terms, their total and the weights, from the unweighted terms.
+
+    ``<name>_weighted = factor * lambda * terms[name]`` (`TERM_WEIGHTS`; 0 when the
+    weight is 0, whatever the term, which may then be NaN), ``total`` their sum,
+    and ``lambda_d``, ``lambda_z``, ``lambda_g``, ``lambda_e`` of ``config``.
+
+    >>> weigh_terms({"reconstruction": 4.0, "sparsity": 3.0, "graph": float("nan"), "encoder": 1.0},
+    ...             ModelConfig(lambda_d=1.0, lambda_z=2.0, lambda_e=0.5))["total"]
+    8.25
+    """
+    out: dict[str, float] = {}
+    total = 0.0
+    for name, (weight_name, factor) in TERM_WEIGHTS.items():
+        weight = getattr(config, weight_name)
+        weighted = factor * weight * float(terms[name]) if weight > 0 else 0.0
+        out[f"{name}_weighted"] = weighted
+        total += weighted
+    out["total"] = total
+    out.update({weight_name: float(getattr(config, weight_name)) for weight_name, _ in TERM_WEIGHTS.values()})
+    return out
+
+
+def balanced_weights(record: Mapping[str, float], config: ModelConfig) -> dict[str, float]:
+    """Weights that make every weighted term of ``record`` equal to the sparsity term ``lambda_z ||Z||_1``.
+
+    ``lambda <- lambda * (lambda_z ||Z||_1) / (weighted term)`` for ``lambda_d``,
+    ``lambda_g`` and ``lambda_e``; ``lambda_z`` sets the scale (the minimiser only
+    depends on the ratios of the weights).  A weight of 0 stays 0 (its term is
+    off), and so does a weight whose term is 0 at ``record`` (nothing to scale).
+    Returns only the weights that change, ``{}`` when the codes are all zero
+    (no scale to match: the caller keeps its weights).
+
+    This is the rescaling of ``balance_lambdas`` (:func:`fit_sae`), applied once,
+    after the first outer iteration.  At the next iterations the terms drift from
+    equality as the codes adapt to the new weights; a penalty whose weighted
+    value falls as its weight grows (the encoder term when ``Z`` can follow
+    ``X E^T`` closely) may stay well below the others.
+
+    >>> record = {"reconstruction": 20.0, "sparsity": 4.0, "graph": 0.5, "encoder": float("nan")}
+    >>> balanced_weights(record, ModelConfig(lambda_d=10.0, lambda_z=1.0, lambda_g=100.0))
+    {'lambda_d': 0.4, 'lambda_g': 16.0}
+    """
+    anchor = config.lambda_z * float(record["sparsity"])
+    if not anchor > 0:
+        return {}
+    update = {}
+    for name in ("reconstruction", "graph", "encoder"):
+        weight_name, factor = TERM_WEIGHTS[name]
+        weight, value = getattr(config, weight_name), float(record[name])
+        if weight > 0 and value > 0:
+            update[weight_name] = anchor / (factor * value)
+    return update
+
+
 def objective_terms(
     X: np.ndarray,
     Z: np.ndarray,
@@ -275,7 +338,7 @@ def objective_terms(
     ``E`` is None).  Weighted (keys ``<name>_weighted``): the terms as they
     enter ``F``: ``lambda_d/2 reconstruction``, ``lambda_z sparsity``,
     ``lambda_g/2 graph``, ``lambda_e/2 encoder`` (0 when the weight is 0).
-    ``total`` is their sum.  Shapes: ``X`` (N, n), ``Z`` (N, m), ``C`` and
+    ``total`` is their sum; the weights too (`weigh_terms`).  Shapes: ``X`` (N, n), ``Z`` (N, m), ``C`` and
     ``E`` (m, n), ``L`` (N, N).  Values are Python floats (float64 sums).
 
     >>> X = np.ones((2, 2)); Z = np.ones((2, 1)); C = np.ones((1, 2))
@@ -294,18 +357,7 @@ def objective_terms(
     if E is not None:
         R = Z - X @ E.T
         out["encoder"] = inner(R, R)
-    weights = {
-        "reconstruction": config.lambda_d / 2,
-        "sparsity": config.lambda_z,
-        "graph": config.lambda_g / 2,
-        "encoder": config.lambda_e / 2,
-    }
-    total = 0.0
-    for name in TERM_NAMES:
-        weighted = weights[name] * out[name] if weights[name] > 0 else 0.0
-        out[f"{name}_weighted"] = weighted
-        total += weighted
-    out["total"] = total
+    out.update(weigh_terms(out, config))
     return out
 
 
@@ -344,10 +396,17 @@ class FitResult:
         (percentage of non-zero codes); ``inner_codes``, ``inner_dictionary``,
         ``inner_encoder`` (FISTA iterations of each step, 0 if skipped);
         ``stop_codes``, ``stop_dictionary``, ``stop_encoder`` (their stop
-        reasons, "" if skipped); ``seconds`` (wall time of the iteration).
+        reasons, "" if skipped); ``seconds`` (wall time of the iteration);
+        ``lambda_d``, ``lambda_z``, ``lambda_g``, ``lambda_e`` (the weights of
+        the objective measured); ``balanced`` (True on the iteration after
+        which the weights were rescaled, see ``rebalance``).
     n_iter : int
         Outer iterations performed.
     stop_reason : {"rtol", "max_outer"}
+    config : ModelConfig or None
+        The configuration the model was trained with: the one given, with the
+        rescaled weights when ``balance_lambdas`` is set (to encode new data
+        with the same objective).
     """
 
     components: np.ndarray
@@ -356,6 +415,7 @@ class FitResult:
     history: list[dict[str, Any]]
     n_iter: int
     stop_reason: str
+    config: ModelConfig | None = None
 
 
 def log_outer(log: logging.Logger, record: dict[str, Any]) -> None:
@@ -387,7 +447,11 @@ def fit_sae(
     ``rtol = config.inner_tolerance``, ``atol = config.atol`` and
     ``max_iter = config.max_inner``.  Stops when
     ``|F_prev - F| <= config.rtol |F|`` ("rtol") or after ``config.max_outer``
-    iterations ("max_outer").
+    iterations ("max_outer").  With ``config.balance_lambdas``, the weights
+    ``lambda_d``, ``lambda_g``, ``lambda_e`` are rescaled after the first outer
+    iteration so that every weighted term equals ``lambda_z ||Z||_1``
+    (`balanced_weights`, `rebalance`), and training goes on with them
+    (``FitResult.config`` holds them).
 
     Every array of the computation is in ``config.dtype``: ``X`` and the
     Laplacian are converted (copied) if they are not.  ``||L||_2`` is estimated
@@ -477,10 +541,41 @@ def fit_sae(
             steps["encoder"] = result
         record = record_of(iteration, time.perf_counter() - start, steps, history[-1]["total"])
         history.append(record)
+        if config.balance_lambdas and iteration == 1:
+            config = rebalance(history, config)
         log_outer(logger, record)
         if callback is not None:
             callback(FitState(iteration=iteration, codes=Z, components=C, encoder=E, record=record))
-        if record["relative_change"] <= config.rtol:
+        if record["relative_change"] <= config.rtol and not record.get("balanced"):
             stop_reason = "rtol"
             break
-    return FitResult(components=C, encoder=E, codes=Z, history=history, n_iter=iteration, stop_reason=stop_reason)
+    return FitResult(components=C, encoder=E, codes=Z, history=history, n_iter=iteration, stop_reason=stop_reason,
+                     config=config)
+
+
+def rebalance(history: list[dict[str, Any]], config: ModelConfig) -> ModelConfig:
+    """``config`` with `balanced_weights` of ``history[-1]``; the history re-weighted in place.
+
+    Every record gets the new weighted terms, total and weights (`weigh_terms`),
+    so the whole history measures one objective, the one trained from here on;
+    the last record's ``relative_change`` is recomputed against the previous
+    one, and it is marked ``balanced = True``.  Without a change (all-zero codes)
+    ``config`` is returned as it is, with a warning.
+    """
+    record = history[-1]
+    update = balanced_weights(record, config)
+    if not update:
+        logger.warning("balance_lambdas: the codes are all zero after outer iteration %d, weights kept "
+                       "(lower lambda_z or raise lambda_d)", record["iteration"])
+        return config
+    before = {name: getattr(config, name) for name in update}
+    config = config.model_copy(update=update)
+    for entry in history:
+        entry.update(weigh_terms(entry, config))
+    if len(history) > 1:
+        previous, total = history[-2]["total"], record["total"]
+        record["relative_change"] = abs(previous - total) / max(abs(total), np.finfo(np.float64).tiny)
+    record["balanced"] = True
+    logger.info("balance_lambdas after outer iteration %d: %s", record["iteration"],
+                ", ".join(f"{name} {before[name]:.4g} -> {value:.4g}" for name, value in update.items()))
+    return config

@@ -23,6 +23,7 @@ import yaml
 from flows.pipeline import STAGES, stage_keys
 from sae import store as sae_store
 from sae.config import PipelineConfig
+from sae.sweep import sweep_points
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 PREFECT_FILE = REPOSITORY / "deploy" / "prefect.yaml"
@@ -41,8 +42,11 @@ def test_deployment_parameters_validate_against_the_config_models():
         assert not Path(config.ingest.store).is_absolute()  # relative to the repository
         found[(deployment["flow_name"], parameters.get("stage"))] = deployment["entrypoint"]
         assert deployment["work_pool"]["name"] == "sae-process"
+        if "parameters" in parameters:  # a sweep: every point of its grid is a valid configuration
+            assert len(sweep_points(config, parameters["parameters"])) >= 2
     assert found == {("pipeline", None): "flows/pipeline.py:pipeline_flow",
-                     **{("pipeline-stage", stage): "flows/pipeline.py:stage_flow" for stage in STAGES}}
+                     **{("pipeline-stage", stage): "flows/pipeline.py:stage_flow" for stage in STAGES},
+                     ("sweep", None): "flows/sweep.py:sweep_flow"}
     for entrypoint in set(found.values()):
         path, name = entrypoint.split(":")
         assert f"def {name}(" in (REPOSITORY / path).read_text()

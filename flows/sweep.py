@@ -1,0 +1,297 @@
+"""Hyper-parameter sweeps as one flow: the pipeline at every point of a grid, with a table and plots.
+
+`sweep_flow` runs the pipeline for every point of the grid of
+`sae.sweep.sweep_points`, each stage **once per distinct configuration**: the
+points' stage keys (`flows.pipeline.stage_keys`) are grouped, so
+
+1. the ingestion (the CQT of every clip) runs once, as in ``sae run``;
+2. ``preprocess`` and ``graph`` tasks (`flows.graph`) run once per distinct
+   preprocessing / graph configuration, the graph only for points with
+   ``lambda_g > 0``;
+3. ``train`` tasks (`flows.train`) run once per distinct model, several at a
+   time on a Dask cluster (``parallel``; they share its workers), one at a time
+   on local threads;
+4. the classification (`flows.classify.submit_classification`) of the
+   baseline and the codes runs once per distinct model and classifier setting.
+
+Steps 2-4 run in the sub-flow `sweep_stages_flow`, whose task runner is the
+cluster's (``config.cluster``, else ``$SAE_DASK_ADDRESS``: a
+``prefect_dask.DaskTaskRunner``), also when the sweep runs from a deployment.
+A stage already complete in the store (from an earlier run or sweep) is
+reused.  The flow then writes, beside the store in ``<store>-reports/``:
+``sweep-<key>.csv`` (one row per point, `sae.sweep.point_row`),
+``sweep-<key>-metrics.png`` (each metric against the first swept parameter),
+``sweep-<key>-atoms.png`` (the learned dictionaries), ``sweep-<key>-convergence.png``
+(the objective terms against the outer iteration) and ``sweep-<key>.md``; the rows
+also go to the store (``sweep/<key>``, attribute ``rows``), and the table and the
+report are published as Prefect artifacts::
+
+    from flows.sweep import sweep_flow
+    from sae.config import PipelineConfig
+
+    summary = sweep_flow(PipelineConfig(ingest={"store": "sae.zarr"}),
+                         {"lambda_g": [0, 10, 100], "balance_lambdas": [False, True]})
+    print(summary["table"])
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.context import FlowRunContext
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows.classify import brief, submit_classification
+from flows.graph import graph_task, preprocess_task
+from flows.pipeline import (
+    check_frames,
+    dask_address,
+    feature_sources,
+    make_task_runner,
+    resolve_paths,
+    run_ingest_stage,
+    show_library_logs,
+    stage_keys,
+)
+from flows.train import train_task
+from sae import store as sae_store
+from sae.config import PipelineConfig
+from sae.distributed import open_model
+from sae.report import plot_atoms, plot_convergence, plot_sweep_metrics
+from sae.sweep import point_row, sweep_key, sweep_points, write_csv
+
+STAGE = "sweep"
+"""Stage group of sweep results in a store: ``sweep/<key>`` with the attribute ``rows``."""
+
+
+def sweep_paths(store: str, key: str) -> dict[str, Path]:
+    """Where a sweep's files go: ``<store>-reports/sweep-<key>{.csv,.md,-metrics.png,-atoms.png,-convergence.png}``."""
+    folder = Path(f"{str(store).rstrip('/')}-reports")
+    stem = f"sweep-{key}"
+    return {
+        "csv": folder / f"{stem}.csv",
+        "markdown": folder / f"{stem}.md",
+        "metrics_png": folder / f"{stem}-metrics.png",
+        "atoms_png": folder / f"{stem}-atoms.png",
+        "convergence_png": folder / f"{stem}-convergence.png",
+    }
+
+
+def sweep_table(rows: list[dict[str, Any]], parameters: list[str]) -> str:
+    """Markdown table of a sweep: the swept values, accuracy ± std, baseline, chance, non-zeros, time, iterations.
+
+    >>> row = {"train.model.lambda_g": 100, "accuracy_mean": 0.8, "accuracy_std": 0.05, "baseline_mean": 0.7,
+    ...        "baseline_std": 0.04, "chance": 0.2, "sparsity_percent": 4.71, "train_seconds": 12.3,
+    ...        "outer_iterations": 7, "inner_codes": 300, "total": 1234.5}
+    >>> print(sweep_table([row], ["train.model.lambda_g"]).splitlines()[2])
+    | 100 | 80.0 ± 5.0 | 70.0 ± 4.0 | 20.0 | 4.71 | 1234.5 | 12.3 | 7 / 300 |
+    """
+    header = [p.rsplit(".", 1)[-1] for p in parameters] + [
+        "accuracy (%)", "baseline (%)", "chance (%)", "non-zeros (%)", "objective", "train (s)", "outer / inner Z",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [str(row[p]) for p in parameters] + [
+            f"{100 * row['accuracy_mean']:.1f} ± {100 * row['accuracy_std']:.1f}",
+            f"{100 * row['baseline_mean']:.1f} ± {100 * row['baseline_std']:.1f}",
+            f"{100 * row['chance']:.1f}",
+            f"{row['sparsity_percent']:.2f}",
+            f"{row['total']:.6g}",
+            f"{row['train_seconds']:.1f}",
+            f"{row['outer_iterations']} / {row['inner_codes']}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _unique(items: list[tuple[str, Any]]) -> dict[str, Any]:
+    """First item per key, in order."""
+    out: dict[str, Any] = {}
+    for key, item in items:
+        out.setdefault(key, item)
+    return out
+
+
+@flow(name="sweep-stages", task_runner=ThreadPoolTaskRunner(max_workers=8))
+def sweep_stages_flow(config: PipelineConfig, parameters: dict[str, list[Any]], parallel: int) -> dict[str, Any]:
+    """Steps 2-4 of the module docstring for the points of a sweep whose ingestion is complete.
+
+    Runs on the task runner it is given (`sweep_flow` passes the cluster's);
+    ``config`` has absolute paths.  Returns ``computed`` (stage -> keys
+    computed here) and ``results`` (results key -> feature set -> accuracy_mean,
+    accuracy_std, chance, n_scores).
+    """
+    points = sweep_points(config, parameters)
+    store = config.ingest.store
+    keys = [stage_keys(point.config) for point in points]
+    computed: dict[str, list[str]] = {"preprocess": [], "graph": [], "model": [], "results": []}
+
+    # preprocessing and graphs, once per distinct configuration
+    for pre_key, point in _unique([(k["preprocess"], p) for k, p in zip(keys, points)]).items():
+        if not preprocess_task.submit(store, point.config.preprocess).result()["skipped"]:
+            computed["preprocess"].append(pre_key)
+    needs_graph = [((k["preprocess"], k["graph"]), p) for k, p in zip(keys, points)
+                   if p.config.train.model.lambda_g > 0]
+    for (pre_key, graph_key), point in _unique(needs_graph).items():
+        if not graph_task.submit(store, pre_key, point.config.graph).result()["skipped"]:
+            computed["graph"].append(graph_key)
+
+    # trainings, once per distinct model, `parallel` at a time
+    pending = list(_unique([(k["model"], (k, p)) for k, p in zip(keys, points)]).items())
+    while pending:
+        wave, pending = pending[:parallel], pending[parallel:]
+        futures = {
+            model_key: train_task.submit(
+                store, k["preprocess"], k["graph"] if p.config.train.model.lambda_g > 0 else None, p.config.train
+            )
+            for model_key, (k, p) in wave
+        }
+        for model_key, future in futures.items():
+            if not future.result()["skipped"]:
+                computed["model"].append(model_key)
+
+    # classification of the baseline and the codes, once per distinct model and classifier
+    results: dict[str, dict[str, Any]] = {}
+    for k, point in zip(keys, points):
+        if k["results"] not in results:
+            features = feature_sources(k["preprocess"], k["model"])
+            _, reused, summaries = submit_classification(store, k["preprocess"], features, point.config.classify)
+            results[k["results"]] = brief(summaries)
+            if not reused:
+                computed["results"].append(k["results"])
+    return {"computed": computed, "results": results}
+
+
+@flow(name="sweep", task_runner=ThreadPoolTaskRunner(max_workers=1))
+def sweep_flow(
+    config: PipelineConfig,
+    parameters: dict[str, list[Any]],
+    parallel: int | None = None,
+) -> dict[str, Any]:
+    """Run the pipeline at every point of the grid over ``parameters``; a table, a CSV and plots.
+
+    The stages run on ``config.cluster``'s Dask scheduler (else
+    ``$SAE_DASK_ADDRESS``, else local threads), as in `flows.pipeline.pipeline_flow`.
+
+    Parameters
+    ----------
+    config : PipelineConfig
+        The base configuration (store, data, every stage's settings, cluster).
+    parameters : dict
+        Parameter name or dotted path -> list of values (`sae.sweep.resolve_parameter`);
+        the grid is their Cartesian product.  The first parameter is the x axis of
+        the metric plot.
+    parallel : int, optional
+        Trainings run at the same time; default: every distinct model on a Dask
+        cluster, 1 on local threads.
+
+    Returns
+    -------
+    dict
+        ``key`` (of ``sweep/<key>``), ``store``, ``rows`` (one dict per point,
+        `sae.sweep.point_row`), ``table`` (markdown), ``computed`` (stage ->
+        keys computed by this run, not reused), the paths ``csv``, ``markdown``,
+        ``metrics_png``, ``atoms_png``, ``convergence_png``, and ``cluster``.
+    """
+    log = get_run_logger()
+    show_library_logs()
+    check_frames(config)
+    config = resolve_paths(config)
+    address = dask_address(config)
+    points = sweep_points(config, parameters)
+    if parallel is not None and parallel < 1:
+        raise ValueError(f"parallel must be >= 1, got {parallel!r}")
+    key = sweep_key(config, parameters)
+    paths = list(points[0].values)
+    store = config.ingest.store
+    log.info("sweep %s: %d points over %s, on %s", key, len(points), ", ".join(paths), address or "local threads")
+
+    ingest = run_ingest_stage(points[0].config, address)  # shared by every point
+    stages = sweep_stages_flow
+    if address is not None:
+        stages = stages.with_options(task_runner=make_task_runner(address))
+    out = stages(config=config, parameters=parameters,
+                 parallel=parallel or (len(points) if address is not None else 1))
+    computed = {"ingest": [] if ingest["skipped"] else [ingest["key"]], **out["computed"]}
+
+    rows, histories, atoms = [], {}, {}
+    for point in points:
+        k = stage_keys(point.config)
+        model = open_model(store, k["model"])
+        row = point_row(point, model["history"], out["results"][k["results"]], k, stop_reason=model["stop_reason"])
+        rows.append(row)
+        histories[point.label] = model["history"]
+        atoms[point.label] = model["components"]
+        log.info(
+            "%s: accuracy %.1f ± %.1f %% (baseline %.1f), non-zeros %.2f %%, %d outer iterations, %.1f s",
+            point.label, 100 * row["accuracy_mean"], 100 * row["accuracy_std"], 100 * row["baseline_mean"],
+            row["sparsity_percent"], row["outer_iterations"], row["train_seconds"],
+        )
+    files = _write_outputs(store, key, config, parameters, paths, rows, histories, atoms)
+    table = sweep_table(rows, paths)
+    log.info("sweep %s (%s):\n%s", key, files["csv"], table)
+    if FlowRunContext.get() is not None:
+        create_table_artifact(
+            [{name: _json_safe(value) for name, value in row.items()} for row in rows],
+            key=f"sweep-{key}", description=f"Sweep over {', '.join(paths)} on {store}: one row per point",
+        )
+        create_markdown_artifact(
+            Path(files["markdown"]).read_text(), key=f"sweep-{key}-report",
+            description=f"Sweep over {', '.join(paths)} on {store}",
+        )
+    return {"key": key, "store": store, "cluster": address, "rows": rows, "table": table, "computed": computed,
+            **files}
+
+
+def _write_outputs(
+    store: str,
+    key: str,
+    config: PipelineConfig,
+    parameters: dict[str, list[Any]],
+    paths: list[str],
+    rows: list[dict[str, Any]],
+    histories: dict[str, list[dict[str, Any]]],
+    atoms: dict[str, Any],
+) -> dict[str, str]:
+    """The CSV, the three figures, the markdown report and the ``sweep/<key>`` group; returns the file paths."""
+    files = sweep_paths(store, key)
+    files["csv"].parent.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, files["csv"])
+    plot_sweep_metrics(rows, paths[0], files["metrics_png"])
+    plot_atoms(atoms, files["atoms_png"])
+    plot_convergence(histories, files["convergence_png"])
+    markdown = (
+        f"# Sweep over {', '.join(paths)}\n\n"
+        f"Store `{store}`; accuracy of the codes and of the scaled CQT (baseline), mean ± std over the "
+        f"splits ({config.classify.protocol} protocol); objective at the end of training.\n\n"
+        + sweep_table(rows, paths)
+        + "\n\n"
+        + "\n".join(f"- {name.replace('_', ' ')}: `{path.resolve()}`" for name, path in files.items()
+                    if name != "markdown")
+        + "\n"
+    )
+    files["markdown"].write_text(markdown)
+    group = sae_store.stage_group(
+        store, STAGE, key, mode="w",
+        config={"base": config.model_dump(mode="json", exclude={"cluster", "force"}),
+                "parameters": {p: [point_value for point_value in values] for p, values in parameters.items()}},
+    )
+    group.attrs.update({"rows": [{name: _json_safe(value) for name, value in row.items()} for row in rows],
+                        "files": {name: str(path) for name, path in files.items()}})
+    sae_store.mark_complete(group)
+    return {name: str(path) for name, path in files.items()}
+
+
+def run_sweep(config: PipelineConfig, parameters: dict[str, list[Any]], parallel: int | None = None) -> dict[str, Any]:
+    """Run `sweep_flow` (a plain call: local Prefect, or the server of ``PREFECT_API_URL``)."""
+    return sweep_flow(config=config, parameters=parameters, parallel=parallel)
