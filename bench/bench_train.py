@@ -14,8 +14,8 @@ with 2 workers, and prints:
 - the 1- vs 2-worker speedup;
 - peak resident memory of every process (client, scheduler side, workers), by psutil sampling;
 - the share of the machine's measured float32 matmul throughput (single thread x workers) that
-  the Z step reaches: Z-step flops = inner iterations x (one application of A) with
-  A(Z) = lambda_d (Z C) C^T ... (4 N m n flops when m > 2n, else 2 N m^2).
+  the Z step reaches: Z-step flops = inner iterations x 4 N m n (per FISTA iteration, the
+  products y C and x_{k+1} C, each (N, m) x (m, n); the graph and element-wise work not counted).
 
 Run small while developing, e.g.::
 
@@ -152,7 +152,7 @@ def main() -> None:
                          max_inner=args.max_inner, random_state=0)
     block_size = args.block_size or -(-args.n_frames // 8)
     m, n, N = args.n_atoms, args.n_bins, args.n_frames
-    flops_per_apply = (2 * N * m * m) if m <= 2 * n else (4 * N * m * n)
+    flops_per_apply = 4 * N * m * n  # per FISTA iteration: y C and x_{k+1} C, each (N, m) x (m, n)
     totals = {}
     for n_workers in args.workers:
         with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, host="127.0.0.1",
@@ -174,6 +174,7 @@ def main() -> None:
         print(f"  Z step reaches {100 * share:.1f}% of the measured GEMM throughput ({n_workers} x {single:.1f} GFLOP/s)")
         for pid, (name, rss) in sorted(memory.peaks.items()):
             print(f"  peak RSS {rss / 2**20:8.1f} MiB  pid {pid} {name}")
+        print(f"  sum of the peaks {sum(rss for _, rss in memory.peaks.values()) / 2**30:.2f} GiB")
     if 1 in totals and 2 in totals:
         print(f"\nspeedup 1 -> 2 workers: {totals[1] / totals[2]:.2f}x")
 

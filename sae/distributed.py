@@ -20,11 +20,17 @@ the rows of ``Z_c`` whose columns are non-zero in ``L[b rows, :]`` (the
 
 * ``lambda_g > 0``: **one global FISTA whose iterations are per-block
   tasks.**  Iteration ``k`` is one task per block that receives the halo rows
-  of ``x_k`` from its neighbours, computes ``A(x_k)_b`` (one application of
-  ``A``, as :func:`sae.solvers.fista`), the block's parts of ``F(x_k)``, then
-  the next iterate ``x_{k+1, b} = soft(y_b - (A(y)_b - B_b) / beta,
-  lambda_z / beta)`` with ``y = x_k + alpha_k (x_k - x_{k-1})`` and
-  ``A(y) = A(x_k) + alpha_k (A(x_k) - A(x_{k-1}))``; small tasks then cut
+  of ``x_k`` and ``x_{k-1}`` from its neighbours, computes the block's parts
+  of ``F(x_k)`` and the next iterate ``x_{k+1, b} = soft(y_b - step grad_b,
+  step lambda_z)`` with ``y = x_k + alpha_k (x_k - x_{k-1})`` and
+  ``grad_b = lambda_d (y_b C - X_b) C^T + lambda_e (y_b - X_b E^T) + lambda_g (L y)_b``
+  (the gradient of the smooth part at ``y``, as :func:`sae.solvers.fista`).
+  Linear maps of ``y`` are extrapolated from those of ``x_k`` and
+  ``x_{k-1}``: ``y_b C`` from ``P_k = x_k C`` and ``P_{k-1}`` (N_b, n), kept in
+  the block's state (so the reconstruction costs two (N_b, m) x (m, n)
+  products per iteration, ``y C`` and ``x_{k+1} C``, and ``F(x_k)``'s part is
+  ``||P_k - X_b||^2``), and ``(L y)_b`` from ``(L x_k)_b`` and ``(L x_{k-1})_b``,
+  two products with the block's rows of ``L``; small tasks then cut
   the halo rows of ``x_{k+1, b}`` wanted by each neighbour.  The adaptive
   restart of :func:`sae.solvers.fista` (momentum reset when
   ``<y_k - x_{k+1}, x_{k+1} - x_k> > 0``) needs a global sum: each block
@@ -73,10 +79,15 @@ the rows of ``Z_c`` whose columns are non-zero in ``L[b rows, :]`` (the
   maximum over blocks.
 
 Memory.  The FISTA state lives in worker memory as futures: per block
-``X_b``, ``B_b`` and three (N_b, m) iterates (``x_k``, ``x_{k-1}``,
-``A(x_{k-1})``) in the model's dtype; at full scale (N = 1,288,000, m = 512,
-float32) that is ~5 x 2.6 GB over the whole cluster, ~13 GB, spread by
-blocks.  The client holds only (m, m), (m, n), (n, n) matrices and scalars.
+``X_b`` and ``P_k``, ``P_{k-1}`` (N_b, n), the iterates ``x_k``, ``x_{k-1}``
+(N_b, m) kept as CSR when at most 40% of their entries are non-zero
+(:data:`SPARSE_STATE_DENSITY`; 8 bytes per non-zero in float32) and dense
+otherwise, and ``X_b E^T`` (N_b, m) when ``lambda_e > 0``; nothing else of
+size (N_b, m) outlives a task.  At full scale (N = 1,288,000, n = 96, m = 512,
+float32, 20% non-zeros, ``lambda_e = 0``) that is ~1.5 GB of (N, n) arrays and
+~2.1 GB of iterates over the whole cluster, plus each running task's dense
+(N_b, m) temporaries.  The code blocks between steps are kept the same way.
+The client holds only (m, m), (m, n), (n, n) matrices and scalars.
 
 D and E steps (row-parallel)
 ----------------------------
@@ -146,7 +157,7 @@ from sae.model import (
 )
 from sae.solvers import LIPSCHITZ_SAFETY, next_momentum, spectral_norm
 from sae.solvers import stop_reason as fista_stop_reason
-from sae.terms import CodeEncoderFit, CodeReconstruction, inner, soft_threshold
+from sae.terms import inner, soft_threshold, sparse_dense_product
 
 __all__ = [
     "STAGE",
@@ -164,6 +175,10 @@ logger = logging.getLogger("sae.distributed")
 
 #: Halo rows are sent as CSR when at most this fraction of their entries is non-zero.
 SPARSE_HALO_DENSITY = 0.25
+
+#: Code blocks are kept as CSR (values and column indices: 8 bytes per non-zero in float32,
+#: 12 in float64, against 4 or 8 per entry dense) when at most this fraction is non-zero.
+SPARSE_STATE_DENSITY = 0.4
 
 
 # --------------------------------------------------------------------------- blocks and sources
@@ -289,23 +304,44 @@ class _CodeProblem:
     """The data of block ``b``'s part of the Z step (constant during the step)."""
 
     index: int  # b
-    apply_terms: tuple  # quadratic terms acting row-wise (reconstruction, encoder), in solve_codes' order
-    linear: np.ndarray | None  # B_b (N_b, m)
-    constant: float  # c_b
+    data: np.ndarray  # X_b (N_b, n)
+    components: np.ndarray | None  # C (m, n) when lambda_d > 0
+    target: np.ndarray | None  # X_b E^T (N_b, m) when lambda_e > 0
+    lambda_d: float
     lambda_z: float
     lambda_g: float
+    lambda_e: float
     step: float
     graph: _GraphBlock | None
 
 
 @dataclass(frozen=True)
 class _CodeState:
-    """FISTA state of one block: ``x`` = x_k (A not yet applied), ``x_prev`` = x_{k-1}, ``Ax_prev`` = A(x_{k-1})."""
+    """FISTA state of one block after iteration ``k - 1``.
 
-    x: np.ndarray
-    x_prev: np.ndarray | None = None
-    Ax_prev: np.ndarray | None = None
+    ``x`` = x_k and ``x_prev`` = x_{k-1} (compact: CSR when sparse enough, see
+    `_compact`); ``P`` = x_k C and ``P_prev`` = x_{k-1} C (N_b, n), from which
+    ``y C`` is extrapolated; None when not computed yet (the start) or when
+    ``lambda_d = 0``.  ``scalars``: the block's parts of F(x_{k-1}) and of the
+    restart test.
+    """
+
+    x: Any
+    x_prev: Any = None
+    P: np.ndarray | None = None
+    P_prev: np.ndarray | None = None
     scalars: dict[str, float] = field(default_factory=dict)
+
+
+def _compact(x: np.ndarray) -> Any:
+    """``x`` as CSR when at most `SPARSE_STATE_DENSITY` of its entries are non-zero, else as it is."""
+    if sp.issparse(x) or x.size == 0 or np.count_nonzero(x) > SPARSE_STATE_DENSITY * x.size:
+        return x
+    return sp.csr_array(x)
+
+
+def _densify(rows: Any) -> np.ndarray:
+    return rows.toarray() if sp.issparse(rows) else rows
 
 
 def _code_problem(
@@ -316,86 +352,101 @@ def _code_problem(
     graph: _GraphBlock | None,
     params: dict[str, float],
 ) -> _CodeProblem:
-    terms: list = []
-    if params["lambda_d"] > 0:
-        terms.append(CodeReconstruction(X_block, components, params["lambda_d"]))
-    if params["lambda_e"] > 0:
-        terms.append(CodeEncoderFit(X_block, encoder, params["lambda_e"]))
-    linear = None
-    for term in terms:
-        linear = term.linear if linear is None else linear + term.linear
+    lambda_e = params["lambda_e"]
     return _CodeProblem(
         index=index,
-        apply_terms=tuple(terms),
-        linear=linear,
-        constant=sum(term.constant for term in terms),
+        data=X_block,
+        components=components if params["lambda_d"] > 0 else None,
+        target=X_block @ encoder.T if lambda_e > 0 else None,
+        lambda_d=params["lambda_d"],
         lambda_z=params["lambda_z"],
         lambda_g=params["lambda_g"],
+        lambda_e=lambda_e,
         step=params["step"],
         graph=graph,
     )
 
 
-def _densify(rows: Any) -> np.ndarray:
-    return rows.toarray() if sp.issparse(rows) else rows
+def _graph_product(problem: _CodeProblem, x: np.ndarray, halos: Sequence[Any]) -> np.ndarray:
+    """``(L x)_b`` (N_b, m) from the block's rows ``x`` and its halo rows (neighbour order)."""
+    extended = np.vstack([x] + [_densify(h) for h in halos]) if halos else x
+    return sparse_dense_product(problem.graph.extended, extended)
 
 
 def _code_iterate(
-    problem: _CodeProblem, state: _CodeState, packs: Sequence[dict], momentum: tuple[float, float]
+    problem: _CodeProblem,
+    state: _CodeState,
+    packs: Sequence[dict],
+    previous_packs: Sequence[dict] | None,
+    momentum: tuple[float, float],
 ) -> _CodeState:
     """One FISTA iteration on one block (see the module docstring).
 
-    Computes ``A(x_k)_b`` (with the halo rows of ``x_k`` for the graph term,
-    taken from the neighbours' ``packs``, in neighbour order), the parts of
-    ``F(x_k)`` on the block, and ``x_{k+1, b}``.
+    Computes the block's parts of ``F(x_k)`` and ``x_{k+1, b} = soft(y_b - step
+    grad_b, step lambda_z)`` with ``y = x_k + alpha (x_k - x_{k-1})`` and
+    ``grad_b = lambda_d (y_b C - X_b) C^T + lambda_e (y_b - X_b E^T) + lambda_g (L y)_b``;
+    ``y_b C`` is extrapolated from ``x_k C`` and ``x_{k-1} C`` (N_b, n), and
+    ``(L y)_b`` from ``(L x_k)_b`` and ``(L x_{k-1})_b``, computed with the halo
+    rows of ``x_k`` (``packs``) and of ``x_{k-1}`` (``previous_packs``).
     """
-    x = state.x
-    halos = [pack[problem.index] for pack in packs]
+    x = _densify(state.x)
     dtype = x.dtype
-    Ax = None
-    for term in problem.apply_terms:
-        Ax = term.apply(x) if Ax is None else Ax + term.apply(x)
+    alpha = dtype.type(momentum[1])
+    used = bool(state.x_prev is not None and alpha != 0)
+    X, C = problem.data, problem.components
+    P = state.P if state.P is not None or C is None else x @ C
+    # the block's parts of F(x_k)
+    smooth = 0.0
+    if C is not None:
+        residual = P - X
+        smooth += 0.5 * problem.lambda_d * inner(residual, residual)
+    if problem.target is not None:
+        residual = x - problem.target
+        smooth += 0.5 * problem.lambda_e * inner(residual, residual)
     graph_energy = 0.0
+    Lx = None
     if problem.graph is not None:
-        extended = np.vstack([x] + [_densify(h) for h in halos]) if halos else x
-        Lx = np.asarray(problem.graph.extended @ extended, dtype=dtype)
+        Lx = _graph_product(problem, x, [pack[problem.index] for pack in packs])
         graph_energy = inner(x, Lx)
-        gLx = dtype.type(problem.lambda_g) * Lx
-        Ax = gLx if Ax is None else Ax + gLx
-    scalars = {
-        "xAx": inner(x, Ax),
-        "xB": inner(x, problem.linear) if problem.linear is not None else 0.0,
-        "constant": problem.constant,
-        "l1": float(np.abs(x).sum(dtype=np.float64)),
-        "graph": graph_energy,
-        "nnz": float(np.count_nonzero(x)),
-    }
-    alpha_t = dtype.type(momentum[1])
-    # forward = y - step (A(y) - B), with y and A(y) extrapolated linearly; in place, in the order of
-    # sae.solvers.fista (same rounding), to spare (N_b, m) temporaries
-    forward = np.empty_like(Ax)
-    if state.x_prev is not None and alpha_t != 0:
-        y = np.subtract(x, state.x_prev)
-        y *= alpha_t
+        smooth += 0.5 * problem.lambda_g * graph_energy
+    scalars = {"smooth": smooth, "l1": float(np.abs(x).sum(dtype=np.float64)), "graph": graph_energy,
+               "nnz": float(np.count_nonzero(x))}
+    # y and the gradient at y, extrapolated where linear (same rounding order on every block)
+    x_prev = _densify(state.x_prev) if used else None
+    if used:
+        y = x - x_prev
+        y *= alpha
         y += x
-        np.subtract(Ax, state.Ax_prev, out=forward)
-        forward *= alpha_t
-        forward += Ax
     else:
         y = x
-        np.copyto(forward, Ax)
-    if problem.linear is not None:
-        forward -= problem.linear
-    forward *= dtype.type(problem.step)
-    np.subtract(y, forward, out=forward)
-    x_next = soft_threshold(forward, problem.step * problem.lambda_z) if problem.lambda_z > 0 else forward
+    parts = []  # the gradient's terms, each (N_b, m), summed in place into the first
+    if C is not None:
+        Py = P if not used else P + alpha * (P - state.P_prev)
+        parts.append((dtype.type(problem.lambda_d) * (Py - X)) @ C.T)
+    if problem.target is not None:
+        parts.append(y - problem.target)
+        parts[-1] *= dtype.type(problem.lambda_e)
+    if Lx is not None:
+        Ly = Lx  # (L x_k)_b is not needed any more: scaled in place
+        if used:
+            Ly = Lx - _graph_product(problem, x_prev, [pack[problem.index] for pack in previous_packs or ()])
+            Ly *= alpha
+            Ly += Lx
+        Ly *= dtype.type(problem.lambda_g)
+        parts.append(Ly)
+    gradient = parts[0] if parts else np.zeros_like(x)
+    for part in parts[1:]:
+        gradient += part
+    gradient *= dtype.type(problem.step)
+    np.subtract(y, gradient, out=gradient)
+    x_next = soft_threshold(gradient, problem.step * problem.lambda_z) if problem.lambda_z > 0 else gradient
     # adaptive restart test of sae.solvers.fista, <y - x_{k+1}, x_{k+1} - x_k>, split in two block sums
-    used = bool(state.x_prev is not None and alpha_t != 0)
     step_taken = x_next - x if used else None
     scalars["momentum_used"] = used
     scalars["restart_y"] = inner(y, step_taken) if used else 0.0
     scalars["restart_x"] = inner(x_next, step_taken) if used else 0.0
-    return _CodeState(x=x_next, x_prev=x, Ax_prev=Ax, scalars=scalars)
+    P_next = x_next @ C if C is not None else None
+    return _CodeState(x=_compact(x_next), x_prev=state.x, P=P_next, P_prev=P, scalars=scalars)
 
 
 def _first_momentum() -> tuple[float, float]:
@@ -432,7 +483,7 @@ def _halo_pack(state: _CodeState, plan: dict[int, np.ndarray]) -> dict[int, Any]
     pack = {}
     for receiver, wanted in plan.items():
         rows = state.x[wanted]
-        if rows.size and np.count_nonzero(rows) <= SPARSE_HALO_DENSITY * rows.size:
+        if not sp.issparse(rows) and rows.size and np.count_nonzero(rows) <= SPARSE_HALO_DENSITY * rows.size:
             rows = sp.csr_array(rows)
         pack[receiver] = rows
     return pack
@@ -451,11 +502,11 @@ def _solve_codes_block(
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """The whole Z step of one block when blocks are independent (``lambda_g = 0``)."""
     result = solve_codes(
-        X_block, components, encoder, None, Z0,
+        X_block, components, encoder, None, _densify(Z0),
         lambda_d=params["lambda_d"], lambda_z=params["lambda_z"], lambda_e=params["lambda_e"],
         rtol=params["rtol"], atol=params["atol"], max_iter=int(params["max_iter"]), restart=bool(params["restart"]),
     )
-    return result.solution, {"n_iter": result.n_iter, "stop_reason": result.stop_reason, "graph": 0.0}
+    return _compact(result.solution), {"n_iter": result.n_iter, "stop_reason": result.stop_reason, "graph": 0.0}
 
 
 def _first(pair: tuple) -> Any:
@@ -471,6 +522,7 @@ def _second(pair: tuple) -> Any:
 
 def _block_statistics(X_block: np.ndarray, Z_block: np.ndarray) -> dict[str, Any]:
     """``Z_b^T Z_b`` (m, m), ``Z_b^T X_b`` (m, n), ``||Z_b||_F^2``, ``||Z_b||_1`` and its non-zeros."""
+    Z_block = _densify(Z_block)
     return {
         "ZtZ": Z_block.T @ Z_block,
         "ZtX": Z_block.T @ X_block,
@@ -489,6 +541,7 @@ def _block_residuals(
     X_block: np.ndarray, Z_block: np.ndarray, components: np.ndarray, encoder: np.ndarray | None
 ) -> dict[str, float]:
     """``||X_b - Z_b C||_F^2`` and ``||Z_b - X_b E^T||_F^2`` (NaN without encoder)."""
+    Z_block = _densify(Z_block)
     residual = X_block - Z_block @ components
     out = {"reconstruction": inner(residual, residual), "encoder": float("nan")}
     if encoder is not None:
@@ -497,8 +550,8 @@ def _block_residuals(
     return out
 
 
-def _write_rows(array: zarr.Array, start: int, stop: int, values: np.ndarray) -> int:
-    array[start:stop] = values
+def _write_rows(array: zarr.Array, start: int, stop: int, values: Any) -> int:
+    array[start:stop] = _densify(values)
     return stop - start
 
 
@@ -713,13 +766,14 @@ class _Trainer:
         n_blocks = len(self.bounds)
         states = [client.submit(_CodeState, Z, key=f"sae-zstate-{tag}-0-{b}") for b, Z in enumerate(Z_blocks)]
 
-        def submit_iteration(k: int, states: list, momentum: Any) -> tuple[list, list, Any]:
+        def submit_iteration(k: int, states: list, previous: list | None, momentum: Any) -> tuple[list, list, list, Any]:
             packs = [
                 client.submit(_halo_pack, states[c], self.send_plans[c], key=f"sae-halo-{tag}-{k}-{c}")
                 for c in range(n_blocks)
             ]
             new = [
-                client.submit(_code_iterate, problems[b], states[b], [packs[c] for c in self.neighbours[b]], momentum,
+                client.submit(_code_iterate, problems[b], states[b], [packs[c] for c in self.neighbours[b]],
+                              None if previous is None else [previous[c] for c in self.neighbours[b]], momentum,
                               key=f"sae-ziter-{tag}-{k}-{b}")
                 for b in range(n_blocks)
             ]
@@ -728,10 +782,11 @@ class _Trainer:
             # so iterations can be submitted ahead of the client's stopping test
             following = client.submit(_next_momentum, momentum, scalars, config.fista_restart,
                                       key=f"sae-momentum-{tag}-{k}")
-            return new, scalars, following
+            return new, scalars, packs, following
 
         pending: deque = deque()
         submitted_states = states
+        previous_packs: list | None = None
         momentum: Any = _first_momentum()
         next_k = 0
         max_iter, rtol, atol = config.max_inner, config.inner_tolerance, config.atol
@@ -741,14 +796,14 @@ class _Trainer:
         final_states = None
         while True:
             while len(pending) < self.lookahead and next_k <= max_iter:
-                new, scalars, momentum = submit_iteration(next_k, submitted_states, momentum)
+                new, scalars, previous_packs, momentum = submit_iteration(next_k, submitted_states, previous_packs,
+                                                                          momentum)
                 pending.append((next_k, new, scalars))
                 submitted_states = new
                 next_k += 1
             k, new, scalars = pending.popleft()
             parts = client.gather(scalars)
-            value = (0.5 * sum(p["xAx"] for p in parts) + sum(p["constant"] for p in parts)
-                     - sum(p["xB"] for p in parts) + config.lambda_z * sum(p["l1"] for p in parts))
+            value = sum(p["smooth"] for p in parts) + config.lambda_z * sum(p["l1"] for p in parts)
             history.append(value)
             graph_energy = math.fsum(p["graph"] for p in parts)
             if k == 0:
@@ -818,7 +873,7 @@ class _Trainer:
         self.client.gather(written)
 
     def gather_codes(self, Z_blocks: list) -> np.ndarray:
-        return np.concatenate(self.client.gather(Z_blocks), axis=0)
+        return np.concatenate([_densify(Z) for Z in self.client.gather(Z_blocks)], axis=0)
 
 
 def _record(

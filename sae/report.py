@@ -47,6 +47,13 @@ def _percent(value: float) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
 
 
+def _save_png(fig: Any, path: str | os.PathLike, dpi: int = 100) -> str:
+    """Save a figure as PNG at ``path``; returns the path as a string."""
+    path = os.fspath(path)
+    fig.savefig(path, dpi=dpi)
+    return path
+
+
 def _class_names(summary: Mapping[str, Any]) -> list[str]:
     return [str(name) for name in summary.get("class_names") or summary["classes"]]
 
@@ -120,9 +127,7 @@ def plot_results(results: Mapping[str, Mapping[str, Any]], path: str | os.PathLi
         ax.set_ylabel("true")
         ax.set_title(f"{name}: confusion (row share)")
         fig.colorbar(image, ax=ax, shrink=0.8)
-    path = os.fspath(path)
-    fig.savefig(path, dpi=100)
-    return path
+    return _save_png(fig, path, dpi=100)
 
 
 def noise_table_markdown(
@@ -194,9 +199,7 @@ def plot_noise_experiment(
     ax.set_title("accuracy against noise")
     ax.grid(True)
     ax.legend(loc="best", fontsize="small")
-    path = os.fspath(path)
-    fig.savefig(path, dpi=100)
-    return path
+    return _save_png(fig, path, dpi=100)
 
 
 SWEEP_METRICS: dict[str, tuple[str, ...]] = {
@@ -261,9 +264,7 @@ def plot_sweep_metrics(rows: Sequence[Mapping[str, Any]], parameter: str, path: 
         ax.set_title(title)
         ax.grid(True, alpha=0.4)
         ax.legend(loc="best", fontsize="x-small")
-    path = os.fspath(path)
-    fig.savefig(path, dpi=90)
-    return path
+    return _save_png(fig, path, dpi=90)
 
 
 def plot_atoms(components: Mapping[str, np.ndarray], path: str | os.PathLike, max_atoms: int = 128) -> str:
@@ -288,9 +289,7 @@ def plot_atoms(components: Mapping[str, np.ndarray], path: str | os.PathLike, ma
         ax.set_ylabel("atom (by peak bin)")
         ax.set_title(label, fontsize="small")
         fig.colorbar(image, ax=ax, shrink=0.8)
-    path = os.fspath(path)
-    fig.savefig(path, dpi=90)
-    return path
+    return _save_png(fig, path, dpi=90)
 
 
 def plot_convergence(histories: Mapping[str, Sequence[Mapping[str, Any]]], path: str | os.PathLike) -> str:
@@ -321,6 +320,4 @@ def plot_convergence(histories: Mapping[str, Sequence[Mapping[str, Any]]], path:
         ax.set_title(quantity)
         ax.grid(True, alpha=0.4)
         ax.legend(loc="best", fontsize="x-small")
-    path = os.fspath(path)
-    fig.savefig(path, dpi=90)
-    return path
+    return _save_png(fig, path, dpi=90)

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
+from numba import njit
 
 __all__ = [
     "QuadraticTerm",
@@ -50,6 +51,7 @@ __all__ = [
     "inner",
     "soft_threshold",
     "project_rows_to_ball",
+    "sparse_dense_product",
 ]
 
 
@@ -266,6 +268,41 @@ class CodeEncoderFit(QuadraticTerm):
         return self.weight
 
 
+@njit(cache=True, nogil=True)
+def _csr_dense_product(indptr, indices, data, dense, out):  # pragma: no cover - compiled
+    n_cols = dense.shape[1]
+    for i in range(indptr.size - 1):
+        row = out[i]
+        row[:] = 0
+        for p in range(indptr[i], indptr[i + 1]):
+            weight = data[p]
+            source = dense[indices[p]]
+            for j in range(n_cols):
+                row[j] += weight * source[j]
+
+
+def sparse_dense_product(sparse: Any, dense: np.ndarray) -> np.ndarray:
+    """``sparse @ dense`` (N, m) for a sparse (N, K) matrix and a dense (K, m) array, in ``dense``'s dtype.
+
+    One thread, compiled (numba): each row of the result is accumulated over the
+    row's non-zeros in order, the inner loop running along the contiguous rows
+    of ``dense`` (a few times faster than scipy's product for m in the hundreds).
+    The weights are cast to ``dense``'s dtype; ``dense`` is made C-contiguous.
+
+    >>> L = sp.csr_array(np.array([[2.0, -1.0], [-1.0, 2.0]]))
+    >>> sparse_dense_product(L, np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32))
+    array([[ 2., -1.],
+           [-1.,  2.]], dtype=float32)
+    """
+    matrix = sp.csr_array(sparse)
+    dense = np.ascontiguousarray(dense)
+    if dense.ndim != 2 or matrix.shape[1] != dense.shape[0]:
+        raise ValueError(f"shapes {matrix.shape} and {dense.shape} do not align for a product")
+    out = np.empty((matrix.shape[0], dense.shape[1]), dtype=dense.dtype)
+    _csr_dense_product(matrix.indptr, matrix.indices, matrix.data.astype(dense.dtype, copy=False), dense, out)
+    return out
+
+
 class GraphDirichlet(QuadraticTerm):
     """Graph smoothness (Dirichlet energy) of the codes: ``w/2 tr(Z^T L Z)``.
 
@@ -291,11 +328,15 @@ class GraphDirichlet(QuadraticTerm):
         self.laplacian_norm = laplacian_norm
 
     def apply(self, V: np.ndarray) -> np.ndarray:
-        LV = self.laplacian @ V
-        if sp.issparse(LV):  # pragma: no cover - only with a sparse V
-            LV = LV.toarray()
-        LV = np.asarray(LV, dtype=V.dtype)
-        return V.dtype.type(self.weight) * LV
+        if sp.issparse(self.laplacian) and not sp.issparse(V):
+            LV = sparse_dense_product(self.laplacian, V)
+        else:
+            LV = self.laplacian @ V
+            if sp.issparse(LV):  # pragma: no cover - only with a sparse V
+                LV = LV.toarray()
+            LV = np.asarray(LV, dtype=V.dtype)
+        LV *= V.dtype.type(self.weight)
+        return LV
 
     @property
     def linear(self) -> None:

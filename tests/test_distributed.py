@@ -105,6 +105,22 @@ def test_global_fista_with_graph_matches_reference(thread_client, small, n_block
                                atol=1e-3)
 
 
+@pytest.mark.parametrize("density", [0.0, 1.0])
+def test_sparse_and_dense_code_blocks_give_the_same_iterates(thread_client, small, monkeypatch, density):
+    """Code blocks kept as CSR (density 1.0: always) or dense (0.0: never) follow the same global FISTA."""
+    import sae.distributed
+
+    monkeypatch.setattr(sae.distributed, "SPARSE_STATE_DENSITY", density)  # in-process workers see it
+    X, L = small
+    config = ModelConfig(n_atoms=8, lambda_z=6.0, lambda_g=5.0, max_outer=2, max_inner=10, random_state=0)
+    reference = fit_sae(X, config, L)
+    result = fit_distributed(X, config, client=thread_client, laplacian=L, block_size=_blocks(len(X), 3),
+                             return_codes=True)
+    assert 0 < reference.history[-1]["sparsity_percent"] < 40  # sparse enough for CSR blocks to matter
+    assert [r["inner_codes"] for r in result.history] == [r["inner_codes"] for r in reference.history]
+    np.testing.assert_allclose(result.codes, reference.codes, atol=1e-4)
+
+
 def test_graph_term_needs_a_laplacian(thread_client, small):
     X, L = small
     config = ModelConfig(n_atoms=4, lambda_g=1.0, max_outer=1)

@@ -180,3 +180,20 @@ def test_inner_accumulates_float32_accurately(rng):
 def test_invalid_arguments(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sparse_dense_product_equals_scipy(rng, dtype):
+    from sae.terms import sparse_dense_product
+
+    sparse = sp.random_array((300, 200), density=0.03, format="lil", rng=rng)
+    sparse[np.arange(5), :] = 0  # empty rows too
+    sparse = sp.csr_array(sparse)
+    dense = rng.standard_normal((200, 64)).astype(dtype)
+    product = sparse_dense_product(sp.csr_array(sparse), dense)
+    assert product.dtype == dtype and product.shape == (300, 64)
+    expected = sparse.astype(np.float64) @ dense.astype(np.float64)
+    np.testing.assert_allclose(product, expected, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-5)
+    assert not product[:5].any()
+    with pytest.raises(ValueError, match="do not align"):
+        sparse_dense_product(sparse, dense[:10])
