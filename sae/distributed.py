@@ -83,10 +83,16 @@ Memory.  The FISTA state lives in worker memory as futures: per block
 (N_b, m) kept as CSR when at most 40% of their entries are non-zero
 (:data:`SPARSE_STATE_DENSITY`; 8 bytes per non-zero in float32) and dense
 otherwise, and ``X_b E^T`` (N_b, m) when ``lambda_e > 0``; nothing else of
-size (N_b, m) outlives a task.  At full scale (N = 1,288,000, n = 96, m = 512,
-float32, 20% non-zeros, ``lambda_e = 0``) that is ~1.5 GB of (N, n) arrays and
-~2.1 GB of iterates over the whole cluster, plus each running task's dense
-(N_b, m) temporaries.  The code blocks between steps are kept the same way.
+size (N_b, m) outlives a task.  The states of up to ``lookahead + 1``
+iterations are alive at once (the one being tested and those submitted
+ahead), each with its own ``x_{k+1}``.  At full scale (N = 1,288,000, n = 96,
+m = 512, float32, ``lambda_e = 0``) one generation of iterates is ~1.1 GB over
+the cluster at 20% non-zeros (the thesis's codes had 5-20%) but 2.6 GB dense:
+with codes 76% non-zero after the first outer iteration (a synthetic store)
+and ``lookahead = 2`` the two workers held 13 GB; sparse codes and
+``lookahead = 1`` are what keeps the cluster within a few GB.  Each running
+task adds its dense (N_b, m) temporaries.  The code blocks between steps are
+kept as the iterates are.
 The client holds only (m, m), (m, n), (n, n) matrices and scalars.
 
 D and E steps (row-parallel)
@@ -143,6 +149,7 @@ import numpy as np
 import scipy.sparse as sp
 import zarr
 import zarr.codecs
+from numba import njit
 
 from sae.config import ModelConfig, TrainConfig
 from sae.model import (
@@ -157,7 +164,7 @@ from sae.model import (
 )
 from sae.solvers import LIPSCHITZ_SAFETY, next_momentum, spectral_norm
 from sae.solvers import stop_reason as fista_stop_reason
-from sae.terms import inner, soft_threshold, sparse_dense_product
+from sae.terms import inner, sparse_dense_product
 
 __all__ = [
     "STAGE",
@@ -373,6 +380,75 @@ def _graph_product(problem: _CodeProblem, x: np.ndarray, halos: Sequence[Any]) -
     return sparse_dense_product(problem.graph.extended, extended)
 
 
+@njit(cache=True, nogil=True, fastmath={"reassoc"})
+def _block_update(x, x_prev, gradient, Lx, Lx_prev, target, alpha, lambda_g, lambda_e, step, threshold,
+                  use_prev, use_graph, use_target, out):  # pragma: no cover - compiled
+    """The element-wise part of a block's FISTA iteration, in one pass over the rows (see `_code_iterate`).
+
+    Writes ``x_{k+1}`` to ``out`` and returns the sums ``||x_k||_1``,
+    ``<x_k, L x_k>``, ``||x_k - X E^T||^2``, ``<y, x_{k+1} - x_k>``,
+    ``<x_{k+1}, x_{k+1} - x_k>``, ``nnz(x_k)`` and ``nnz(x_{k+1})``: per row
+    in the arrays' dtype, over rows in float64 (as `sae.terms.inner`).
+    ``gradient`` holds the reconstruction part of the gradient at ``y`` and is
+    overwritten.  Arrays not used (by the flags) may be empty.
+    """
+    sums = np.zeros(7)
+    n_rows, n_cols = x.shape
+    y = np.empty(n_cols, dtype=x.dtype)
+    zero = x.dtype.type(0)
+    for i in range(n_rows):
+        xi, gi, oi = x[i], gradient[i], out[i]
+        if use_prev:
+            pi = x_prev[i]
+            for j in range(n_cols):
+                y[j] = alpha * (xi[j] - pi[j]) + xi[j]
+        else:
+            y[:] = xi
+        if use_graph:
+            li = Lx[i]
+            energy = zero
+            for j in range(n_cols):
+                energy += xi[j] * li[j]
+            sums[1] += energy
+            if use_prev:
+                qi = Lx_prev[i]
+                for j in range(n_cols):
+                    gi[j] += lambda_g * (alpha * (li[j] - qi[j]) + li[j])
+            else:
+                for j in range(n_cols):
+                    gi[j] += lambda_g * li[j]
+        if use_target:
+            ti = target[i]
+            residual = zero
+            for j in range(n_cols):
+                d = xi[j] - ti[j]
+                residual += d * d
+                gi[j] += lambda_e * (y[j] - ti[j])
+            sums[2] += residual
+        l1 = zero
+        nnz = 0
+        nnz_next = 0
+        for j in range(n_cols):
+            forward = y[j] - step * gi[j]
+            oi[j] = max(forward - threshold, zero) - max(-forward - threshold, zero)
+            l1 += abs(xi[j])
+            nnz += xi[j] != zero
+            nnz_next += oi[j] != zero
+        sums[0] += l1
+        sums[5] += nnz
+        sums[6] += nnz_next
+        if use_prev:
+            restart_y = zero
+            restart_x = zero
+            for j in range(n_cols):
+                moved = oi[j] - xi[j]
+                restart_y += y[j] * moved
+                restart_x += oi[j] * moved
+            sums[3] += restart_y
+            sums[4] += restart_x
+    return sums
+
+
 def _code_iterate(
     problem: _CodeProblem,
     state: _CodeState,
@@ -387,66 +463,52 @@ def _code_iterate(
     ``grad_b = lambda_d (y_b C - X_b) C^T + lambda_e (y_b - X_b E^T) + lambda_g (L y)_b``;
     ``y_b C`` is extrapolated from ``x_k C`` and ``x_{k-1} C`` (N_b, n), and
     ``(L y)_b`` from ``(L x_k)_b`` and ``(L x_{k-1})_b``, computed with the halo
-    rows of ``x_k`` (``packs``) and of ``x_{k-1}`` (``previous_packs``).
+    rows of ``x_k`` (``packs``) and of ``x_{k-1}`` (``previous_packs``).  The two
+    (N_b, m) x (m, n) products and the two graph products are the only passes
+    over (N_b, m) arrays but one: `_block_update` does everything element-wise
+    (extrapolation, forward step, soft threshold, restart test, the objective's
+    sums) in a single compiled pass.
     """
     x = _densify(state.x)
-    dtype = x.dtype
-    alpha = dtype.type(momentum[1])
+    dtype = x.dtype.type
+    alpha = dtype(momentum[1])
     used = bool(state.x_prev is not None and alpha != 0)
     X, C = problem.data, problem.components
-    P = state.P if state.P is not None or C is None else x @ C
-    # the block's parts of F(x_k)
+    none = np.zeros((0, 0), dtype=x.dtype)
     smooth = 0.0
+    P = None
     if C is not None:
+        P = state.P if state.P is not None else x @ C
         residual = P - X
         smooth += 0.5 * problem.lambda_d * inner(residual, residual)
-    if problem.target is not None:
-        residual = x - problem.target
-        smooth += 0.5 * problem.lambda_e * inner(residual, residual)
-    graph_energy = 0.0
-    Lx = None
+        Py = P - X if not used else alpha * (P - state.P_prev) + P - X  # y C - X, a new array
+        Py *= dtype(problem.lambda_d)
+        gradient = Py @ C.T
+    else:
+        gradient = np.zeros_like(x)
+    x_prev = _densify(state.x_prev) if used else none
+    Lx = Lx_prev = none
     if problem.graph is not None:
         Lx = _graph_product(problem, x, [pack[problem.index] for pack in packs])
-        graph_energy = inner(x, Lx)
-        smooth += 0.5 * problem.lambda_g * graph_energy
-    scalars = {"smooth": smooth, "l1": float(np.abs(x).sum(dtype=np.float64)), "graph": graph_energy,
-               "nnz": float(np.count_nonzero(x))}
-    # y and the gradient at y, extrapolated where linear (same rounding order on every block)
-    x_prev = _densify(state.x_prev) if used else None
-    if used:
-        y = x - x_prev
-        y *= alpha
-        y += x
-    else:
-        y = x
-    parts = []  # the gradient's terms, each (N_b, m), summed in place into the first
-    if C is not None:
-        Py = P if not used else P + alpha * (P - state.P_prev)
-        parts.append((dtype.type(problem.lambda_d) * (Py - X)) @ C.T)
-    if problem.target is not None:
-        parts.append(y - problem.target)
-        parts[-1] *= dtype.type(problem.lambda_e)
-    if Lx is not None:
-        Ly = Lx  # (L x_k)_b is not needed any more: scaled in place
         if used:
-            Ly = Lx - _graph_product(problem, x_prev, [pack[problem.index] for pack in previous_packs or ()])
-            Ly *= alpha
-            Ly += Lx
-        Ly *= dtype.type(problem.lambda_g)
-        parts.append(Ly)
-    gradient = parts[0] if parts else np.zeros_like(x)
-    for part in parts[1:]:
-        gradient += part
-    gradient *= dtype.type(problem.step)
-    np.subtract(y, gradient, out=gradient)
-    x_next = soft_threshold(gradient, problem.step * problem.lambda_z) if problem.lambda_z > 0 else gradient
-    # adaptive restart test of sae.solvers.fista, <y - x_{k+1}, x_{k+1} - x_k>, split in two block sums
-    step_taken = x_next - x if used else None
-    scalars["momentum_used"] = used
-    scalars["restart_y"] = inner(y, step_taken) if used else 0.0
-    scalars["restart_x"] = inner(x_next, step_taken) if used else 0.0
+            Lx_prev = _graph_product(problem, x_prev, [pack[problem.index] for pack in previous_packs or ()])
+    target = problem.target if problem.target is not None else none
+    x_next = np.empty_like(x)
+    sums = _block_update(
+        x, x_prev, gradient, Lx, Lx_prev, target, alpha, dtype(problem.lambda_g), dtype(problem.lambda_e),
+        dtype(problem.step), dtype(problem.step * problem.lambda_z), used, problem.graph is not None,
+        problem.target is not None, x_next,
+    )
+    l1, graph_energy, encoder_residual, restart_y, restart_x, nnz, nnz_next = (float(v) for v in sums)
+    if problem.graph is not None:
+        smooth += 0.5 * problem.lambda_g * graph_energy
+    if problem.target is not None:
+        smooth += 0.5 * problem.lambda_e * encoder_residual
+    scalars = {"smooth": smooth, "l1": l1, "graph": graph_energy, "nnz": nnz, "momentum_used": used,
+               "restart_y": restart_y, "restart_x": restart_x}
     P_next = x_next @ C if C is not None else None
-    return _CodeState(x=_compact(x_next), x_prev=state.x, P=P_next, P_prev=P, scalars=scalars)
+    compact = sp.csr_array(x_next) if nnz_next <= SPARSE_STATE_DENSITY * x_next.size and x_next.size else x_next
+    return _CodeState(x=compact, x_prev=state.x, P=P_next, P_prev=P, scalars=scalars)
 
 
 def _first_momentum() -> tuple[float, float]:
