@@ -49,11 +49,15 @@ class ModelConfig(_Config):
     lambda_e: float = Field(0.0, ge=0, description="Weight of the encoder term.")
     rtol: float = Field(1e-5, gt=0, lt=1, description="Outer stop: relative change of the objective.")
     inner_rtol: float | None = Field(
-        None, gt=0, lt=1, description="Inner (FISTA) stop: relative change; None means rtol."
+        None, gt=0, lt=1,
+        description="Inner stop: relative change (FISTA), or relative duality gap of every frame (cd Z step); "
+        "None means rtol.",
     )
     atol: float = Field(0.0, ge=0, description="Inner stop: absolute change of the sub-objective.")
     max_outer: int = Field(50, ge=1, description="Cap on outer (alternating) iterations.")
-    max_inner: int = Field(500, ge=1, description="Cap on FISTA iterations per sub-problem.")
+    max_inner: int = Field(
+        500, ge=1, description="Cap on FISTA iterations per sub-problem (cd Z step: full sweeps per frame)."
+    )
     fista_restart: bool = Field(
         True, description="Adaptive restart of FISTA's momentum (False: plain FISTA as the original code)."
     )
@@ -64,10 +68,25 @@ class ModelConfig(_Config):
     )
     dtype: Literal["float32", "float64"] = Field("float32", description="Floating point precision.")
     random_state: int | None = Field(None, ge=0, description="Seed of the initialisation.")
+    z_solver: Literal["auto", "fista", "cd"] = Field(
+        "auto",
+        description="Z-step solver: 'cd' = coordinate descent per frame (needs lambda_g = 0; the inner rtol then "
+        "bounds each frame's relative duality gap), 'fista' = FISTA on all codes, 'auto' = cd if lambda_g = 0 "
+        "else fista.",
+    )
 
     @property
     def inner_tolerance(self) -> float:
         return self.rtol if self.inner_rtol is None else self.inner_rtol
+
+    @model_validator(mode="after")
+    def _check_z_solver(self) -> ModelConfig:
+        if self.z_solver == "cd" and self.lambda_g > 0:
+            raise ValueError(
+                f"z_solver='cd' needs lambda_g = 0 (frames are then independent), got lambda_g={self.lambda_g}: "
+                "use z_solver='fista' or 'auto'"
+            )
+        return self
 
 
 class CQTConfig(_Config):

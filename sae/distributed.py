@@ -69,10 +69,13 @@ the rows of ``Z_c`` whose columns are non-zero in ``L[b rows, :]`` (the
   ``L``; an upper bound, so a smaller step; for a normalised Laplacian, whose
   norm is at most 2, passing ``laplacian_norm=2.0`` is the cheaper bound).
 
-* ``lambda_g = 0``: blocks are independent, and each block's whole FISTA runs
-  in **one task** (:func:`sae.model.solve_codes` on the block: no round
-  trips).  The stopping rule is then per block.  It is at least as strict as
-  the global one: if ``|dF_b| <= rtol |F_b|`` for every block then
+* ``lambda_g = 0``: blocks are independent, and each block's whole Z step runs
+  in **one task** (:func:`sae.model.solve_codes` on the block, one thread: no
+  round trips).  With the default ``z_solver`` ("auto" = "cd") every frame is
+  solved by coordinate descent and stops on its own duality gap, so the codes
+  are bitwise those of the in-memory fit whatever the blocks.  With
+  ``z_solver="fista"`` the stopping rule is per block; it is at least as strict
+  as the global one: if ``|dF_b| <= rtol |F_b|`` for every block then
   ``|dF| <= sum |dF_b| <= rtol F`` (every ``F_b >= 0``), so the global rule is
   met when every block stops; blocks may run a few more iterations than the
   in-memory fit, never fewer.  The reported inner iteration count is the
@@ -567,6 +570,7 @@ def _solve_codes_block(
         X_block, components, encoder, None, _densify(Z0),
         lambda_d=params["lambda_d"], lambda_z=params["lambda_z"], lambda_e=params["lambda_e"],
         rtol=params["rtol"], atol=params["atol"], max_iter=int(params["max_iter"]), restart=bool(params["restart"]),
+        method=params["z_solver"], n_threads=1,  # one core per task: the workers' threads are the parallelism
     )
     return _compact(result.solution), {"n_iter": result.n_iter, "stop_reason": result.stop_reason, "graph": 0.0}
 
@@ -782,7 +786,7 @@ class _Trainer:
             "lambda_d": config.lambda_d, "lambda_z": config.lambda_z,
             "lambda_g": config.lambda_g, "lambda_e": config.lambda_e,
             "rtol": config.inner_tolerance, "atol": config.atol, "max_iter": config.max_inner,
-            "restart": config.fista_restart,
+            "restart": config.fista_restart, "z_solver": config.z_solver,
         }
         params.update(extra or {})
         return params

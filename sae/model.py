@@ -14,9 +14,10 @@ ball).  A weight of 0 removes its term: ``lambda_e = 0`` learns no encoder
 
 :func:`fit_sae` alternates a Z step (:func:`solve_codes`), a D step
 (:func:`solve_dictionary`) and an E step (:func:`solve_encoder`), each a
-warm-started FISTA solve.  The D and E steps only see the sufficient
-statistics ``Z^T Z``, ``Z^T X`` and ``X^T X``, so a distributed trainer can
-reduce them over blocks of frames and call the same functions.
+warm-started FISTA solve (the Z step by coordinate descent per frame when
+``lambda_g = 0``, see ``ModelConfig.z_solver``).  The D and E steps only see
+the sufficient statistics ``Z^T Z``, ``Z^T X`` and ``X^T X``, so a distributed
+trainer can reduce them over blocks of frames and call the same functions.
 
 >>> import numpy as np
 >>> from sae.config import ModelConfig
@@ -35,12 +36,13 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import scipy.sparse as sp
 
 from sae.config import ModelConfig
+from sae.coordinate import coordinate_descent_codes
 from sae.solvers import SolverResult, fista, spectral_norm
 from sae.terms import (
     CodeEncoderFit,
@@ -169,6 +171,8 @@ def solve_codes(
     max_iter: int = 500,
     laplacian_norm: float | None = None,
     restart: bool = True,
+    method: Literal["auto", "fista", "cd"] = "auto",
+    n_threads: int | None = None,
 ) -> SolverResult:
     """Z step: minimise over ``Z`` the objective with ``C`` and ``E`` fixed.
 
@@ -184,7 +188,34 @@ def solve_codes(
     ``lambda_e = 0``), ``L`` (N, N) sparse or None (needs ``lambda_g = 0``),
     ``Z0`` (N, m).  The computation runs in ``X``'s dtype.  ``laplacian_norm``
     (``||L||_2`` or an upper bound) skips its power iteration.
+
+    ``method``: "fista" as above; "cd" (only when ``lambda_g = 0``: the problem
+    then separates over frames) is :func:`sae.coordinate.coordinate_descent_codes`,
+    coordinate descent per frame on the Gram matrix
+    ``G = lambda_d C C^T + lambda_e I`` (m, m), where ``rtol`` and ``atol`` bound
+    every frame's duality gap (``gap <= rtol F``: the objective is certified
+    within ``rtol`` relative of its minimum), ``max_iter`` caps its full sweeps
+    and ``n_threads`` its threads (None: numba's default; 1: serial, for
+    single-threaded workers); ``restart`` and ``laplacian_norm`` are FISTA's
+    only.  "auto" is "cd" when ``lambda_g = 0``, else "fista".  Both return a
+    :class:`~sae.solvers.SolverResult` (for "cd", ``n_iter`` is the largest
+    number of full sweeps over the frames).
+
+    >>> rng = np.random.default_rng(0)
+    >>> X, C = rng.random((30, 5)), rng.random((4, 5))
+    >>> kw = dict(lambda_d=10.0, lambda_z=1.0, rtol=1e-9, max_iter=5000)
+    >>> cd = solve_codes(X, C, None, None, np.zeros((30, 4)), method="cd", **kw)
+    >>> fista = solve_codes(X, C, None, None, np.zeros((30, 4)), method="fista", **kw)
+    >>> bool(abs(cd.objective[-1] - fista.objective[-1]) <= 1e-6 * fista.objective[-1])
+    True
     """
+    if method not in ("auto", "fista", "cd"):
+        raise ValueError(f"method must be one of 'auto', 'fista', 'cd', got {method!r}")
+    if method == "cd" and lambda_g > 0:
+        raise ValueError(
+            f"method='cd' needs lambda_g = 0 (frames are then independent), got lambda_g={lambda_g!r}: "
+            "use method='fista' or 'auto'"
+        )
     X = np.asarray(X)
     dtype = X.dtype
     components = np.asarray(components, dtype=dtype)
@@ -206,6 +237,11 @@ def solve_codes(
         Z = np.zeros_like(Z0)
         value = L1Norm(lambda_z).value(Z0)
         return SolverResult(Z, 1, "rtol", np.array([value, 0.0]))  # exact in one step
+    if laplacian is None and method in ("auto", "cd"):
+        return coordinate_descent_codes(
+            X, components, encoder if lambda_e > 0 else None, Z0, lambda_d=lambda_d, lambda_z=lambda_z,
+            lambda_e=lambda_e, rtol=rtol, atol=atol, max_iter=max_iter, n_threads=n_threads,
+        )
     return fista(terms, L1Norm(lambda_z), Z0, rtol=rtol, atol=atol, max_iter=max_iter, restart=restart)
 
 
@@ -394,7 +430,9 @@ class FitResult:
         terms and ``total`` of :func:`objective_terms`; ``relative_change``
         ``|F_prev - F| / |F|`` (NaN at iteration 0); ``sparsity_percent``
         (percentage of non-zero codes); ``inner_codes``, ``inner_dictionary``,
-        ``inner_encoder`` (FISTA iterations of each step, 0 if skipped);
+        ``inner_encoder`` (iterations of each step: FISTA iterations, or the
+        largest number of full sweeps of the coordinate-descent Z step; 0 if
+        skipped);
         ``stop_codes``, ``stop_dictionary``, ``stop_encoder`` (their stop
         reasons, "" if skipped); ``seconds`` (wall time of the iteration);
         ``lambda_d``, ``lambda_z``, ``lambda_g``, ``lambda_e`` (the weights of
@@ -443,9 +481,10 @@ def fit_sae(
     norm, ``Z = 0``; ``init`` may supply any of ``"components"``, ``"encoder"``,
     ``"codes"`` instead (e.g. to resume).  Every outer iteration runs the Z
     step, then the D step (if ``lambda_d > 0``), then the E step (if
-    ``lambda_e > 0``), each FISTA warm-started from the current iterate with
+    ``lambda_e > 0``), each warm-started from the current iterate with
     ``rtol = config.inner_tolerance``, ``atol = config.atol`` and
-    ``max_iter = config.max_inner``.  Stops when
+    ``max_iter = config.max_inner``; the Z step's solver is
+    ``config.z_solver`` (see :func:`solve_codes`'s ``method``).  Stops when
     ``|F_prev - F| <= config.rtol |F|`` ("rtol") or after ``config.max_outer``
     iterations ("max_outer").  With ``config.balance_lambdas``, the weights
     ``lambda_d``, ``lambda_g``, ``lambda_e`` are rescaled after the first outer
@@ -525,7 +564,7 @@ def fit_sae(
             X, C, E, laplacian, Z,
             lambda_d=config.lambda_d, lambda_z=config.lambda_z,
             lambda_g=config.lambda_g, lambda_e=config.lambda_e,
-            laplacian_norm=laplacian_norm, **inner_kw,
+            laplacian_norm=laplacian_norm, method=config.z_solver, **inner_kw,
         )
         Z = result.solution
         steps["codes"] = result
