@@ -253,12 +253,15 @@ class _GraphBlock:
 
     ``rows`` (N_b, N) with global columns (for the norm of ``L``); ``extended``
     (N_b, N_b + H) with columns renumbered into ``[own rows, halo of the first
-    neighbour, halo of the second, ...]``; ``requests[c]`` the sorted local row
-    indices of block ``c`` that this block needs.
+    neighbour, halo of the second, ...]``, and its two parts ``own`` (N_b, N_b)
+    and ``halo`` (N_b, H); ``requests[c]`` the sorted local row indices of
+    block ``c`` that this block needs.
     """
 
     rows: sp.csr_array
     extended: sp.csr_array
+    own: sp.csr_array
+    halo: sp.csr_array
     neighbours: tuple[int, ...]
     requests: dict[int, np.ndarray]
     abs_row_sum_max: float
@@ -283,8 +286,10 @@ def _graph_block(rows: sp.csr_array, bounds: Sequence[tuple[int, int]], index: i
         new_cols[mask] = offset + position
         offset += wanted.size
     extended = sp.csr_array((rows.data, new_cols.astype(np.int64), rows.indptr), shape=(stop - start, offset))
+    own_part, halo_part = sp.csr_array(extended[:, : stop - start]), sp.csr_array(extended[:, stop - start :])
     abs_sums = np.abs(rows).sum(axis=1) if rows.nnz else np.zeros(1)
-    return _GraphBlock(rows, extended, tuple(neighbours), requests, float(np.max(abs_sums, initial=0.0)))
+    return _GraphBlock(rows, extended, own_part, halo_part, tuple(neighbours), requests,
+                       float(np.max(abs_sums, initial=0.0)))
 
 
 def _graph_neighbours(block: _GraphBlock) -> tuple[tuple[int, ...], float]:
@@ -378,9 +383,15 @@ def _code_problem(
 
 
 def _graph_product(problem: _CodeProblem, x: np.ndarray, halos: Sequence[Any]) -> np.ndarray:
-    """``(L x)_b`` (N_b, m) from the block's rows ``x`` and its halo rows (neighbour order)."""
-    extended = np.vstack([x] + [_densify(h) for h in halos]) if halos else x
-    return sparse_dense_product(problem.graph.extended, extended)
+    """``(L x)_b`` (N_b, m) from the block's rows ``x`` and its halo rows (neighbour order).
+
+    ``L[b, b] x`` plus ``L[b, halo]`` times the stacked halo rows, added in place
+    (only the rows with halo columns are touched; ``x`` is not copied).
+    """
+    product = sparse_dense_product(problem.graph.own, x)
+    if halos and problem.graph.halo.nnz:
+        sparse_dense_product(problem.graph.halo, np.vstack([_densify(h) for h in halos]), out=product)
+    return product
 
 
 @njit(cache=True, nogil=True, fastmath={"reassoc"})
@@ -723,8 +734,10 @@ class _Trainer:
         self.block_size = block_size
         self.lookahead = lookahead
         self.token = uuid.uuid4().hex[:8]
+        self.refresh_homes()
         self.X_blocks = [
-            client.submit(_read_rows, *_row_source(X, start, stop), self.dtype, key=f"sae-X-{self.token}-{b}")
+            client.submit(_read_rows, *_row_source(X, start, stop), self.dtype, key=f"sae-X-{self.token}-{b}",
+                          **self._home(b))
             for b, (start, stop) in enumerate(self.bounds)
         ]
         self.graph = None
@@ -750,8 +763,9 @@ class _Trainer:
         self.graph = []
         for b, (start, stop) in enumerate(bounds):
             rows = client.submit(_read_laplacian_rows, *_row_source(laplacian, start, stop), self.dtype,
-                                 key=f"sae-Lrows-{self.token}-{b}")
-            self.graph.append(client.submit(_graph_block, rows, bounds, b, key=f"sae-graph-{self.token}-{b}"))
+                                 key=f"sae-Lrows-{self.token}-{b}", **self._home(b))
+            self.graph.append(client.submit(_graph_block, rows, bounds, b, key=f"sae-graph-{self.token}-{b}",
+                                            **self._home(b)))
         info = client.gather([client.submit(_graph_neighbours, g) for g in self.graph])
         self.neighbours = [neighbours for neighbours, _ in info]
         # send_plans[c] = {b: indices of block c's rows that b needs}, built on the workers
@@ -774,6 +788,21 @@ class _Trainer:
             raise ValueError(f"laplacian_norm must be 'power', 'bound' or a number, got {laplacian_norm!r}")
         logger.info("||L||_2 = %.6g (%s) over %d blocks", self.laplacian_norm, laplacian_norm, len(bounds))
 
+    def refresh_homes(self) -> None:
+        """Give every block a home worker (block b -> worker b mod W, workers sorted by address)."""
+        workers = sorted(self.client.scheduler_info().get("workers", {}))
+        self.homes = [workers[b % len(workers)] if workers else None for b in range(len(self.bounds))]
+
+    def _home(self, b: int) -> dict[str, Any]:
+        """``submit`` keywords that run block ``b``'s task on its home worker if it is alive, else anywhere.
+
+        Each block's state then stays on one worker from iteration to iteration
+        (no transfer of (N_b, m) iterates); the restriction is loose, so a lost
+        worker's blocks go elsewhere.
+        """
+        home = self.homes[b]
+        return {} if home is None else {"workers": [home], "allow_other_workers": True}
+
     def _scatter(self, array: np.ndarray | None) -> Any:
         # C and E are small ((m, n)): they travel inside the task specifications rather than as scattered
         # data, so that a task lost with its worker can be recomputed (scattered data would be lost with it).
@@ -792,6 +821,7 @@ class _Trainer:
         return params
 
     def code_step(self, Z_blocks: list, C: np.ndarray, E: np.ndarray | None, outer: int) -> tuple[list, dict]:
+        self.refresh_homes()  # workers may have come or gone since the last step
         if self.graph is None:
             return self._code_step_independent(Z_blocks, C, E, outer)
         return self._code_step_global(Z_blocks, C, E, outer)
@@ -801,10 +831,12 @@ class _Trainer:
         C_f, E_f = self._scatter(C), self._scatter(E)
         params = self._params()
         results = [
-            client.submit(_solve_codes_block, X, C_f, E_f, Z, params, key=f"sae-zsolve-{self.token}-{outer}-{b}")
+            client.submit(_solve_codes_block, X, C_f, E_f, Z, params, key=f"sae-zsolve-{self.token}-{outer}-{b}",
+                          **self._home(b))
             for b, (X, Z) in enumerate(zip(self.X_blocks, Z_blocks))
         ]
-        new_blocks = [client.submit(_first, r, key=f"sae-Z-{self.token}-{outer}-{b}") for b, r in enumerate(results)]
+        new_blocks = [client.submit(_first, r, key=f"sae-Z-{self.token}-{outer}-{b}", **self._home(b))
+                      for b, r in enumerate(results)]
         infos = client.gather([client.submit(_second, r) for r in results])
         n_iter = max(info["n_iter"] for info in infos)
         reasons = sorted({info["stop_reason"] for info in infos})
@@ -826,24 +858,27 @@ class _Trainer:
         C_f, E_f = self._scatter(C), self._scatter(E)
         tag = f"{self.token}-{outer}"
         problems = [
-            client.submit(_code_problem, b, X, C_f, E_f, g, params, key=f"sae-zproblem-{tag}-{b}")
+            client.submit(_code_problem, b, X, C_f, E_f, g, params, key=f"sae-zproblem-{tag}-{b}", **self._home(b))
             for b, (X, g) in enumerate(zip(self.X_blocks, self.graph))
         ]
         n_blocks = len(self.bounds)
-        states = [client.submit(_CodeState, Z, key=f"sae-zstate-{tag}-0-{b}") for b, Z in enumerate(Z_blocks)]
+        states = [client.submit(_CodeState, Z, key=f"sae-zstate-{tag}-0-{b}", **self._home(b))
+                  for b, Z in enumerate(Z_blocks)]
 
         def submit_iteration(k: int, states: list, previous: list | None, momentum: Any) -> tuple[list, list, list, Any]:
             packs = [
-                client.submit(_halo_pack, states[c], self.send_plans[c], key=f"sae-halo-{tag}-{k}-{c}")
+                client.submit(_halo_pack, states[c], self.send_plans[c], key=f"sae-halo-{tag}-{k}-{c}",
+                              **self._home(c))
                 for c in range(n_blocks)
             ]
             new = [
                 client.submit(_code_iterate, problems[b], states[b], [packs[c] for c in self.neighbours[b]],
                               None if previous is None else [previous[c] for c in self.neighbours[b]], momentum,
-                              key=f"sae-ziter-{tag}-{k}-{b}")
+                              key=f"sae-ziter-{tag}-{k}-{b}", **self._home(b))
                 for b in range(n_blocks)
             ]
-            scalars = [client.submit(_state_scalars, s, key=f"sae-zscalars-{tag}-{k}-{b}") for b, s in enumerate(new)]
+            scalars = [client.submit(_state_scalars, s, key=f"sae-zscalars-{tag}-{k}-{b}", **self._home(b))
+                       for b, s in enumerate(new)]
             # the momentum of the next iteration is decided on the cluster (adaptive restart needs a global sum),
             # so iterations can be submitted ahead of the client's stopping test
             following = client.submit(_next_momentum, momentum, scalars, config.fista_restart,
@@ -887,13 +922,15 @@ class _Trainer:
             logger.debug("Z step: last iterate worse than the start, keeping the start")
             new_blocks, graph_energy = list(Z_blocks), start_graph_energy
         else:
-            new_blocks = [client.submit(_state_solution, s, key=f"sae-Z-{tag}-{b}") for b, s in enumerate(final_states)]
+            new_blocks = [client.submit(_state_solution, s, key=f"sae-Z-{tag}-{b}", **self._home(b))
+                          for b, s in enumerate(final_states)]
         return new_blocks, {"n_iter": len(history) - 1, "stop_reason": stop_reason, "graph": graph_energy,
                             "objective": history}
 
     # -- statistics and objective
     def statistics(self, Z_blocks: list) -> dict[str, Any]:
-        stats = self.client.gather([self.client.submit(_block_statistics, X, Z) for X, Z in zip(self.X_blocks, Z_blocks)])
+        stats = self.client.gather([self.client.submit(_block_statistics, X, Z, **self._home(b))
+                                    for b, (X, Z) in enumerate(zip(self.X_blocks, Z_blocks))])
         out: dict[str, Any] = {}
         for name in ("ZtZ", "ZtX"):
             total = np.zeros(stats[0][name].shape, dtype=np.float64)
@@ -915,26 +952,29 @@ class _Trainer:
     def residuals(self, Z_blocks: list, C: np.ndarray, E: np.ndarray | None) -> dict[str, float]:
         C_f, E_f = self._scatter(C), self._scatter(E)
         parts = self.client.gather(
-            [self.client.submit(_block_residuals, X, Z, C_f, E_f) for X, Z in zip(self.X_blocks, Z_blocks)]
+            [self.client.submit(_block_residuals, X, Z, C_f, E_f, **self._home(b))
+             for b, (X, Z) in enumerate(zip(self.X_blocks, Z_blocks))]
         )
         return {name: math.fsum(p[name] for p in parts) for name in ("reconstruction", "encoder")}
 
     def zero_codes(self, n_atoms: int) -> list:
         return [
-            self.client.submit(_zeros, stop - start, n_atoms, self.dtype, key=f"sae-Z0-{self.token}-{b}")
+            self.client.submit(_zeros, stop - start, n_atoms, self.dtype, key=f"sae-Z0-{self.token}-{b}",
+                               **self._home(b))
             for b, (start, stop) in enumerate(self.bounds)
         ]
 
     def read_codes(self, array: zarr.Array, outer: int) -> list:
         return [
-            self.client.submit(_read_rows, array, start, stop, self.dtype, key=f"sae-Zread-{self.token}-{outer}-{b}")
+            self.client.submit(_read_rows, array, start, stop, self.dtype, key=f"sae-Zread-{self.token}-{outer}-{b}",
+                               **self._home(b))
             for b, (start, stop) in enumerate(self.bounds)
         ]
 
     def write_codes(self, array: zarr.Array, Z_blocks: list) -> None:
         written = [
-            self.client.submit(_write_rows, array, start, stop, Z, pure=False)
-            for (start, stop), Z in zip(self.bounds, Z_blocks)
+            self.client.submit(_write_rows, array, start, stop, Z, pure=False, **self._home(b))
+            for b, ((start, stop), Z) in enumerate(zip(self.bounds, Z_blocks))
         ]
         self.client.gather(written)
 

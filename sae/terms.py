@@ -269,11 +269,12 @@ class CodeEncoderFit(QuadraticTerm):
 
 
 @njit(cache=True, nogil=True)
-def _csr_dense_product(indptr, indices, data, dense, out):  # pragma: no cover - compiled
+def _csr_dense_product(indptr, indices, data, dense, out, accumulate):  # pragma: no cover - compiled
     n_cols = dense.shape[1]
     for i in range(indptr.size - 1):
         row = out[i]
-        row[:] = 0
+        if not accumulate:
+            row[:] = 0
         for p in range(indptr[i], indptr[i + 1]):
             weight = data[p]
             source = dense[indices[p]]
@@ -281,13 +282,16 @@ def _csr_dense_product(indptr, indices, data, dense, out):  # pragma: no cover -
                 row[j] += weight * source[j]
 
 
-def sparse_dense_product(sparse: Any, dense: np.ndarray) -> np.ndarray:
+def sparse_dense_product(sparse: Any, dense: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """``sparse @ dense`` (N, m) for a sparse (N, K) matrix and a dense (K, m) array, in ``dense``'s dtype.
 
     One thread, compiled (numba): each row of the result is accumulated over the
     row's non-zeros in order, the inner loop running along the contiguous rows
     of ``dense`` (a few times faster than scipy's product for m in the hundreds).
     The weights are cast to ``dense``'s dtype; ``dense`` is made C-contiguous.
+    With ``out`` (N, m), C-contiguous, of ``dense``'s dtype, the product is
+    added to it in place (rows without non-zeros are not touched) and ``out``
+    is returned.
 
     >>> L = sp.csr_array(np.array([[2.0, -1.0], [-1.0, 2.0]]))
     >>> sparse_dense_product(L, np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32))
@@ -298,8 +302,14 @@ def sparse_dense_product(sparse: Any, dense: np.ndarray) -> np.ndarray:
     dense = np.ascontiguousarray(dense)
     if dense.ndim != 2 or matrix.shape[1] != dense.shape[0]:
         raise ValueError(f"shapes {matrix.shape} and {dense.shape} do not align for a product")
-    out = np.empty((matrix.shape[0], dense.shape[1]), dtype=dense.dtype)
-    _csr_dense_product(matrix.indptr, matrix.indices, matrix.data.astype(dense.dtype, copy=False), dense, out)
+    accumulate = out is not None
+    if out is None:
+        out = np.empty((matrix.shape[0], dense.shape[1]), dtype=dense.dtype)
+    elif out.shape != (matrix.shape[0], dense.shape[1]) or out.dtype != dense.dtype or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous {dense.dtype} array of shape "
+                         f"{(matrix.shape[0], dense.shape[1])}, got {out.dtype} {out.shape}")
+    _csr_dense_product(matrix.indptr, matrix.indices, matrix.data.astype(dense.dtype, copy=False), dense, out,
+                       accumulate)
     return out
 
 

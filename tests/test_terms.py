@@ -197,3 +197,10 @@ def test_sparse_dense_product_equals_scipy(rng, dtype):
     assert not product[:5].any()
     with pytest.raises(ValueError, match="do not align"):
         sparse_dense_product(sparse, dense[:10])
+    # accumulation into out: the product is added, rows without non-zeros keep their values
+    start = rng.standard_normal((300, 64)).astype(dtype)
+    total = sparse_dense_product(sparse, dense, out=start.copy())
+    np.testing.assert_allclose(total, start + expected, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-5)
+    np.testing.assert_array_equal(total[:5], start[:5])
+    with pytest.raises(ValueError, match="out must be"):
+        sparse_dense_product(sparse, dense, out=start[:, :10])
