@@ -139,6 +139,8 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=0, help="frames per block (default: n_frames / 8)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--store", default=None, help="directory for the synthetic store (default: a temp dir)")
+    parser.add_argument("--lookahead", type=int, default=2, help="Z-step iterations submitted ahead (memory!)")
+    parser.add_argument("--laplacian-norm", default="power", choices=("power", "bound"))
     args = parser.parse_args()
 
     root = args.store or tempfile.mkdtemp(prefix="bench_train_")
@@ -159,6 +161,7 @@ def main() -> None:
                           dashboard_address=None) as cluster, Client(cluster) as client, PeakMemory() as memory:
             tic = time.perf_counter()
             fit = fit_distributed(X, config, client=client, laplacian=laplacian, block_size=block_size,
+                                  lookahead=args.lookahead, laplacian_norm=args.laplacian_norm,
                                   checkpoint=zarr.open_group(f"{root}/model_{n_workers}.zarr", mode="w"))
             total = time.perf_counter() - tic
         records = fit.history[1:]
