@@ -251,15 +251,14 @@ def _row_source(source: Any, start: int, stop: int) -> tuple[Any, int | None, in
 class _GraphBlock:
     """Rows ``[start, stop)`` of ``L`` and their halo plan.
 
-    ``rows`` (N_b, N) with global columns (for the norm of ``L``); ``extended``
-    (N_b, N_b + H) with columns renumbered into ``[own rows, halo of the first
-    neighbour, halo of the second, ...]``, and its two parts ``own`` (N_b, N_b)
-    and ``halo`` (N_b, H); ``requests[c]`` the sorted local row indices of
-    block ``c`` that this block needs.
+    ``rows`` (N_b, N) with global columns (for the norm of ``L``); with its
+    columns renumbered into ``[own rows, halo of the first neighbour, halo of
+    the second, ...]`` it splits into ``own`` (N_b, N_b) and ``halo`` (N_b, H);
+    ``requests[c]`` the sorted local row indices of block ``c`` that this block
+    needs.
     """
 
     rows: sp.csr_array
-    extended: sp.csr_array
     own: sp.csr_array
     halo: sp.csr_array
     neighbours: tuple[int, ...]
@@ -288,7 +287,7 @@ def _graph_block(rows: sp.csr_array, bounds: Sequence[tuple[int, int]], index: i
     extended = sp.csr_array((rows.data, new_cols.astype(np.int64), rows.indptr), shape=(stop - start, offset))
     own_part, halo_part = sp.csr_array(extended[:, : stop - start]), sp.csr_array(extended[:, stop - start :])
     abs_sums = np.abs(rows).sum(axis=1) if rows.nnz else np.zeros(1)
-    return _GraphBlock(rows, extended, own_part, halo_part, tuple(neighbours), requests,
+    return _GraphBlock(rows, own_part, halo_part, tuple(neighbours), requests,
                        float(np.max(abs_sums, initial=0.0)))
 
 
@@ -348,11 +347,15 @@ class _CodeState:
     scalars: dict[str, float] = field(default_factory=dict)
 
 
-def _compact(x: np.ndarray) -> Any:
-    """``x`` as CSR when at most `SPARSE_STATE_DENSITY` of its entries are non-zero, else as it is."""
-    if sp.issparse(x) or x.size == 0 or np.count_nonzero(x) > SPARSE_STATE_DENSITY * x.size:
+def _compact(x: np.ndarray, nnz: float | None = None) -> Any:
+    """``x`` as CSR when at most `SPARSE_STATE_DENSITY` of its entries are non-zero, else as it is.
+
+    ``nnz``: the number of non-zeros of ``x`` when already known (not counted again).
+    """
+    if sp.issparse(x) or x.size == 0:
         return x
-    return sp.csr_array(x)
+    nnz = np.count_nonzero(x) if nnz is None else nnz
+    return x if nnz > SPARSE_STATE_DENSITY * x.size else sp.csr_array(x)
 
 
 def _densify(rows: Any) -> np.ndarray:
@@ -495,7 +498,8 @@ def _code_iterate(
         P = state.P if state.P is not None else x @ C
         residual = P - X
         smooth += 0.5 * problem.lambda_d * inner(residual, residual)
-        Py = P - X if not used else alpha * (P - state.P_prev) + P - X  # y C - X, a new array
+        # y C - X = (x_k C - X) + alpha (x_k C - x_{k-1} C): the residual is reused, then scaled in place
+        Py = residual if not used else alpha * (P - state.P_prev) + residual
         Py *= dtype(problem.lambda_d)
         gradient = Py @ C.T
     else:
@@ -521,8 +525,7 @@ def _code_iterate(
     scalars = {"smooth": smooth, "l1": l1, "graph": graph_energy, "nnz": nnz, "momentum_used": used,
                "restart_y": restart_y, "restart_x": restart_x}
     P_next = x_next @ C if C is not None else None
-    compact = sp.csr_array(x_next) if nnz_next <= SPARSE_STATE_DENSITY * x_next.size and x_next.size else x_next
-    return _CodeState(x=compact, x_prev=state.x, P=P_next, P_prev=P, scalars=scalars)
+    return _CodeState(x=_compact(x_next, nnz_next), x_prev=state.x, P=P_next, P_prev=P, scalars=scalars)
 
 
 def _first_momentum() -> tuple[float, float]:
