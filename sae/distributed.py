@@ -160,6 +160,7 @@ from sae.model import (
     init_encoder,
     log_outer,
     rebalance,
+    relative_change,
     solve_codes,
     solve_dictionary,
     solve_encoder,
@@ -1006,10 +1007,7 @@ def _record(
         "encoder": residuals["encoder"],
     }
     record.update(weigh_terms(record, config))
-    total = record["total"]
-    record["relative_change"] = (
-        float("nan") if previous is None else abs(previous - total) / max(abs(total), np.finfo(np.float64).tiny)
-    )
+    record["relative_change"] = relative_change(previous, record["total"])
     record["sparsity_percent"] = 100.0 * nnz / max(size, 1)
     for name in ("codes", "dictionary", "encoder"):
         step = steps.get(name)

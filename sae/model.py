@@ -71,6 +71,7 @@ __all__ = [
     "TERM_WEIGHTS",
     "weigh_terms",
     "balanced_weights",
+    "relative_change",
 ]
 
 logger = logging.getLogger("sae.model")
@@ -456,6 +457,17 @@ class FitResult:
     config: ModelConfig | None = None
 
 
+def relative_change(previous: float | None, total: float) -> float:
+    """The outer stopping quantity ``|F_prev - F| / |F|`` (NaN without a previous value).
+
+    >>> relative_change(110.0, 100.0), relative_change(None, 1.0)
+    (0.1, nan)
+    """
+    if previous is None:
+        return float("nan")
+    return abs(previous - total) / max(abs(total), np.finfo(np.float64).tiny)
+
+
 def log_outer(log: logging.Logger, record: dict[str, Any]) -> None:
     """One progress line for an outer iteration's history record (see `FitResult`)."""
     log.info(
@@ -542,10 +554,7 @@ def fit_sae(
     def record_of(iteration: int, seconds: float, steps: dict[str, SolverResult | None], previous: float | None):
         record: dict[str, Any] = {"iteration": iteration}
         record.update(objective_terms(X, Z, C, E, laplacian, config))
-        total = record["total"]
-        record["relative_change"] = (
-            float("nan") if previous is None else abs(previous - total) / max(abs(total), np.finfo(np.float64).tiny)
-        )
+        record["relative_change"] = relative_change(previous, record["total"])
         record["sparsity_percent"] = 100.0 * np.count_nonzero(Z) / max(Z.size, 1)
         for name in ("codes", "dictionary", "encoder"):
             result = steps.get(name)
@@ -612,8 +621,7 @@ def rebalance(history: list[dict[str, Any]], config: ModelConfig) -> ModelConfig
     for entry in history:
         entry.update(weigh_terms(entry, config))
     if len(history) > 1:
-        previous, total = history[-2]["total"], record["total"]
-        record["relative_change"] = abs(previous - total) / max(abs(total), np.finfo(np.float64).tiny)
+        record["relative_change"] = relative_change(history[-2]["total"], record["total"])
     record["balanced"] = True
     logger.info("balance_lambdas after outer iteration %d: %s", record["iteration"],
                 ", ".join(f"{name} {before[name]:.4g} -> {value:.4g}" for name, value in update.items()))
