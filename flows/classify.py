@@ -117,18 +117,7 @@ def _write_feature_results(group: Any, name: str, features: Any, summary: dict[s
         if array_name in sub:
             del sub[array_name]
         sub.create_array(array_name, shape=values.shape, dtype=values.dtype)[...] = values
-    sub.attrs.update({"summary": _json_safe(summary)})
-
-
-def _json_safe(value: Any) -> Any:
-    """A copy with NaN floats as None (JSON attributes have no NaN)."""
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, float) and value != value:
-        return None
-    return value
+    sub.attrs.update({"summary": sae_store.json_safe(summary)})
 
 
 def classify_features(
@@ -166,7 +155,7 @@ def classify_inductive(store: str, preprocess_key: str, config: ClassifyConfig, 
     for method, summary in results.items():
         summary.update(source=f"preprocess/{preprocess_key}", class_names=[class_names[k] for k in summary["classes"]])
         sub = group.require_group(f"sae_inductive_{method}")
-        sub.attrs.update({"summary": _json_safe(summary)})
+        sub.attrs.update({"summary": sae_store.json_safe(summary)})
         out[f"sae_inductive_{method}"] = summary
     return out
 
@@ -222,7 +211,7 @@ def submit_classification(
     if inductive is not None:
         summaries.update(inductive.result())
     group = sae_store.stage_group(store, STAGE, key, mode="a")
-    group.attrs.update({"summaries": _json_safe(summaries)})
+    group.attrs.update({"summaries": sae_store.json_safe(summaries)})
     sae_store.mark_complete(group)
     return key, False, summaries
 

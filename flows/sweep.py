@@ -36,7 +36,6 @@ report are published as Prefect artifacts::
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -106,12 +105,6 @@ def sweep_table(rows: list[dict[str, Any]], parameters: list[str]) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def _unique(items: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -242,7 +235,7 @@ def sweep_flow(
     log.info("sweep %s (%s):\n%s", key, files["csv"], table)
     if FlowRunContext.get() is not None:
         create_table_artifact(
-            [{name: _json_safe(value) for name, value in row.items()} for row in rows],
+            sae_store.json_safe(rows),
             key=f"sweep-{key}", description=f"Sweep over {', '.join(paths)} on {store}: one row per point",
         )
         create_markdown_artifact(
@@ -284,9 +277,9 @@ def _write_outputs(
     group = sae_store.stage_group(
         store, STAGE, key, mode="w",
         config={"base": config.model_dump(mode="json", exclude={"cluster", "force"}),
-                "parameters": {p: [point_value for point_value in values] for p, values in parameters.items()}},
+                "parameters": {p: list(values) for p, values in parameters.items()}},
     )
-    group.attrs.update({"rows": [{name: _json_safe(value) for name, value in row.items()} for row in rows],
+    group.attrs.update({"rows": sae_store.json_safe(rows),
                         "files": {name: str(path) for name, path in files.items()}})
     sae_store.mark_complete(group)
     return {name: str(path) for name, path in files.items()}

@@ -168,6 +168,7 @@ from sae.model import (
 )
 from sae.solvers import LIPSCHITZ_SAFETY, next_momentum, spectral_norm
 from sae.solvers import stop_reason as fista_stop_reason
+from sae.store import json_safe
 from sae.terms import inner, sparse_dense_product
 
 __all__ = [
@@ -673,10 +674,6 @@ class DistributedFit:
     resumed_from: int = 0
 
 
-def _json_record(record: dict[str, Any]) -> dict[str, Any]:
-    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in record.items()}
-
-
 def _python_record(record: dict[str, Any]) -> dict[str, Any]:
     return {k: (float("nan") if v is None else v) for k, v in record.items()}
 
@@ -1148,7 +1145,7 @@ def fit_distributed(
             record["seconds"] = time.perf_counter() - tic
             history.append(record)
             checkpoint.attrs.update({
-                "history": [_json_record(r) for r in history],
+                "history": json_safe(history),
                 "stop_reason": stop_reason if (converged or iteration == config.max_outer) else "",
                 "checkpoint_slot": slot,
                 "last_complete_outer": iteration,
@@ -1272,7 +1269,7 @@ def _write_final(group: zarr.Group, fit: DistributedFit, client: Any, block_size
             if name in sub:
                 del sub[name]
             sub.create_array(name, shape=value.shape, dtype=value.dtype)[...] = value
-    group.attrs.update({"history": [_json_record(r) for r in fit.history], "checkpoint_slot": 0,
+    group.attrs.update({"history": json_safe(fit.history), "checkpoint_slot": 0,
                         "stop_reason": fit.stop_reason, "last_complete_outer": fit.n_iter})
 
 

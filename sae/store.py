@@ -540,6 +540,22 @@ def stage_group(
     return created
 
 
+def json_safe(value: Any) -> Any:
+    """A copy of ``value`` fit for JSON attributes: non-finite floats (NaN, +-inf) as None, in nested
+    mappings and sequences (tuples become lists).
+
+    >>> json_safe({"a": float("nan"), "b": [1.0, float("inf")], "c": "x"})
+    {'a': None, 'b': [1.0, None], 'c': 'x'}
+    """
+    if isinstance(value, Mapping):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
 def mark_complete(group: zarr.Group) -> None:
     """Flag a stage group as complete; call last, after every array is written."""
     group.attrs.update({"complete": True, "completed": _now()})
