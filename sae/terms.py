@@ -115,8 +115,9 @@ def project_rows_to_ball(values: np.ndarray, radius: float = 1.0) -> np.ndarray:
 class QuadraticTerm(abc.ABC):
     """A quadratic term ``f(V) = 1/2 <V, A(V)> - <V, B> + c``, ``A`` symmetric PSD.
 
-    Subclasses define :meth:`apply`, :attr:`linear`, :attr:`constant` and
-    :meth:`_operator_norm`; the gradient ``A(V) - B`` and the value follow.
+    Subclasses define :meth:`apply` and :meth:`_operator_norm`, and set
+    ``self._linear`` (``B``, default None) and ``self._constant`` (``c``,
+    default 0) in their constructor; the gradient ``A(V) - B`` and the value follow.
     """
 
     def __init__(self, weight: float) -> None:
@@ -124,20 +125,22 @@ class QuadraticTerm(abc.ABC):
             raise ValueError(f"weight must be >= 0, got {weight!r}")
         self.weight = float(weight)
         self._lipschitz: float | None = None
+        self._linear: np.ndarray | None = None
+        self._constant = 0.0
 
     @abc.abstractmethod
     def apply(self, V: np.ndarray) -> np.ndarray:
         """The linear operator ``A(V)``, same shape and dtype as ``V``."""
 
     @property
-    @abc.abstractmethod
     def linear(self) -> np.ndarray | None:
         """The linear part ``B`` (same shape as the variable), ``None`` if zero."""
+        return self._linear
 
     @property
     def constant(self) -> float:
         """The constant ``c`` (makes ``value`` the term itself, not up to a constant)."""
-        return 0.0
+        return self._constant
 
     def value(self, V: np.ndarray) -> float:
         """``1/2 <V, A(V)> - <V, B> + c``."""
@@ -210,14 +213,6 @@ class CodeReconstruction(QuadraticTerm):
         w = V.dtype.type(self.weight)
         return w * ((V @ self.components) @ self.components.T)
 
-    @property
-    def linear(self) -> np.ndarray:
-        return self._linear
-
-    @property
-    def constant(self) -> float:
-        return self._constant
-
     def value(self, V: np.ndarray) -> float:
         R = self.data - V @ self.components
         return 0.5 * self.weight * inner(R, R)
@@ -251,14 +246,6 @@ class CodeEncoderFit(QuadraticTerm):
 
     def apply(self, V: np.ndarray) -> np.ndarray:
         return V.dtype.type(self.weight) * V
-
-    @property
-    def linear(self) -> np.ndarray:
-        return self._linear
-
-    @property
-    def constant(self) -> float:
-        return self._constant
 
     def value(self, V: np.ndarray) -> float:
         R = V - self.target
@@ -348,10 +335,6 @@ class GraphDirichlet(QuadraticTerm):
         LV *= V.dtype.type(self.weight)
         return LV
 
-    @property
-    def linear(self) -> None:
-        return None
-
     def _operator_norm(self) -> float:
         from sae.solvers import spectral_norm
 
@@ -371,14 +354,6 @@ class _StatisticsFit(QuadraticTerm):
         self.gram = gram
         self._linear = cross.dtype.type(self.weight) * cross
         self._constant = 0.5 * self.weight * float(sq_norm)
-
-    @property
-    def linear(self) -> np.ndarray:
-        return self._linear
-
-    @property
-    def constant(self) -> float:
-        return self._constant
 
     def _operator_norm(self) -> float:
         from sae.solvers import spectral_norm
