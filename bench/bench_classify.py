@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import resource
-import statistics
 import tempfile
-import time
 
 import numpy as np
 import zarr
 
+from _timing import timed
 from sae.classify import aggregate_clips, cross_validate
 from sae.config import ClassifyConfig
 
@@ -43,15 +42,6 @@ def reshape_peer(frames: np.ndarray, n_clips: int, n_windows: int = 6) -> np.nda
     aligned = X[:, : n_windows * w].reshape(n_clips, n_windows, w, -1).sum(axis=2)
     shifted = X[:, w // 2 : w // 2 + n_windows * w].reshape(n_clips, n_windows, w, -1).sum(axis=2)
     return np.stack([aligned, shifted], axis=2).reshape(n_clips * 2 * n_windows, -1)
-
-
-def timed(function, repeats: int) -> tuple[float, object]:
-    times, result = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
 
 
 def main() -> None:

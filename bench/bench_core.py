@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import argparse
 import resource
-import statistics
-import time
 import warnings
 
 import numpy as np
 from sklearn.decomposition import DictionaryLearning, MiniBatchDictionaryLearning, sparse_encode
 
+from _timing import timed
 from sae.config import ModelConfig
 from sae.coordinate import coordinate_descent_codes
 from sae.model import fit_sae, objective_terms, solve_codes
@@ -62,15 +61,6 @@ def dictionary_from(X: np.ndarray, n_atoms: int, seed: int) -> np.ndarray:
 def codes_objective(X: np.ndarray, C: np.ndarray, Z: np.ndarray) -> float:
     residual = X - Z @ C
     return 0.5 * LAMBDA_D * float(np.sum(residual**2)) + LAMBDA_Z * float(np.abs(Z).sum())
-
-
-def timed(function, repeats: int):
-    times, result = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
 
 
 def first_reaching(run, target, start=64, limit=8192):
