@@ -86,16 +86,22 @@ Memory.  The FISTA state lives in worker memory as futures: per block
 (N_b, m) kept as CSR when at most 40% of their entries are non-zero
 (:data:`SPARSE_STATE_DENSITY`; 8 bytes per non-zero in float32) and dense
 otherwise, and ``X_b E^T`` (N_b, m) when ``lambda_e > 0``; nothing else of
-size (N_b, m) outlives a task.  The states of up to ``lookahead + 1``
-iterations are alive at once (the one being tested and those submitted
-ahead), each with its own ``x_{k+1}``.  At full scale (N = 1,288,000, n = 96,
-m = 512, float32, ``lambda_e = 0``) one generation of iterates is ~1.1 GB over
-the cluster at 20% non-zeros (the thesis's codes had 5-20%) but 2.6 GB dense:
-with codes 76% non-zero after the first outer iteration (a synthetic store)
-and ``lookahead = 2`` the two workers held 13 GB; sparse codes and
-``lookahead = 1`` are what keeps the cluster within a few GB.  Each running
-task adds its dense (N_b, m) temporaries.  The code blocks between steps are
-kept as the iterates are.
+size (N_b, m) outlives a task.  The client keeps no reference to a state
+once the next iteration is submitted, so a block's state is freed as soon
+as its successor exists: two generations of iterates per block, plus those
+of the ``lookahead - 1`` iterations submitted ahead, plus the codes the
+step started from (kept for the "start was better" rule).  At full scale
+(N = 1,288,000, n = 96, m = 512, float32, ``lambda_e = 0``) one generation
+is ~1.1 GB over the cluster at 20% non-zeros (the thesis's codes had 5-20%)
+but 2.6 GB dense, and the first Z step of a training is dense: from
+``Z = 0`` the first step is ``soft(step lambda_d X C^T, step lambda_z)``,
+positive everywhere for non-negative data and the thesis's non-negative
+initial atoms, and the iterates sparsify over the iterations.  Workers with
+a ``memory_limit`` spill block states to disk beyond it (Dask's
+``distributed.worker.memory`` thresholds): their sizes are registered with
+``dask.sizeof`` below (Dask counted scipy sparse arrays and dataclasses as
+56 bytes).  Each running task adds its dense (N_b, m) temporaries (about
+six).  The code blocks between steps are kept as the iterates are.
 The client holds only (m, m), (m, n), (n, n) matrices and scalars.
 
 D and E steps (row-parallel)
@@ -141,17 +147,19 @@ import hashlib
 import json
 import logging
 import math
+import threading
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 import numpy as np
 import scipy.sparse as sp
 import zarr
 import zarr.codecs
+from dask.sizeof import sizeof
 from numba import njit
 
 from sae.config import ModelConfig, TrainConfig
@@ -169,7 +177,7 @@ from sae.model import (
 from sae.solvers import LIPSCHITZ_SAFETY, next_momentum, spectral_norm
 from sae.solvers import stop_reason as fista_stop_reason
 from sae.store import json_safe
-from sae.terms import inner, sparse_dense_product
+from sae.terms import inner
 
 __all__ = [
     "STAGE",
@@ -191,6 +199,9 @@ SPARSE_HALO_DENSITY = 0.25
 #: Code blocks are kept as CSR (values and column indices: 8 bytes per non-zero in float32,
 #: 12 in float64, against 4 or 8 per entry dense) when at most this fraction is non-zero.
 SPARSE_STATE_DENSITY = 0.4
+
+#: A Z step with the graph term logs its progress (iteration, objective, non-zeros) at most this often, in seconds.
+PROGRESS_SECONDS = 30.0
 
 
 # --------------------------------------------------------------------------- blocks and sources
@@ -356,12 +367,65 @@ def _compact(x: np.ndarray, nnz: float | None = None) -> Any:
     """
     if sp.issparse(x) or x.size == 0:
         return x
-    nnz = np.count_nonzero(x) if nnz is None else nnz
-    return x if nnz > SPARSE_STATE_DENSITY * x.size else sp.csr_array(x)
+    nnz = int(np.count_nonzero(x) if nnz is None else nnz)
+    if nnz > SPARSE_STATE_DENSITY * x.size:
+        return x
+    index = np.int32 if max(nnz, x.shape[1]) < np.iinfo(np.int32).max else np.int64
+    data, indices, indptr = np.empty(nnz, x.dtype), np.empty(nnz, index), np.empty(x.shape[0] + 1, index)
+    if _dense_to_csr(np.ascontiguousarray(x), data, indices, indptr) != nnz:
+        raise ValueError(f"nnz={nnz} is not the number of non-zeros of x")
+    return sp.csr_array((data, indices, indptr), shape=x.shape, copy=False)
 
 
-def _densify(rows: Any) -> np.ndarray:
-    return rows.toarray() if sp.issparse(rows) else rows
+@njit(cache=True, nogil=True)
+def _dense_to_csr(x, data, indices, indptr):  # pragma: no cover - compiled
+    """Fill the CSR arrays of ``x`` (sized by its non-zero count, checked: the count found is returned).
+
+    scipy's ``csr_array(dense)`` goes through ``nonzero`` and COO: ~0.2 s for 40,000 x 512 at 10% non-zeros.
+    """
+    count = 0
+    for i in range(x.shape[0]):
+        indptr[i] = count
+        for j in range(x.shape[1]):
+            if x[i, j] != 0:
+                if count < data.size:
+                    data[count] = x[i, j]
+                    indices[count] = j
+                count += 1
+    indptr[x.shape[0]] = count
+    return count
+
+
+def _densify(rows: Any, out: np.ndarray | None = None) -> np.ndarray:
+    """``rows`` as a dense array: a CSR block is expanded (into ``out`` when given), a dense one returned as is."""
+    if not sp.issparse(rows):
+        return rows
+    if out is None:
+        return rows.toarray()
+    out[:] = 0
+    return rows.toarray(out=out)
+
+
+_scratch = threading.local()
+
+
+def _scratch_buffers(shape: tuple[int, int], dtype: Any) -> list[np.ndarray]:
+    """Three (N_b, m) buffers of the calling thread, reused by every `_code_iterate` on blocks of this shape.
+
+    Dask's workers run with ``MALLOC_TRIM_THRESHOLD_`` set, so every large
+    temporary is a fresh ``mmap`` whose pages are faulted in again at each use:
+    ~0.2 s per iteration of a block of 40,000 x 512.  Kept for the two last
+    shapes seen (the last block is shorter).
+    """
+    cache = getattr(_scratch, "buffers", None)
+    if cache is None:
+        cache = _scratch.buffers = {}
+    key = (tuple(shape), np.dtype(dtype).str)
+    if key not in cache:
+        if len(cache) >= 2:
+            cache.pop(next(iter(cache)))
+        cache[key] = [np.empty(shape, dtype=dtype) for _ in range(3)]
+    return cache[key]
 
 
 def _code_problem(
@@ -387,85 +451,125 @@ def _code_problem(
     )
 
 
-def _graph_product(problem: _CodeProblem, x: np.ndarray, halos: Sequence[Any]) -> np.ndarray:
-    """``(L x)_b`` (N_b, m) from the block's rows ``x`` and its halo rows (neighbour order).
-
-    ``L[b, b] x`` plus ``L[b, halo]`` times the stacked halo rows, added in place
-    (only the rows with halo columns are touched; ``x`` is not copied).
-    """
-    product = sparse_dense_product(problem.graph.own, x)
-    if halos and problem.graph.halo.nnz:
-        sparse_dense_product(problem.graph.halo, np.vstack([_densify(h) for h in halos]), out=product)
-    return product
+#: Rows per tile of `_block_iterate`: its reconstruction gradient (tile, m) and products stay in cache.
+ITERATE_TILE = 1024
 
 
 @njit(cache=True, nogil=True, fastmath={"reassoc"})
-def _block_update(x, x_prev, gradient, Lx, Lx_prev, target, alpha, lambda_g, lambda_e, step, threshold,
-                  use_prev, use_graph, use_target, out):  # pragma: no cover - compiled
-    """The element-wise part of a block's FISTA iteration, in one pass over the rows (see `_code_iterate`).
+def _graph_row(i, own_data, own_indices, own_indptr, halo_data, halo_indices, halo_indptr, x, halo,
+               out):  # pragma: no cover - compiled
+    """``out = (L x)_i``: row ``i`` of ``L``'s own part times the block's rows ``x``, plus its halo part."""
+    out[:] = 0
+    for p in range(own_indptr[i], own_indptr[i + 1]):
+        weight = out.dtype.type(own_data[p])
+        row = x[own_indices[p]]
+        for c in range(out.size):
+            out[c] += weight * row[c]
+    for p in range(halo_indptr[i], halo_indptr[i + 1]):
+        weight = out.dtype.type(halo_data[p])
+        row = halo[halo_indices[p]]
+        for c in range(out.size):
+            out[c] += weight * row[c]
 
-    Writes ``x_{k+1}`` to ``out`` and returns the sums ``||x_k||_1``,
-    ``<x_k, L x_k>``, ``||x_k - X E^T||^2``, ``<y, x_{k+1} - x_k>``,
-    ``<x_{k+1}, x_{k+1} - x_k>``, ``nnz(x_k)`` and ``nnz(x_{k+1})``: per row
-    in the arrays' dtype, over rows in float64 (as `sae.terms.inner`).
-    ``gradient`` holds the reconstruction part of the gradient at ``y`` and is
-    overwritten.  Arrays not used (by the flags) may be empty.
+
+@njit(cache=True, nogil=True, fastmath={"reassoc"})
+def _block_iterate(x, x_prev, P, P_prev, X, C, CT, own_data, own_indices, own_indptr, halo_data, halo_indices,
+                   halo_indptr, halo, halo_prev, target, alpha, lambda_d, lambda_g, lambda_e, step, threshold,
+                   use_prev, use_recon, use_graph, use_target, tile, out, P_out):  # pragma: no cover - compiled
+    """A block's FISTA iteration (see `_code_iterate`), tile by tile of ``tile`` rows, in one pass.
+
+    Per tile: the reconstruction gradient at ``y``, ``lambda_d (y C - X) C^T``,
+    with ``y C`` extrapolated from ``P = x_k C`` and ``P_prev = x_{k-1} C``;
+    per row: ``y``, ``(L x_k)_i`` and ``(L x_{k-1})_i`` (own rows of ``x`` and
+    ``x_prev``, halo rows ``halo`` and ``halo_prev``), the forward step, the
+    soft threshold into ``out``; then ``P_out = x_{k+1} C`` for the tile.
+    Returns the sums ``||x_k||_1``, ``<x_k, L x_k>``, ``||x_k - X E^T||^2``,
+    ``<y, x_{k+1} - x_k>``, ``<x_{k+1}, x_{k+1} - x_k>``, ``nnz(x_k)``,
+    ``nnz(x_{k+1})`` and ``||x_k C - X||^2``: per row in the arrays' dtype,
+    over rows in float64 (as `sae.terms.inner`).  Arrays not used (by the
+    flags) may be empty.  No temporary larger than a tile.
     """
-    sums = np.zeros(7)
-    n_rows, n_cols = x.shape
-    y = np.empty(n_cols, dtype=x.dtype)
-    zero = x.dtype.type(0)
-    for i in range(n_rows):
-        xi, gi, oi = x[i], gradient[i], out[i]
-        if use_prev:
-            pi = x_prev[i]
-            for j in range(n_cols):
-                y[j] = alpha * (xi[j] - pi[j]) + xi[j]
-        else:
-            y[:] = xi
-        if use_graph:
-            li = Lx[i]
-            energy = zero
-            for j in range(n_cols):
-                energy += xi[j] * li[j]
-            sums[1] += energy
+    sums = np.zeros(8)
+    n_rows, n_cols = out.shape
+    zero = out.dtype.type(0)
+    y = np.empty(n_cols, dtype=out.dtype)
+    lx = np.empty(n_cols, dtype=out.dtype)
+    lx_prev = np.empty(n_cols, dtype=out.dtype)
+    for t0 in range(0, n_rows, tile):
+        t1 = min(t0 + tile, n_rows)
+        if use_recon:
+            residual = P[t0:t1] - X[t0:t1]
+            for r in range(t1 - t0):
+                s = zero
+                for c in range(residual.shape[1]):
+                    s += residual[r, c] * residual[r, c]
+                sums[7] += s
             if use_prev:
-                qi = Lx_prev[i]
+                residual += alpha * (P[t0:t1] - P_prev[t0:t1])
+            residual *= lambda_d
+            gradient = np.dot(residual, CT)
+        else:
+            gradient = np.zeros((t1 - t0, n_cols), dtype=out.dtype)
+        for i in range(t0, t1):
+            xi, gi, oi = x[i], gradient[i - t0], out[i]
+            if use_prev:
+                pi = x_prev[i]
                 for j in range(n_cols):
-                    gi[j] += lambda_g * (alpha * (li[j] - qi[j]) + li[j])
+                    y[j] = alpha * (xi[j] - pi[j]) + xi[j]
             else:
+                y[:] = xi
+            if use_graph:
+                _graph_row(i, own_data, own_indices, own_indptr, halo_data, halo_indices, halo_indptr, x, halo, lx)
+                energy = zero
                 for j in range(n_cols):
-                    gi[j] += lambda_g * li[j]
-        if use_target:
-            ti = target[i]
-            residual = zero
+                    energy += xi[j] * lx[j]
+                sums[1] += energy
+                if use_prev:
+                    _graph_row(i, own_data, own_indices, own_indptr, halo_data, halo_indices, halo_indptr, x_prev,
+                               halo_prev, lx_prev)
+                    for j in range(n_cols):
+                        gi[j] += lambda_g * (alpha * (lx[j] - lx_prev[j]) + lx[j])
+                else:
+                    for j in range(n_cols):
+                        gi[j] += lambda_g * lx[j]
+            if use_target:
+                ti = target[i]
+                residual_e = zero
+                for j in range(n_cols):
+                    d = xi[j] - ti[j]
+                    residual_e += d * d
+                    gi[j] += lambda_e * (y[j] - ti[j])
+                sums[2] += residual_e
+            l1 = zero
+            nnz = 0
+            nnz_next = 0
             for j in range(n_cols):
-                d = xi[j] - ti[j]
-                residual += d * d
-                gi[j] += lambda_e * (y[j] - ti[j])
-            sums[2] += residual
-        l1 = zero
-        nnz = 0
-        nnz_next = 0
-        for j in range(n_cols):
-            forward = y[j] - step * gi[j]
-            oi[j] = max(forward - threshold, zero) - max(-forward - threshold, zero)
-            l1 += abs(xi[j])
-            nnz += xi[j] != zero
-            nnz_next += oi[j] != zero
-        sums[0] += l1
-        sums[5] += nnz
-        sums[6] += nnz_next
-        if use_prev:
-            restart_y = zero
-            restart_x = zero
-            for j in range(n_cols):
-                moved = oi[j] - xi[j]
-                restart_y += y[j] * moved
-                restart_x += oi[j] * moved
-            sums[3] += restart_y
-            sums[4] += restart_x
+                forward = y[j] - step * gi[j]
+                oi[j] = max(forward - threshold, zero) - max(-forward - threshold, zero)
+                l1 += abs(xi[j])
+                nnz += xi[j] != zero
+                nnz_next += oi[j] != zero
+            sums[0] += l1
+            sums[5] += nnz
+            sums[6] += nnz_next
+            if use_prev:
+                restart_y = zero
+                restart_x = zero
+                for j in range(n_cols):
+                    moved = oi[j] - xi[j]
+                    restart_y += y[j] * moved
+                    restart_x += oi[j] * moved
+                sums[3] += restart_y
+                sums[4] += restart_x
+        if use_recon:
+            P_out[t0:t1] = np.dot(np.ascontiguousarray(out[t0:t1]), C)
     return sums
+
+
+def _stacked_halo(packs: Sequence[dict] | None, index: int, n_cols: int, dtype: Any) -> np.ndarray:
+    """The halo rows a block receives, stacked in neighbour order (dense, C-contiguous)."""
+    rows = [_densify(pack[index]) for pack in packs or ()]
+    return np.ascontiguousarray(np.vstack(rows), dtype=dtype) if rows else np.zeros((0, n_cols), dtype=dtype)
 
 
 def _code_iterate(
@@ -480,54 +584,83 @@ def _code_iterate(
     Computes the block's parts of ``F(x_k)`` and ``x_{k+1, b} = soft(y_b - step
     grad_b, step lambda_z)`` with ``y = x_k + alpha (x_k - x_{k-1})`` and
     ``grad_b = lambda_d (y_b C - X_b) C^T + lambda_e (y_b - X_b E^T) + lambda_g (L y)_b``;
-    ``y_b C`` is extrapolated from ``x_k C`` and ``x_{k-1} C`` (N_b, n), and
-    ``(L y)_b`` from ``(L x_k)_b`` and ``(L x_{k-1})_b``, computed with the halo
-    rows of ``x_k`` (``packs``) and of ``x_{k-1}`` (``previous_packs``).  The two
-    (N_b, m) x (m, n) products and the two graph products are the only passes
-    over (N_b, m) arrays but one: `_block_update` does everything element-wise
-    (extrapolation, forward step, soft threshold, restart test, the objective's
-    sums) in a single compiled pass.
+    ``y_b C`` is extrapolated from ``x_k C`` and ``x_{k-1} C``, and ``(L y)_b``
+    from ``(L x_k)_b`` and ``(L x_{k-1})_b``, computed with the halo rows of
+    ``x_k`` (``packs``) and of ``x_{k-1}`` (``previous_packs``).  Everything
+    after densifying ``x_k`` and ``x_{k-1}`` is one compiled pass,
+    `_block_iterate`, tile by tile: no (N_b, m) temporary but the new iterate.
     """
-    x = _densify(state.x)
+    sparse = sp.issparse(state.x)
+    scratch = _scratch_buffers(state.x.shape, state.x.dtype) if sparse else None
+    x = _densify(state.x, scratch[0] if sparse else None)
     dtype = x.dtype.type
     alpha = dtype(momentum[1])
     used = bool(state.x_prev is not None and alpha != 0)
     X, C = problem.data, problem.components
+    m = x.shape[1]
     none = np.zeros((0, 0), dtype=x.dtype)
-    smooth = 0.0
-    P = None
-    if C is not None:
+    x_prev = _densify(state.x_prev, scratch[1] if sparse else None) if used else none
+    use_recon = C is not None
+    if use_recon:
         P = state.P if state.P is not None else x @ C
-        residual = P - X
-        smooth += 0.5 * problem.lambda_d * inner(residual, residual)
-        # y C - X = (x_k C - X) + alpha (x_k C - x_{k-1} C): the residual is reused, then scaled in place
-        Py = residual if not used else alpha * (P - state.P_prev) + residual
-        Py *= dtype(problem.lambda_d)
-        gradient = Py @ C.T
+        P_prev = state.P_prev if used else none
+        CT = np.ascontiguousarray(C.T)
+        P_next = np.empty_like(P)
     else:
-        gradient = np.zeros_like(x)
-    x_prev = _densify(state.x_prev) if used else none
-    Lx = Lx_prev = none
-    if problem.graph is not None:
-        Lx = _graph_product(problem, x, [pack[problem.index] for pack in packs])
-        if used:
-            Lx_prev = _graph_product(problem, x_prev, [pack[problem.index] for pack in previous_packs or ()])
+        P = P_prev = CT = P_next = none
+        C = none
+    graph = problem.graph
+    use_graph = graph is not None
+    if use_graph:
+        own, halo_part = graph.own, graph.halo
+        halo = _stacked_halo(packs, problem.index, m, x.dtype)
+        halo_prev = _stacked_halo(previous_packs, problem.index, m, x.dtype) if used else halo
+        graph_arrays = (own.data, own.indices, own.indptr, halo_part.data, halo_part.indices, halo_part.indptr,
+                        halo, halo_prev)
+    else:
+        index = np.zeros(1, dtype=np.int64)
+        graph_arrays = (np.zeros(0), index[:0], index, np.zeros(0), index[:0], index, none, none)
     target = problem.target if problem.target is not None else none
-    x_next = np.empty_like(x)
-    sums = _block_update(
-        x, x_prev, gradient, Lx, Lx_prev, target, alpha, dtype(problem.lambda_g), dtype(problem.lambda_e),
-        dtype(problem.step), dtype(problem.step * problem.lambda_z), used, problem.graph is not None,
-        problem.target is not None, x_next,
+    # sparse iterates: the next one (most likely sparse too) is computed in scratch and compacted; dense ones are kept
+    x_next = scratch[2] if sparse else np.empty_like(x)
+    sums = _block_iterate(
+        x, x_prev, P, P_prev, X if use_recon else none, C, CT, *graph_arrays, target, alpha,
+        dtype(problem.lambda_d), dtype(problem.lambda_g), dtype(problem.lambda_e), dtype(problem.step),
+        dtype(problem.step * problem.lambda_z), used, use_recon, use_graph, problem.target is not None,
+        ITERATE_TILE, x_next, P_next,
     )
-    l1, graph_energy, encoder_residual, restart_y, restart_x, nnz, nnz_next = (float(v) for v in sums)
-    if problem.graph is not None:
+    l1, graph_energy, encoder_residual, restart_y, restart_x, nnz, nnz_next, reconstruction = (float(v) for v in sums)
+    smooth = 0.5 * problem.lambda_d * reconstruction if use_recon else 0.0
+    if use_graph:
         smooth += 0.5 * problem.lambda_g * graph_energy
     if problem.target is not None:
         smooth += 0.5 * problem.lambda_e * encoder_residual
     scalars = {"smooth": smooth, "l1": l1, "graph": graph_energy, "nnz": nnz, "momentum_used": used,
                "restart_y": restart_y, "restart_x": restart_x}
-    P_next = x_next @ C if C is not None else None
-    return _CodeState(x=_compact(x_next, nnz_next), x_prev=state.x, P=P_next, P_prev=P, scalars=scalars)
+    x_next = _compact(x_next, nnz_next)
+    if sparse and x_next is scratch[2]:
+        x_next = x_next.copy()  # denser than SPARSE_STATE_DENSITY: the scratch buffer is not handed out
+    return _CodeState(x=x_next, x_prev=state.x, P=P_next if use_recon else None,
+                      P_prev=P if use_recon else None, scalars=scalars)
+
+
+# --------------------------------------------------------------------------- memory accounting
+# Dask decides when a worker spills results to disk (``distributed.worker.memory``) from their sizes as
+# ``dask.sizeof`` reports them; it knows numpy arrays and scipy's ``spmatrix`` but not scipy's sparse *arrays*
+# nor our dataclasses (56 bytes each otherwise): a block state of hundreds of MB would count as nothing.
+
+
+@sizeof.register(sp.sparray)
+def _sizeof_sparse_array(matrix: sp.sparray) -> int:
+    return sum(sizeof(value) for value in vars(matrix).values())
+
+
+def _sizeof_fields(obj: Any) -> int:
+    return sum(sizeof(getattr(obj, f.name)) for f in fields(obj))
+
+
+for _block_type in (_GraphBlock, _CodeProblem, _CodeState):
+    sizeof.register(_block_type)(_sizeof_fields)
 
 
 def _first_momentum() -> tuple[float, float]:
@@ -896,6 +1029,8 @@ class _Trainer:
         graph_energy = start_graph_energy = float("nan")
         stop_reason = "max_iter"
         final_states = None
+        n_rows = self.bounds[-1][1]
+        started = reported = time.perf_counter()
         while True:
             while len(pending) < self.lookahead and next_k <= max_iter:
                 new, scalars, previous_packs, momentum = submit_iteration(next_k, submitted_states, previous_packs,
@@ -903,11 +1038,19 @@ class _Trainer:
                 pending.append((next_k, new, scalars))
                 submitted_states = new
                 next_k += 1
+                # the client lets go of the states this iteration reads: each block's is freed on its worker as
+                # soon as the block's next state exists (two generations of iterates alive per block, not three)
+                final_states = None
             k, new, scalars = pending.popleft()
             parts = client.gather(scalars)
             value = sum(p["smooth"] for p in parts) + config.lambda_z * sum(p["l1"] for p in parts)
             history.append(value)
             graph_energy = math.fsum(p["graph"] for p in parts)
+            if time.perf_counter() - reported >= PROGRESS_SECONDS:
+                reported = time.perf_counter()
+                logger.info("outer %d, Z step: iteration %d, F = %.6g, %.2f%% non-zeros, %.2f s per iteration",
+                            outer, k, value, 100 * sum(p["nnz"] for p in parts) / (n_rows * m),
+                            (reported - started) / max(k, 1))
             if k == 0:
                 start_graph_energy = graph_energy
             final_states = new

@@ -121,6 +121,19 @@ def test_sparse_and_dense_code_blocks_give_the_same_iterates(thread_client, smal
     np.testing.assert_allclose(result.codes, reference.codes, atol=1e-4)
 
 
+def test_long_z_steps_log_their_progress(thread_client, small, monkeypatch, caplog):
+    import sae.distributed
+
+    monkeypatch.setattr(sae.distributed, "PROGRESS_SECONDS", 0.0)  # every iteration
+    X, L = small
+    config = ModelConfig(n_atoms=8, lambda_g=5.0, max_outer=1, max_inner=3, rtol=1e-9, random_state=0)
+    with caplog.at_level("INFO", logger="sae.distributed"):
+        fit_distributed(X, config, client=thread_client, laplacian=L, block_size=_blocks(len(X), 2))
+    progress = [r.getMessage() for r in caplog.records if "Z step: iteration" in r.getMessage()]
+    assert [message.split(",")[1] for message in progress] == [f" Z step: iteration {k}" for k in range(4)]
+    assert all("% non-zeros" in message and "s per iteration" in message for message in progress)
+
+
 def test_graph_term_needs_a_laplacian(thread_client, small):
     X, L = small
     config = ModelConfig(n_atoms=4, lambda_g=1.0, max_outer=1)
@@ -246,3 +259,34 @@ def test_killed_worker_does_not_change_the_result(tmp_path, small):
                 process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+def test_dask_counts_the_memory_of_block_states():
+    # Dask spills results to disk by their dask.sizeof: a block state must count its arrays, CSR ones included
+    from dask.sizeof import sizeof
+
+    from sae.distributed import _CodeState
+
+    dense = np.ones((100, 64), np.float32)
+    sparse = sp.csr_array(np.eye(100, 64, dtype=np.float32))
+    state = _CodeState(x=sparse, x_prev=dense, P=np.ones((100, 8), np.float32))
+    expected = dense.nbytes + state.P.nbytes + sparse.data.nbytes + sparse.indices.nbytes + sparse.indptr.nbytes
+    assert expected <= sizeof(state) <= expected + 4096
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_compact_code_blocks_equal_scipy_csr(dtype):
+    from sae.distributed import _compact
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((50, 40)) * (rng.random((50, 40)) < 0.1)).astype(dtype)
+    x[7] = 0  # an empty row
+    compact = _compact(x)
+    expected = sp.csr_array(x)
+    assert sp.issparse(compact) and compact.dtype == dtype
+    for name in ("data", "indices", "indptr"):
+        np.testing.assert_array_equal(getattr(compact, name), getattr(expected, name))
+    dense = rng.standard_normal((5, 4)).astype(dtype)
+    assert _compact(dense) is dense  # denser than SPARSE_STATE_DENSITY: kept as it is
+    with pytest.raises(ValueError, match="not the number of non-zeros"):
+        _compact(x, nnz=3)
