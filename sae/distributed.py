@@ -89,8 +89,10 @@ otherwise, and ``X_b E^T`` (N_b, m) when ``lambda_e > 0``; nothing else of
 size (N_b, m) outlives a task.  The client keeps no reference to a state
 once the next iteration is submitted, so a block's state is freed as soon
 as its successor exists: two generations of iterates per block, plus those
-of the ``lookahead - 1`` iterations submitted ahead, plus the codes the
-step started from (kept for the "start was better" rule).  At full scale
+of the ``lookahead - 1`` iterations submitted ahead; the codes the step
+started from are not held when they are in the store (the zeros of the
+first step, or a checkpoint): they are read again only if the start turns
+out better than the last iterate.  At full scale
 (N = 1,288,000, n = 96, m = 512, float32, ``lambda_e = 0``) one generation
 is ~1.1 GB over the cluster at 20% non-zeros (the thesis's codes had 5-20%)
 but 2.6 GB dense, and the first Z step of a training is dense: from
@@ -153,6 +155,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
+from functools import partial
 from typing import Any, Literal
 
 import numpy as np
@@ -406,7 +409,8 @@ def _densify(rows: Any, out: np.ndarray | None = None) -> np.ndarray:
     return rows.toarray(out=out)
 
 
-_scratch = threading.local()
+_scratch: dict[int, dict[tuple, list[np.ndarray]]] = {}  # thread id -> {(shape, dtype): buffers}
+_scratch_lock = threading.Lock()
 
 
 def _scratch_buffers(shape: tuple[int, int], dtype: Any) -> list[np.ndarray]:
@@ -415,17 +419,24 @@ def _scratch_buffers(shape: tuple[int, int], dtype: Any) -> list[np.ndarray]:
     Dask's workers run with ``MALLOC_TRIM_THRESHOLD_`` set, so every large
     temporary is a fresh ``mmap`` whose pages are faulted in again at each use:
     ~0.2 s per iteration of a block of 40,000 x 512.  Kept for the two last
-    shapes seen (the last block is shorter).
+    shapes seen (the last block is shorter), until `_release_scratch`.
     """
-    cache = getattr(_scratch, "buffers", None)
-    if cache is None:
-        cache = _scratch.buffers = {}
+    with _scratch_lock:
+        cache = _scratch.setdefault(threading.get_ident(), {})
     key = (tuple(shape), np.dtype(dtype).str)
     if key not in cache:
         if len(cache) >= 2:
             cache.pop(next(iter(cache)))
         cache[key] = [np.empty(shape, dtype=dtype) for _ in range(3)]
     return cache[key]
+
+
+def _release_scratch() -> int:
+    """Drop every thread's scratch buffers (run on each worker at the end of a training); returns the bytes freed."""
+    with _scratch_lock:
+        freed = sum(buffer.nbytes for cache in _scratch.values() for buffers in cache.values() for buffer in buffers)
+        _scratch.clear()
+    return freed
 
 
 def _code_problem(
@@ -770,8 +781,13 @@ def _write_rows(array: zarr.Array, start: int, stop: int, values: Any) -> int:
     return stop - start
 
 
-def _zeros(n_rows: int, n_cols: int, dtype: str) -> np.ndarray:
-    return np.zeros((n_rows, n_cols), dtype=dtype)
+def _zeros(n_rows: int, n_cols: int, dtype: str) -> sp.csr_array:
+    return sp.csr_array((n_rows, n_cols), dtype=dtype)
+
+
+def _read_code_rows(source: Any, start: int, stop: int, dtype: str) -> Any:
+    """Rows ``[start, stop)`` of stored codes, compact (CSR when sparse enough, as the iterates)."""
+    return _compact(_read_rows(source, start, stop, dtype))
 
 
 # --------------------------------------------------------------------------- results and checkpoints
@@ -954,11 +970,20 @@ class _Trainer:
         params.update(extra or {})
         return params
 
-    def code_step(self, Z_blocks: list, C: np.ndarray, E: np.ndarray | None, outer: int) -> tuple[list, dict]:
+    def code_step(self, Z_blocks: list, C: np.ndarray, E: np.ndarray | None, outer: int,
+                  reload: Callable[[], list] | None = None) -> tuple[list, dict]:
+        """The Z step from the code blocks ``Z_blocks`` (futures); returns the new blocks and the step's record.
+
+        ``reload``: how to get ``Z_blocks`` again (from the store); then the global
+        FISTA *empties* the list ``Z_blocks`` once its first iteration is
+        submitted, so that the starting codes, a whole generation, are not held
+        on the workers during the step, and reloads them only if the start turns
+        out better than the last iterate.
+        """
         self.refresh_homes()  # workers may have come or gone since the last step
         if self.graph is None:
             return self._code_step_independent(Z_blocks, C, E, outer)
-        return self._code_step_global(Z_blocks, C, E, outer)
+        return self._code_step_global(Z_blocks, C, E, outer, reload)
 
     def _code_step_independent(self, Z_blocks: list, C: np.ndarray, E: np.ndarray | None, outer: int):
         client = self.client
@@ -976,7 +1001,8 @@ class _Trainer:
         reasons = sorted({info["stop_reason"] for info in infos})
         return new_blocks, {"n_iter": n_iter, "stop_reason": "+".join(reasons), "graph": float("nan")}
 
-    def _code_step_global(self, Z_blocks: list, C: np.ndarray, E: np.ndarray | None, outer: int):
+    def _code_step_global(self, Z_blocks: list, C: np.ndarray, E: np.ndarray | None, outer: int,
+                          reload: Callable[[], list] | None):
         client, config = self.client, self.config
         m, n = C.shape
         terms_norm = []
@@ -996,8 +1022,11 @@ class _Trainer:
             for b, (X, g) in enumerate(zip(self.X_blocks, self.graph))
         ]
         n_blocks = len(self.bounds)
-        states = [client.submit(_CodeState, Z, key=f"sae-zstate-{tag}-0-{b}", **self._home(b))
-                  for b, Z in enumerate(Z_blocks)]
+        submitted_states = [client.submit(_CodeState, Z, key=f"sae-zstate-{tag}-0-{b}", **self._home(b))
+                            for b, Z in enumerate(Z_blocks)]
+        start_blocks = list(Z_blocks) if reload is None else None
+        if reload is not None:
+            Z_blocks.clear()  # the client lets go of the starting codes (see code_step)
 
         def submit_iteration(k: int, states: list, previous: list | None, momentum: Any) -> tuple[list, list, list, Any]:
             packs = [
@@ -1020,7 +1049,6 @@ class _Trainer:
             return new, scalars, packs, following
 
         pending: deque = deque()
-        submitted_states = states
         previous_packs: list | None = None
         momentum: Any = _first_momentum()
         next_k = 0
@@ -1064,7 +1092,7 @@ class _Trainer:
         pending.clear()  # iterations submitted past the stop: dropping the futures releases them
         if history[-1] > history[0]:
             logger.debug("Z step: last iterate worse than the start, keeping the start")
-            new_blocks, graph_energy = list(Z_blocks), start_graph_energy
+            new_blocks, graph_energy = (start_blocks if reload is None else reload()), start_graph_energy
         else:
             new_blocks = [client.submit(_state_solution, s, key=f"sae-Z-{tag}-{b}", **self._home(b))
                           for b, s in enumerate(final_states)]
@@ -1110,8 +1138,8 @@ class _Trainer:
 
     def read_codes(self, array: zarr.Array, outer: int) -> list:
         return [
-            self.client.submit(_read_rows, array, start, stop, self.dtype, key=f"sae-Zread-{self.token}-{outer}-{b}",
-                               **self._home(b))
+            self.client.submit(_read_code_rows, array, start, stop, self.dtype,
+                               key=f"sae-Zread-{self.token}-{outer}-{b}", **self._home(b))
             for b, (start, stop) in enumerate(self.bounds)
         ]
 
@@ -1228,6 +1256,7 @@ def fit_distributed(
         history = state["history"]
         start_outer = state["iteration"]
         Z_blocks = trainer.read_codes(state["codes"], start_outer)
+        reload = partial(trainer.read_codes, state["codes"], start_outer)
         logger.info("resuming from the checkpoint of outer iteration %d", start_outer)
         if config.balance_lambdas and any(r.get("balanced") for r in history):
             config = trainer.config = config.model_copy(  # the weights the checkpoint was trained with
@@ -1241,6 +1270,7 @@ def fit_distributed(
         C = init_dictionary(m, n_features, rng=rng, dtype=dtype)
         E = init_encoder(m, n_features, rng=rng, dtype=dtype) if use_encoder else None
         Z_blocks = trainer.zero_codes(m)
+        reload = partial(trainer.zero_codes, m)
         start_outer = 0
         residuals = trainer.residuals(Z_blocks, C, E)
         history = [_record(0, config, residuals, 0.0, 0.0, 0, n_rows * m, None, {}, 0.0)]
@@ -1251,7 +1281,8 @@ def fit_distributed(
     for iteration in range(start_outer + 1, config.max_outer + 1):
         tic = time.perf_counter()
         steps: dict[str, dict[str, Any] | None] = {}
-        Z_blocks, steps["codes"] = trainer.code_step(Z_blocks, C, E, iteration)
+        Z_blocks, steps["codes"] = trainer.code_step(Z_blocks, C, E, iteration, reload)
+        reload = None  # the new codes are only in memory until the checkpoint
         code_seconds = time.perf_counter() - tic
         stats = trainer.statistics(Z_blocks) if (config.lambda_d > 0 or use_encoder) else None
         inner_kw = dict(rtol=config.inner_tolerance, atol=config.atol, max_iter=config.max_inner,
@@ -1294,6 +1325,7 @@ def fit_distributed(
                 "last_complete_outer": iteration,
             })
             Z_blocks = trainer.read_codes(slots[slot]["codes"], iteration)  # cut the lineage
+            reload = partial(trainer.read_codes, slots[slot]["codes"], iteration)
         else:
             record["seconds"] = time.perf_counter() - tic
             history.append(record)
@@ -1309,6 +1341,7 @@ def fit_distributed(
         codes = trainer.gather_codes(Z_blocks)
     else:
         codes = None
+    client.run(_release_scratch)
     logger.info("trained in %.1f s: %d outer iterations (%s)", time.perf_counter() - started, iteration, stop_reason)
     return DistributedFit(C, E, codes, history, iteration, stop_reason, start_outer)
 

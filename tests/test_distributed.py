@@ -117,6 +117,7 @@ def test_sparse_and_dense_code_blocks_give_the_same_iterates(thread_client, smal
     result = fit_distributed(X, config, client=thread_client, laplacian=L, block_size=_blocks(len(X), 3),
                              return_codes=True)
     assert 0 < reference.history[-1]["sparsity_percent"] < 40  # sparse enough for CSR blocks to matter
+    assert not sae.distributed._scratch  # the workers' scratch buffers for CSR iterates are released at the end
     assert [r["inner_codes"] for r in result.history] == [r["inner_codes"] for r in reference.history]
     np.testing.assert_allclose(result.codes, reference.codes, atol=1e-4)
 
