@@ -5,12 +5,14 @@ Generates a synthetic data set at GTZAN scale by default (1,288,000 frames x
 (8 of 256 atoms per clip of 1288 frames) plus Gaussian noise, generated clip
 by clip, with amplitudes that drift slowly in time, so that neighbours in
 time are similar, as in music (trained with the thesis's weights, the codes
-come out ~20% non-zero, as the thesis's 19.6% with the graph); the kNN graph is cheap and comes from the generating process
-(each frame linked to its K nearest frames in time within its clip), weighted
-1 and normalised (L = I - D^-1/2 W D^-1/2).  X and L go to a Zarr store
-(L with sae.store.write_sparse), streamed chunk by chunk, once: a store
-given by --store and already written with the same parameters is reused.  It then trains m atoms for --max-outer outer
-iterations on a LocalCluster of single-threaded worker processes, with 1 and
+come out ~20% non-zero, as the thesis's 19.6% with the graph); the kNN
+graph is cheap and comes from the generating process (each frame linked to
+its K nearest frames in time within its clip), weighted 1 and normalised
+(L = I - D^-1/2 W D^-1/2).  X and L go to a Zarr store (L with
+sae.store.write_sparse), streamed chunk by chunk, once: a store given by
+--store and already written with the same parameters is reused.  It then
+trains m atoms for --max-outer outer iterations on a LocalCluster of
+single-threaded worker processes, with 1 and
 with 2 workers, and prints:
 
 - time per outer iteration (median) and total, per number of workers;
@@ -211,11 +213,11 @@ def main() -> None:
     m, n, N = args.n_atoms, args.n_bins, args.n_frames
     flops_per_apply = 4 * N * m * n  # per FISTA iteration: y C and x_{k+1} C, each (N, m) x (m, n)
     totals = {}
+    if args.memory_limit != "auto":
+        # spill block states to disk only near the limit, never kill a worker for its temporaries
+        dask.config.set({"distributed.worker.memory.target": 0.8, "distributed.worker.memory.spill": 0.85,
+                         "distributed.worker.memory.pause": 0.95, "distributed.worker.memory.terminate": False})
     for n_workers in args.workers:
-        if args.memory_limit != "auto":
-            # spill block states to disk only near the limit, never kill a worker for its temporaries
-            dask.config.set({"distributed.worker.memory.target": 0.8, "distributed.worker.memory.spill": 0.85,
-                             "distributed.worker.memory.pause": 0.95, "distributed.worker.memory.terminate": False})
         cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, host="127.0.0.1",
                                dashboard_address=None, memory_limit=args.memory_limit)
         with cluster, Client(cluster) as client, PeakMemory() as memory:

@@ -102,8 +102,10 @@ initial atoms, and the iterates sparsify over the iterations.  Workers with
 a ``memory_limit`` spill block states to disk beyond it (Dask's
 ``distributed.worker.memory`` thresholds): their sizes are registered with
 ``dask.sizeof`` below (Dask counted scipy sparse arrays and dataclasses as
-56 bytes).  Each running task adds its dense (N_b, m) temporaries (about
-six).  The code blocks between steps are kept as the iterates are.
+56 bytes).  Each running task adds the new iterate (N_b, m) and, when the
+iterates are CSR, the worker keeps three (N_b, m) scratch buffers (the two
+densified iterates and the next one).  The code blocks between steps are
+kept as the iterates are.
 The client holds only (m, m), (m, n), (n, n) matrices and scalars.
 
 D and E steps (row-parallel)
@@ -1255,8 +1257,8 @@ def fit_distributed(
         E = np.asarray(state["encoder"], dtype=dtype) if use_encoder else None
         history = state["history"]
         start_outer = state["iteration"]
-        Z_blocks = trainer.read_codes(state["codes"], start_outer)
         reload = partial(trainer.read_codes, state["codes"], start_outer)
+        Z_blocks = reload()
         logger.info("resuming from the checkpoint of outer iteration %d", start_outer)
         if config.balance_lambdas and any(r.get("balanced") for r in history):
             config = trainer.config = config.model_copy(  # the weights the checkpoint was trained with
@@ -1269,8 +1271,8 @@ def fit_distributed(
         rng = np.random.default_rng(config.random_state)
         C = init_dictionary(m, n_features, rng=rng, dtype=dtype)
         E = init_encoder(m, n_features, rng=rng, dtype=dtype) if use_encoder else None
-        Z_blocks = trainer.zero_codes(m)
         reload = partial(trainer.zero_codes, m)
+        Z_blocks = reload()
         start_outer = 0
         residuals = trainer.residuals(Z_blocks, C, E)
         history = [_record(0, config, residuals, 0.0, 0.0, 0, n_rows * m, None, {}, 0.0)]
@@ -1324,8 +1326,9 @@ def fit_distributed(
                 "checkpoint_slot": slot,
                 "last_complete_outer": iteration,
             })
-            Z_blocks = trainer.read_codes(slots[slot]["codes"], iteration)  # cut the lineage
             reload = partial(trainer.read_codes, slots[slot]["codes"], iteration)
+            if not converged and iteration < config.max_outer:
+                Z_blocks = reload()  # cut the lineage (after the last iteration nothing reads them)
         else:
             record["seconds"] = time.perf_counter() - tic
             history.append(record)
