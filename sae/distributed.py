@@ -83,13 +83,17 @@ the rows of ``Z_c`` whose columns are non-zero in ``L[b rows, :]`` (the
 
 Memory.  The FISTA state lives in worker memory as futures: per block
 ``X_b`` and ``P_k``, ``P_{k-1}`` (N_b, n), the iterates ``x_k``, ``x_{k-1}``
-(N_b, m) kept as CSR when at most 40% of their entries are non-zero
+(N_b, m) kept as CSR when at most 10% of their entries are non-zero
 (:data:`SPARSE_STATE_DENSITY`; 8 bytes per non-zero in float32) and dense
 otherwise, and ``X_b E^T`` (N_b, m) when ``lambda_e > 0``; nothing else of
-size (N_b, m) outlives a task.  The client keeps no reference to a state
-once the next iteration is submitted, so a block's state is freed as soon
-as its successor exists: two generations of iterates per block, plus those
-of the ``lookahead - 1`` iterations submitted ahead; the codes the step
+size (N_b, m) outlives a task.  The dense arrays of the iterates and of
+``x_k C`` are recycled on each worker (`_pooled_empty`: the arrays of the
+generation Dask has just released, at most `POOL_SPARE` more per shape): a
+fresh one costs ~25% of a block iteration in page faults.  The client keeps
+no reference to a state once the next iteration is submitted, so a block's
+state is freed as soon as its successor exists: two generations of iterates
+per block, plus those of the ``lookahead - 1`` iterations submitted ahead;
+the codes the step
 started from are not held when they are in the store (the zeros of the
 first step, or a checkpoint): they are read again only if the start turns
 out better than the last iterate.  At full scale
@@ -104,7 +108,9 @@ a ``memory_limit`` spill block states to disk beyond it (Dask's
 ``dask.sizeof`` below (Dask counted scipy sparse arrays and dataclasses as
 56 bytes).  Each running task adds the new iterate (N_b, m) and, when the
 iterates are CSR, the worker keeps three (N_b, m) scratch buffers (the two
-densified iterates and the next one).  The code blocks between steps are
+densified iterates and the next one).  The scheduler's work stealing is
+paused during a training (`_without_work_stealing`): it moved block tasks
+and their states between workers.  The code blocks between steps are
 kept as the iterates are.
 The client holds only (m, m), (m, n), (n, n) matrices and scalars.
 
@@ -121,9 +127,9 @@ in which tasks finish.
 
 Storage and checkpoints
 -----------------------
-Codes are stored **dense**, chunked ``(block_size, m)`` and compressed with
-Blosc (zstd, bit shuffle): each block writes exactly one chunk, so block
-writes are chunk-aligned and need no lock; zeros compress to almost nothing;
+Codes are stored **dense**, chunked ``(block_size, m)`` and compressed
+(:func:`sae.store.array_compressors`): each block writes exactly one chunk,
+so block writes are chunk-aligned and need no lock; zeros compress well;
 readers get a plain (N, m) array (no sparse format to agree on).
 
 Checkpoint layout in the group ``model/<key>``: two slots
@@ -151,11 +157,13 @@ import hashlib
 import json
 import logging
 import math
+import sys
 import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from functools import partial
 from typing import Any, Literal
@@ -163,7 +171,6 @@ from typing import Any, Literal
 import numpy as np
 import scipy.sparse as sp
 import zarr
-import zarr.codecs
 from dask.sizeof import sizeof
 from numba import njit
 
@@ -181,7 +188,7 @@ from sae.model import (
 )
 from sae.solvers import LIPSCHITZ_SAFETY, next_momentum, spectral_norm
 from sae.solvers import stop_reason as fista_stop_reason
-from sae.store import json_safe
+from sae.store import array_compressors, json_safe
 from sae.terms import inner
 
 __all__ = [
@@ -202,8 +209,12 @@ logger = logging.getLogger("sae.distributed")
 SPARSE_HALO_DENSITY = 0.25
 
 #: Code blocks are kept as CSR (values and column indices: 8 bytes per non-zero in float32,
-#: 12 in float64, against 4 or 8 per entry dense) when at most this fraction is non-zero.
-SPARSE_STATE_DENSITY = 0.4
+#: 12 in float64, against 4 or 8 per entry dense) when at most this fraction is non-zero.  A CSR
+#: iterate costs time (densified and compacted at every iteration: a 40,250 x 512 block iteration
+#: takes 259-268 ms at 20-30% non-zeros against 170 ms dense) and the peak memory of a training is
+#: set by its first Z step anyway, which is dense (module docstring): CSR only where it divides
+#: the memory by 5 or more.
+SPARSE_STATE_DENSITY = 0.1
 
 #: A Z step with the graph term logs its progress (iteration, objective, non-zeros) at most this often, in seconds.
 PROGRESS_SECONDS = 30.0
@@ -433,11 +444,73 @@ def _scratch_buffers(shape: tuple[int, int], dtype: Any) -> list[np.ndarray]:
     return cache[key]
 
 
+_pool: dict[tuple, list[np.ndarray]] = {}  # (shape, dtype) -> arrays handed out by _pooled_empty
+_pool_lock = threading.Lock()
+
+#: Free arrays `_pooled_empty` keeps per shape for the next request (the others are let go).
+POOL_SPARE = 2
+
+
+def _pooled_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """An uninitialised array like ``np.empty``, recycled: one that nothing references any more, if any.
+
+    For the new iterate and ``x_{k+1} C`` of every block iteration: Dask's
+    workers run with ``MALLOC_TRIM_THRESHOLD_`` set, so a freed (N_b, m)
+    array goes back to the system and a new one is a fresh ``mmap`` whose
+    pages the kernel zeroes and faults in again, ~25% of a dense block
+    iteration at full scale (measured: 228 -> 171 ms per 40,250 x 512 block).
+    The pool keeps a reference to every array it hands out; one whose
+    reference count is back to the pool's own (its state was released by
+    Dask, views and pickled buffers hold references) is free and is handed out
+    again.  At most `POOL_SPARE` free arrays per shape are kept; the rest are
+    dropped, and `_release_scratch` drops them all.
+    """
+    key = (tuple(shape), np.dtype(dtype).str)
+    with _pool_lock:
+        arrays = _pool.setdefault(key, [])
+        free = _trim(arrays, POOL_SPARE + 1)
+        out = arrays[free[0]] if free else np.empty(shape, dtype=dtype)
+        if not free:
+            arrays.append(out)
+    return out
+
+
+def _trim(arrays: list[np.ndarray], keep: int) -> list[int]:
+    """Drop the free arrays of a pool list beyond the first ``keep``; returns the indices of those kept."""
+    # references to a free array: the pool's list and getrefcount's argument
+    free = [i for i in range(len(arrays)) if sys.getrefcount(arrays[i]) == 2]
+    drop = set(free[keep:])
+    if drop:
+        arrays[:] = [a for i, a in enumerate(arrays) if i not in drop]
+    return free[:keep]
+
+
+def _trim_pool() -> None:
+    """Let go of the pooled arrays beyond `POOL_SPARE` free ones per shape.
+
+    Called by the tasks that follow a Z step (statistics, code reads): the
+    pool keeps every array of the last generations until its next request,
+    which comes only with the next Z step: up to two generations of iterates
+    (1.3 GB per worker at full scale) would stay allocated, unused, while
+    the codes are read back.
+    """
+    with _pool_lock:
+        for arrays in _pool.values():
+            _trim(arrays, POOL_SPARE)
+
+
 def _release_scratch() -> int:
-    """Drop every thread's scratch buffers (run on each worker at the end of a training); returns the bytes freed."""
+    """Drop every thread's scratch buffers and the pooled arrays (run on each worker at the end of a training).
+
+    Returns the bytes of the buffers freed (pooled arrays still referenced elsewhere are only no longer pooled).
+    """
     with _scratch_lock:
         freed = sum(buffer.nbytes for cache in _scratch.values() for buffers in cache.values() for buffer in buffers)
         _scratch.clear()
+    with _pool_lock:
+        freed += sum(arrays[i].nbytes for arrays in _pool.values() for i in range(len(arrays))
+                     if sys.getrefcount(arrays[i]) == 2)
+        _pool.clear()
     return freed
 
 
@@ -488,7 +561,8 @@ def _graph_row(i, own_data, own_indices, own_indptr, halo_data, halo_indices, ha
 @njit(cache=True, nogil=True, fastmath={"reassoc"})
 def _block_iterate(x, x_prev, P, P_prev, X, C, CT, own_data, own_indices, own_indptr, halo_data, halo_indices,
                    halo_indptr, halo, halo_prev, target, alpha, lambda_d, lambda_g, lambda_e, step, threshold,
-                   use_prev, use_recon, use_graph, use_target, tile, out, P_out):  # pragma: no cover - compiled
+                   use_prev, use_recon, use_graph, use_target, residual, gradient, out,
+                   P_out):  # pragma: no cover - compiled
     """A block's FISTA iteration (see `_code_iterate`), tile by tile of ``tile`` rows, in one pass.
 
     Per tile: the reconstruction gradient at ``y``, ``lambda_d (y C - X) C^T``,
@@ -500,10 +574,13 @@ def _block_iterate(x, x_prev, P, P_prev, X, C, CT, own_data, own_indices, own_in
     ``<y, x_{k+1} - x_k>``, ``<x_{k+1}, x_{k+1} - x_k>``, ``nnz(x_k)``,
     ``nnz(x_{k+1})`` and ``||x_k C - X||^2``: per row in the arrays' dtype,
     over rows in float64 (as `sae.terms.inner`).  Arrays not used (by the
-    flags) may be empty.  No temporary larger than a tile.
+    flags) may be empty.  Tiles of ``gradient.shape[0]`` rows; ``residual``
+    (tile, n) and ``gradient`` (tile, m) are work buffers: nothing is allocated
+    but row vectors.
     """
     sums = np.zeros(8)
     n_rows, n_cols = out.shape
+    tile = gradient.shape[0]
     zero = out.dtype.type(0)
     y = np.empty(n_cols, dtype=out.dtype)
     lx = np.empty(n_cols, dtype=out.dtype)
@@ -511,18 +588,18 @@ def _block_iterate(x, x_prev, P, P_prev, X, C, CT, own_data, own_indices, own_in
     for t0 in range(0, n_rows, tile):
         t1 = min(t0 + tile, n_rows)
         if use_recon:
-            residual = P[t0:t1] - X[t0:t1]
             for r in range(t1 - t0):
                 s = zero
                 for c in range(residual.shape[1]):
-                    s += residual[r, c] * residual[r, c]
+                    value = P[t0 + r, c] - X[t0 + r, c]
+                    s += value * value
+                    if use_prev:
+                        value += alpha * (P[t0 + r, c] - P_prev[t0 + r, c])
+                    residual[r, c] = lambda_d * value
                 sums[7] += s
-            if use_prev:
-                residual += alpha * (P[t0:t1] - P_prev[t0:t1])
-            residual *= lambda_d
-            gradient = np.dot(residual, CT)
+            np.dot(residual[: t1 - t0], CT, gradient[: t1 - t0])
         else:
-            gradient = np.zeros((t1 - t0, n_cols), dtype=out.dtype)
+            gradient[:] = zero
         for i in range(t0, t1):
             xi, gi, oi = x[i], gradient[i - t0], out[i]
             if use_prev:
@@ -575,7 +652,7 @@ def _block_iterate(x, x_prev, P, P_prev, X, C, CT, own_data, own_indices, own_in
                 sums[3] += restart_y
                 sums[4] += restart_x
         if use_recon:
-            P_out[t0:t1] = np.dot(np.ascontiguousarray(out[t0:t1]), C)
+            np.dot(out[t0:t1], C, P_out[t0:t1])
     return sums
 
 
@@ -603,7 +680,9 @@ def _code_iterate(
     after densifying ``x_k`` and ``x_{k-1}`` is one compiled pass,
     `_block_iterate`, tile by tile: no (N_b, m) temporary but the new iterate.
     """
-    sparse = sp.issparse(state.x)
+    # CSR iterates are densified into scratch buffers, except the all-zero start: its dense form costs nothing
+    # (calloc'd pages are mapped on write) and the next iterate is dense (see the module docstring)
+    sparse = sp.issparse(state.x) and state.x.nnz > 0
     scratch = _scratch_buffers(state.x.shape, state.x.dtype) if sparse else None
     x = _densify(state.x, scratch[0] if sparse else None)
     dtype = x.dtype.type
@@ -618,7 +697,7 @@ def _code_iterate(
         P = state.P if state.P is not None else x @ C
         P_prev = state.P_prev if used else none
         CT = np.ascontiguousarray(C.T)
-        P_next = np.empty_like(P)
+        P_next = _pooled_empty(P.shape, P.dtype)
     else:
         P = P_prev = CT = P_next = none
         C = none
@@ -635,12 +714,14 @@ def _code_iterate(
         graph_arrays = (np.zeros(0), index[:0], index, np.zeros(0), index[:0], index, none, none)
     target = problem.target if problem.target is not None else none
     # sparse iterates: the next one (most likely sparse too) is computed in scratch and compacted; dense ones are kept
-    x_next = scratch[2] if sparse else np.empty_like(x)
+    x_next = scratch[2] if sparse else _pooled_empty(x.shape, x.dtype)
+    tile = min(ITERATE_TILE, max(x.shape[0], 1))
     sums = _block_iterate(
         x, x_prev, P, P_prev, X if use_recon else none, C, CT, *graph_arrays, target, alpha,
         dtype(problem.lambda_d), dtype(problem.lambda_g), dtype(problem.lambda_e), dtype(problem.step),
         dtype(problem.step * problem.lambda_z), used, use_recon, use_graph, problem.target is not None,
-        ITERATE_TILE, x_next, P_next,
+        np.empty((tile, X.shape[1] if use_recon else 0), dtype=x.dtype), np.empty((tile, m), dtype=x.dtype),
+        x_next, P_next,
     )
     l1, graph_energy, encoder_residual, restart_y, restart_x, nnz, nnz_next, reconstruction = (float(v) for v in sums)
     smooth = 0.5 * problem.lambda_d * reconstruction if use_recon else 0.0
@@ -651,8 +732,10 @@ def _code_iterate(
     scalars = {"smooth": smooth, "l1": l1, "graph": graph_energy, "nnz": nnz, "momentum_used": used,
                "restart_y": restart_y, "restart_x": restart_x}
     x_next = _compact(x_next, nnz_next)
-    if sparse and x_next is scratch[2]:
-        x_next = x_next.copy()  # denser than SPARSE_STATE_DENSITY: the scratch buffer is not handed out
+    if sparse and x_next is scratch[2]:  # denser than SPARSE_STATE_DENSITY: the scratch buffer is not handed out
+        dense = _pooled_empty(x.shape, x.dtype)
+        dense[...] = x_next
+        x_next = dense
     return _CodeState(x=x_next, x_prev=state.x, P=P_next if use_recon else None,
                       P_prev=P if use_recon else None, scalars=scalars)
 
@@ -750,6 +833,7 @@ def _second(pair: tuple) -> Any:
 
 def _block_statistics(X_block: np.ndarray, Z_block: np.ndarray) -> dict[str, Any]:
     """``Z_b^T Z_b`` (m, m), ``Z_b^T X_b`` (m, n), ``||Z_b||_F^2``, ``||Z_b||_1`` and its non-zeros."""
+    _trim_pool()  # the Z step is over
     Z_block = _densify(Z_block)
     return {
         "ZtZ": Z_block.T @ Z_block,
@@ -789,6 +873,7 @@ def _zeros(n_rows: int, n_cols: int, dtype: str) -> sp.csr_array:
 
 def _read_code_rows(source: Any, start: int, stop: int, dtype: str) -> Any:
     """Rows ``[start, stop)`` of stored codes, compact (CSR when sparse enough, as the iterates)."""
+    _trim_pool()
     return _compact(_read_rows(source, start, stop, dtype))
 
 
@@ -837,7 +922,7 @@ def _checkpoint_arrays(
     if "codes" not in sub:
         sub.create_array(
             "codes", shape=(n_rows, n_atoms), chunks=(block_size, n_atoms), dtype=dtype,
-            compressors=[zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")],
+            compressors=array_compressors(),
             dimension_names=("frame", "atom"),
         )
     for array_name in ("components",) + (("encoder",) if encoder else ()):
@@ -871,6 +956,39 @@ def read_checkpoint(group: zarr.Group) -> dict[str, Any] | None:
 
 
 # --------------------------------------------------------------------------- the trainer
+
+
+async def _set_work_stealing(dask_scheduler: Any, enabled: bool) -> bool:
+    """Start or stop the scheduler's work stealing (run on the scheduler); returns whether it was running."""
+    extension = dask_scheduler.extensions.get("stealing")
+    if extension is None:  # distributed.scheduler.work-stealing: false
+        return False
+    running = "stealing" in dask_scheduler.periodic_callbacks
+    await (extension.start() if enabled else extension.stop())
+    return running
+
+
+@contextmanager
+def _without_work_stealing(client: Any) -> Iterator[None]:
+    """Pause the cluster's work stealing while a training runs (restarted after it if it was running).
+
+    Each block's tasks run on its home worker, where its state is (`_Trainer._home`);
+    work stealing moves queued tasks from a busy worker to an idle one *with
+    their inputs*: at full scale, block iterations and the instant tasks that
+    read their result were moved back and forth with the 160 MB block states
+    (up to 10 transfers of 0.4-1.1 s per Z-step iteration, and a copy of the
+    state on each side).  Loose restrictions still send a lost worker's
+    blocks elsewhere: recovery does not need stealing.
+    """
+    was_running = client.run_on_scheduler(_set_work_stealing, enabled=False)
+    try:
+        yield
+    finally:
+        if was_running:
+            try:
+                client.run_on_scheduler(_set_work_stealing, enabled=True)
+            except Exception:  # the cluster is gone: nothing to restart
+                logger.debug("could not restart work stealing", exc_info=True)
 
 
 class _Trainer:
@@ -1030,10 +1148,13 @@ class _Trainer:
         if reload is not None:
             Z_blocks.clear()  # the client lets go of the starting codes (see code_step)
 
+        # The halo rows, scalars and momentum (instant tasks) have priority over the block iterations: a worker
+        # runs its blocks one after the other, and without it the halo rows the *other* worker waits for were cut
+        # only after all of this worker's blocks (at full scale: one worker idle for up to half an iteration).
         def submit_iteration(k: int, states: list, previous: list | None, momentum: Any) -> tuple[list, list, list, Any]:
             packs = [
                 client.submit(_halo_pack, states[c], self.send_plans[c], key=f"sae-halo-{tag}-{k}-{c}",
-                              **self._home(c))
+                              priority=1, **self._home(c))
                 for c in range(n_blocks)
             ]
             new = [
@@ -1042,12 +1163,13 @@ class _Trainer:
                               key=f"sae-ziter-{tag}-{k}-{b}", **self._home(b))
                 for b in range(n_blocks)
             ]
-            scalars = [client.submit(_state_scalars, s, key=f"sae-zscalars-{tag}-{k}-{b}", **self._home(b))
+            scalars = [client.submit(_state_scalars, s, key=f"sae-zscalars-{tag}-{k}-{b}", priority=1,
+                                     **self._home(b))
                        for b, s in enumerate(new)]
             # the momentum of the next iteration is decided on the cluster (adaptive restart needs a global sum),
             # so iterations can be submitted ahead of the client's stopping test
             following = client.submit(_next_momentum, momentum, scalars, config.fista_restart,
-                                      key=f"sae-momentum-{tag}-{k}")
+                                      key=f"sae-momentum-{tag}-{k}", priority=1)
             return new, scalars, packs, following
 
         pending: deque = deque()
@@ -1236,6 +1358,23 @@ def fit_distributed(
     -------
     DistributedFit
     """
+    with _without_work_stealing(client):
+        return _fit_distributed(X, config, client, laplacian, block_size, laplacian_norm, lookahead, checkpoint,
+                                return_codes, callback)
+
+
+def _fit_distributed(
+    X: Any,
+    config: ModelConfig,
+    client: Any,
+    laplacian: Any,
+    block_size: int,
+    laplacian_norm: float | str,
+    lookahead: int,
+    checkpoint: zarr.Group | None,
+    return_codes: bool,
+    callback: Callable[[dict[str, Any]], None] | None,
+) -> DistributedFit:
     started = time.perf_counter()
     dtype = config.dtype
     if len(getattr(X, "shape", ())) != 2:

@@ -117,7 +117,8 @@ def test_sparse_and_dense_code_blocks_give_the_same_iterates(thread_client, smal
     result = fit_distributed(X, config, client=thread_client, laplacian=L, block_size=_blocks(len(X), 3),
                              return_codes=True)
     assert 0 < reference.history[-1]["sparsity_percent"] < 40  # sparse enough for CSR blocks to matter
-    assert not sae.distributed._scratch  # the workers' scratch buffers for CSR iterates are released at the end
+    # the workers' scratch buffers for CSR iterates and their pooled arrays are released at the end
+    assert not sae.distributed._scratch and not sae.distributed._pool
     assert [r["inner_codes"] for r in result.history] == [r["inner_codes"] for r in reference.history]
     np.testing.assert_allclose(result.codes, reference.codes, atol=1e-4)
 
@@ -133,6 +134,24 @@ def test_long_z_steps_log_their_progress(thread_client, small, monkeypatch, capl
     progress = [r.getMessage() for r in caplog.records if "Z step: iteration" in r.getMessage()]
     assert [message.split(",")[1] for message in progress] == [f" Z step: iteration {k}" for k in range(4)]
     assert all("% non-zeros" in message and "s per iteration" in message for message in progress)
+
+
+def _stealing(dask_scheduler) -> bool:
+    return "stealing" in dask_scheduler.periodic_callbacks
+
+
+def test_work_stealing_is_paused_during_a_training(thread_client, small):
+    """Block states stay on their home workers: the scheduler's work stealing is off while a fit runs, then back."""
+    X, L = small
+    seen = []
+    config = ModelConfig(n_atoms=4, lambda_g=1.0, max_outer=2, max_inner=3, random_state=0)
+    assert thread_client.run_on_scheduler(_stealing)
+    fit_distributed(X, config, client=thread_client, laplacian=L, block_size=100,
+                    callback=lambda record: seen.append(thread_client.run_on_scheduler(_stealing)))
+    assert seen == [False, False] and thread_client.run_on_scheduler(_stealing)
+    with pytest.raises(ValueError):  # restarted after a failed fit too
+        fit_distributed(X, config, client=thread_client, block_size=100)
+    assert thread_client.run_on_scheduler(_stealing)
 
 
 def test_graph_term_needs_a_laplacian(thread_client, small):
@@ -262,6 +281,33 @@ def test_killed_worker_does_not_change_the_result(tmp_path, small):
                 process.kill()
 
 
+def test_pooled_arrays_are_reused_only_once_nothing_references_them(monkeypatch):
+    import sae.distributed as sd
+
+    monkeypatch.setattr(sd, "_pool", {})
+    first = sd._pooled_empty((5, 3), np.float32)
+    address = first.ctypes.data
+    second = sd._pooled_empty((5, 3), np.float32)  # the first is still held
+    assert second.ctypes.data != address and first.shape == (5, 3) and first.dtype == np.float32
+    view = first[1:]
+    del first
+    assert sd._pooled_empty((5, 3), np.float32).ctypes.data != address  # a view keeps it in use
+    del view
+    assert sd._pooled_empty((5, 3), np.float32).ctypes.data == address  # free again: handed out again
+    assert sd._pooled_empty((5, 3), np.float64).dtype == np.float64  # one pool per shape and dtype
+    held = [sd._pooled_empty((4, 2), np.float32) for _ in range(6)]
+    del held
+    sd._pooled_empty((4, 2), np.float32)
+    assert len(sd._pool[((4, 2), np.dtype(np.float32).str)]) == 1 + sd.POOL_SPARE  # spare free arrays only
+    held = [sd._pooled_empty((4, 2), np.float32) for _ in range(6)]
+    kept = held[0]
+    del held
+    sd._trim_pool()  # without a request: the free arrays beyond the spare ones go too
+    assert len(sd._pool[((4, 2), np.dtype(np.float32).str)]) == 1 + sd.POOL_SPARE
+    assert any(a is kept for a in sd._pool[((4, 2), np.dtype(np.float32).str)])  # one in use is never dropped
+    assert sd._release_scratch() >= (1 + sd.POOL_SPARE) * 8 * 4 and not sd._pool
+
+
 def test_dask_counts_the_memory_of_block_states():
     # Dask spills results to disk by their dask.sizeof: a block state must count its arrays, CSR ones included
     from dask.sizeof import sizeof
@@ -280,7 +326,7 @@ def test_compact_code_blocks_equal_scipy_csr(dtype):
     from sae.distributed import _compact
 
     rng = np.random.default_rng(0)
-    x = (rng.standard_normal((50, 40)) * (rng.random((50, 40)) < 0.1)).astype(dtype)
+    x = (rng.standard_normal((50, 40)) * (rng.random((50, 40)) < 0.05)).astype(dtype)
     x[7] = 0  # an empty row
     compact = _compact(x)
     expected = sp.csr_array(x)
