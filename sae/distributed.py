@@ -86,20 +86,19 @@ Memory.  The FISTA state lives in worker memory as futures: per block
 (N_b, m) kept as CSR when at most 10% of their entries are non-zero
 (:data:`SPARSE_STATE_DENSITY`; 8 bytes per non-zero in float32) and dense
 otherwise, and ``X_b E^T`` (N_b, m) when ``lambda_e > 0``; nothing else of
-size (N_b, m) outlives a task.  The dense arrays of the iterates and of
-``x_k C`` are recycled on each worker (`_pooled_empty`: the arrays of the
-generation Dask has just released, at most `POOL_SPARE` more per shape): a
-fresh one costs ~25% of a block iteration in page faults.  The client keeps
+size (N_b, m) outlives a task but `POOL_SPARE` free arrays per worker:
+the dense arrays of the iterates and of ``x_k C`` are recycled on each
+worker (`_pooled_empty`: the arrays of the generation Dask has just
+released; a fresh one costs ~25% of a block iteration in page faults).  The client keeps
 no reference to a state once the next iteration is submitted, so a block's
 state is freed as soon as its successor exists: two generations of iterates
 per block, plus those of the ``lookahead - 1`` iterations submitted ahead;
-the codes the step
-started from are not held when they are in the store (the zeros of the
-first step, or a checkpoint): they are read again only if the start turns
-out better than the last iterate.  At full scale
+the codes the step started from are not held when they are in the store
+(the zeros of the first step, or a checkpoint): they are read again only if
+the start turns out better than the last iterate.  At full scale
 (N = 1,288,000, n = 96, m = 512, float32, ``lambda_e = 0``) one generation
-is ~1.1 GB over the cluster at 20% non-zeros (the thesis's codes had 5-20%)
-but 2.6 GB dense, and the first Z step of a training is dense: from
+is 2.6 GB over the cluster dense, ~0.5 GB as CSR at 10% non-zeros (the
+thesis's codes had 5-20%), and the first Z step of a training is dense: from
 ``Z = 0`` the first step is ``soft(step lambda_d X C^T, step lambda_z)``,
 positive everywhere for non-negative data and the thesis's non-negative
 initial atoms, and the iterates sparsify over the iterations.  Workers with
@@ -213,7 +212,8 @@ SPARSE_HALO_DENSITY = 0.25
 #: iterate costs time (densified and compacted at every iteration: a 40,250 x 512 block iteration
 #: takes 259-268 ms at 20-30% non-zeros against 170 ms dense) and the peak memory of a training is
 #: set by its first Z step anyway, which is dense (module docstring): CSR only where it divides
-#: the memory by 5 or more.
+#: the memory by 5 or more.  The same rule keeps the codes between steps (and those of the
+#: graph-free Z step, one task per block).
 SPARSE_STATE_DENSITY = 0.1
 
 #: A Z step with the graph term logs its progress (iteration, objective, non-zeros) at most this often, in seconds.
@@ -444,15 +444,25 @@ def _scratch_buffers(shape: tuple[int, int], dtype: Any) -> list[np.ndarray]:
     return cache[key]
 
 
-_pool: dict[tuple, list[np.ndarray]] = {}  # (shape, dtype) -> arrays handed out by _pooled_empty
-_pool_lock = threading.Lock()
-
-#: Free arrays `_pooled_empty` keeps per shape for the next request (the others are let go).
+#: Free arrays the pool keeps per shape while a training runs (the others are let go).
 POOL_SPARE = 2
 
 
-def _pooled_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-    """An uninitialised array like ``np.empty``, recycled: one that nothing references any more, if any.
+def _refcounts_tell_free() -> bool:
+    """Whether this interpreter's reference counts say when a pooled array is free (CPython's do)."""
+    arrays = [np.empty(1)]
+    alone = sys.getrefcount(arrays[0]) == 2
+    view = arrays[0][:]
+    held = sys.getrefcount(arrays[0]) > 2
+    del view
+    return alone and held and sys.getrefcount(arrays[0]) == 2
+
+
+_REFCOUNTS_TELL_FREE = _refcounts_tell_free()  # else the pool hands out plain np.empty arrays
+
+
+class _ArrayPool:
+    """Uninitialised arrays like ``np.empty``, recycled: one that nothing references any more, if any.
 
     For the new iterate and ``x_{k+1} C`` of every block iteration: Dask's
     workers run with ``MALLOC_TRIM_THRESHOLD_`` set, so a freed (N_b, m)
@@ -461,57 +471,109 @@ def _pooled_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     iteration at full scale (measured: 228 -> 171 ms per 40,250 x 512 block).
     The pool keeps a reference to every array it hands out; one whose
     reference count is back to the pool's own (its state was released by
-    Dask, views and pickled buffers hold references) is free and is handed out
-    again.  At most `POOL_SPARE` free arrays per shape are kept; the rest are
-    dropped, and `_release_scratch` drops them all.
+    Dask; views and pickled buffers hold references) is free and is handed
+    out again.  Free arrays beyond `POOL_SPARE` per shape are let go at each
+    request and by `trim`, all of them when no training runs.  Where reference
+    counts cannot tell (not CPython), plain ``np.empty``.
     """
-    key = (tuple(shape), np.dtype(dtype).str)
-    with _pool_lock:
-        arrays = _pool.setdefault(key, [])
-        free = _trim(arrays, POOL_SPARE + 1)
-        out = arrays[free[0]] if free else np.empty(shape, dtype=dtype)
-        if not free:
-            arrays.append(out)
-    return out
+
+    def __init__(self) -> None:
+        self.arrays: dict[tuple, list[np.ndarray]] = {}  # (shape, dtype) -> the arrays handed out
+        self.lock = threading.Lock()
+        self.trainings = 0  # trainings running on this worker process (`_start_pool_trimming` .. `_release_scratch`)
+
+    def empty(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        if not _REFCOUNTS_TELL_FREE:
+            return np.empty(shape, dtype=dtype)
+        key = (tuple(shape), np.dtype(dtype).str)
+        with self.lock:
+            arrays = self.arrays.setdefault(key, [])
+            free = self._trim(arrays, POOL_SPARE + 1)
+            out = arrays[free[0]] if free else np.empty(shape, dtype=dtype)
+            if not free:
+                arrays.append(out)
+        return out
+
+    @staticmethod
+    def _trim(arrays: list[np.ndarray], keep: int) -> list[int]:
+        """Drop the free arrays of ``arrays`` beyond the first ``keep``; returns the indices of those kept."""
+        # references to a free array: the pool's list and getrefcount's argument
+        free = [i for i in range(len(arrays)) if sys.getrefcount(arrays[i]) == 2]
+        drop = set(free[keep:])
+        if drop:
+            arrays[:] = [a for i, a in enumerate(arrays) if i not in drop]
+        return free[:keep]
+
+    def trim(self, keep: int | None = None) -> int:
+        """Let go of the free arrays beyond ``keep`` per shape (default: `POOL_SPARE` during a training, else 0).
+
+        Returns the bytes let go.  Without trimming, the last generations of
+        iterates (1.3 GB per worker at full scale) would stay allocated after a
+        Z step while the codes are read back, and the states Dask spills to
+        disk would free nothing: hence trims by the tasks that follow a Z step,
+        and every `POOL_TRIM_SECONDS` on each worker (`_start_pool_trimming`),
+        even when no task runs (a worker paused by its memory limit).
+        """
+        freed = 0
+        with self.lock:
+            keep = (POOL_SPARE if self.trainings else 0) if keep is None else keep
+            for key in list(self.arrays):
+                arrays = self.arrays[key]
+                before = sum(a.nbytes for a in arrays)
+                self._trim(arrays, keep)
+                freed += before - sum(a.nbytes for a in arrays)
+                if not arrays:
+                    del self.arrays[key]
+        return freed
 
 
-def _trim(arrays: list[np.ndarray], keep: int) -> list[int]:
-    """Drop the free arrays of a pool list beyond the first ``keep``; returns the indices of those kept."""
-    # references to a free array: the pool's list and getrefcount's argument
-    free = [i for i in range(len(arrays)) if sys.getrefcount(arrays[i]) == 2]
-    drop = set(free[keep:])
-    if drop:
-        arrays[:] = [a for i, a in enumerate(arrays) if i not in drop]
-    return free[:keep]
+_pool = _ArrayPool()
 
 
-def _trim_pool() -> None:
-    """Let go of the pooled arrays beyond `POOL_SPARE` free ones per shape.
+def _pooled_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """An array of this worker's pool (`_ArrayPool`)."""
+    return _pool.empty(shape, dtype)
 
-    Called by the tasks that follow a Z step (statistics, code reads): the
-    pool keeps every array of the last generations until its next request,
-    which comes only with the next Z step: up to two generations of iterates
-    (1.3 GB per worker at full scale) would stay allocated, unused, while
-    the codes are read back.
+
+def _trim_pool() -> int:
+    """Trim this worker's pool (`_ArrayPool.trim`)."""
+    return _pool.trim()
+
+
+#: Period of the pool trimming on each worker, in seconds.
+POOL_TRIM_SECONDS = 0.5
+_TRIM_CALLBACK = "sae-pool-trim"
+
+
+def _start_pool_trimming(dask_worker: Any) -> None:
+    """Trim the pool every `POOL_TRIM_SECONDS` on this worker's event loop (run by ``client.run``; idempotent).
+
+    Left running for the worker's lifetime (trainings may overlap): a few
+    microseconds when the pool is empty.
     """
-    with _pool_lock:
-        for arrays in _pool.values():
-            _trim(arrays, POOL_SPARE)
+    with _pool.lock:
+        _pool.trainings += 1
+    if _TRIM_CALLBACK not in dask_worker.periodic_callbacks:
+        from tornado.ioloop import PeriodicCallback
+
+        callback = PeriodicCallback(_trim_pool, POOL_TRIM_SECONDS * 1000)
+        dask_worker.periodic_callbacks[_TRIM_CALLBACK] = callback
+        callback.start()
 
 
 def _release_scratch() -> int:
-    """Drop every thread's scratch buffers and the pooled arrays (run on each worker at the end of a training).
+    """Drop every thread's scratch buffers and the free pooled arrays (run on each worker after a training).
 
-    Returns the bytes of the buffers freed (pooled arrays still referenced elsewhere are only no longer pooled).
+    Returns the bytes freed.  Pooled arrays still in use (another training's,
+    or results Dask has not released yet) stay pooled until the periodic
+    trimming finds them free; a running task keeps the scratch buffers it holds.
     """
+    with _pool.lock:
+        _pool.trainings = max(_pool.trainings - 1, 0)
     with _scratch_lock:
         freed = sum(buffer.nbytes for cache in _scratch.values() for buffers in cache.values() for buffer in buffers)
         _scratch.clear()
-    with _pool_lock:
-        freed += sum(arrays[i].nbytes for arrays in _pool.values() for i in range(len(arrays))
-                     if sys.getrefcount(arrays[i]) == 2)
-        _pool.clear()
-    return freed
+    return freed + _pool.trim(keep=0)
 
 
 def _code_problem(
@@ -563,7 +625,7 @@ def _block_iterate(x, x_prev, P, P_prev, X, C, CT, own_data, own_indices, own_in
                    halo_indptr, halo, halo_prev, target, alpha, lambda_d, lambda_g, lambda_e, step, threshold,
                    use_prev, use_recon, use_graph, use_target, residual, gradient, out,
                    P_out):  # pragma: no cover - compiled
-    """A block's FISTA iteration (see `_code_iterate`), tile by tile of ``tile`` rows, in one pass.
+    """A block's FISTA iteration (see `_code_iterate`), tile by tile, in one pass.
 
     Per tile: the reconstruction gradient at ``y``, ``lambda_d (y C - X) C^T``,
     with ``y C`` extrapolated from ``P = x_k C`` and ``P_prev = x_{k-1} C``;
@@ -680,8 +742,8 @@ def _code_iterate(
     after densifying ``x_k`` and ``x_{k-1}`` is one compiled pass,
     `_block_iterate`, tile by tile: no (N_b, m) temporary but the new iterate.
     """
-    # CSR iterates are densified into scratch buffers, except the all-zero start: its dense form costs nothing
-    # (calloc'd pages are mapped on write) and the next iterate is dense (see the module docstring)
+    # CSR iterates are densified into scratch buffers, except all-zero ones (the start): their dense form costs
+    # nothing (calloc'd pages are mapped on write) and the next iterate is dense (see the module docstring)
     sparse = sp.issparse(state.x) and state.x.nnz > 0
     scratch = _scratch_buffers(state.x.shape, state.x.dtype) if sparse else None
     x = _densify(state.x, scratch[0] if sparse else None)
@@ -958,19 +1020,38 @@ def read_checkpoint(group: zarr.Group) -> dict[str, Any] | None:
 # --------------------------------------------------------------------------- the trainer
 
 
-async def _set_work_stealing(dask_scheduler: Any, enabled: bool) -> bool:
-    """Start or stop the scheduler's work stealing (run on the scheduler); returns whether it was running."""
+_STEALING_PAUSES = "_sae_work_stealing_pauses"  # attribute of the scheduler: (trainings running, was stealing on)
+
+
+async def _pause_work_stealing(dask_scheduler: Any, pause: bool) -> None:
+    """Pause (``pause=True``) or resume the scheduler's work stealing for one training (run on the scheduler).
+
+    Overlapping trainings (a sweep's) share the pause: stealing restarts when
+    the last of them ends, and only if it was running before the first.
+    """
     extension = dask_scheduler.extensions.get("stealing")
     if extension is None:  # distributed.scheduler.work-stealing: false
-        return False
-    running = "stealing" in dask_scheduler.periodic_callbacks
-    await (extension.start() if enabled else extension.stop())
-    return running
+        return
+    count, was_running = getattr(dask_scheduler, _STEALING_PAUSES, (0, False))
+    if pause:
+        if count == 0:
+            was_running = "stealing" in dask_scheduler.periodic_callbacks
+        setattr(dask_scheduler, _STEALING_PAUSES, (count + 1, was_running))  # before the await: overlapping calls
+        if count == 0:
+            try:
+                await extension.stop()
+            except BaseException:
+                setattr(dask_scheduler, _STEALING_PAUSES, (count, was_running))
+                raise
+    elif count > 0:
+        setattr(dask_scheduler, _STEALING_PAUSES, (count - 1, was_running))
+        if count == 1 and was_running:
+            await extension.start()
 
 
 @contextmanager
 def _without_work_stealing(client: Any) -> Iterator[None]:
-    """Pause the cluster's work stealing while a training runs (restarted after it if it was running).
+    """Pause the cluster's work stealing while a training runs (`_pause_work_stealing`).
 
     Each block's tasks run on its home worker, where its state is (`_Trainer._home`);
     work stealing moves queued tasks from a busy worker to an idle one *with
@@ -978,17 +1059,25 @@ def _without_work_stealing(client: Any) -> Iterator[None]:
     read their result were moved back and forth with the 160 MB block states
     (up to 10 transfers of 0.4-1.1 s per Z-step iteration, and a copy of the
     state on each side).  Loose restrictions still send a lost worker's
-    blocks elsewhere: recovery does not need stealing.
+    blocks elsewhere: recovery does not need stealing.  A client that dies
+    during a training leaves stealing paused until the scheduler restarts
+    (a matter of speed for other work, not of results).
     """
-    was_running = client.run_on_scheduler(_set_work_stealing, enabled=False)
+    try:
+        client.run_on_scheduler(_pause_work_stealing, pause=True)
+        paused = True
+    except Exception as error:  # e.g. a scheduler that refuses functions (distributed.scheduler.pickle: false)
+        logger.warning("could not pause the scheduler's work stealing (%s): block states may move between workers",
+                       error)
+        paused = False
     try:
         yield
     finally:
-        if was_running:
+        if paused:
             try:
-                client.run_on_scheduler(_set_work_stealing, enabled=True)
-            except Exception:  # the cluster is gone: nothing to restart
-                logger.debug("could not restart work stealing", exc_info=True)
+                client.run_on_scheduler(_pause_work_stealing, pause=False)
+            except Exception:  # the cluster is gone: nothing to resume
+                logger.debug("could not resume work stealing", exc_info=True)
 
 
 class _Trainer:
@@ -1358,9 +1447,19 @@ def fit_distributed(
     -------
     DistributedFit
     """
-    with _without_work_stealing(client):
-        return _fit_distributed(X, config, client, laplacian, block_size, laplacian_norm, lookahead, checkpoint,
-                                return_codes, callback)
+    try:
+        client.run(_start_pool_trimming)
+    except Exception as error:  # only memory is at stake: the pool is also trimmed by the tasks
+        logger.warning("could not start the workers' pool trimming (%s)", error)
+    try:
+        with _without_work_stealing(client):
+            return _fit_distributed(X, config, client, laplacian, block_size, laplacian_norm, lookahead,
+                                    checkpoint, return_codes, callback)
+    finally:
+        try:
+            client.run(_release_scratch)
+        except Exception:  # the cluster is gone: nothing to release
+            logger.debug("could not release the workers' scratch buffers", exc_info=True)
 
 
 def _fit_distributed(
@@ -1483,7 +1582,6 @@ def _fit_distributed(
         codes = trainer.gather_codes(Z_blocks)
     else:
         codes = None
-    client.run(_release_scratch)
     logger.info("trained in %.1f s: %d outer iterations (%s)", time.perf_counter() - started, iteration, stop_reason)
     return DistributedFit(C, E, codes, history, iteration, stop_reason, start_outer)
 

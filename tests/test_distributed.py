@@ -22,7 +22,7 @@ from distributed import Client, LocalCluster
 from sklearn.neighbors import kneighbors_graph
 
 from sae.config import ModelConfig
-from sae.distributed import block_bounds, fit_distributed, read_checkpoint
+from sae.distributed import _without_work_stealing, block_bounds, fit_distributed, read_checkpoint
 from sae.model import fit_sae
 
 
@@ -111,14 +111,21 @@ def test_sparse_and_dense_code_blocks_give_the_same_iterates(thread_client, smal
     import sae.distributed
 
     monkeypatch.setattr(sae.distributed, "SPARSE_STATE_DENSITY", density)  # in-process workers see it
+    monkeypatch.setattr(sae.distributed, "ITERATE_TILE", 7)  # several tiles per block, the last one shorter
     X, L = small
     config = ModelConfig(n_atoms=8, lambda_z=6.0, lambda_g=5.0, max_outer=2, max_inner=10, random_state=0)
     reference = fit_sae(X, config, L)
     result = fit_distributed(X, config, client=thread_client, laplacian=L, block_size=_blocks(len(X), 3),
                              return_codes=True)
-    assert 0 < reference.history[-1]["sparsity_percent"] < 40  # sparse enough for CSR blocks to matter
-    # the workers' scratch buffers for CSR iterates and their pooled arrays are released at the end
-    assert not sae.distributed._scratch and not sae.distributed._pool
+    assert 0 < reference.history[-1]["sparsity_percent"] < 40  # sparse: CSR blocks when the threshold allows
+    # the workers' scratch buffers for CSR iterates are released at the end, their pooled arrays once Dask has
+    # released the last results (the workers' periodic trimming)
+    assert not sae.distributed._scratch and sae.distributed._pool.trainings == 0
+    assert all("sae-pool-trim" in w.periodic_callbacks for w in thread_client.cluster.workers.values())
+    deadline = time.monotonic() + 10
+    while sae.distributed._pool.arrays and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not sae.distributed._pool.arrays
     assert [r["inner_codes"] for r in result.history] == [r["inner_codes"] for r in reference.history]
     np.testing.assert_allclose(result.codes, reference.codes, atol=1e-4)
 
@@ -151,6 +158,11 @@ def test_work_stealing_is_paused_during_a_training(thread_client, small):
     assert seen == [False, False] and thread_client.run_on_scheduler(_stealing)
     with pytest.raises(ValueError):  # restarted after a failed fit too
         fit_distributed(X, config, client=thread_client, block_size=100)
+    assert thread_client.run_on_scheduler(_stealing)
+    with _without_work_stealing(thread_client):  # overlapping trainings: restarted when the last one ends
+        with _without_work_stealing(thread_client):
+            assert not thread_client.run_on_scheduler(_stealing)
+        assert not thread_client.run_on_scheduler(_stealing)
     assert thread_client.run_on_scheduler(_stealing)
 
 
@@ -284,28 +296,56 @@ def test_killed_worker_does_not_change_the_result(tmp_path, small):
 def test_pooled_arrays_are_reused_only_once_nothing_references_them(monkeypatch):
     import sae.distributed as sd
 
-    monkeypatch.setattr(sd, "_pool", {})
-    first = sd._pooled_empty((5, 3), np.float32)
+    pool = sd._ArrayPool()  # not the module's: the in-process workers of this module trim theirs periodically
+    first = pool.empty((5, 3), np.float32)
     address = first.ctypes.data
-    second = sd._pooled_empty((5, 3), np.float32)  # the first is still held
+    second = pool.empty((5, 3), np.float32)  # the first is still held
     assert second.ctypes.data != address and first.shape == (5, 3) and first.dtype == np.float32
     view = first[1:]
     del first
-    assert sd._pooled_empty((5, 3), np.float32).ctypes.data != address  # a view keeps it in use
+    assert pool.empty((5, 3), np.float32).ctypes.data != address  # a view keeps it in use
     del view
-    assert sd._pooled_empty((5, 3), np.float32).ctypes.data == address  # free again: handed out again
-    assert sd._pooled_empty((5, 3), np.float64).dtype == np.float64  # one pool per shape and dtype
-    held = [sd._pooled_empty((4, 2), np.float32) for _ in range(6)]
+    assert pool.empty((5, 3), np.float32).ctypes.data == address  # free again: handed out again
+    assert pool.empty((5, 3), np.float64).dtype == np.float64  # one list per shape and dtype
+    key = ((4, 2), np.dtype(np.float32).str)
+    held = [pool.empty((4, 2), np.float32) for _ in range(6)]
     del held
-    sd._pooled_empty((4, 2), np.float32)
-    assert len(sd._pool[((4, 2), np.dtype(np.float32).str)]) == 1 + sd.POOL_SPARE  # spare free arrays only
-    held = [sd._pooled_empty((4, 2), np.float32) for _ in range(6)]
+    pool.empty((4, 2), np.float32)
+    assert len(pool.arrays[key]) == 1 + sd.POOL_SPARE  # spare free arrays only
+    held = [pool.empty((4, 2), np.float32) for _ in range(6)]
     kept = held[0]
     del held
-    sd._trim_pool()  # without a request: the free arrays beyond the spare ones go too
-    assert len(sd._pool[((4, 2), np.dtype(np.float32).str)]) == 1 + sd.POOL_SPARE
-    assert any(a is kept for a in sd._pool[((4, 2), np.dtype(np.float32).str)])  # one in use is never dropped
-    assert sd._release_scratch() >= (1 + sd.POOL_SPARE) * 8 * 4 and not sd._pool
+    pool.trainings = 1
+    assert pool.trim() == 3 * 8 * 4  # during a training, without a request: the free arrays beyond the spare ones
+    assert len(pool.arrays[key]) == 1 + sd.POOL_SPARE
+    assert any(a is kept for a in pool.arrays[key])  # one in use is never dropped
+    pool.trainings = 0
+    del kept, second
+    assert pool.trim() == (1 + sd.POOL_SPARE) * 8 * 4 + 3 * 5 * 3 * 4 + 5 * 3 * 8 and not pool.arrays  # after: all
+
+
+def test_a_block_iteration_is_the_same_from_csr_and_dense_iterates(monkeypatch):
+    """CSR iterates (densified into scratch) whose next iterate is dense give the dense path's state."""
+    import sae.distributed as sd
+
+    monkeypatch.setattr(sd, "ITERATE_TILE", 16)
+    X, L = make_data(60)
+    rng = np.random.default_rng(1)
+    C = rng.random((8, X.shape[1]), dtype=np.float32)
+    graph = sd._graph_block(sp.csr_array(L, dtype=np.float32), [(0, 60)], 0)
+    params = dict(lambda_d=1.0, lambda_z=0.01, lambda_g=2.0, lambda_e=0.0, step=1e-3)
+    problem = sd._code_problem(0, X, C, None, graph, params)
+    x, x_prev = (rng.random((60, 8), dtype=np.float32) * (rng.random((60, 8)) < 0.3) for _ in range(2))
+    states = {}
+    for name, wrap in (("dense", np.asarray), ("csr", sp.csr_array)):
+        start = sd._CodeState(x=wrap(x), x_prev=wrap(x_prev), P=x @ C, P_prev=x_prev @ C)
+        states[name] = sd._code_iterate(problem, start, [], [], (2.0, 0.4))
+    dense, csr = states["dense"], states["csr"]
+    assert not sp.issparse(csr.x) and np.count_nonzero(csr.x) > sd.SPARSE_STATE_DENSITY * csr.x.size
+    assert csr.x is not sd._scratch_buffers(x.shape, x.dtype)[2]  # the scratch buffer is not handed out
+    np.testing.assert_array_equal(csr.x, dense.x)
+    np.testing.assert_array_equal(csr.P, dense.P)
+    assert csr.scalars == pytest.approx(dense.scalars, rel=1e-6)
 
 
 def test_dask_counts_the_memory_of_block_states():
