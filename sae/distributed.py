@@ -89,10 +89,11 @@ otherwise, and ``X_b E^T`` (N_b, m) when ``lambda_e > 0``; nothing else of
 size (N_b, m) outlives a task but `POOL_SPARE` free arrays per worker:
 the dense arrays of the iterates and of ``x_k C`` are recycled on each
 worker (`_pooled_empty`: the arrays of the generation Dask has just
-released; a fresh one costs ~25% of a block iteration in page faults).  The client keeps
-no reference to a state once the next iteration is submitted, so a block's
-state is freed as soon as its successor exists: two generations of iterates
-per block, plus those of the ``lookahead - 1`` iterations submitted ahead;
+released; a fresh one costs ~25% of a block iteration in page faults).
+The client keeps no reference to a state once the next iteration is
+submitted, so a block's state is freed as soon as its successor exists: two
+generations of iterates per block, plus those of the ``lookahead - 1``
+iterations submitted ahead;
 the codes the step started from are not held when they are in the store
 (the zeros of the first step, or a checkpoint): they are read again only if
 the start turns out better than the last iterate.  At full scale
@@ -106,8 +107,8 @@ a ``memory_limit`` spill block states to disk beyond it (Dask's
 ``distributed.worker.memory`` thresholds): their sizes are registered with
 ``dask.sizeof`` below (Dask counted scipy sparse arrays and dataclasses as
 56 bytes).  Each running task adds the new iterate (N_b, m) and, when the
-iterates are CSR, the worker keeps three (N_b, m) scratch buffers (the two
-densified iterates and the next one).  The scheduler's work stealing is
+iterates are CSR, their two dense forms (pooled arrays, free again after
+the task).  The scheduler's work stealing is
 paused during a training (`_without_work_stealing`): it moved block tasks
 and their states between workers.  The code blocks between steps are
 kept as the iterates are.
@@ -422,28 +423,6 @@ def _densify(rows: Any, out: np.ndarray | None = None) -> np.ndarray:
     return rows.toarray(out=out)
 
 
-_scratch: dict[int, dict[tuple, list[np.ndarray]]] = {}  # thread id -> {(shape, dtype): buffers}
-_scratch_lock = threading.Lock()
-
-
-def _scratch_buffers(shape: tuple[int, int], dtype: Any) -> list[np.ndarray]:
-    """Three (N_b, m) buffers of the calling thread, reused by every `_code_iterate` on blocks of this shape.
-
-    Dask's workers run with ``MALLOC_TRIM_THRESHOLD_`` set, so every large
-    temporary is a fresh ``mmap`` whose pages are faulted in again at each use:
-    ~0.2 s per iteration of a block of 40,000 x 512.  Kept for the two last
-    shapes seen (the last block is shorter), until `_release_scratch`.
-    """
-    with _scratch_lock:
-        cache = _scratch.setdefault(threading.get_ident(), {})
-    key = (tuple(shape), np.dtype(dtype).str)
-    if key not in cache:
-        if len(cache) >= 2:
-            cache.pop(next(iter(cache)))
-        cache[key] = [np.empty(shape, dtype=dtype) for _ in range(3)]
-    return cache[key]
-
-
 #: Free arrays the pool keeps per shape while a training runs (the others are let go).
 POOL_SPARE = 2
 
@@ -480,7 +459,7 @@ class _ArrayPool:
     def __init__(self) -> None:
         self.arrays: dict[tuple, list[np.ndarray]] = {}  # (shape, dtype) -> the arrays handed out
         self.lock = threading.Lock()
-        self.trainings = 0  # trainings running on this worker process (`_start_pool_trimming` .. `_release_scratch`)
+        self.trainings = 0  # trainings running on this worker process (`_start_pool_trimming` .. `_release_pool`)
 
     def empty(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
         if not _REFCOUNTS_TELL_FREE:
@@ -561,19 +540,15 @@ def _start_pool_trimming(dask_worker: Any) -> None:
         callback.start()
 
 
-def _release_scratch() -> int:
-    """Drop every thread's scratch buffers and the free pooled arrays (run on each worker after a training).
+def _release_pool() -> int:
+    """Let go of the free pooled arrays (run on each worker after a training); returns the bytes let go.
 
-    Returns the bytes freed.  Pooled arrays still in use (another training's,
-    or results Dask has not released yet) stay pooled until the periodic
-    trimming finds them free; a running task keeps the scratch buffers it holds.
+    Pooled arrays still in use (another training's, or results Dask has not
+    released yet) stay pooled until the periodic trimming finds them free.
     """
     with _pool.lock:
         _pool.trainings = max(_pool.trainings - 1, 0)
-    with _scratch_lock:
-        freed = sum(buffer.nbytes for cache in _scratch.values() for buffers in cache.values() for buffer in buffers)
-        _scratch.clear()
-    return freed + _pool.trim(keep=0)
+    return _pool.trim(keep=0)
 
 
 def _code_problem(
@@ -742,18 +717,18 @@ def _code_iterate(
     after densifying ``x_k`` and ``x_{k-1}`` is one compiled pass,
     `_block_iterate`, tile by tile: no (N_b, m) temporary but the new iterate.
     """
-    # CSR iterates are densified into scratch buffers, except all-zero ones (the start): their dense form costs
-    # nothing (calloc'd pages are mapped on write) and the next iterate is dense (see the module docstring)
-    sparse = sp.issparse(state.x) and state.x.nnz > 0
-    scratch = _scratch_buffers(state.x.shape, state.x.dtype) if sparse else None
-    x = _densify(state.x, scratch[0] if sparse else None)
+    # CSR iterates are densified into pooled arrays, free again once the task is over
+    x = _densify(state.x, _pooled_empty(state.x.shape, state.x.dtype) if sp.issparse(state.x) else None)
     dtype = x.dtype.type
     alpha = dtype(momentum[1])
     used = bool(state.x_prev is not None and alpha != 0)
     X, C = problem.data, problem.components
     m = x.shape[1]
     none = np.zeros((0, 0), dtype=x.dtype)
-    x_prev = _densify(state.x_prev, scratch[1] if sparse else None) if used else none
+    if used:
+        x_prev = _densify(state.x_prev, _pooled_empty(x.shape, x.dtype) if sp.issparse(state.x_prev) else None)
+    else:
+        x_prev = none
     use_recon = C is not None
     if use_recon:
         P = state.P if state.P is not None else x @ C
@@ -775,8 +750,8 @@ def _code_iterate(
         index = np.zeros(1, dtype=np.int64)
         graph_arrays = (np.zeros(0), index[:0], index, np.zeros(0), index[:0], index, none, none)
     target = problem.target if problem.target is not None else none
-    # sparse iterates: the next one (most likely sparse too) is computed in scratch and compacted; dense ones are kept
-    x_next = scratch[2] if sparse else _pooled_empty(x.shape, x.dtype)
+    # the next iterate: compacted to CSR below SPARSE_STATE_DENSITY (its pooled array is then free again)
+    x_next = _pooled_empty(x.shape, x.dtype)
     tile = min(ITERATE_TILE, max(x.shape[0], 1))
     sums = _block_iterate(
         x, x_prev, P, P_prev, X if use_recon else none, C, CT, *graph_arrays, target, alpha,
@@ -794,10 +769,6 @@ def _code_iterate(
     scalars = {"smooth": smooth, "l1": l1, "graph": graph_energy, "nnz": nnz, "momentum_used": used,
                "restart_y": restart_y, "restart_x": restart_x}
     x_next = _compact(x_next, nnz_next)
-    if sparse and x_next is scratch[2]:  # denser than SPARSE_STATE_DENSITY: the scratch buffer is not handed out
-        dense = _pooled_empty(x.shape, x.dtype)
-        dense[...] = x_next
-        x_next = dense
     return _CodeState(x=x_next, x_prev=state.x, P=P_next if use_recon else None,
                       P_prev=P if use_recon else None, scalars=scalars)
 
@@ -1457,9 +1428,9 @@ def fit_distributed(
                                     checkpoint, return_codes, callback)
     finally:
         try:
-            client.run(_release_scratch)
+            client.run(_release_pool)
         except Exception:  # the cluster is gone: nothing to release
-            logger.debug("could not release the workers' scratch buffers", exc_info=True)
+            logger.debug("could not release the workers' pooled arrays", exc_info=True)
 
 
 def _fit_distributed(

@@ -118,9 +118,8 @@ def test_sparse_and_dense_code_blocks_give_the_same_iterates(thread_client, smal
     result = fit_distributed(X, config, client=thread_client, laplacian=L, block_size=_blocks(len(X), 3),
                              return_codes=True)
     assert 0 < reference.history[-1]["sparsity_percent"] < 40  # sparse: CSR blocks when the threshold allows
-    # the workers' scratch buffers for CSR iterates are released at the end, their pooled arrays once Dask has
-    # released the last results (the workers' periodic trimming)
-    assert not sae.distributed._scratch and sae.distributed._pool.trainings == 0
+    # the workers' pooled arrays are released once Dask has released the last results (the periodic trimming)
+    assert sae.distributed._pool.trainings == 0
     assert all("sae-pool-trim" in w.periodic_callbacks for w in thread_client.cluster.workers.values())
     deadline = time.monotonic() + 10
     while sae.distributed._pool.arrays and time.monotonic() < deadline:
@@ -325,7 +324,7 @@ def test_pooled_arrays_are_reused_only_once_nothing_references_them(monkeypatch)
 
 
 def test_a_block_iteration_is_the_same_from_csr_and_dense_iterates(monkeypatch):
-    """CSR iterates (densified into scratch) whose next iterate is dense give the dense path's state."""
+    """CSR iterates (densified into pooled arrays) whose next iterate is dense give the dense path's state."""
     import sae.distributed as sd
 
     monkeypatch.setattr(sd, "ITERATE_TILE", 16)
@@ -342,7 +341,7 @@ def test_a_block_iteration_is_the_same_from_csr_and_dense_iterates(monkeypatch):
         states[name] = sd._code_iterate(problem, start, [], [], (2.0, 0.4))
     dense, csr = states["dense"], states["csr"]
     assert not sp.issparse(csr.x) and np.count_nonzero(csr.x) > sd.SPARSE_STATE_DENSITY * csr.x.size
-    assert csr.x is not sd._scratch_buffers(x.shape, x.dtype)[2]  # the scratch buffer is not handed out
+    assert any(a is csr.x for a in sd._pool.arrays[(x.shape, x.dtype.str)])  # the state's array: pooled, in use
     np.testing.assert_array_equal(csr.x, dense.x)
     np.testing.assert_array_equal(csr.P, dense.P)
     assert csr.scalars == pytest.approx(dense.scalars, rel=1e-6)
