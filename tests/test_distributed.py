@@ -292,7 +292,7 @@ def test_killed_worker_does_not_change_the_result(tmp_path, small):
                 process.kill()
 
 
-def test_pooled_arrays_are_reused_only_once_nothing_references_them(monkeypatch):
+def test_pooled_arrays_are_reused_only_once_nothing_references_them():
     import sae.distributed as sd
 
     pool = sd._ArrayPool()  # not the module's: the in-process workers of this module trim theirs periodically
