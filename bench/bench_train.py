@@ -191,6 +191,8 @@ def main() -> None:
     parser.add_argument("--store", default=None, help="directory for the synthetic store (default: a temp dir)")
     parser.add_argument("--lookahead", type=int, default=2, help="Z-step iterations submitted ahead (memory!)")
     parser.add_argument("--laplacian-norm", default="power", choices=("power", "bound"))
+    parser.add_argument("--offload-previous", action="store_true",
+                        help="previous Z-step iterates of dense blocks on the workers' disks (direct I/O)")
     parser.add_argument("--memory-limit", default="auto",
                         help="per worker (e.g. 2.8GB): above 80%% of it Dask spills block states to disk")
     args = parser.parse_args()
@@ -224,6 +226,7 @@ def main() -> None:
             tic = time.perf_counter()
             fit = fit_distributed(X, config, client=client, laplacian=laplacian, block_size=block_size,
                                   lookahead=args.lookahead, laplacian_norm=args.laplacian_norm,
+                                  offload_previous=args.offload_previous,
                                   checkpoint=zarr.open_group(f"{root}/model_{n_workers}.zarr", mode="w"))
             total = time.perf_counter() - tic
         records = fit.history[1:]

@@ -235,6 +235,12 @@ class TrainConfig(_Config):
     lookahead: int = Field(
         2, ge=1, description="Z-step iterations submitted ahead of the stopping test (hides the round trip)."
     )
+    offload_previous: bool = Field(
+        False,
+        description="Keep the previous FISTA iterate of dense code blocks (Z step with a graph) in files on the "
+        "workers' local disks (direct I/O) instead of their memory: one generation of codes in memory instead of "
+        "two, the same result, ~20% more time per iteration (2 workers, one disk).",
+    )
     checkpoint: bool = Field(True, description="Write a checkpoint to the store after every outer iteration.")
 
 

@@ -102,12 +102,26 @@ is 2.6 GB over the cluster dense, ~0.5 GB as CSR at 10% non-zeros (the
 thesis's codes had 5-20%), and the first Z step of a training is dense: from
 ``Z = 0`` the first step is ``soft(step lambda_d X C^T, step lambda_z)``,
 positive everywhere for non-negative data and the thesis's non-negative
-initial atoms, and the iterates sparsify over the iterations.  Workers with
+initial atoms, and the iterates sparsify over the iterations.  Two dense
+generations then hold ~5.3 GB, the floor of this FISTA in memory.  With
+``offload_previous`` (:class:`sae.config.TrainConfig`) a dense block keeps
+only ``x_k`` in memory: ``x_{k-1}``, ``P_{k-1}`` and ``P_k`` are in a file
+of its worker (`_Offloaded`: unlinked files in the worker's local
+directory, recycled, with direct I/O where the filesystem allows, so the
+page cache does not hold them either).  Each block iteration writes
+``x_k`` and ``P_k`` while its kernel computes ``x_{k+1}``, then
+``P_{k+1}``; the worker's I/O thread reads a block's file back while the
+block before it computes (`_OffloadFiles.prefetch_after`).  The iterates
+are the same to the bit, for ~2 x 112 MB of disk traffic per block
+iteration at full scale (N_b = 40,250).  Workers with
 a ``memory_limit`` spill block states to disk beyond it (Dask's
 ``distributed.worker.memory`` thresholds): their sizes are registered with
 ``dask.sizeof`` below (Dask counted scipy sparse arrays and dataclasses as
-56 bytes).  Each running task adds the new iterate (N_b, m) and, when the
-iterates are CSR, their two dense forms (pooled arrays, free again after
+56 bytes); an offloaded state is pickled with its file's arrays read back
+(`_Resident`), so spilling one costs more than it saves: give workers with
+``offload_previous`` room for one generation.  Each running task adds the new iterate (N_b, m) and, when the
+iterates are CSR, their two dense forms, or when offloaded the ``x_{k-1}``
+read back and the next block's read ahead (pooled arrays, free again after
 the task).  The scheduler's work stealing is
 paused during a training (`_without_work_stealing`): it moved block tasks
 and their states between workers.  The code blocks between steps are
@@ -161,6 +175,7 @@ import sys
 import threading
 import time
 import uuid
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -281,14 +296,13 @@ def _row_source(source: Any, start: int, stop: int) -> tuple[Any, int | None, in
 class _GraphBlock:
     """Rows ``[start, stop)`` of ``L`` and their halo plan.
 
-    ``rows`` (N_b, N) with global columns (for the norm of ``L``); with its
-    columns renumbered into ``[own rows, halo of the first neighbour, halo of
-    the second, ...]`` it splits into ``own`` (N_b, N_b) and ``halo`` (N_b, H);
-    ``requests[c]`` the sorted local row indices of block ``c`` that this block
-    needs.
+    The rows (N_b, N), with their columns renumbered into ``[own rows, halo of
+    the first neighbour, halo of the second, ...]``, split into ``own``
+    (N_b, N_b) and ``halo`` (N_b, H) (int32 indices when they fit: the blocks
+    stay in worker memory for the whole training); ``requests[c]`` the sorted
+    local row indices of block ``c`` that this block needs.
     """
 
-    rows: sp.csr_array
     own: sp.csr_array
     halo: sp.csr_array
     neighbours: tuple[int, ...]
@@ -315,10 +329,18 @@ def _graph_block(rows: sp.csr_array, bounds: Sequence[tuple[int, int]], index: i
         new_cols[mask] = offset + position
         offset += wanted.size
     extended = sp.csr_array((rows.data, new_cols.astype(np.int64), rows.indptr), shape=(stop - start, offset))
-    own_part, halo_part = sp.csr_array(extended[:, : stop - start]), sp.csr_array(extended[:, stop - start :])
+    own_part, halo_part = (_narrow_indices(extended[:, : stop - start]), _narrow_indices(extended[:, stop - start :]))
     abs_sums = np.abs(rows).sum(axis=1) if rows.nnz else np.zeros(1)
-    return _GraphBlock(rows, own_part, halo_part, tuple(neighbours), requests,
-                       float(np.max(abs_sums, initial=0.0)))
+    return _GraphBlock(own_part, halo_part, tuple(neighbours), requests, float(np.max(abs_sums, initial=0.0)))
+
+
+def _narrow_indices(matrix: sp.sparray) -> sp.csr_array:
+    """``matrix`` as CSR with int32 indices and index pointers when they fit (scipy keeps int64 otherwise)."""
+    matrix = sp.csr_array(matrix)
+    if max(matrix.shape[1], matrix.nnz) < np.iinfo(np.int32).max:
+        matrix = sp.csr_array((matrix.data, matrix.indices.astype(np.int32), matrix.indptr.astype(np.int32)),
+                              shape=matrix.shape, copy=False)
+    return matrix
 
 
 def _graph_neighbours(block: _GraphBlock) -> tuple[tuple[int, ...], float]:
@@ -329,14 +351,14 @@ def _graph_request(block: _GraphBlock, source: int) -> np.ndarray:
     return block.requests[source]
 
 
-def _laplacian_norm(*blocks: _GraphBlock) -> float:
+def _laplacian_norm(*blocks: sp.csr_array) -> float:
     """``||L||_2`` by :func:`sae.solvers.spectral_norm` on the stacked row blocks, in one task.
 
     ``L`` (N, N) has ~``(K + 1) N`` non-zeros for a kNN graph: 12 bytes each on
     one worker (~0.3 GB at full scale), far less than the codes; one task
     avoids a client round trip per power iteration.
     """
-    laplacian = sp.vstack([block.rows for block in blocks], format="csr")
+    laplacian = sp.vstack(blocks, format="csr")
     return spectral_norm(laplacian)
 
 
@@ -357,6 +379,7 @@ class _CodeProblem:
     lambda_e: float
     step: float
     graph: _GraphBlock | None
+    offload: bool = False  # keep dense x_{k-1} and x_{k-1} C in an offload file (`_Offloaded`)
 
 
 @dataclass(frozen=True)
@@ -366,7 +389,9 @@ class _CodeState:
     ``x`` = x_k and ``x_prev`` = x_{k-1} (compact: CSR when sparse enough, see
     `_compact`); ``P`` = x_k C and ``P_prev`` = x_{k-1} C (N_b, n), from which
     ``y C`` is extrapolated; None when not computed yet (the start) or when
-    ``lambda_d = 0``.  ``scalars``: the block's parts of F(x_{k-1}) and of the
+    ``lambda_d = 0``.  With ``offload_previous``, a dense x_{k-1} is an
+    `_Offloaded` (or `_Resident`) holding x_{k-1} and, unless ``lambda_d = 0``,
+    x_{k-1} C and x_k C; ``P`` and ``P_prev`` are then None.  ``scalars``: the block's parts of F(x_{k-1}) and of the
     restart test.
     """
 
@@ -429,15 +454,17 @@ POOL_SPARE = 2
 
 def _refcounts_tell_free() -> bool:
     """Whether this interpreter's reference counts say when a pooled array is free (CPython's do)."""
-    arrays = [np.empty(1)]
-    alone = sys.getrefcount(arrays[0]) == 2
-    view = arrays[0][:]
-    held = sys.getrefcount(arrays[0]) > 2
+    flats = [np.frombuffer(bytearray(8), dtype=np.uint8)]  # as `_page_aligned_flat`: memory it does not own
+    alone = sys.getrefcount(flats[0]) == 2
+    handed = flats[0].reshape(2, 4)
+    view = handed[1:]
+    del handed
+    held = sys.getrefcount(flats[0]) > 2  # the view of what was handed out holds the flat array
     del view
-    return alone and held and sys.getrefcount(arrays[0]) == 2
+    return alone and held and sys.getrefcount(flats[0]) == 2
 
 
-_REFCOUNTS_TELL_FREE = _refcounts_tell_free()  # else the pool hands out plain np.empty arrays
+_REFCOUNTS_TELL_FREE = _refcounts_tell_free()  # else the pool hands out arrays it never recycles
 
 
 class _ArrayPool:
@@ -448,12 +475,14 @@ class _ArrayPool:
     array goes back to the system and a new one is a fresh ``mmap`` whose
     pages the kernel zeroes and faults in again, ~25% of a dense block
     iteration at full scale (measured: 228 -> 171 ms per 40,250 x 512 block).
-    The pool keeps a reference to every array it hands out; one whose
+    The pool keeps the flat array under every array it hands out (page-aligned
+    in a mapping of its own, `_page_aligned_flat`, for direct I/O); one whose
     reference count is back to the pool's own (its state was released by
-    Dask; views and pickled buffers hold references) is free and is handed
-    out again.  Free arrays beyond `POOL_SPARE` per shape are let go at each
-    request and by `trim`, all of them when no training runs.  Where reference
-    counts cannot tell (not CPython), plain ``np.empty``.
+    Dask; the arrays handed out, their views and pickled buffers all hold
+    references to it) is free and is handed out again.  Free arrays beyond
+    `POOL_SPARE` per shape are let go at each request and by `trim`, all of
+    them when no training runs.  Where reference counts cannot tell (not
+    CPython), arrays are never recycled.
     """
 
     def __init__(self) -> None:
@@ -462,16 +491,18 @@ class _ArrayPool:
         self.trainings = 0  # trainings running on this worker process (`_start_pool_trimming` .. `_release_pool`)
 
     def empty(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        count = math.prod(shape)
         if not _REFCOUNTS_TELL_FREE:
-            return np.empty(shape, dtype=dtype)
+            return _page_aligned_flat(count, dtype).reshape(shape)
         key = (tuple(shape), np.dtype(dtype).str)
         with self.lock:
             arrays = self.arrays.setdefault(key, [])
             free = self._trim(arrays, POOL_SPARE + 1)
-            out = arrays[free[0]] if free else np.empty(shape, dtype=dtype)
+            flat = arrays[free[0]] if free else _page_aligned_flat(count, dtype)
             if not free:
-                arrays.append(out)
-        return out
+                arrays.append(flat)
+        # the pool keeps the flat arrays: what it hands out and all views of it have them as base
+        return flat.reshape(shape)
 
     @staticmethod
     def _trim(arrays: list[np.ndarray], keep: int) -> list[int]:
@@ -515,8 +546,8 @@ def _pooled_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
 
 
 def _trim_pool() -> int:
-    """Trim this worker's pool (`_ArrayPool.trim`)."""
-    return _pool.trim()
+    """Trim this worker's pool (`_ArrayPool.trim`) and its free offload files; returns the bytes let go."""
+    return _pool.trim() + _files.trim(POOL_SPARE if _pool.trainings else 0)
 
 
 #: Period of the pool trimming on each worker, in seconds.
@@ -548,7 +579,353 @@ def _release_pool() -> int:
     """
     with _pool.lock:
         _pool.trainings = max(_pool.trainings - 1, 0)
-    return _pool.trim(keep=0)
+    return _pool.trim(keep=0) + _files.trim(0)
+
+
+# --------------------------------------------------------------------------- previous iterates on disk
+# With ``offload_previous``, a dense block's x_{k-1}, x_{k-1} C and x_k C live in a file of its worker instead of
+# its memory (module docstring, Memory).  Direct I/O (O_DIRECT) keeps them out of the page cache too, where the
+# filesystem allows.
+
+#: Offsets, lengths and buffers of direct I/O are multiples of this many bytes.
+DIRECT_ALIGN = 4096
+
+#: Bytes per read or write call of an offloaded array (through a page-aligned buffer of this size, per thread).
+OFFLOAD_CHUNK = 8 << 20
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // DIRECT_ALIGN) * DIRECT_ALIGN
+
+
+@dataclass(eq=False)
+class _FileSlot:
+    """An open, unlinked file of a worker (gone with its descriptor, also when the process dies)."""
+
+    fd: int
+    capacity: int  # bytes, a multiple of DIRECT_ALIGN
+    direct: bool  # opened with O_DIRECT
+
+
+class _OffloadFiles:
+    """The worker process's offload files, recycled as `_ArrayPool` recycles arrays.
+
+    A file is in use while the `_Offloaded` written to it exists; it is then
+    free and written again by a later iteration (overwriting an allocated file
+    costs ~10x less than creating one).  Free files beyond `POOL_SPARE` per
+    size are closed by `trim`.  Files are created unlinked in the Dask
+    worker's local directory (Dask's ``temporary-directory``), else in
+    ``tempfile.gettempdir()``.
+    """
+
+    def __init__(self, pool: _ArrayPool) -> None:
+        self.pool = pool  # whose ``trainings`` say whether free files are kept
+        self.lock = threading.RLock()  # a finalizer may release a file in any thread, also one holding it
+        self.free: dict[int, list[_FileSlot]] = {}  # capacity -> free files
+        self.in_use = 0
+        self.buffers = threading.local()  # the page-aligned buffer of each thread
+        self.live: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # sequence -> _Offloaded
+        self.sequence = 0
+        self.executor: Any = None  # the I/O thread: writes and reads ahead
+
+    def submit(self, function: Callable, *args: Any) -> Any:
+        """Run ``function(*args)`` in the I/O thread (one per process: writes and reads ahead in order)."""
+        with self.lock:
+            if self.executor is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self.executor = ThreadPoolExecutor(1, thread_name_prefix="sae-offload")
+            return self.executor.submit(function, *args)
+
+    def register(self, offloaded: _Offloaded) -> int:
+        """Number a new `_Offloaded` in order of creation; returns its number."""
+        with self.lock:
+            self.sequence += 1
+            self.live[self.sequence] = offloaded
+            return self.sequence
+
+    def prefetch_after(self, sequence: int) -> None:
+        """Have the I/O thread read the live `_Offloaded` created next after number ``sequence``, unless it was
+        read already (ahead or loaded)."""
+        with self.lock:
+            later = [s for s in list(self.live.data) if s > sequence]  # a snapshot (finalizers may remove)
+            target = self.live.get(min(later)) if later else None
+            if target is not None and target.prefetched is None and not target.loaded:
+                target.prefetched = self.submit(target.read)
+
+    @staticmethod
+    def directory() -> str:
+        """Where new files go: the local directory of the Dask worker running the calling task, else
+        ``tempfile.gettempdir()``.  Call it in the task's thread (the worker is not known in other threads)."""
+        try:
+            from distributed import get_worker
+
+            return get_worker().local_directory
+        except ValueError:  # not in a worker task
+            import tempfile
+
+            return tempfile.gettempdir()
+
+    @staticmethod
+    def _open(directory: str) -> tuple[int, bool]:
+        import os
+        import tempfile
+
+        plain = os.O_RDWR | getattr(os, "O_CLOEXEC", 0)
+        for flags in ((plain | os.O_DIRECT,) if hasattr(os, "O_DIRECT") else ()) + (plain,):
+            if hasattr(os, "O_TMPFILE"):
+                try:
+                    return os.open(directory, flags | os.O_TMPFILE, 0o600), bool(flags & getattr(os, "O_DIRECT", 0))
+                except OSError:
+                    pass
+            try:
+                handle, path = tempfile.mkstemp(prefix="sae-offload-", dir=directory)
+            except OSError:
+                continue
+            os.close(handle)
+            try:
+                fd = os.open(path, flags)
+            except OSError:
+                continue
+            finally:
+                os.unlink(path)
+            return fd, bool(flags & getattr(os, "O_DIRECT", 0))
+        raise OSError(f"cannot create an offload file in {directory!r}")
+
+    def acquire(self, nbytes: int, directory: str | None = None) -> _FileSlot:
+        """A free file of at least ``nbytes``, else a new one in ``directory`` (default: `directory()`)."""
+        capacity = _aligned(nbytes)
+        with self.lock:
+            free = self.free.get(capacity)
+            slot = free.pop() if free else None
+            self.in_use += 1
+        if slot is None:
+            try:
+                fd, direct = self._open(directory or self.directory())
+            except BaseException:
+                with self.lock:
+                    self.in_use -= 1
+                raise
+            slot = _FileSlot(fd, capacity, direct)
+        return slot
+
+    def release(self, slot: _FileSlot) -> None:
+        """Give a file back (the `_Offloaded` on it is gone); it is closed if the pool is trimmed."""
+        with self.lock:
+            self.in_use -= 1
+            self.free.setdefault(slot.capacity, []).append(slot)
+        if not self.pool.trainings:
+            self.trim(0)
+
+    def trim(self, keep: int) -> int:
+        """Close the free files beyond ``keep`` per size; returns the bytes of disk given back."""
+        import os
+
+        closed = []
+        with self.lock:
+            for capacity in list(self.free):
+                free = self.free[capacity]
+                while len(free) > keep:  # pop: a finalizer releasing a file in between appends, never lost
+                    closed.append(free.pop())
+                if not free:
+                    del self.free[capacity]
+        for slot in closed:
+            os.close(slot.fd)
+        return sum(slot.capacity for slot in closed)
+
+    def _buffer(self) -> memoryview:
+        import mmap
+
+        buffer = getattr(self.buffers, "buffer", None)
+        if buffer is None:
+            buffer = self.buffers.buffer = memoryview(  # page-aligned, one per thread for its lifetime
+                mmap.mmap(-1, OFFLOAD_CHUNK, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS))
+        return buffer
+
+    def write(self, slot: _FileSlot, arrays: Sequence[np.ndarray], offset: int = 0) -> None:
+        """Write ``arrays`` one after the other from ``offset``, each from an aligned offset."""
+        self._transfer(slot, arrays, write=True, offset=offset)
+
+    def read(self, slot: _FileSlot, out: Sequence[np.ndarray]) -> None:
+        """Read back into ``out`` (C-contiguous arrays of the shapes and dtypes written)."""
+        self._transfer(slot, out, write=False)
+
+    @staticmethod
+    def _move(slot: _FileSlot, piece: memoryview, position: int, write: bool) -> int:
+        """One ``pwrite`` or ``preadv``; if the filesystem took O_DIRECT at open but refuses it now (EINVAL),
+        the file goes on with buffered I/O."""
+        import errno
+        import fcntl
+        import os
+
+        try:
+            return os.pwrite(slot.fd, piece, position) if write else os.preadv(slot.fd, [piece], position)
+        except OSError as error:
+            if error.errno != errno.EINVAL or not slot.direct:
+                raise
+        fcntl.fcntl(slot.fd, fcntl.F_SETFL, fcntl.fcntl(slot.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        slot.direct = False
+        logger.warning("direct I/O refused by the filesystem of an offload file: buffered I/O instead")
+        return os.pwrite(slot.fd, piece, position) if write else os.preadv(slot.fd, [piece], position)
+
+    def _transfer(self, slot: _FileSlot, arrays: Sequence[np.ndarray], write: bool, offset: int = 0) -> None:
+        """Move ``arrays`` to or from the file: straight from their memory when they are pooled (page-aligned,
+        `_direct_extent`), else through this thread's page-aligned buffer."""
+        import os
+
+        for array in arrays:
+            if not write and not array.flags.c_contiguous:
+                raise ValueError("offloaded arrays are read into C-contiguous arrays")
+            extent = _direct_extent(array)
+            if extent is not None:
+                for start in range(0, extent.nbytes, OFFLOAD_CHUNK):
+                    piece = extent[start:start + OFFLOAD_CHUNK]
+                    moved = self._move(slot, piece, offset + start, write)
+                    if moved < min(piece.nbytes, array.nbytes - start):
+                        raise OSError(f"short {'write to' if write else 'read from'} an offload file "
+                                      f"({moved} of {piece.nbytes} bytes at {offset + start})")
+            else:
+                buffer = self._buffer()
+                staging = np.frombuffer(buffer, dtype=np.uint8)
+                raw = (np.ascontiguousarray(array) if write else array).reshape(-1).view(np.uint8)
+                for start in range(0, raw.size, buffer.nbytes):
+                    size = min(buffer.nbytes, raw.size - start)
+                    piece = buffer[:_aligned(size)]
+                    if write:
+                        staging[:size] = raw[start:start + size]
+                    moved = self._move(slot, piece, offset + start, write)
+                    if moved < (piece.nbytes if write else size):
+                        raise OSError(f"short {'write to' if write else 'read from'} an offload file "
+                                      f"({moved} of {piece.nbytes} bytes at {offset + start})")
+                    if not write:
+                        raw[start:start + size] = staging[:size]
+            offset += _aligned(array.nbytes)
+
+
+#: Mappings of at least this many bytes ask for transparent huge pages (as numpy does for its large arrays).
+_HUGE_PAGES_FROM = 4 << 20
+
+
+def _page_aligned_flat(count: int, dtype: Any) -> np.ndarray:
+    """Like ``np.empty(count)``, in an anonymous mapping of its own: page-aligned and a whole number of
+    `DIRECT_ALIGN` bytes long, so that direct I/O goes straight from and into it (`_direct_extent`).
+
+    The array does not own its memory (the mapping does): every view of a view of it has *it* as base.
+    """
+    import mmap
+
+    dtype = np.dtype(dtype)
+    size = max(_aligned(count * dtype.itemsize), DIRECT_ALIGN)
+    # private (the default, shared, would be shmem: no transparent huge pages), huge pages as numpy asks them
+    mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if size >= _HUGE_PAGES_FROM and hasattr(mmap, "MADV_HUGEPAGE"):
+        mapping.madvise(mmap.MADV_HUGEPAGE)
+    return np.frombuffer(mapping, dtype=dtype, count=count)
+
+
+def _direct_extent(array: np.ndarray) -> memoryview | None:
+    """The bytes of ``array`` rounded up to `DIRECT_ALIGN`, if it is a whole `_page_aligned_flat` array (or a
+    reshaped one); else None.  A part of one is not: reading the rounded-up bytes would write past it."""
+    import mmap
+
+    flat = array.base if isinstance(array.base, np.ndarray) else array
+    owner = flat.base
+    if not (isinstance(owner, memoryview) and isinstance(owner.obj, mmap.mmap)):
+        return None
+    if not array.flags.c_contiguous or array.ctypes.data != flat.ctypes.data or array.nbytes != flat.nbytes:
+        return None
+    view = memoryview(owner.obj)
+    if np.frombuffer(view, dtype=np.uint8).ctypes.data != flat.ctypes.data:  # not from the mapping's first byte
+        return None
+    length = _aligned(array.nbytes)
+    return view[:length] if length <= view.nbytes else None
+
+
+_files = _OffloadFiles(_pool)
+
+
+class _Offloaded:
+    """Arrays kept in an offload file of this worker (`_OffloadFiles`) instead of its memory.
+
+    ``load`` reads them back into pooled arrays (`_pooled_empty`), and has the
+    I/O thread read ahead the *next* `_Offloaded` of this process in order of
+    creation (`_OffloadFiles.prefetch_after`): a worker runs its blocks in the
+    same order at every iteration, so that is the one its next block iteration
+    loads, and its read then overlaps this iteration's kernel.  The file is free
+    again once this object is gone.  Pickled (Dask moving a block state to
+    another worker, or spilling it), it becomes the arrays themselves: a
+    `_Resident`.
+    """
+
+    def __init__(self, arrays: Sequence[np.ndarray], files: _OffloadFiles | None = None, *, reserve: int = 0,
+                 complete: bool = True, directory: str | None = None) -> None:
+        """Write ``arrays``; ``reserve``: bytes for arrays to `append`; ``complete=False``: `complete` later;
+        ``directory``: where a new file goes (`_OffloadFiles.directory`)."""
+        self.files = _files if files is None else files
+        self.specs: tuple = ()
+        self.size = 0  # bytes written, each array from an aligned offset
+        slot = self.files.acquire(sum(_aligned(a.nbytes) for a in arrays) + _aligned(reserve), directory)
+        self._finalizer = weakref.finalize(self, self.files.release, slot)
+        self.slot = slot
+        self.prefetched: Any = None  # future of the arrays, read ahead by the I/O thread
+        self.loaded = False
+        self.sequence = 0  # order of creation, once complete
+        for array in arrays:
+            self.append(array)
+        if complete:
+            self.complete()
+
+    def append(self, array: np.ndarray) -> None:
+        """Write one more array (in the space reserved); only before `complete`."""
+        if self.sequence:
+            raise ValueError("cannot append to a complete offloaded set of arrays")
+        if self.size + _aligned(array.nbytes) > self.slot.capacity:
+            raise ValueError(f"no room left for {array.nbytes} bytes (reserve them when creating)")
+        self.files.write(self.slot, (array,), offset=self.size)
+        self.specs += ((tuple(array.shape), array.dtype.str),)
+        self.size += _aligned(array.nbytes)
+
+    def complete(self) -> None:
+        """All arrays are written: number it in order of creation, so that loads read it ahead."""
+        self.sequence = self.files.register(self)
+
+    def read(self) -> tuple[np.ndarray, ...]:
+        out = tuple(_pooled_empty(shape, dtype) for shape, dtype in self.specs)
+        self.files.read(self.slot, out)
+        return out
+
+    def load(self, prefetch_next: bool = True) -> tuple[np.ndarray, ...]:
+        """The arrays (read ahead, or read now); ``prefetch_next``: then read ahead the next one."""
+        with self.files.lock:
+            pending, self.prefetched, self.loaded = self.prefetched, None, True
+        arrays = pending.result() if pending is not None else self.read()
+        if prefetch_next and self.sequence:
+            self.files.prefetch_after(self.sequence)
+        return arrays
+
+    def __reduce__(self) -> tuple:
+        return _Resident, (self.load(prefetch_next=False),)
+
+
+@dataclass(frozen=True, eq=False)
+class _Resident:
+    """Offloaded arrays brought back into memory (an unpickled `_Offloaded`): the same ``load``."""
+
+    arrays: tuple[np.ndarray, ...]
+
+    @property
+    def specs(self) -> tuple:
+        return tuple((tuple(a.shape), a.dtype.str) for a in self.arrays)
+
+    def load(self, prefetch_next: bool = True) -> tuple[np.ndarray, ...]:
+        return self.arrays
+
+
+def _offload_async(arrays: Sequence[np.ndarray], reserve: int = 0) -> Any:
+    """Write ``arrays`` to an offload file in this process's I/O thread (``reserve`` bytes more for `append`);
+    a future of the `_Offloaded`, to `complete`."""
+    # the worker's directory is looked up here, in the task's thread: the I/O thread does not know the worker
+    return _files.submit(partial(_Offloaded, reserve=reserve, complete=False, directory=_files.directory()), arrays)
 
 
 def _code_problem(
@@ -571,6 +948,7 @@ def _code_problem(
         lambda_e=lambda_e,
         step=params["step"],
         graph=graph,
+        offload=bool(params.get("offload_previous", False)),
     )
 
 
@@ -725,14 +1103,30 @@ def _code_iterate(
     X, C = problem.data, problem.components
     m = x.shape[1]
     none = np.zeros((0, 0), dtype=x.dtype)
+    use_recon = C is not None
+    previous, P, P_previous = state.x_prev, state.P, state.P_prev
+    offloaded_previous = previous if isinstance(previous, _Offloaded) else None
+    if isinstance(previous, (_Offloaded, _Resident)) and (used or use_recon):
+        # x_{k-1} (and x_{k-1} C, x_k C) read back into pooled arrays, usually ahead of this task
+        previous, *parts = previous.load(prefetch_next=False)
+        if parts:
+            P_previous, P = parts
+    if use_recon and P is None:
+        P = x @ C
+    # x_k and x_k C become the next state's x_{k-1} and x_{k-1} C: written to disk while the kernel runs,
+    # then x_{k+1} C after them (the next state keeps none of the three in memory)
+    offload = problem.offload and not sp.issparse(state.x) and state.x.size > 0
+    written = _offload_async((state.x, P) if use_recon else (state.x,), P.nbytes if use_recon else 0) if offload \
+        else None
+    if offloaded_previous is not None and offloaded_previous.sequence:
+        # then the I/O thread reads the next block's ahead (after this write: this task waits for the write)
+        offloaded_previous.files.prefetch_after(offloaded_previous.sequence)
     if used:
-        x_prev = _densify(state.x_prev, _pooled_empty(x.shape, x.dtype) if sp.issparse(state.x_prev) else None)
+        x_prev = _densify(previous, _pooled_empty(x.shape, x.dtype) if sp.issparse(previous) else None)
     else:
         x_prev = none
-    use_recon = C is not None
     if use_recon:
-        P = state.P if state.P is not None else x @ C
-        P_prev = state.P_prev if used else none
+        P_prev = P_previous if used else none
         CT = np.ascontiguousarray(C.T)
         P_next = _pooled_empty(P.shape, P.dtype)
     else:
@@ -769,6 +1163,12 @@ def _code_iterate(
     scalars = {"smooth": smooth, "l1": l1, "graph": graph_energy, "nnz": nnz, "momentum_used": used,
                "restart_y": restart_y, "restart_x": restart_x}
     x_next = _compact(x_next, nnz_next)
+    if written is not None:
+        offloaded = written.result()
+        if use_recon:
+            offloaded.append(P_next)
+        offloaded.complete()
+        return _CodeState(x=x_next, x_prev=offloaded, scalars=scalars)
     return _CodeState(x=x_next, x_prev=state.x, P=P_next if use_recon else None,
                       P_prev=P if use_recon else None, scalars=scalars)
 
@@ -788,8 +1188,16 @@ def _sizeof_fields(obj: Any) -> int:
     return sum(sizeof(getattr(obj, f.name)) for f in fields(obj))
 
 
-for _block_type in (_GraphBlock, _CodeProblem, _CodeState):
+for _block_type in (_GraphBlock, _CodeProblem, _CodeState, _Resident):
     sizeof.register(_block_type)(_sizeof_fields)
+
+
+@sizeof.register(_Offloaded)
+def _sizeof_offloaded(offloaded: _Offloaded) -> int:
+    """Its arrays are on disk, but those read ahead, or being read, are in memory."""
+    if offloaded.prefetched is None:
+        return 64
+    return 64 + sum(math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in offloaded.specs)
 
 
 def _first_momentum() -> tuple[float, float]:
@@ -817,7 +1225,9 @@ def _state_scalars(state: _CodeState) -> dict[str, float]:
     return state.scalars
 
 
-def _state_solution(state: _CodeState) -> np.ndarray:
+def _state_solution(state: _CodeState) -> Any:
+    if isinstance(state.x_prev, (_Offloaded, _Resident)):
+        return state.x_prev.load(prefetch_next=False)[0]
     return state.x_prev
 
 
@@ -1055,7 +1465,7 @@ class _Trainer:
     """Client-side driver of :func:`fit_distributed` (holds futures, never big arrays)."""
 
     def __init__(self, client: Any, X: Any, laplacian: Any, config: ModelConfig, block_size: int,
-                 laplacian_norm: float | str, lookahead: int) -> None:
+                 laplacian_norm: float | str, lookahead: int, offload_previous: bool = False) -> None:
         self.client = client
         self.config = config
         self.dtype = config.dtype
@@ -1063,6 +1473,7 @@ class _Trainer:
         self.bounds = block_bounds(self.n_rows, block_size)
         self.block_size = block_size
         self.lookahead = lookahead
+        self.offload_previous = offload_previous
         self.token = uuid.uuid4().hex[:8]
         self.refresh_homes()
         self.X_blocks = [
@@ -1091,9 +1502,11 @@ class _Trainer:
         if sp.issparse(laplacian):
             laplacian = sp.csr_array(laplacian)
         self.graph = []
+        row_blocks = []  # released after the norm: only the split blocks stay for the training
         for b, (start, stop) in enumerate(bounds):
             rows = client.submit(_read_laplacian_rows, *_row_source(laplacian, start, stop), self.dtype,
                                  key=f"sae-Lrows-{self.token}-{b}", **self._home(b))
+            row_blocks.append(rows)
             self.graph.append(client.submit(_graph_block, rows, bounds, b, key=f"sae-graph-{self.token}-{b}",
                                             **self._home(b)))
         info = client.gather([client.submit(_graph_neighbours, g) for g in self.graph])
@@ -1113,7 +1526,7 @@ class _Trainer:
         elif laplacian_norm == "bound":
             self.laplacian_norm = max(bound for _, bound in info)
         elif laplacian_norm == "power":
-            self.laplacian_norm = client.submit(_laplacian_norm, *self.graph).result()
+            self.laplacian_norm = client.submit(_laplacian_norm, *row_blocks).result()
         else:
             raise ValueError(f"laplacian_norm must be 'power', 'bound' or a number, got {laplacian_norm!r}")
         logger.info("||L||_2 = %.6g (%s) over %d blocks", self.laplacian_norm, laplacian_norm, len(bounds))
@@ -1146,6 +1559,7 @@ class _Trainer:
             "lambda_g": config.lambda_g, "lambda_e": config.lambda_e,
             "rtol": config.inner_tolerance, "atol": config.atol, "max_iter": config.max_inner,
             "restart": config.fista_restart, "z_solver": config.z_solver,
+            "offload_previous": self.offload_previous,
         }
         params.update(extra or {})
         return params
@@ -1378,6 +1792,7 @@ def fit_distributed(
     block_size: int = 50_000,
     laplacian_norm: float | Literal["power", "bound"] = "power",
     lookahead: int = 2,
+    offload_previous: bool = False,
     checkpoint: zarr.Group | None = None,
     return_codes: bool = False,
     callback: Callable[[dict[str, Any]], None] | None = None,
@@ -1406,6 +1821,12 @@ def fit_distributed(
         How ``||L||_2`` is obtained (module docstring), or its value.
     lookahead : int
         Z-step iterations submitted ahead of the stopping test.
+    offload_previous : bool
+        Keep each dense block's previous iterate ``x_{k-1}``, ``x_{k-1} C`` and
+        ``x_k C`` in a file of its worker (direct I/O, the worker's local
+        directory) instead of its memory: the iterates then hold one
+        generation in memory, not two (module docstring, Memory).  Same
+        iterates, to the bit.
     checkpoint : zarr.Group, optional
         A ``model/<key>`` group: a checkpoint is written after every outer
         iteration and the fit resumes from the last complete one found there.
@@ -1425,6 +1846,7 @@ def fit_distributed(
     try:
         with _without_work_stealing(client):
             return _fit_distributed(X, config, client, laplacian, block_size, laplacian_norm, lookahead,
+                                    offload_previous,
                                     checkpoint, return_codes, callback)
     finally:
         try:
@@ -1441,6 +1863,7 @@ def _fit_distributed(
     block_size: int,
     laplacian_norm: float | str,
     lookahead: int,
+    offload_previous: bool,
     checkpoint: zarr.Group | None,
     return_codes: bool,
     callback: Callable[[dict[str, Any]], None] | None,
@@ -1451,7 +1874,7 @@ def _fit_distributed(
         raise ValueError(f"X must be a 2-D array (n_samples, n_features), got shape {getattr(X, 'shape', None)}")
     if lookahead < 1:
         raise ValueError(f"lookahead must be >= 1, got {lookahead!r}")
-    trainer = _Trainer(client, X, laplacian, config, block_size, laplacian_norm, lookahead)
+    trainer = _Trainer(client, X, laplacian, config, block_size, laplacian_norm, lookahead, offload_previous)
     n_rows, n_features, m = trainer.n_rows, trainer.n_features, config.n_atoms
     use_encoder = config.lambda_e > 0
     slots = None
@@ -1564,10 +1987,11 @@ STAGE = "model"
 
 
 def _stage_config(train: TrainConfig, preprocess_key: str, graph_key: str | None) -> dict[str, Any]:
-    """What identifies a training run: everything but ``max_outer`` (so a longer rerun resumes) and ``lookahead``."""
+    """What identifies a training run: everything but ``max_outer`` (so a longer rerun resumes) and how it runs."""
     config = train.model_dump(mode="json")
     config["model"].pop("max_outer")
     config.pop("lookahead")
+    config.pop("offload_previous")
     config.pop("checkpoint")
     return {"train": config, "preprocess": preprocess_key, "graph": graph_key if train.model.lambda_g > 0 else None}
 
@@ -1636,7 +2060,7 @@ def train_model(
     started = time.perf_counter()
     fit = fit_distributed(
         X, config, client=client, laplacian=laplacian, block_size=train.block_size,
-        laplacian_norm=train.laplacian_norm, lookahead=train.lookahead,
+        laplacian_norm=train.laplacian_norm, lookahead=train.lookahead, offload_previous=train.offload_previous,
         checkpoint=group if train.checkpoint else None, callback=callback,
     )
     if not train.checkpoint:  # still leave the result in the store

@@ -67,6 +67,7 @@ UNSWEEPABLE = {
     "a longer run resumes a shorter one); sweep train.model.rtol instead",
     "train.lookahead": "it changes how the training runs, not its result",
     "train.checkpoint": "it changes how the training runs, not its result",
+    "train.offload_previous": "it changes how the training runs, not its result",
 }
 """Fields a sweep refuses, with the reason."""
 

@@ -317,7 +317,7 @@ def test_pooled_arrays_are_reused_only_once_nothing_references_them():
     pool.trainings = 1
     assert pool.trim() == 3 * 8 * 4  # during a training, without a request: the free arrays beyond the spare ones
     assert len(pool.arrays[key]) == 1 + sd.POOL_SPARE
-    assert any(a is kept for a in pool.arrays[key])  # one in use is never dropped
+    assert any(kept.base is a for a in pool.arrays[key])  # one in use is never dropped
     pool.trainings = 0
     del kept, second
     assert pool.trim() == (1 + sd.POOL_SPARE) * 8 * 4 + 3 * 5 * 3 * 4 + 5 * 3 * 8 and not pool.arrays  # after: all
@@ -341,7 +341,7 @@ def test_a_block_iteration_is_the_same_from_csr_and_dense_iterates(monkeypatch):
         states[name] = sd._code_iterate(problem, start, [], [], (2.0, 0.4))
     dense, csr = states["dense"], states["csr"]
     assert not sp.issparse(csr.x) and np.count_nonzero(csr.x) > sd.SPARSE_STATE_DENSITY * csr.x.size
-    assert any(a is csr.x for a in sd._pool.arrays[(x.shape, x.dtype.str)])  # the state's array: pooled, in use
+    assert any(csr.x.base is a for a in sd._pool.arrays[(x.shape, x.dtype.str)])  # the state's array: pooled
     np.testing.assert_array_equal(csr.x, dense.x)
     np.testing.assert_array_equal(csr.P, dense.P)
     assert csr.scalars == pytest.approx(dense.scalars, rel=1e-6)
@@ -376,3 +376,150 @@ def test_compact_code_blocks_equal_scipy_csr(dtype):
     assert _compact(dense) is dense  # denser than SPARSE_STATE_DENSITY: kept as it is
     with pytest.raises(ValueError, match="not the number of non-zeros"):
         _compact(x, nnz=3)
+
+
+def test_offloaded_arrays_come_back_from_their_file_and_the_file_is_recycled(monkeypatch):
+    import pickle
+
+    from dask.sizeof import sizeof
+
+    import sae.distributed as sd
+
+    monkeypatch.setattr(sd, "OFFLOAD_CHUNK", 2 * sd.DIRECT_ALIGN)  # several calls per array, a partial last one
+    files = sd._OffloadFiles(sd._ArrayPool())  # not the module's: the in-process workers trim theirs
+    files.pool.trainings = 1  # free files are kept during a training
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((37, 29)).astype(np.float32)  # 4292 bytes: not a multiple of the alignment
+    P = rng.standard_normal((37, 5))
+    offloaded = sd._Offloaded((x, P), files)
+    capacity = 2 * sd.DIRECT_ALIGN + sd.DIRECT_ALIGN
+    assert offloaded.slot.capacity == capacity and files.in_use == 1
+    loaded = offloaded.load()
+    np.testing.assert_array_equal(loaded[0], x)
+    np.testing.assert_array_equal(loaded[1], P)
+    assert any(loaded[0].base is a for a in sd._pool.arrays[(x.shape, x.dtype.str)])  # read into a pooled array
+    # pickled (a state moved or spilled by Dask): the arrays themselves, and Dask counts them
+    resident = pickle.loads(pickle.dumps(offloaded))
+    assert isinstance(resident, sd._Resident) and resident.specs == offloaded.specs
+    np.testing.assert_array_equal(resident.load()[1], P)
+    assert sizeof(resident) >= x.nbytes + P.nbytes
+    # the file is free once the object is gone, and written again by the next one of its size
+    fd = offloaded.slot.fd
+    del offloaded
+    assert files.in_use == 0 and [s.fd for s in files.free[capacity]] == [fd]
+    again = sd._Offloaded((x[::-1].copy(), P), files)
+    assert again.slot.fd == fd and not files.free.get(capacity)
+    np.testing.assert_array_equal(again.load()[0], x[::-1])
+    del again
+    assert files.trim(0) == capacity and not files.free
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed: the unlinked file is gone
+    # pooled arrays go to and from the file directly (page-aligned, whole), others through a buffer
+    assert sd._direct_extent(loaded[0]).nbytes == 2 * sd.DIRECT_ALIGN and sd._direct_extent(x) is None
+    assert sd._direct_extent(loaded[0].base[:10]) is None  # a part: the rounded-up read would write past it
+    copy = sd._Offloaded(loaded, files)
+    np.testing.assert_array_equal(copy.load(prefetch_next=False)[0], x)
+    # arrays appended later (x_{k+1} C, after the kernel), in the room reserved; read ahead only once complete
+    grown = sd._Offloaded((x,), files, reserve=P.nbytes, complete=False)
+    with pytest.raises(ValueError, match="no room left"):
+        grown.append(np.zeros(P.size + 1024))
+    grown.append(P)
+    assert not grown.sequence
+    grown.complete()
+    assert grown.sequence > copy.sequence
+    np.testing.assert_array_equal(grown.load()[1], P)
+    with pytest.raises(ValueError, match="cannot append to a complete"):
+        grown.append(P)
+
+
+@pytest.mark.parametrize("lambda_d", [1.0, 0.0])
+def test_a_block_iteration_is_the_same_with_the_previous_iterate_on_disk(lambda_d):
+    """FISTA iterations with x_{k-1} (and x_{k-1} C) offloaded give the in-memory states bit for bit."""
+    import sae.distributed as sd
+
+    X, L = make_data(60)
+    rng = np.random.default_rng(1)
+    C = rng.random((8, X.shape[1]), dtype=np.float32)
+    E = rng.random((8, X.shape[1]), dtype=np.float32)
+    graph = sd._graph_block(sp.csr_array(L, dtype=np.float32), [(0, 60)], 0)
+    assert graph.own.indices.dtype == graph.own.indptr.dtype == np.int32  # the blocks stay in memory: narrow
+    states = {}
+    for offload in (False, True):
+        params = dict(lambda_d=lambda_d, lambda_z=1e-3, lambda_g=2.0, lambda_e=0.5, step=1e-2,
+                      offload_previous=offload)
+        problem = sd._code_problem(0, X, C, E, graph, params)
+        state, momentum, trail = sd._CodeState(x=np.zeros((60, 8), np.float32)), sd._first_momentum(), []
+        for _ in range(5):
+            state = sd._code_iterate(problem, state, [], [], momentum)
+            momentum = sd._next_momentum(momentum, [state.scalars])
+            trail.append((state.x.copy(), state.scalars))
+        states[offload] = (state, trail)
+    (memory, memory_trail), (disk, disk_trail) = states[False], states[True]
+    assert isinstance(disk.x_prev, sd._Offloaded) and disk.P is None and disk.P_prev is None
+    assert len(disk.x_prev.specs) == (3 if lambda_d else 1)  # x_{k-1}, and x_{k-1} C, x_k C
+    assert memory_trail[-1][1]["momentum_used"]  # the loaded x_{k-1} was used
+    for (x_memory, scalars_memory), (x_disk, scalars_disk) in zip(memory_trail, disk_trail):
+        np.testing.assert_array_equal(x_disk, x_memory)
+        assert scalars_disk == scalars_memory
+    np.testing.assert_array_equal(sd._state_solution(disk), memory.x_prev)
+    if lambda_d:
+        np.testing.assert_array_equal(disk.x_prev.load()[1], memory.P_prev)
+        np.testing.assert_array_equal(disk.x_prev.load()[2], memory.P)
+
+
+def test_previous_iterates_on_disk_give_the_same_fit(thread_client, small):
+    from sae.config import TrainConfig
+    from sae.distributed import model_key
+
+    X, L = small
+    config = ModelConfig(n_atoms=8, lambda_g=5.0, lambda_e=1.0, max_outer=2, max_inner=10, random_state=0)
+    kwargs = dict(client=thread_client, laplacian=L, block_size=_blocks(len(X), 3), return_codes=True)
+    memory = fit_distributed(X, config, **kwargs)
+    disk = fit_distributed(X, config, offload_previous=True, **kwargs)
+    for a, b in zip(memory.history, disk.history):
+        assert {k: v for k, v in a.items() if "seconds" not in k} == pytest.approx(
+            {k: v for k, v in b.items() if "seconds" not in k}, rel=0, abs=0, nan_ok=True)
+    np.testing.assert_array_equal(disk.codes, memory.codes)
+    np.testing.assert_array_equal(disk.components, memory.components)
+    # how the training runs, not what it computes: the same stored model
+    assert model_key(TrainConfig(offload_previous=True), "p") == model_key(TrainConfig(), "p")
+
+
+def test_loading_an_offloaded_block_reads_the_next_one_ahead():
+    import sae.distributed as sd
+
+    files = sd._OffloadFiles(sd._ArrayPool())
+    rng = np.random.default_rng(0)
+    blocks = [rng.standard_normal((40, 16)).astype(np.float32) for _ in range(3)]
+    first, second, third = (sd._Offloaded((x,), files) for x in blocks)
+    assert first.sequence < second.sequence < third.sequence
+    np.testing.assert_array_equal(first.load()[0], blocks[0])
+    # the next one in order of creation is read by the I/O thread, not the one after
+    assert second.prefetched is not None and third.prefetched is None
+    ahead = second.prefetched.result()[0]
+    loaded = second.load()[0]
+    assert loaded is ahead and second.prefetched is None  # the read-ahead arrays are handed over once
+    np.testing.assert_array_equal(loaded, blocks[1])
+    assert third.prefetched is not None
+    del second, loaded, ahead
+    np.testing.assert_array_equal(third.load(prefetch_next=False)[0], blocks[2])
+    np.testing.assert_array_equal(third.load()[0], blocks[2])  # read again when nothing was read ahead
+    assert first.prefetched is None  # only later ones are read ahead
+    first.load()  # the next one was loaded already: not read again
+    assert third.prefetched is None
+
+
+def _offload_file_and_worker_directory() -> tuple[str, str]:
+    from distributed import get_worker
+
+    import sae.distributed as sd
+
+    offloaded = sd._offload_async((np.ones((10, 3), np.float32),)).result()
+    return os.readlink(f"/proc/self/fd/{offloaded.slot.fd}"), get_worker().local_directory
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_offload_files_go_to_the_worker_local_directory(thread_client):
+    # written by the I/O thread, which does not know the worker: the task's thread picks the directory
+    path, directory = thread_client.submit(_offload_file_and_worker_directory, pure=False).result()
+    assert path.startswith(directory + os.sep) and path.endswith("(deleted)")  # unlinked
