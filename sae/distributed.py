@@ -27,9 +27,10 @@ the rows of ``Z_c`` whose columns are non-zero in ``L[b rows, :]`` (the
   (the gradient of the smooth part at ``y``, as :func:`sae.solvers.fista`).
   Linear maps of ``y`` are extrapolated from those of ``x_k`` and
   ``x_{k-1}``: ``y_b C`` from ``P_k = x_k C`` and ``P_{k-1}`` (N_b, n), kept in
-  the block's state (so the reconstruction costs two (N_b, m) x (m, n)
-  products per iteration, ``y C`` and ``x_{k+1} C``, and ``F(x_k)``'s part is
-  ``||P_k - X_b||^2``), and ``(L y)_b`` from ``(L x_k)_b`` and ``(L x_{k-1})_b``,
+  the block's state or, offloaded, in its file (see Memory): the
+  reconstruction costs two (N_b, m) x (m, n) products per iteration, ``y C``
+  and ``x_{k+1} C``, and ``F(x_k)``'s part is ``||P_k - X_b||^2``; and
+  ``(L y)_b`` from ``(L x_k)_b`` and ``(L x_{k-1})_b``,
   two products with the block's rows of ``L``; small tasks then cut
   the halo rows of ``x_{k+1, b}`` wanted by each neighbour.  The adaptive
   restart of :func:`sae.solvers.fista` (momentum reset when
@@ -514,8 +515,12 @@ class _ArrayPool:
             arrays[:] = [a for i, a in enumerate(arrays) if i not in drop]
         return free[:keep]
 
+    def spare(self) -> int:
+        """Free arrays (and offload files) kept per shape: `POOL_SPARE` while a training runs, else none."""
+        return POOL_SPARE if self.trainings else 0
+
     def trim(self, keep: int | None = None) -> int:
-        """Let go of the free arrays beyond ``keep`` per shape (default: `POOL_SPARE` during a training, else 0).
+        """Let go of the free arrays beyond ``keep`` per shape (default: `spare`).
 
         Returns the bytes let go.  Without trimming, the last generations of
         iterates (1.3 GB per worker at full scale) would stay allocated after a
@@ -526,7 +531,7 @@ class _ArrayPool:
         """
         freed = 0
         with self.lock:
-            keep = (POOL_SPARE if self.trainings else 0) if keep is None else keep
+            keep = self.spare() if keep is None else keep
             for key in list(self.arrays):
                 arrays = self.arrays[key]
                 before = sum(a.nbytes for a in arrays)
@@ -547,7 +552,7 @@ def _pooled_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
 
 def _trim_pool() -> int:
     """Trim this worker's pool (`_ArrayPool.trim`) and its free offload files; returns the bytes let go."""
-    return _pool.trim() + _files.trim(POOL_SPARE if _pool.trainings else 0)
+    return _pool.trim() + _files.trim()
 
 
 #: Period of the pool trimming on each worker, in seconds.
@@ -715,14 +720,16 @@ class _OffloadFiles:
             self.in_use -= 1
             self.free.setdefault(slot.capacity, []).append(slot)
         if not self.pool.trainings:
-            self.trim(0)
+            self.trim()
 
-    def trim(self, keep: int) -> int:
-        """Close the free files beyond ``keep`` per size; returns the bytes of disk given back."""
+    def trim(self, keep: int | None = None) -> int:
+        """Close the free files beyond ``keep`` per size (default: the pool's `_ArrayPool.spare`); returns the
+        bytes of disk given back."""
         import os
 
         closed = []
         with self.lock:
+            keep = self.pool.spare() if keep is None else keep
             for capacity in list(self.free):
                 free = self.free[capacity]
                 while len(free) > keep:  # pop: a finalizer releasing a file in between appends, never lost
@@ -777,28 +784,22 @@ class _OffloadFiles:
             if not write and not array.flags.c_contiguous:
                 raise ValueError("offloaded arrays are read into C-contiguous arrays")
             extent = _direct_extent(array)
-            if extent is not None:
-                for start in range(0, extent.nbytes, OFFLOAD_CHUNK):
-                    piece = extent[start:start + OFFLOAD_CHUNK]
-                    moved = self._move(slot, piece, offset + start, write)
-                    if moved < min(piece.nbytes, array.nbytes - start):
-                        raise OSError(f"short {'write to' if write else 'read from'} an offload file "
-                                      f"({moved} of {piece.nbytes} bytes at {offset + start})")
-            else:
+            if extent is None:  # through the buffer: copied in before a write, out after a read
                 buffer = self._buffer()
                 staging = np.frombuffer(buffer, dtype=np.uint8)
                 raw = (np.ascontiguousarray(array) if write else array).reshape(-1).view(np.uint8)
-                for start in range(0, raw.size, buffer.nbytes):
-                    size = min(buffer.nbytes, raw.size - start)
-                    piece = buffer[:_aligned(size)]
-                    if write:
-                        staging[:size] = raw[start:start + size]
-                    moved = self._move(slot, piece, offset + start, write)
-                    if moved < (piece.nbytes if write else size):
-                        raise OSError(f"short {'write to' if write else 'read from'} an offload file "
-                                      f"({moved} of {piece.nbytes} bytes at {offset + start})")
-                    if not write:
-                        raw[start:start + size] = staging[:size]
+            step = OFFLOAD_CHUNK if extent is not None else buffer.nbytes
+            for start in range(0, array.nbytes, step):
+                size = min(step, array.nbytes - start)
+                piece = (extent[start:] if extent is not None else buffer)[:_aligned(size)]
+                if write and extent is None:
+                    staging[:size] = raw[start:start + size]
+                moved = self._move(slot, piece, offset + start, write)
+                if moved < (piece.nbytes if write else size):
+                    raise OSError(f"short {'write to' if write else 'read from'} an offload file "
+                                  f"({moved} of {piece.nbytes} bytes at {offset + start})")
+                if not write and extent is None:
+                    raw[start:start + size] = staging[:size]
             offset += _aligned(array.nbytes)
 
 
