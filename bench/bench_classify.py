@@ -20,8 +20,9 @@ import tempfile
 
 import numpy as np
 import zarr
-
 from _timing import timed
+
+from flows._dask import LOOPBACK
 from sae.classify import aggregate_clips, cross_validate
 from sae.config import ClassifyConfig
 
@@ -75,7 +76,7 @@ def main() -> None:
     from distributed import Client, LocalCluster
 
     with LocalCluster(n_workers=args.workers, threads_per_worker=1, host="127.0.0.1",
-                      dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
+                      **LOOPBACK) as cluster, Client(cluster) as client:
         cross_validate(features, ClassifyConfig(n_repeats=1, n_splits=2), client=client)  # warm the workers
         t_dask, parallel = timed(lambda: cross_validate(features, config, client=client), 1)
     assert parallel == serial

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from distributed import Client, LocalCluster, as_completed
 
+from flows._dask import LOOPBACK
 from sae import store
 from sae.audio import process_batch, warm_up
 from sae.config import BuiltinDatasetConfig, CQTConfig
@@ -60,7 +61,7 @@ def main() -> None:
         rates = {}
         for n_workers in (1, 2):
             with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
-                              host="127.0.0.1", dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
+                              host="127.0.0.1", **LOOPBACK) as cluster, Client(cluster) as client:
                 client.run(warm_up, cqt)
                 run_once(client, clips[: 2 * args.chunk_clips * n_workers], cqt, args.chunk_clips, workdir)  # warm
                 times = [run_once(client, clips, cqt, args.chunk_clips, workdir) for _ in range(args.repeats)]

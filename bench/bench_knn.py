@@ -23,6 +23,7 @@ import psutil
 from distributed import Client, LocalCluster
 from sklearn.neighbors import NearestNeighbors
 
+from flows._dask import LOOPBACK
 from sae.knn import approximate_neighbors, recall_at_k, warm_up
 
 
@@ -85,7 +86,7 @@ def main() -> None:
         sample = np.sort(np.random.default_rng(1).choice(n, size=min(args.queries, n), replace=False))
         for n_workers in args.workers:
             with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                              dashboard_address="127.0.0.1:0", memory_limit=None) as cluster, Client(cluster) as client:
+                              memory_limit=None, **LOOPBACK) as cluster, Client(cluster) as client:
                 start = time.perf_counter()
                 client.run(warm_up)
                 compile_s = time.perf_counter() - start

@@ -45,6 +45,7 @@ import scipy.sparse as sp
 import zarr
 from distributed import Client, LocalCluster
 
+from flows._dask import LOOPBACK
 from sae.config import ModelConfig
 from sae.distributed import LaplacianRef, fit_distributed
 from sae.store import write_sparse
@@ -221,7 +222,7 @@ def main() -> None:
                          "distributed.worker.memory.pause": 0.95, "distributed.worker.memory.terminate": False})
     for n_workers in args.workers:
         cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                               dashboard_address=None, memory_limit=args.memory_limit)
+                               memory_limit=args.memory_limit, **LOOPBACK)
         with cluster, Client(cluster) as client, PeakMemory() as memory:
             tic = time.perf_counter()
             fit = fit_distributed(X, config, client=client, laplacian=laplacian, block_size=block_size,

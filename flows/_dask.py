@@ -14,6 +14,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+LOOPBACK: dict[str, Any] = {"dashboard_address": "127.0.0.1:0", "worker_dashboard_address": "127.0.0.1:0"}
+"""Keyword arguments of ``distributed.LocalCluster`` that keep its HTTP servers on 127.0.0.1.
+
+A cluster of threads (``processes=False``) talks in-process, but its scheduler and
+worker still serve HTTP (dashboard, ``/metrics``): on every interface, port 8787, even
+with ``dashboard_address=None``, unless told otherwise.  A cluster of processes also
+needs ``host="127.0.0.1"`` (which a cluster of threads refuses)."""
+
 
 def on_dask_worker() -> bool:
     """True inside a task executing on a Dask worker."""
@@ -53,6 +61,6 @@ def dask_client() -> Iterator[Any]:
     from distributed import Client, LocalCluster
 
     threads = max(1, os.cpu_count() or 1)
-    with LocalCluster(n_workers=1, threads_per_worker=threads, processes=False, dashboard_address=None) as cluster:
+    with LocalCluster(n_workers=1, threads_per_worker=threads, processes=False, **LOOPBACK) as cluster:
         with Client(cluster) as client:
             yield client

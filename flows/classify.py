@@ -114,9 +114,7 @@ def _write_feature_results(group: Any, name: str, features: Any, summary: dict[s
         ("groups", features.groups),
         ("scores", np.asarray(summary["scores"])),
     ):
-        if array_name in sub:
-            del sub[array_name]
-        sub.create_array(array_name, shape=values.shape, dtype=values.dtype)[...] = values
+        sae_store.create_array(sub, array_name, shape=values.shape, dtype=values.dtype, data=values, overwrite=True)
     sub.attrs.update({"summary": sae_store.json_safe(summary)})
 
 
@@ -210,9 +208,11 @@ def submit_classification(
     summaries = {name: future.result() for name, future in futures.items()}
     if inductive is not None:
         summaries.update(inductive.result())
-    group = sae_store.stage_group(store, STAGE, key, mode="a")
+    root = sae_store.open_store(store, mode="r+")
+    group = sae_store.stage_group(root, STAGE, key, mode="a")
     group.attrs.update({"summaries": sae_store.json_safe(summaries)})
-    sae_store.mark_complete(group)
+    sources = {f"preprocess/{preprocess_key}"} | {"/".join(parse_source(source)[:2]) for source in features.values()}
+    sae_store.mark_complete(group, inputs=[root[path] for path in sorted(sources)])
     return key, False, summaries
 
 

@@ -21,6 +21,7 @@ for _name, _value in (
     ("DO_NOT_TRACK", "1"),
     ("PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT", "false"),
     ("PREFECT_LOGGING_EXTRA_LOGGERS", "sae"),
+    ("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore"),  # the library's logs outside flow runs: terminal only
     ("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"),
     ("DASK_LOGGING__DISTRIBUTED", "warning"),
 ):
@@ -29,6 +30,8 @@ for _name, _value in (
 import json  # noqa: E402
 import sys  # noqa: E402
 import tomllib  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Annotated, Any  # noqa: E402
 
@@ -75,6 +78,14 @@ SetOption = Annotated[
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the summary as JSON instead of text.")]
 ForceOption = Annotated[bool, typer.Option("--force", help="Create the store anew and recompute every stage.")]
+StrictOption = Annotated[
+    bool, typer.Option("--strict", help="Fail (exit 1) if any clip of the store is in error, even when ingestion "
+                       "is skipped.")
+]
+NoWaitOption = Annotated[
+    bool, typer.Option("--no-wait", help="Fail at once if another sae run is writing the store (default: wait "
+                       "for it to end).")
+]
 
 
 # --------------------------------------------------------------------------- configuration
@@ -151,6 +162,7 @@ def build_config(
     store: str | None = None,
     cluster: str | None = None,
     force: bool = False,
+    strict: bool = False,
 ) -> PipelineConfig:
     """The validated configuration of a command (see the module docstring for the priority).
 
@@ -171,6 +183,11 @@ def build_config(
             target[field] = value
     if force:
         values["force"] = True
+    if strict:
+        ingest = values.setdefault("ingest", {})
+        if not isinstance(ingest, dict):
+            raise ConfigError(f"ingest must be a mapping of fields, got {ingest!r}")
+        ingest["strict"] = True
     try:
         return PipelineConfig.model_validate(values)
     except ValidationError as error:
@@ -189,12 +206,25 @@ def _config_or_exit(**kwargs: Any) -> PipelineConfig:
 # --------------------------------------------------------------------------- output
 
 
+def _clips_by_reason(found: dict[str, str], limit: int = 8) -> list[str]:
+    """``{clip_id: reason}`` as one line per reason: the reason, the count and the first clip ids."""
+    by_reason: dict[str, list[str]] = {}
+    for clip_id, reason in found.items():
+        by_reason.setdefault(reason, []).append(clip_id)
+    return [f"{reason}: {len(ids)} clip(s): {', '.join(ids[:limit])}{' ...' if len(ids) > limit else ''}"
+            for reason, ids in by_reason.items()]
+
+
 def _echo_summary(summary: dict[str, Any], as_json: bool) -> None:
     if as_json:
         typer.echo(json.dumps(summary, indent=2, default=str))
         return
     for key, value in summary.items():
         if key == "table" or (key == "results" and "table" in summary):
+            continue
+        if key == "repaired":
+            for line in _clips_by_reason(value):
+                typer.echo(f"re-ingested, {line}")
             continue
         if key == "cluster" and value is None:
             value = "local threads"
@@ -205,26 +235,60 @@ def _echo_summary(summary: dict[str, Any], as_json: bool) -> None:
         typer.echo("\n" + summary["table"])
 
 
-def _run_stage(name: str, config: PipelineConfig, as_json: bool) -> None:
+def _fail(error: BaseException, code: int) -> typer.Exit:
+    """Print ``error`` as one ``error:`` line (its traceback too when $SAE_TRACEBACK is set); the exit to raise."""
+    if os.environ.get("SAE_TRACEBACK"):
+        import traceback
+
+        traceback.print_exception(error)
+    message = str(error) or type(error).__name__
+    if isinstance(error, (OSError, KeyError)) and type(error).__name__ not in message:
+        message = f"{type(error).__name__}: {message}"
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+@contextmanager
+def _prepared(command: str, config: PipelineConfig, no_wait: bool) -> Iterator[PipelineConfig]:
+    """Check ``config`` for ``command`` before any work (exit 2), then hold the store's lock and a Prefect API.
+
+    Errors of the work inside become one ``error:`` line and exit code 1.
+    """
     import logging
 
     from flows import pipeline
+    from flows._server import prefect_api
+    from sae import store as sae_store
 
     logging.getLogger("distributed").setLevel(logging.WARNING)
     pipeline.show_library_logs()
     config = pipeline.resolve_paths(config)
+    try:
+        pipeline.preflight(command, config)
+    except ValueError as error:
+        raise _fail(error, USAGE_ERROR) from None
+    try:
+        with sae_store.store_lock(config.ingest.store, wait=0 if no_wait else None), prefect_api():
+            yield config
+    except typer.Exit:
+        raise
+    except KeyboardInterrupt:
+        typer.echo("interrupted: the store keeps every completed stage; run again to resume", err=True)
+        raise typer.Exit(130) from None
+    except Exception as error:  # noqa: BLE001 - the command's boundary: one line, no traceback
+        raise _fail(error, 1) from None
+
+
+def _run_stage(name: str, config: PipelineConfig, as_json: bool, no_wait: bool = False) -> None:
+    from flows import pipeline
+
     runners = {
         "ingest": pipeline.run_ingest_stage,
         "graph": pipeline.run_graph_stage,
         "train": pipeline.run_train_stage,
         "classify": pipeline.run_classify_stage,
     }
-    try:
-        pipeline.check_frames(config)
-    except ValueError as error:
-        typer.echo(f"error: invalid configuration:\n  {error}", err=True)
-        raise typer.Exit(USAGE_ERROR) from None
-    try:
+    with _prepared(name, config, no_wait) as config:
         if name == "run":
             summary = pipeline.run_pipeline(config)
         else:
@@ -232,9 +296,6 @@ def _run_stage(name: str, config: PipelineConfig, as_json: bool) -> None:
             summary = {"store": config.ingest.store, **summary}
             if name == "classify":
                 summary["table"] = pipeline.accuracy_table(summary["results"])
-    except (RuntimeError, ValueError, FileNotFoundError, NotADirectoryError) as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(1) from None
     if name == "ingest":
         summary = {k: v for k, v in summary.items() if k not in ("errors", "computed")} | {
             "n_errors": len(summary.get("errors", []))
@@ -253,6 +314,8 @@ def run(
     cluster: ClusterOption = None,
     set_: SetOption = None,
     force: ForceOption = False,
+    strict: StrictOption = False,
+    no_wait: NoWaitOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """Run the whole pipeline: ingest -> preprocess + graph -> train -> classify.
@@ -261,8 +324,9 @@ def run(
     skipped. Prints the store, the report and the accuracy table. The default
     run, on the built-in dataset with local threads, takes a few minutes.
     """
-    cfg = _config_or_exit(config_file=config, overrides=set_, data=data, store=store, cluster=cluster, force=force)
-    _run_stage("run", cfg, as_json)
+    cfg = _config_or_exit(config_file=config, overrides=set_, data=data, store=store, cluster=cluster, force=force,
+                          strict=strict)
+    _run_stage("run", cfg, as_json, no_wait)
 
 
 @app.command()
@@ -273,11 +337,17 @@ def ingest(
     cluster: ClusterOption = None,
     set_: SetOption = None,
     force: ForceOption = False,
+    strict: StrictOption = False,
+    no_wait: NoWaitOption = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Ingest audio clips: CQT of every clip into the frames of the store (resumes an interrupted run)."""
-    cfg = _config_or_exit(config_file=config, overrides=set_, data=data, store=store, cluster=cluster, force=force)
-    _run_stage("ingest", cfg, as_json)
+    """Ingest audio clips: the CQT of every clip into the frames of the store.
+
+    Resumes an interrupted run; re-ingests the clips whose frames are missing or damaged.
+    """
+    cfg = _config_or_exit(config_file=config, overrides=set_, data=data, store=store, cluster=cluster, force=force,
+                          strict=strict)
+    _run_stage("ingest", cfg, as_json, no_wait)
 
 
 def _add_stage_command(stage: str, summary: str) -> None:
@@ -289,10 +359,11 @@ def _add_stage_command(stage: str, summary: str) -> None:
         store: StoreOption = None,
         cluster: ClusterOption = None,
         set_: SetOption = None,
+        no_wait: NoWaitOption = False,
         as_json: JsonOption = False,
     ) -> None:
         cfg = _config_or_exit(config_file=config, overrides=set_, data=data, store=store, cluster=cluster)
-        _run_stage(stage, cfg, as_json)
+        _run_stage(stage, cfg, as_json, no_wait)
 
     command.__doc__ = summary
     app.command(stage)(command)
@@ -330,6 +401,7 @@ def sweep(
     cluster: ClusterOption = None,
     set_: SetOption = None,
     force: ForceOption = False,
+    no_wait: NoWaitOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """Sweep hyper-parameters: the pipeline at every point of the grid, reusing every stage it can.
@@ -338,9 +410,6 @@ def sweep(
     iterations), plots of each metric, of the atoms and of the convergence, and a report beside
     the store; prints the table.
     """
-    import logging
-
-    from flows import pipeline
     from flows.sweep import run_sweep
     from sae.sweep import parse_values, sweep_points
 
@@ -349,21 +418,14 @@ def sweep(
         typer.echo(f"error: every --param needs one --values (got {len(param)} --param and {len(values)} --values)",
                    err=True)
         raise typer.Exit(USAGE_ERROR)
+    grid = {name: values_text for name, values_text in zip(param, values)}
     try:
-        pipeline.check_frames(cfg)
-        grid = {name: values_text for name, values_text in zip(param, values)}
         sweep_points(cfg, grid)  # every point valid before any work
     except ValueError as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(USAGE_ERROR) from None
-    logging.getLogger("distributed").setLevel(logging.WARNING)
-    pipeline.show_library_logs()
+        raise _fail(error, USAGE_ERROR) from None
     parameters = {name: parse_values(text) for name, text in grid.items()}
-    try:
+    with _prepared("sweep", cfg, no_wait) as cfg:
         summary = run_sweep(cfg, parameters, parallel=parallel)
-    except (RuntimeError, ValueError, FileNotFoundError, NotADirectoryError) as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(1) from None
     if as_json:
         typer.echo(json.dumps(summary, indent=2, default=str))
         return
@@ -371,6 +433,52 @@ def sweep(
         typer.echo(f"{name}: {summary[name]}")
     typer.echo("computed: " + ", ".join(f"{stage} {len(keys)}" for stage, keys in summary["computed"].items()))
     typer.echo("\n" + summary["table"])
+
+
+@app.command()
+def verify(
+    store: Annotated[str, typer.Option("--store", help="The store to check.", show_default=False)],
+    as_json: JsonOption = False,
+) -> None:
+    """Report the state of a store without changing it: clips, damaged frames, stage groups, lock.
+
+    Exit code 0 when nothing is damaged, 1 when something is (the next `sae run` or `sae ingest` re-ingests
+    the damaged clips and recomputes the damaged stages), 2 when there is no usable store.
+    """
+    from sae import store as sae_store
+
+    try:
+        report = sae_store.verify(store)
+    except (sae_store.StoreError, FileNotFoundError, OSError) as error:
+        raise _fail(error, USAGE_ERROR) from None
+    if as_json:
+        typer.echo(json.dumps(report, indent=2, default=str))
+    else:
+        typer.echo(_verify_text(report))
+    raise typer.Exit(0 if report["intact"] else 1)
+
+
+def _verify_text(report: dict[str, Any]) -> str:
+    counts = report["counts"]
+    lines = [f"store: {report['store']} (layout {report['layout']})",
+             f"clips: {report['n_clips']} ({', '.join(f'{k} {v}' for k, v in counts.items())})",
+             "labels: " + ", ".join(f"{name} {n}" for name, n in report["ok_per_label"].items())]
+    lines += [f"  label {name!r} has no valid audio file: not a label of this dataset" for name in report["empty_labels"]]
+    if report["errors"]:
+        kinds: dict[str, int] = {}
+        for error in report["errors"]:
+            kinds[error["kind"]] = kinds.get(error["kind"], 0) + 1
+        lines.append("clips in error: " + ", ".join(f"{kind} {n}" for kind, n in sorted(kinds.items())))
+    lines.append(f"damaged clips: {len(report['damaged'])}" if report["damaged"] else "damaged clips: none")
+    lines += [f"  {line}" for line in _clips_by_reason(report["damaged"])]
+    lines.append("stages:")
+    for name, info in report["stages"].items():
+        state = "ok" if info["complete"] else "; ".join(info["problems"])
+        lines.append(f"  {name}: {state}")
+    lines.append(f"lock: held by {report['locked']}" if report["locked"] else "lock: free")
+    lines.append("intact: yes" if report["intact"] else
+                 "intact: no (the next `sae run` re-ingests the damaged clips and recomputes the damaged stages)")
+    return "\n".join(lines)
 
 
 @app.command("config")

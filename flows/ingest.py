@@ -18,7 +18,6 @@ Run it locally (threads) or on Dask workers::
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -61,7 +60,9 @@ def ingest_flow(config: IngestConfig) -> dict[str, Any]:
     ------
     RuntimeError
         At the end, after the clip table is written, if a batch task failed
-        (re-run to resume) or, with ``config.strict``, if any clip is in error.
+        (re-run to resume).  ``config.strict`` is judged by the pipeline's
+        ingest stage (`flows.pipeline.run_ingest_stage`), on the clip table as
+        it stands, whether or not this flow ran.
     """
     logger = get_run_logger()
     store = prepare_store(config)
@@ -101,12 +102,6 @@ def ingest_flow(config: IngestConfig) -> dict[str, Any]:
         raise RuntimeError(
             f"{len(failed)} batch(es) failed ({sorted(failed)}); their clips are still pending: re-run to resume"
         )
-    if config.strict and summary["counts"]["error"]:
-        kinds = sorted({error["kind"] for error in summary["errors"]})
-        raise RuntimeError(
-            f"strict ingestion: {summary['counts']['error']} clip(s) in error (kinds: {', '.join(kinds)}); "
-            f"see the clip table of {store}"
-        )
     return summary
 
 
@@ -114,29 +109,3 @@ def run_ingest(config: IngestConfig, task_runner: TaskRunner | None = None) -> d
     """Run `ingest_flow` with a given task runner (default: 2 threads); returns its summary."""
     runnable = ingest_flow if task_runner is None else ingest_flow.with_options(task_runner=task_runner)
     return runnable(config)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Command line: ``python -m flows.ingest --data <folder|csv> --store <path.zarr>``."""
-    parser = argparse.ArgumentParser(prog="python -m flows.ingest", description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=None, help="GTZAN-style folder or CSV manifest (default: built-in dataset)")
-    parser.add_argument("--store", default="sae.zarr", help="Zarr store to create or resume")
-    parser.add_argument("--chunk-clips", type=int, default=IngestConfig.model_fields["chunk_clips"].default)
-    parser.add_argument("--strict", action="store_true", help="fail if any clip is in error")
-    parser.add_argument("--dask-workers", type=int, default=0, help="run on a local Dask cluster of N processes")
-    args = parser.parse_args(argv)
-    config = IngestConfig(data=args.data, store=args.store, chunk_clips=args.chunk_clips, strict=args.strict)
-    runner = None
-    if args.dask_workers:
-        from prefect_dask import DaskTaskRunner
-
-        runner = DaskTaskRunner(
-            cluster_kwargs={"n_workers": args.dask_workers, "threads_per_worker": 1, "host": "127.0.0.1",
-                            "dashboard_address": "127.0.0.1:0"}
-        )
-    summary = run_ingest(config, runner)
-    print(errors_markdown(summary))
-
-
-if __name__ == "__main__":
-    main()

@@ -125,6 +125,69 @@ def _with_runner(stage_flow: Any, address: str | None) -> Any:
     return stage_flow if runner is None else stage_flow.with_options(task_runner=runner)
 
 
+class PreflightError(ValueError):
+    """What a command needs is missing or unusable (checked before any work); the message says what to do."""
+
+
+def check_cluster(address: str, timeout: float = 10.0) -> int:
+    """Connect to the Dask scheduler at ``address``; returns its number of workers.
+
+    Raises
+    ------
+    PreflightError
+        Nothing answers there within ``timeout`` seconds.
+    """
+    from distributed import Client
+
+    try:
+        with Client(address, timeout=timeout) as client:
+            return len(client.scheduler_info(n_workers=-1)["workers"])
+    except (OSError, TimeoutError) as error:
+        raise PreflightError(
+            f"cannot reach the Dask scheduler at {address} ({type(error).__name__}: {error}); start a cluster "
+            "(python deploy/cluster.py start) or run on local threads (--cluster local)"
+        ) from None
+
+
+def preflight(stage: str, config: PipelineConfig) -> None:
+    """Check, before any work, what ``stage`` ("run", "sweep" or one stage) needs from ``config``.
+
+    The Dask scheduler (if any) answers; the store can be created or written
+    (not a file, not read-only); for a single stage, its inputs are complete.
+
+    Raises
+    ------
+    PreflightError
+        With one message saying what is missing and how to get it.
+    """
+    check_frames(config)
+    address = dask_address(config)
+    if address is not None:
+        check_cluster(address)
+    store = config.ingest.store
+    try:
+        if stage in ("run", "sweep", "ingest"):
+            sae_store.check_location(store)
+            if Path(store).exists() and not config.force:
+                sae_store.open_store(store)
+            return
+        sae_store.check_location(store, exists=True)
+        sae_store.open_store(store)
+    except (sae_store.StoreError, FileNotFoundError) as error:
+        raise PreflightError(str(error)) from None
+    keys = stage_keys(config)
+    try:
+        _require_frames(config)
+        if stage in ("train", "classify"):
+            _require(store, "preprocess", keys["preprocess"], "graph")
+            if config.train.model.lambda_g > 0:
+                _require(store, "graph", keys["graph"], "graph")
+        if stage == "classify" and not model_complete(store, keys["model"], config.train.model.max_outer):
+            raise RuntimeError(f"store {store!r} has no complete model/{keys['model']}: run the train stage first")
+    except RuntimeError as error:
+        raise PreflightError(str(error)) from None
+
+
 # --------------------------------------------------------------------------- stage keys and completeness
 
 
@@ -185,64 +248,102 @@ def model_complete(store: str, key: str, max_outer: int) -> bool:
 
     if not sae_store.is_complete(store, "model", key):
         return False
-    state = read_checkpoint(sae_store.stage_group(store, "model", key, mode="r"))
+    try:
+        state = read_checkpoint(sae_store.stage_group(store, "model", key, mode="r"))
+    except sae_store.StoreDamaged:
+        return False
     return state is not None and (state["stop_reason"] == "rtol" or state["iteration"] >= max_outer)
+
+
+def _named(clip_ids: list[str], limit: int = 10) -> str:
+    shown = ", ".join(clip_ids[:limit])
+    return shown + (f" and {len(clip_ids) - limit} more" if len(clip_ids) > limit else "")
+
+
+def repair_frames(store: str) -> dict[str, str]:
+    """Find the ok clips of ``store`` whose frames are missing or damaged and queue them for re-ingestion.
+
+    Returns
+    -------
+    dict
+        clip_id -> what was found (empty when the frames are intact).
+    """
+    root = sae_store.open_store(store, mode="r+")
+    problems = sae_store.frames_problems(root)
+    if not problems:
+        return {}
+    clip_ids = sae_store.clip_table(root)["clip_id"]
+    found = {str(clip_ids[i]): reason for i, reason in sorted(problems.items())}
+    _logger().warning("store %s: the frames of %d clip(s) are missing or damaged (%s): %s; they are ingested "
+                      "again", store, len(found), next(iter(found.values())), _named(list(found)))
+    sae_store.mark_damaged(root, problems)
+    return found
+
+
+def check_ingestion(summary: dict[str, Any], strict: bool) -> None:
+    """Report the labels without valid audio; with ``strict``, fail if any clip of the clip table is in error."""
+    log = _logger()
+    for label in summary.get("empty_labels", []):
+        log.warning("label %r has no valid audio file: it is not a label of this dataset (not counted among the "
+                    "labels, the chance level or the folds)", label)
+    if strict and summary["counts"]["error"]:
+        kinds = sorted({error["kind"] for error in summary["errors"]})
+        raise RuntimeError(
+            f"strict ingestion: {summary['counts']['error']} clip(s) in error (kinds: {', '.join(kinds)}): "
+            f"{_named([error['clip_id'] for error in summary['errors']])}; see `sae verify --store {summary['store']}`"
+        )
 
 
 # --------------------------------------------------------------------------- the stages
 
 
-def results_current(store: str, results_key: str, model_key: str) -> bool:
-    """Whether ``results/<results_key>`` is complete and was computed after ``model/<model_key>`` was.
-
-    A training run resumed with a larger ``max_outer`` keeps its key; results
-    completed before it describe older codes.
-    """
-    if not sae_store.is_complete(store, "results", results_key):
-        return False
-    results = sae_store.stage_group(store, "results", results_key, mode="r").attrs.get("completed", "")
-    model = sae_store.stage_group(store, "model", model_key, mode="r").attrs.get("completed", "")
-    return results >= model
-
-
 def run_ingest_stage(config: PipelineConfig, address: str | None = None) -> dict[str, Any]:
     """Ingestion, skipped when complete; with ``config.force`` the store is created anew.
+
+    Clips whose frames are missing or damaged in the store are ingested again
+    first (`repair_frames`); ``ingest.strict`` judges the clip table as it
+    stands, whether or not ingestion ran.
 
     Returns
     -------
     dict
-        ``skipped`` and, when run, the ingestion summary (``counts``, ``errors``, ...).
+        ``skipped``, ``repaired`` (clip_id -> what was found) and the ingestion
+        summary (``counts``, ``errors``, ``empty_labels``, ...).
     """
     from flows.ingest import ingest_flow
 
     log = _logger()
     ingest = config.ingest.model_copy(update={"overwrite": config.ingest.overwrite or config.force})
     key = ingest_key(ingest)
-    if not ingest.overwrite and ingest_complete(ingest):
-        root = sae_store.open_store(ingest.store)
-        counts = sae_store.ingest_summary(root)["counts"]
-        log.info("ingest: %s holds every clip (%s): skipped", ingest.store, counts)
-        return {"skipped": True, "store": ingest.store, "key": key, "counts": counts}
-    summary = _with_runner(ingest_flow, address)(config=ingest)
-    group = sae_store.stage_group(ingest.store, INGEST_STAGE, key, config=ingest.model_dump(mode="json"), mode="w")
-    group.attrs.update({"counts": summary["counts"]})
-    sae_store.mark_complete(group)
-    return {"skipped": False, "key": key, **summary}
+    with sae_store.store_lock(ingest.store):
+        repaired = repair_frames(ingest.store) if not ingest.overwrite and _store_exists(ingest.store) else {}
+        skipped = not ingest.overwrite and ingest_complete(ingest)
+        if skipped:
+            summary = sae_store.ingest_summary(sae_store.open_store(ingest.store))
+            log.info("ingest: %s holds every clip (%s): skipped", ingest.store, summary["counts"])
+        else:
+            summary = _with_runner(ingest_flow, address)(config=ingest)
+            group = sae_store.stage_group(ingest.store, INGEST_STAGE, key, config=ingest.model_dump(mode="json"),
+                                          mode="w")
+            group.attrs.update({"counts": summary["counts"]})
+            sae_store.mark_complete(group)
+    check_ingestion(summary, ingest.strict)
+    return {"skipped": skipped, "key": key, "repaired": repaired, **summary}
 
 
 def run_graph_stage(config: PipelineConfig, address: str | None = None) -> dict[str, Any]:
-    """Preprocessing and graph, skipped when both are complete; returns their keys and ``skipped``."""
+    """Preprocessing and graph, skipped when both are complete and current; returns their keys and ``skipped``."""
     from flows.graph import graph_flow
+    from sae.preprocess import preprocess_current
 
     log = _logger()
     store, keys = config.ingest.store, stage_keys(config)
-    _require_frames(config)
-    if sae_store.is_complete(store, "preprocess", keys["preprocess"]) and sae_store.is_complete(
-        store, "graph", keys["graph"]
-    ):
-        log.info("graph: preprocess/%s and graph/%s are complete: skipped", keys["preprocess"], keys["graph"])
-        return {"skipped": True, "preprocess": {"key": keys["preprocess"]}, "graph": {"key": keys["graph"]}}
-    out = _with_runner(graph_flow, address)(store=store, preprocess=config.preprocess, graph=config.graph)
+    with sae_store.store_lock(store):
+        _require_frames(config)
+        if preprocess_current(store, config.preprocess) and sae_store.is_complete(store, "graph", keys["graph"]):
+            log.info("graph: preprocess/%s and graph/%s are complete: skipped", keys["preprocess"], keys["graph"])
+            return {"skipped": True, "preprocess": {"key": keys["preprocess"]}, "graph": {"key": keys["graph"]}}
+        out = _with_runner(graph_flow, address)(store=store, preprocess=config.preprocess, graph=config.graph)
     return {"skipped": False, **out}
 
 
@@ -252,21 +353,26 @@ def run_train_stage(config: PipelineConfig, address: str | None = None) -> dict[
 
     log = _logger()
     store, keys = config.ingest.store, stage_keys(config)
-    _require(store, "preprocess", keys["preprocess"], "graph")
-    graph = keys["graph"] if config.train.model.lambda_g > 0 else None
-    if graph is not None:
-        _require(store, "graph", graph, "graph")
-    if model_complete(store, keys["model"], config.train.model.max_outer):
-        log.info("train: model/%s is complete: skipped", keys["model"])
-        return {"skipped": True, "key": keys["model"]}
-    out = _with_runner(train_flow, address)(
-        store=store, preprocess_key=keys["preprocess"], train=config.train, graph_key=graph
-    )
+    with sae_store.store_lock(store):
+        _require(store, "preprocess", keys["preprocess"], "graph")
+        graph = keys["graph"] if config.train.model.lambda_g > 0 else None
+        if graph is not None:
+            _require(store, "graph", graph, "graph")
+        if model_complete(store, keys["model"], config.train.model.max_outer):
+            log.info("train: model/%s is complete: skipped", keys["model"])
+            return {"skipped": True, "key": keys["model"]}
+        out = _with_runner(train_flow, address)(
+            store=store, preprocess_key=keys["preprocess"], train=config.train, graph_key=graph
+        )
     return {**out, "skipped": False}
 
 
 def run_classify_stage(config: PipelineConfig, address: str | None = None) -> dict[str, Any]:
     """Classification of the baseline and the codes, skipped when ``results/<key>`` is current and its report exists.
+
+    Results are current when their inputs are unchanged: a model trained
+    further under the same key (a larger ``max_outer``) makes them stale, and
+    they are computed again.
 
     Returns
     -------
@@ -278,25 +384,20 @@ def run_classify_stage(config: PipelineConfig, address: str | None = None) -> di
 
     log = _logger()
     store, keys = config.ingest.store, stage_keys(config)
-    _require(store, "preprocess", keys["preprocess"], "graph")
-    if not model_complete(store, keys["model"], config.train.model.max_outer):
-        raise RuntimeError(f"store {store!r} has no complete model/{keys['model']}: run the train stage first")
-    markdown, png = report_paths(store, keys["results"])
-    current = results_current(store, keys["results"], keys["model"])
-    if not current and sae_store.is_complete(store, "results", keys["results"]):
-        # The model was trained further under the same key (a larger max_outer): the stored
-        # results describe its earlier codes, so they are replaced.
-        log.info("classify: results/%s predate model/%s: recomputed", keys["results"], keys["model"])
-        sae_store.stage_group(store, "results", keys["results"], mode="w")
-    elif current and markdown.exists() and png.exists():
-        summaries = dict(sae_store.stage_group(store, "results", keys["results"], mode="r").attrs["summaries"])
-        log.info("classify: results/%s is complete: skipped", keys["results"])
-        return {"skipped": True, "store": store, "key": keys["results"], "results": brief(summaries),
-                "markdown": str(markdown), "png": str(png)}
-    out = _with_runner(classify_flow, address)(
-        store=store, preprocess_key=keys["preprocess"],
-        features=feature_sources(keys["preprocess"], keys["model"]), config=config.classify,
-    )
+    with sae_store.store_lock(store):
+        _require(store, "preprocess", keys["preprocess"], "graph")
+        if not model_complete(store, keys["model"], config.train.model.max_outer):
+            raise RuntimeError(f"store {store!r} has no complete model/{keys['model']}: run the train stage first")
+        markdown, png = report_paths(store, keys["results"])
+        if sae_store.is_complete(store, "results", keys["results"]) and markdown.exists() and png.exists():
+            summaries = dict(sae_store.stage_group(store, "results", keys["results"], mode="r").attrs["summaries"])
+            log.info("classify: results/%s is complete: skipped", keys["results"])
+            return {"skipped": True, "store": store, "key": keys["results"], "results": brief(summaries),
+                    "markdown": str(markdown), "png": str(png)}
+        out = _with_runner(classify_flow, address)(
+            store=store, preprocess_key=keys["preprocess"],
+            features=feature_sources(keys["preprocess"], keys["model"]), config=config.classify,
+        )
     return {**out, "skipped": False}
 
 
@@ -356,9 +457,12 @@ def pipeline_flow(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]: 
     address = dask_address(config)
     log.info("pipeline on %s; tasks on %s", config.ingest.store, address or "local threads")
     skipped: dict[str, bool] = {}
-    for stage, run in (("ingest", run_ingest_stage), ("graph", run_graph_stage), ("train", run_train_stage)):
-        skipped[stage] = run(config, address)["skipped"]
-    out = run_classify_stage(config, address)
+    with sae_store.store_lock(config.ingest.store):  # one run writes a store at a time
+        ingest = run_ingest_stage(config, address)
+        skipped["ingest"] = ingest["skipped"]
+        for stage, run in (("graph", run_graph_stage), ("train", run_train_stage)):
+            skipped[stage] = run(config, address)["skipped"]
+        out = run_classify_stage(config, address)
     skipped["classify"] = out["skipped"]
     table = accuracy_table(out["results"])
     log.info("accuracy (report: %s):\n%s", out["markdown"], table)
@@ -371,6 +475,8 @@ def pipeline_flow(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]: 
         "store": config.ingest.store,
         "keys": stage_keys(config),
         "skipped": skipped,
+        "repaired": ingest["repaired"],
+        "ingest_errors": ingest["counts"]["error"],
         "cluster": address,
         "results": out["results"],
         "table": table,

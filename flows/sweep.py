@@ -209,19 +209,27 @@ def sweep_flow(
     store = config.ingest.store
     log.info("sweep %s: %d points over %s, on %s", key, len(points), ", ".join(paths), address or "local threads")
 
-    ingest = run_ingest_stage(points[0].config, address)  # shared by every point
-    stages = sweep_stages_flow
-    if address is not None:
-        stages = stages.with_options(task_runner=make_task_runner(address))
-    out = stages(config=config, parameters=parameters,
-                 parallel=parallel or (len(points) if address is not None else 1))
-    computed = {"ingest": [] if ingest["skipped"] else [ingest["key"]], **out["computed"]}
+    with sae_store.store_lock(store):  # one run writes a store at a time
+        ingest = run_ingest_stage(points[0].config, address)  # shared by every point
+        stages = sweep_stages_flow
+        if address is not None:
+            stages = stages.with_options(task_runner=make_task_runner(address))
+        out = stages(config=config, parameters=parameters,
+                     parallel=parallel or (len(points) if address is not None else 1))
+        computed = {"ingest": [] if ingest["skipped"] else [ingest["key"]], **out["computed"]}
+        return _sweep_outputs(log, config, parameters, points, key, out["results"], computed, address)
 
+
+def _sweep_outputs(log: Any, config: PipelineConfig, parameters: dict[str, list[Any]], points: list, key: str,
+                   results: dict[str, Any], computed: dict[str, list[str]], address: str | None) -> dict[str, Any]:
+    """The rows of a sweep whose stages are complete, its files and artifacts; the summary of `sweep_flow`."""
+    paths = list(points[0].values)
+    store = config.ingest.store
     rows, histories, atoms = [], {}, {}
     for point in points:
         k = stage_keys(point.config)
         model = open_model(store, k["model"])
-        row = point_row(point, model["history"], out["results"][k["results"]], k, stop_reason=model["stop_reason"])
+        row = point_row(point, model["history"], results[k["results"]], k, stop_reason=model["stop_reason"])
         rows.append(row)
         histories[point.label] = model["history"]
         atoms[point.label] = model["components"]

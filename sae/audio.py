@@ -57,7 +57,9 @@ logger = logging.getLogger(__name__)
 SUPPORTED_EXTENSIONS = (".au", ".wav", ".flac", ".ogg", ".mp3")
 """File name extensions read (with libsndfile, through soundfile)."""
 
-ERROR_KINDS = ("missing", "unreadable", "empty", "unsupported", "corrupt", "truncated", "too_short", "silent")
+ERROR_KINDS = (
+    "missing", "unreadable", "empty", "unsupported", "corrupt", "out_of_range", "truncated", "too_short", "silent",
+)
 """Kinds of bad input, in the order they are checked.
 
 missing      the file does not exist
@@ -65,6 +67,9 @@ unreadable   it cannot be opened (permissions, a directory, an I/O error)
 empty        zero bytes, or a valid header without samples
 unsupported  the extension is not one of `SUPPORTED_EXTENSIONS`
 corrupt      libsndfile cannot decode it (e.g. text in a ``.wav``), or non-finite samples
+out_of_range samples far outside the format's range (peak above `MAX_PEAK`): a float
+             file written at the wrong scale, which min-max scaling over the
+             dataset would let squeeze every other clip to nothing
 truncated    the header declares more audio than the file holds and too few samples remain
 too_short    fewer than ``clip_samples`` samples (after resampling) and ``pad_short`` is off
 silent       peak amplitude below `SILENCE_PEAK`
@@ -72,6 +77,10 @@ silent       peak amplitude below `SILENCE_PEAK`
 
 SILENCE_PEAK = 1e-6
 """A clip whose peak absolute amplitude (after loading) is below this is silent (-120 dBFS)."""
+
+MAX_PEAK = 4.0
+"""Largest accepted peak absolute sample value (+12 dBFS).  Integer formats decode to [-1, 1];
+float formats may exceed it a little (overs), never by orders of magnitude."""
 
 _TRUNCATED = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
 
@@ -163,6 +172,13 @@ def load_clip(path: str | os.PathLike, cqt: CQTConfig) -> np.ndarray:
         raise ClipError("empty", f"{name}: the file holds no audio samples")
     if not np.all(np.isfinite(data)):
         raise ClipError("corrupt", f"{name}: non-finite sample values (NaN or infinity)")
+    peak = float(np.max(np.abs(data)))
+    if peak > MAX_PEAK:
+        raise ClipError(
+            "out_of_range",
+            f"{name}: samples reach {peak:.3g}, far outside the audio range [-1, 1] (at most {MAX_PEAK:g} "
+            f"accepted): a {info.subtype_info or info.subtype} file written at the wrong scale?",
+        )
     y = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
     if sr_in != cqt.sample_rate:
         y = librosa.resample(y, orig_sr=sr_in, target_sr=cqt.sample_rate, res_type="soxr_hq").astype(np.float32)
@@ -275,7 +291,8 @@ def process_batch(store_path: str, chunk_index: int, clip_indices: Sequence[int]
     -------
     list of dict
         One per computed clip: ``index``, ``clip_id``, ``status`` ("ok" or
-        "error"), ``error_kind``, ``error``, ``n_frames``, ``seconds``.
+        "error"), ``error_kind``, ``error``, ``n_frames``, ``checksum`` (CRC-32
+        of the frames written, `sae.store.frames_checksum`), ``seconds``.
     """
     from sae import store as _store
 
@@ -296,10 +313,21 @@ def process_batch(store_path: str, chunk_index: int, clip_indices: Sequence[int]
     if not todo:
         return []
     keep = [i for i in clips if i not in todo and table["status"][i] == "ok"]
+    frames = np.zeros((len(clips) * n_frames, cqt.n_bins), dtype=np.float32)
     if keep:
-        frames = _store.read_chunk_frames(group, chunk_index)
-    else:
-        frames = np.zeros((len(clips) * n_frames, cqt.n_bins), dtype=np.float32)
+        # The chunk is rewritten whole: the clips kept must still be intact, else they are recomputed too.
+        try:
+            frames = _store.read_chunk_frames(group, chunk_index)
+        except Exception as exc:  # a damaged chunk fails to decode (checksums)
+            logger.warning("chunk %d of %s cannot be read (%s): its clips are recomputed", chunk_index,
+                           store_path, exc)
+            todo = sorted({*todo, *keep})
+        else:
+            damaged = [i for i in keep if _store.frames_checksum(
+                frames[(i - clips.start) * n_frames : (i - clips.start + 1) * n_frames]) != int(table["checksum"][i])]
+            if damaged:
+                logger.warning("clips %s of chunk %d have damaged frames: recomputed", damaged, chunk_index)
+                todo = sorted({*todo, *damaged})
     records = []
     for index in todo:
         start = time.perf_counter()
@@ -309,10 +337,11 @@ def process_batch(store_path: str, chunk_index: int, clip_indices: Sequence[int]
             frames[rows] = clip_frames(table["path"][index], cqt)
         except ClipError as exc:
             frames[rows] = 0.0
-            record.update(status="error", error_kind=exc.kind, error=exc.message, n_frames=0)
+            record.update(status="error", error_kind=exc.kind, error=exc.message, n_frames=0, checksum=0)
             logger.warning("clip %s: %s", record["clip_id"], exc.message)
         else:
-            record.update(status="ok", error_kind="", error="", n_frames=n_frames)
+            record.update(status="ok", error_kind="", error="", n_frames=n_frames,
+                          checksum=_store.frames_checksum(frames[rows]))
         record["seconds"] = time.perf_counter() - start
         records.append(record)
     _store.write_chunk_frames(group, chunk_index, frames)

@@ -180,8 +180,13 @@ class PreprocessConfig(_Config):
         None, ge=1, description="Keep the first N frames of every clip (None: all). The thesis used 298 (2 x 149)."
     )
     labels: tuple[str, ...] | None = Field(None, description="Keep only these labels (None: all).")
-    scaling: Literal["minmax", "standard", "none"] = Field(
-        "minmax", description="Per-feature scaling over the dataset."
+    scaling: Literal["minmax", "percentile", "standard", "none"] = Field(
+        "minmax",
+        description="Per-feature scaling over the dataset: minmax (the thesis), percentile (min-max between the "
+        "p-th and (100-p)-th percentiles: one extreme clip cannot squeeze the others), standard, none.",
+    )
+    percentile: float = Field(
+        1.0, gt=0, lt=50, description="p of the 'percentile' scaling, in percent (estimated on <= 100,000 rows)."
     )
     noise_std: float = Field(0.0, ge=0, description="Std of i.i.d. Gaussian noise added after scaling.")
     noise_seed: int = Field(0, ge=0, description="Seed of the noise.")

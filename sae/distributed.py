@@ -159,7 +159,9 @@ not include ``max_outer``, so a run with a larger ``max_outer`` continues).
 After a checkpoint the codes are read back from the store, which cuts the
 task lineage: a worker lost later costs at most the current outer iteration,
 which Dask recomputes from the store (every task is a pure function of its
-inputs, so the recomputed result is the same).
+inputs, so the recomputed result is the same).  With ``checkpoint_final_only``
+(``TrainConfig.checkpoint = False``) only the last outer iteration is written,
+to the one slot it uses.
 
 >>> import numpy as np
 >>> block_bounds(10, 4)
@@ -204,7 +206,7 @@ from sae.model import (
 )
 from sae.solvers import LIPSCHITZ_SAFETY, next_momentum, spectral_norm
 from sae.solvers import stop_reason as fista_stop_reason
-from sae.store import array_compressors, json_safe
+from sae.store import json_safe
 from sae.terms import inner
 
 __all__ = [
@@ -217,6 +219,7 @@ __all__ = [
     "block_bounds",
     "fit_distributed",
     "read_checkpoint",
+    "checkpoint_arrays",
 ]
 
 logger = logging.getLogger("sae.distributed")
@@ -1361,18 +1364,25 @@ def _python_record(record: dict[str, Any]) -> dict[str, Any]:
 def _checkpoint_arrays(
     group: zarr.Group, slot: int, n_rows: int, n_atoms: int, n_features: int, block_size: int, dtype: str, encoder: bool
 ) -> zarr.Group:
+    from sae.store import create_array
+
     name = f"checkpoint_{slot}"
     sub = group.require_group(name)
     if "codes" not in sub:
-        sub.create_array(
-            "codes", shape=(n_rows, n_atoms), chunks=(block_size, n_atoms), dtype=dtype,
-            compressors=array_compressors(),
-            dimension_names=("frame", "atom"),
-        )
+        create_array(sub, "codes", shape=(n_rows, n_atoms), chunks=(block_size, n_atoms), dtype=dtype,
+                     dimension_names=("frame", "atom"))
     for array_name in ("components",) + (("encoder",) if encoder else ()):
         if array_name not in sub:
-            sub.create_array(array_name, shape=(n_atoms, n_features), chunks=(n_atoms, n_features), dtype=dtype)
+            create_array(sub, array_name, shape=(n_atoms, n_features), dtype=dtype)
     return sub
+
+
+def checkpoint_arrays(group: zarr.Group) -> list[str]:
+    """Paths (relative to ``model/<key>``) of the arrays of its last complete checkpoint ([] if none)."""
+    if group.attrs.get("last_complete_outer") is None:
+        return []
+    name = f"checkpoint_{int(group.attrs['checkpoint_slot'])}"
+    return [f"{name}/{array}" for array in ("codes", "components", "encoder") if array in group[name]]
 
 
 def read_checkpoint(group: zarr.Group) -> dict[str, Any] | None:
@@ -1384,10 +1394,22 @@ def read_checkpoint(group: zarr.Group) -> dict[str, Any] | None:
         ``iteration`` (int), ``components`` (m, n), ``encoder`` (m, n) or None,
         ``codes`` (the stored zarr array, (N, m)), ``history`` (list of dict),
         ``stop_reason`` ("" while running, else "rtol" or "max_outer").
+
+    Raises
+    ------
+    sae.store.StoreDamaged
+        A chunk of the checkpoint's arrays is missing from disk.
     """
+    from sae.store import StoreDamaged
+
     iteration = group.attrs.get("last_complete_outer")
     if iteration is None:
         return None
+    for path in checkpoint_arrays(group):
+        array = group[path]
+        if array.nchunks_initialized != array.nchunks:
+            raise StoreDamaged(f"{group.path}: the checkpoint of outer iteration {int(iteration)} is damaged "
+                               f"({array.nchunks - array.nchunks_initialized} chunks of {path} missing)")
     sub = group[f"checkpoint_{int(group.attrs['checkpoint_slot'])}"]
     return {
         "iteration": int(iteration),
@@ -1795,6 +1817,7 @@ def fit_distributed(
     lookahead: int = 2,
     offload_previous: bool = False,
     checkpoint: zarr.Group | None = None,
+    checkpoint_final_only: bool = False,
     return_codes: bool = False,
     callback: Callable[[dict[str, Any]], None] | None = None,
 ) -> DistributedFit:
@@ -1831,6 +1854,9 @@ def fit_distributed(
     checkpoint : zarr.Group, optional
         A ``model/<key>`` group: a checkpoint is written after every outer
         iteration and the fit resumes from the last complete one found there.
+    checkpoint_final_only : bool
+        Write only the checkpoint of the last outer iteration (the result);
+        an interrupted fit then starts again from the beginning.
     return_codes : bool
         Without checkpoint, gather the codes into :attr:`DistributedFit.codes`.
     callback : callable, optional
@@ -1847,8 +1873,7 @@ def fit_distributed(
     try:
         with _without_work_stealing(client):
             return _fit_distributed(X, config, client, laplacian, block_size, laplacian_norm, lookahead,
-                                    offload_previous,
-                                    checkpoint, return_codes, callback)
+                                    offload_previous, checkpoint, checkpoint_final_only, return_codes, callback)
     finally:
         try:
             client.run(_release_pool)
@@ -1866,6 +1891,7 @@ def _fit_distributed(
     lookahead: int,
     offload_previous: bool,
     checkpoint: zarr.Group | None,
+    checkpoint_final_only: bool,
     return_codes: bool,
     callback: Callable[[dict[str, Any]], None] | None,
 ) -> DistributedFit:
@@ -1878,10 +1904,12 @@ def _fit_distributed(
     trainer = _Trainer(client, X, laplacian, config, block_size, laplacian_norm, lookahead, offload_previous)
     n_rows, n_features, m = trainer.n_rows, trainer.n_features, config.n_atoms
     use_encoder = config.lambda_e > 0
-    slots = None
-    if checkpoint is not None:
-        slots = [_checkpoint_arrays(checkpoint, s, n_rows, m, n_features, block_size, dtype, use_encoder)
-                 for s in (0, 1)]
+    slots = {}  # created when first written (a final-only checkpoint writes one)
+
+    def slot_group(slot: int) -> zarr.Group:
+        if slot not in slots:
+            slots[slot] = _checkpoint_arrays(checkpoint, slot, n_rows, m, n_features, block_size, dtype, use_encoder)
+        return slots[slot]
 
     data_stats = trainer.data_statistics() if use_encoder else None
     state = read_checkpoint(checkpoint) if checkpoint is not None else None
@@ -1945,22 +1973,24 @@ def _fit_distributed(
         converged = record["relative_change"] <= config.rtol and not record.get("balanced")
         if converged:
             stop_reason = "rtol"
-        if checkpoint is not None:
+        last = converged or iteration == config.max_outer
+        if checkpoint is not None and (last or not checkpoint_final_only):
             slot = iteration % 2
-            trainer.write_codes(slots[slot]["codes"], Z_blocks)
-            slots[slot]["components"][...] = C
+            target = slot_group(slot)
+            trainer.write_codes(target["codes"], Z_blocks)
+            target["components"][...] = C
             if use_encoder:
-                slots[slot]["encoder"][...] = E
+                target["encoder"][...] = E
             record["seconds"] = time.perf_counter() - tic
             history.append(record)
             checkpoint.attrs.update({
                 "history": json_safe(history),
-                "stop_reason": stop_reason if (converged or iteration == config.max_outer) else "",
+                "stop_reason": stop_reason if last else "",
                 "checkpoint_slot": slot,
                 "last_complete_outer": iteration,
             })
-            reload = partial(trainer.read_codes, slots[slot]["codes"], iteration)
-            if not converged and iteration < config.max_outer:
+            reload = partial(trainer.read_codes, target["codes"], iteration)
+            if not last:
                 Z_blocks = reload()  # cut the lineage (after the last iteration nothing reads them)
         else:
             record["seconds"] = time.perf_counter() - tic
@@ -1972,7 +2002,7 @@ def _fit_distributed(
             break
 
     if checkpoint is not None:
-        codes: Any = slots[int(checkpoint.attrs["checkpoint_slot"])]["codes"] if iteration > 0 else None
+        codes: Any = checkpoint[f"checkpoint_{int(checkpoint.attrs['checkpoint_slot'])}"]["codes"]
     elif return_codes:
         codes = trainer.gather_codes(Z_blocks)
     else:
@@ -2042,16 +2072,25 @@ def train_model(
         )
     key = model_key(train, preprocess_key, graph_key)
     root = store.open_store(store_path, mode="r+")
-    X = open_preprocessed(root, preprocess_key)["X"]
+    inputs = [open_preprocessed(root, preprocess_key)]
+    X = inputs[0]["X"]
     laplacian = None
     if config.lambda_g > 0:
         from sae.graph import open_graph
 
-        laplacian = LaplacianRef(open_graph(root, graph_key), "laplacian")
-    group = store.stage_group(root, STAGE, key, config=_stage_config(train, preprocess_key, graph_key),
-                              mode="w" if overwrite else "a")
-    done = read_checkpoint(group) if not overwrite else None
-    if done is not None and (done["stop_reason"] == "rtol" or done["iteration"] >= config.max_outer):
+        inputs.append(open_graph(root, graph_key))
+        laplacian = LaplacianRef(inputs[-1], "laplacian")
+    stage_config = _stage_config(train, preprocess_key, graph_key)
+    group = store.stage_group(root, STAGE, key, config=stage_config, mode="w" if overwrite else "a")
+    try:
+        done = None if overwrite else read_checkpoint(group)
+    except store.StoreDamaged as error:
+        logger.warning("%s: training again from the start", error)
+        group = store.stage_group(root, STAGE, key, config=stage_config, mode="w")
+        done = None
+    if done is not None and store.is_complete(root, STAGE, key) and (
+        done["stop_reason"] == "rtol" or done["iteration"] >= config.max_outer
+    ):
         logger.info("model %s: complete at outer iteration %d (%s), skipped", key, done["iteration"], done["stop_reason"])
         last = done["history"][-1]
         return {"key": key, "n_iter": done["iteration"], "stop_reason": done["stop_reason"] or "max_outer",
@@ -2062,27 +2101,13 @@ def train_model(
     fit = fit_distributed(
         X, config, client=client, laplacian=laplacian, block_size=train.block_size,
         laplacian_norm=train.laplacian_norm, lookahead=train.lookahead, offload_previous=train.offload_previous,
-        checkpoint=group if train.checkpoint else None, callback=callback,
+        checkpoint=group, checkpoint_final_only=not train.checkpoint, callback=callback,
     )
-    if not train.checkpoint:  # still leave the result in the store
-        _write_final(group, fit, client, train.block_size)
-    store.mark_complete(group)
+    store.mark_complete(group, inputs=inputs, arrays=checkpoint_arrays(group))
     last = fit.history[-1]
     return {"key": key, "n_iter": fit.n_iter, "stop_reason": fit.stop_reason, "resumed_from": fit.resumed_from,
             "objective": last["total"], "sparsity_percent": last["sparsity_percent"],
             "seconds": time.perf_counter() - started, "skipped": False}
-
-
-def _write_final(group: zarr.Group, fit: DistributedFit, client: Any, block_size: int) -> None:
-    m, n = fit.components.shape
-    sub = group.require_group("checkpoint_0")
-    for name, value in (("components", fit.components), ("encoder", fit.encoder)):
-        if value is not None:
-            if name in sub:
-                del sub[name]
-            sub.create_array(name, shape=value.shape, dtype=value.dtype)[...] = value
-    group.attrs.update({"history": json_safe(fit.history), "checkpoint_slot": 0,
-                        "stop_reason": fit.stop_reason, "last_complete_outer": fit.n_iter})
 
 
 def open_model(store_path: Any, key: str) -> dict[str, Any]:
@@ -2093,9 +2118,10 @@ def open_model(store_path: Any, key: str) -> dict[str, Any]:
     """
     from sae import store
 
-    group = store.stage_group(store_path, STAGE, key, mode="r")
+    root = store.open_store(store_path) if not isinstance(store_path, zarr.Group) else store_path
+    group = store.stage_group(root, STAGE, key, mode="r")
     state = read_checkpoint(group)
     if state is None:
         raise ValueError(f"model/{key} holds no complete outer iteration yet: run train_model first")
-    state["complete"] = bool(group.attrs.get("complete"))
+    state["complete"] = store.is_complete(root, STAGE, key)
     return state

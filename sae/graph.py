@@ -375,7 +375,8 @@ def run_graph(
     store.write_sparse(group, "laplacian", L)
     store.write_sparse(group, "adjacency", W.astype(np.float32))
     for name, values in (("indices", indices.astype(np.int32)), ("distances", distances.astype(np.float32))):
-        group.create_array(name, shape=values.shape, dtype=values.dtype, chunks=(min(len(values), 1 << 16), values.shape[1]))[:] = values
+        store.create_array(group, name, shape=values.shape, dtype=values.dtype,
+                           chunks=(min(len(values), 1 << 16), values.shape[1]), data=values)
     info = {
         "preprocess": preprocess_key,
         "n_rows": int(X.shape[0]),
@@ -387,7 +388,7 @@ def run_graph(
         "knn_seconds": round(knn_seconds, 3),
     }
     group.attrs.update(info)
-    store.mark_complete(group)
+    store.mark_complete(group, inputs=[store.stage_group(root, "preprocess", preprocess_key, mode="r")])
     logger.info("graph %s: N=%d, nnz(L)=%d, recall=%s, kNN %.1f s", key, info["n_rows"], info["nnz"], recall, knn_seconds)
     return {"key": key, "skipped": False, **{name: info[name] for name in ("n_rows", "nnz", "recall", "recall_queries")}}
 

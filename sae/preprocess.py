@@ -14,8 +14,10 @@ For a `sae.config.PreprocessConfig` the stage
        X = (F - offset) / scale                       F: (n_rows, n_bins)
 
    ``minmax`` (the thesis): offset = min_j F_jk, scale = max_j F_jk - min_j F_jk,
-   so X lies in [0, 1]; ``standard``: offset = mean, scale = std (ddof 0);
-   ``none``: offset 0, scale 1.  A constant feature gets scale 1 (X = 0 there);
+   so X lies in [0, 1]; ``percentile``: the same between the p-th and
+   (100-p)-th percentiles (`scaling_statistics`); ``standard``: offset = mean,
+   scale = std (ddof 0); ``none``: offset 0, scale 1.  A constant feature gets
+   scale 1 (X = 0 there);
 3. adds i.i.d. Gaussian noise ``noise_std * N(0, 1)`` after scaling.  The
    noise of row r is row ``r mod NOISE_BLOCK_ROWS`` of the
    (NOISE_BLOCK_ROWS, n_bins) standard normal matrix drawn by
@@ -55,29 +57,45 @@ STAGE = "preprocess"
 NOISE_BLOCK_ROWS = 8192
 """Rows per noise block: the fixed unit from which the noise of a row is drawn."""
 
-SCALINGS = ("minmax", "standard", "none")
+SCALINGS = ("minmax", "percentile", "standard", "none")
+"""Per-feature scalings (`sae.config.PreprocessConfig.scaling`)."""
+
+PERCENTILE_SAMPLE_ROWS = 100_000
+"""At most this many rows (every k-th, k fixed by the row count) estimate the percentiles of "percentile"."""
 
 
 # --------------------------------------------------------------------------- maths
 
 
 def scaling_statistics(
-    frames: np.ndarray | da.Array, scaling: Literal["minmax", "standard", "none"] = "minmax"
+    frames: np.ndarray | da.Array,
+    scaling: Literal["minmax", "percentile", "standard", "none"] = "minmax",
+    *,
+    percentile: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-feature ``offset`` and ``scale`` (n_features,) float64 of frames (n_rows, n_features).
 
-    ``minmax``: (min, max - min); ``standard``: (mean, std with ddof 0);
-    ``none``: (0, 1).  A zero scale becomes 1.  Dask input is reduced chunk by
-    chunk (one ``dask.compute``).
+    ``minmax``: (min, max - min); ``percentile``: (q_p, q_{100-p} - q_p), the
+    p-th and (100-p)-th percentiles of every feature over every k-th row,
+    ``k = ceil(n_rows / PERCENTILE_SAMPLE_ROWS)`` (exact up to that many rows),
+    so that a few extreme frames move neither; ``standard``: (mean, std with
+    ddof 0); ``none``: (0, 1).  A zero scale becomes 1.  Dask input is reduced
+    chunk by chunk.  Non-finite frames (a chunk missing from the store reads
+    as NaN) are an error, never a statistic.
 
     >>> offset, scale = scaling_statistics(np.array([[1.0, 5.0], [3.0, 5.0]]))
     >>> offset.tolist(), scale.tolist()
     ([1.0, 5.0], [2.0, 1.0])
+    >>> frames = np.vstack([np.arange(100.0)[:, None], [[1e30]]])
+    >>> [round(float(v), 2) for v in np.concatenate(scaling_statistics(frames, "percentile", percentile=1.0))]
+    [1.0, 98.0]
     """
     if scaling not in SCALINGS:
         raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
     if frames.ndim != 2:
         raise ValueError(f"frames must be a 2-D array (n_rows, n_features), got shape {frames.shape}")
+    if not 0 < percentile < 50:
+        raise ValueError(f"percentile must be in (0, 50), got {percentile!r}")
     n_features = frames.shape[1]
     if scaling == "none":
         return np.zeros(n_features), np.ones(n_features)
@@ -85,12 +103,21 @@ def scaling_statistics(
         raise ValueError("frames has no rows: cannot compute scaling statistics")
     lazy = frames if isinstance(frames, da.Array) else da.from_array(np.asarray(frames))
     lazy = lazy.astype(np.float64)
-    if scaling == "minmax":
+    if scaling == "percentile":
+        step = -(-frames.shape[0] // PERCENTILE_SAMPLE_ROWS)
+        sample = np.asarray(lazy[::step].compute())
+        if not np.isfinite(sample).all():
+            raise ValueError("frames hold non-finite values: cannot compute scaling statistics")
+        low, high = np.percentile(sample, [percentile, 100.0 - percentile], axis=0)
+        offset, scale = low, high - low
+    elif scaling == "minmax":
         low, high = dask.compute(lazy.min(axis=0), lazy.max(axis=0))
         offset, scale = np.asarray(low), np.asarray(high) - np.asarray(low)
     else:
         mean, std = dask.compute(lazy.mean(axis=0), lazy.std(axis=0))
         offset, scale = np.asarray(mean), np.asarray(std)
+    if not (np.isfinite(offset).all() and np.isfinite(scale).all()):
+        raise ValueError("frames hold non-finite values: cannot compute scaling statistics")
     scale = np.where(scale > 0, scale, 1.0)
     return offset.astype(np.float64), scale.astype(np.float64)
 
@@ -174,7 +201,7 @@ def preprocess_frames(
 
     Returns the lazy X (n_rows, n_features) float32 and ``offset``, ``scale``.
     """
-    offset, scale = scaling_statistics(frames, config.scaling)
+    offset, scale = scaling_statistics(frames, config.scaling, percentile=config.percentile)
     X = scale_and_perturb(
         frames, offset, scale, noise_std=config.noise_std, noise_seed=config.noise_seed,
         noise_block_rows=noise_block_rows,
@@ -218,6 +245,29 @@ def select_rows(group: zarr.Group, config: PreprocessConfig) -> tuple[np.ndarray
     return rows, rows // n_frames, (rows % n_frames).astype(np.int32)
 
 
+def _version(root: zarr.Group, key: str, clip_index: np.ndarray) -> str:
+    """The version of ``preprocess/<key>``: a digest of the frames it reads.
+
+    A recomputation from the same frames keeps every stage computed from it
+    current; frames re-ingested differently make them stale.
+    """
+    from sae import store
+
+    return f"{key}-{store.frames_digest(root, np.unique(clip_index))}"
+
+
+def preprocess_current(store_path: str | Path | zarr.Group, config: PreprocessConfig) -> bool:
+    """Whether ``preprocess/<key>`` is complete and computed from the frames the store holds now."""
+    from sae import store
+
+    root = store.open_store(store_path) if not isinstance(store_path, zarr.Group) else store_path
+    key = preprocess_key(config)
+    if not store.is_complete(root, STAGE, key):
+        return False
+    _, clip_index, _ = select_rows(root, config)
+    return store.stage_group(root, STAGE, key, mode="r").attrs.get("version") == _version(root, key, clip_index)
+
+
 def run_preprocess(
     store_path: str | Path,
     config: PreprocessConfig,
@@ -249,22 +299,27 @@ def run_preprocess(
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     key = preprocess_key(config)
     root = store.open_store(store_path, mode="r+")
-    if store.is_complete(root, STAGE, key) and not overwrite:
-        out = store.stage_group(root, STAGE, key, mode="r")
-        logger.info("preprocess %s: complete, skipped", key)
-        return {"key": key, "n_rows": int(out.attrs["n_rows"]), "n_bins": int(out.attrs["n_bins"]), "skipped": True}
     rows, clip_index, frame_index = select_rows(root, config)
     if rows.size == 0:
         raise ValueError(f"the configuration selects no frames (no ok clip with labels {config.labels})")
+    version = _version(root, key, clip_index)
+    if store.is_complete(root, STAGE, key) and not overwrite:
+        out = store.stage_group(root, STAGE, key, mode="r")
+        if out.attrs.get("version") == version:
+            logger.info("preprocess %s: complete, skipped", key)
+            return {"key": key, "n_rows": int(out.attrs["n_rows"]), "n_bins": int(out.attrs["n_bins"]),
+                    "skipped": True}
+        logger.info("preprocess %s: the store's frames changed since it was computed: recomputed", key)
     frames = da.from_zarr(store.frames_array(root))
     selected = frames[rows].rechunk((chunk_rows, -1))
     X, offset, scale = preprocess_frames(selected, config)
     n_rows, n_bins = X.shape
     group = store.stage_group(root, STAGE, key, config=config, mode="w")
-    target = group.create_array("X", shape=(n_rows, n_bins), chunks=(min(chunk_rows, n_rows), n_bins), dtype="float32")
+    target = store.create_array(group, "X", shape=(n_rows, n_bins), chunks=(min(chunk_rows, n_rows), n_bins),
+                                dtype="float32", dimension_names=("frame", "bin"))
     da.store(X.rechunk((chunk_rows, -1)), target, lock=False)
     for name, values in (("clip_index", clip_index), ("frame_index", frame_index), ("offset", offset), ("scale", scale)):
-        group.create_array(name, shape=values.shape, dtype=values.dtype)[:] = values
+        store.create_array(group, name, shape=values.shape, dtype=values.dtype, data=values)
     group.attrs.update(
         {
             "n_rows": int(n_rows),
@@ -274,7 +329,7 @@ def run_preprocess(
             "formula": "X = (frames[rows] - offset) / scale + noise_std * N(0, 1)",
         }
     )
-    store.mark_complete(group)
+    store.mark_complete(group, version=version)
     logger.info("preprocess %s: %d rows x %d bins from %d clips", key, n_rows, n_bins, np.unique(clip_index).size)
     return {"key": key, "n_rows": int(n_rows), "n_bins": int(n_bins), "skipped": False}
 

@@ -12,10 +12,10 @@ Layout (orientation: samples by features, see ``sae``)::
       attrs: sae_layout (int), sae_version, created (ISO 8601),
              cqt (CQTConfig as JSON), labels (sorted label names),
              frames_per_clip (F), n_clips, chunk_clips
-      frames        float32 (n_clips * F, n_bins), chunks (chunk_clips * F, n_bins),
-                    Blosc(lz4, byte shuffle); dimension names ("frame", "bin").
+      frames        float32 (n_clips * F, n_bins), chunks (chunk_clips * F, n_bins);
+                    dimension names ("frame", "bin").
                     Rows [i*F, (i+1)*F) belong to clip i; the rows of a clip
-                    whose status is not "ok" hold no data (fill value 0).
+                    whose status is not "ok" hold zeros.
                     A chunk holds whole clips, so batches of chunk_clips clips
                     write disjoint chunks in parallel without locks.
       clips/        the clip table: one 1-D array per column, n_clips long
@@ -30,17 +30,35 @@ Layout (orientation: samples by features, see ``sae``)::
                             unreadable, empty, unsupported, corrupt,
                             truncated, too_short, silent
         error        str    human-readable message, "" when ok
+        checksum     int64  CRC-32 of the clip's F x n_bins float32 frames
+                            (C order) when ok, else 0
       <stage>/<key>/  results of later stages (ingest: the record of a complete
                       ingestion; preprocess, graph, model, results), one group per configuration
-                      fingerprint; attrs: config (JSON), complete (bool, written
-                      last), created.  Sparse matrices inside a stage group are
-                      sub-groups written by `write_sparse`.
+                      fingerprint; attrs: config (JSON), complete (bool), created,
+                      and, written last by `mark_complete`: arrays (the manifest:
+                      path -> shape of every array the stage wrote), inputs (path
+                      -> version of every stage group it was computed from),
+                      version (a content digest or a random id).  Sparse matrices
+                      inside a stage group are sub-groups written by `write_sparse`.
 
-The clip table is written by one writer only (the flow that owns the run),
-after the frames of a batch are fully written; a clip is "ok" only then, so a
-crash never leaves a half-written clip marked done.  Consolidated metadata is
-never written (it would go stale); groups are opened with
-``use_consolidated=False``.
+Integrity.  Every array is created by `create_array`: its chunks carry a
+CRC-32C checksum (Zarr's ``crc32c`` codec, verified on every read), floating
+point arrays have the fill value NaN, and every chunk is written even when it
+equals the fill value (``array.write_empty_chunks``), so a chunk missing from
+disk reads as NaN, never as plausible zeros, and a damaged one fails to
+decode.  `frames_problems` finds the clips whose frames are missing or
+damaged (and `mark_damaged` queues them for re-ingestion); `stage_problems`
+checks a stage group against its manifest and its inputs; `is_complete`
+trusts a stage group only when it finds no problem.
+
+Concurrency.  One process writes a store at a time: the run that holds
+`store_lock` (a lock file ``<store>.lock`` beside the store, released by the
+operating system when its process dies, even by SIGKILL); tasks of that run
+on Dask workers write the chunks it assigns them.  The clip table is written
+by the run's own process only, after the frames of a batch are fully written;
+a clip is "ok" only then, so a crash never leaves a half-written clip marked
+done.  Consolidated metadata is never written (it would go stale); groups are
+opened with ``use_consolidated=False``.
 
 Example
 -------
@@ -56,16 +74,25 @@ Example
 [0, 1, 0]
 >>> ok_clips(group).tolist()
 []
+>>> bool(np.isnan(frames_array(group).fill_value))  # a chunk never written reads as NaN
+True
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import logging
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+import socket
+import sys
+import time
+import uuid
+import zlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -79,8 +106,14 @@ from sae.config import CQTConfig
 
 logger = logging.getLogger(__name__)
 
-LAYOUT_VERSION = 1
-"""Version of the layout described in this module; bumped on incompatible change."""
+LAYOUT_VERSION = 2
+"""Version of the layout described in this module; bumped on incompatible change.
+
+2: checksummed chunks, NaN fill, the ``checksum`` column, stage manifests."""
+
+# Every chunk is written, even one that equals the fill value: a chunk missing from
+# disk is then always damage (see Integrity in the module docstring).
+zarr.config.set({"array.write_empty_chunks": True})
 
 STATUSES = ("pending", "ok", "error")
 """Values of the ``status`` column."""
@@ -95,6 +128,7 @@ CLIP_COLUMNS = (
     "status",
     "error_kind",
     "error",
+    "checksum",
 )
 """Columns of the clip table, in order."""
 
@@ -108,14 +142,74 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def array_compressors() -> list:
-    """The codec of the large float arrays of a store (frames, stored codes): Blosc lz4, byte shuffle.
+class StoreError(ValueError):
+    """A store that cannot be used as asked: not a sae store, another layout, missing parts."""
 
-    Fast on both sides: a 40,250 x 512 float32 chunk of codes is written in
-    ~240 ms dense, ~430 ms at 22% non-zeros (Blosc zstd + bit shuffle: ~500
-    and ~1,340 ms, for 3-13% less space).
+
+class StoreDamaged(StoreError):
+    """Data of a store is missing or damaged; the message names what and how to repair it."""
+
+
+class StoreLocked(RuntimeError):
+    """Another process holds the store's lock (see `store_lock`)."""
+
+
+def array_compressors() -> list:
+    """The codecs applied to the chunks of every array of a store: Blosc lz4 (byte shuffle), then CRC-32C.
+
+    Blosc lz4 is fast on both sides (zeros and sparse codes compress well);
+    the CRC-32C checksum appended to every chunk is verified when the chunk
+    is read, so a damaged chunk raises instead of decoding to wrong numbers.
     """
-    return [zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")]
+    return [zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"), zarr.codecs.Crc32cCodec()]
+
+
+def fill_value(dtype: Any) -> Any:
+    """The fill value of arrays of ``dtype``: NaN for floating point (no real data is NaN), else 0 or "".
+
+    >>> fill_value("float32"), fill_value("int64"), fill_value(str)
+    (nan, 0, '')
+    """
+    if dtype is str:
+        return ""
+    kind = np.dtype(dtype).kind
+    if kind == "f":
+        return float("nan")
+    if kind in "US":
+        return ""
+    return False if kind == "b" else 0
+
+
+def create_array(
+    group: zarr.Group,
+    name: str,
+    *,
+    shape: tuple[int, ...],
+    dtype: Any,
+    chunks: tuple[int, ...] | None = None,
+    dimension_names: tuple[str, ...] | None = None,
+    data: np.ndarray | None = None,
+    overwrite: bool = False,
+) -> zarr.Array:
+    """Create an array of a store, with its integrity settings (module docstring), and write ``data`` if given.
+
+    ``chunks`` defaults to one chunk for the whole array (or one row of chunks
+    for arrays of more than 64 MiB: 1-D chunks of ~16 MiB).  Every array of a
+    store is made here.
+    """
+    if chunks is None:
+        itemsize = 8 if dtype is str else np.dtype(dtype).itemsize
+        row_bytes = itemsize * int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else itemsize
+        rows = max(1, min(int(shape[0]) if shape else 1, (16 << 20) // max(row_bytes, 1)))
+        whole = int(np.prod(shape, dtype=np.int64)) * itemsize <= 64 << 20
+        chunks = tuple(max(1, int(s)) for s in shape) if whole or not shape else (rows, *shape[1:])
+    array = group.create_array(
+        name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill_value(dtype),
+        compressors=array_compressors(), dimension_names=dimension_names, overwrite=overwrite,
+    )
+    if data is not None and array.size:
+        array[...] = data
+    return array
 
 
 def _strings(values: np.ndarray) -> np.ndarray:
@@ -185,14 +279,9 @@ def create_store(
     label_index = {name: i for i, name in enumerate(labels)}
 
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
-    group.create_array(
-        "frames",
-        shape=(n_clips * n_frames, cqt.n_bins),
-        chunks=(chunk_clips * n_frames, cqt.n_bins),
-        dtype="float32",
-        fill_value=0.0,
-        compressors=array_compressors(),
-        dimension_names=("frame", "bin"),
+    create_array(
+        group, "frames", shape=(n_clips * n_frames, cqt.n_bins), chunks=(chunk_clips * n_frames, cqt.n_bins),
+        dtype="float32", dimension_names=("frame", "bin"),
     )
     table = group.create_group("clips")
     columns: dict[str, np.ndarray] = {
@@ -205,14 +294,12 @@ def create_store(
         "status": np.full(n_clips, "pending"),
         "error_kind": np.full(n_clips, ""),
         "error": np.full(n_clips, ""),
+        "checksum": np.zeros(n_clips, dtype=np.int64),
     }
     for name in CLIP_COLUMNS:
         values = columns[name]
-        dtype = str if name in _STRING_COLUMNS else values.dtype
-        array = table.create_array(
-            name, shape=(n_clips,), chunks=(n_clips,), dtype=dtype, dimension_names=("clip",)
-        )
-        array[:] = values
+        create_array(table, name, shape=(n_clips,), dtype=str if name in _STRING_COLUMNS else values.dtype,
+                     dimension_names=("clip",), data=values)
     group.attrs.update(
         {
             "sae_layout": LAYOUT_VERSION,
@@ -246,7 +333,7 @@ def open_store(path: PathLike, mode: Literal["r", "r+", "a"] = "r") -> zarr.Grou
     ------
     FileNotFoundError
         Nothing at ``path``.
-    ValueError
+    StoreError
         ``path`` is not a sae store, or its layout version differs from `LAYOUT_VERSION`.
     """
     if mode not in ("r", "r+", "a"):
@@ -254,19 +341,56 @@ def open_store(path: PathLike, mode: Literal["r", "r+", "a"] = "r") -> zarr.Grou
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no sae store at {str(path)!r}: the path does not exist")
+    if not path.is_dir():
+        raise StoreError(f"{str(path)!r} is not a sae store: it is a file, not a directory")
     try:
         group = zarr.open_group(str(path), mode="r" if mode == "r" else "r+", use_consolidated=False)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError) as exc:
-        raise ValueError(f"{str(path)!r} is not a sae store: not a Zarr group ({exc})") from exc
+        raise StoreError(f"{str(path)!r} is not a sae store: not a Zarr group ({exc})") from exc
     layout = group.attrs.get("sae_layout")
     if layout is None:
-        raise ValueError(f"{str(path)!r} is not a sae store: attribute 'sae_layout' is missing")
+        raise StoreError(f"{str(path)!r} is not a sae store: attribute 'sae_layout' is missing")
     if layout != LAYOUT_VERSION:
-        raise ValueError(
+        raise StoreError(
             f"store {str(path)!r} has layout version {layout}; this sae ({__version__}) reads "
-            f"layout version {LAYOUT_VERSION} only: re-create the store"
+            f"layout version {LAYOUT_VERSION} only: re-create the store (e.g. sae run --force)"
         )
     return group
+
+
+def check_location(path: PathLike, *, exists: bool | None = None, writable: bool = True) -> Path:
+    """Check, before any work, that ``path`` can hold a store as asked; returns it resolved.
+
+    ``exists`` True: there must be a sae store (directory) at ``path``; False:
+    there must be nothing there; None: either.  ``writable``: the store (or,
+    when it does not exist yet, its parent folder) must be writable by this process.
+
+    Raises
+    ------
+    StoreError
+        With a message saying what is wrong: a file where a store should be,
+        a missing store, a read-only store or parent folder.
+    """
+    path = Path(path).expanduser().resolve()
+    if path.exists() and not path.is_dir():
+        raise StoreError(f"store {str(path)!r} is a file, not a store directory: choose another --store")
+    if exists is True and not path.exists():
+        raise StoreError(f"no store at {str(path)!r}: run `sae ingest` (or `sae run`) to create it")
+    if exists is False and path.exists():
+        raise StoreError(f"store {str(path)!r} already exists")
+    if writable:
+        target = path if path.exists() else path.parent
+        if not target.exists():
+            raise StoreError(f"the folder {str(target)!r} of store {str(path)!r} does not exist")
+        if not os.access(target, os.W_OK | os.X_OK):
+            what = "store" if target == path else "folder"
+            raise StoreError(f"the {what} {str(target)!r} is not writable by this process: cannot write store "
+                             f"{str(path)!r}")
+        if path.exists():
+            readonly = [str(p) for p in (path / "zarr.json", path / "clips") if p.exists() and not os.access(p, os.W_OK)]
+            if readonly:
+                raise StoreError(f"store {str(path)!r} is read-only ({readonly[0]} is not writable)")
+    return path
 
 
 def _group(group_or_path: zarr.Group | PathLike, mode: Literal["r", "r+", "a"] = "r") -> zarr.Group:
@@ -374,14 +498,15 @@ def update_clips(group: zarr.Group, records: Iterable[Mapping[str, Any]]) -> Non
     group : zarr.Group
         The store, opened for writing.
     records : iterable of mapping
-        One per clip: ``index`` (clip index), ``status`` ("ok" or "error"),
-        ``error_kind`` and ``error`` (strings, "" when ok), ``n_frames`` (int).
+        One per clip: ``index`` (clip index), ``status`` ("ok", "error" or
+        "pending"), ``error_kind`` and ``error`` (strings, "" when ok),
+        ``n_frames`` (int) and ``checksum`` (int, the frames' CRC-32; 0 when not ok).
     """
     records = list(records)
     if not records:
         return
     table = group["clips"]
-    columns = {name: table[name][:] for name in ("n_frames", "status", "error_kind", "error")}
+    columns = {name: table[name][:] for name in ("n_frames", "status", "error_kind", "error", "checksum")}
     for name in ("status", "error_kind", "error"):
         columns[name] = np.array(columns[name].tolist(), dtype=object)
     n_clips = len(columns["status"])
@@ -396,6 +521,7 @@ def update_clips(group: zarr.Group, records: Iterable[Mapping[str, Any]]) -> Non
         columns["error_kind"][index] = str(record.get("error_kind", ""))
         columns["error"][index] = str(record.get("error", ""))
         columns["n_frames"][index] = int(record.get("n_frames", 0))
+        columns["checksum"][index] = int(record.get("checksum", 0))
     for name, values in columns.items():
         table[name][:] = values.astype(str) if values.dtype == object else values
 
@@ -443,10 +569,78 @@ def frame_rows(
     return rows.ravel()
 
 
+def frames_checksum(frames: np.ndarray) -> int:
+    """CRC-32 of a clip's frames as stored: the bytes of the float32 array in C order.
+
+    >>> frames_checksum(np.zeros((2, 3), dtype=np.float32)) == zlib.crc32(bytes(2 * 3 * 4))
+    True
+    """
+    return zlib.crc32(np.ascontiguousarray(frames, dtype=np.float32).tobytes())
+
+
+def frames_problems(group: zarr.Group) -> dict[int, str]:
+    """The ok clips whose frames are missing or damaged, each with what was found.
+
+    Reads ``frames`` chunk by chunk (one chunk in memory at a time): a chunk
+    that fails to decode (checksum mismatch, truncated file) damages all its ok
+    clips; rows that read as NaN are a chunk missing from disk; otherwise a
+    clip's frames must still have the CRC-32 recorded when it was ingested.
+
+    Returns
+    -------
+    dict of int to str
+        Clip index -> reason, empty when every ok clip is intact.
+    """
+    table = clip_table(group)
+    ok = table["status"] == "ok"
+    n_frames = store_frames_per_clip(group)
+    problems: dict[int, str] = {}
+    for chunk in range(n_chunks(group)):
+        clips = chunk_clips_range(group, chunk)
+        wanted = [i for i in clips if ok[i]]
+        if not wanted:
+            continue
+        try:
+            frames = read_chunk_frames(group, chunk)
+        except Exception as exc:  # zarr raises codec-specific errors for a damaged chunk
+            for i in wanted:
+                problems[i] = f"chunk {chunk} of frames cannot be read ({type(exc).__name__}: {exc})"
+            continue
+        for i in wanted:
+            rows = frames[(i - clips.start) * n_frames : (i - clips.start + 1) * n_frames]
+            if np.isnan(rows).all():
+                problems[i] = f"chunk {chunk} of frames is missing from disk"
+            elif not np.isfinite(rows).all():
+                problems[i] = f"frames hold non-finite values (chunk {chunk})"
+            elif frames_checksum(rows) != int(table["checksum"][i]):
+                problems[i] = f"frames differ from those ingested (CRC-32 mismatch, chunk {chunk})"
+    return problems
+
+
+def mark_damaged(group: zarr.Group, problems: Mapping[int, str]) -> None:
+    """Queue damaged clips for re-ingestion: status "pending", the reason as their error message."""
+    update_clips(group, [{"index": i, "status": "pending", "error": f"damaged: {reason}; re-ingest to repair"}
+                         for i, reason in problems.items()])
+
+
+def frames_digest(group: zarr.Group, clips: Sequence[int] | np.ndarray) -> str:
+    """A digest of the frames of ``clips`` (their indices and recorded checksums): equal digests, equal frames."""
+    table = clip_table(group)
+    clips = np.asarray(clips, dtype=np.int64)
+    blob = np.stack([clips, table["checksum"][clips].astype(np.int64)]).tobytes()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
 def ingest_summary(group: zarr.Group) -> dict[str, Any]:
-    """Counts per status and the list of errors of the clip table (JSON-friendly)."""
+    """Counts per status, ok clips per label, the labels without any ok clip, and the errors (JSON-friendly).
+
+    A label none of whose files is valid audio (a ``licenses/`` folder beside
+    the genres, say) is listed in ``empty_labels``: it has no frames, so it
+    is no label of the dataset for the later stages (classes, chance, folds).
+    """
     table = clip_table(group)
     counts = {status: int(np.sum(table["status"] == status)) for status in STATUSES}
+    labels = {name: int(np.sum((table["label"] == name) & (table["status"] == "ok"))) for name in store_labels(group)}
     errors = [
         {
             "index": int(i),
@@ -457,7 +651,9 @@ def ingest_summary(group: zarr.Group) -> dict[str, Any]:
         }
         for i in np.flatnonzero(table["status"] == "error")
     ]
-    return {"store": store_path(group), "n_clips": len(table["status"]), "counts": counts, "errors": errors}
+    return {"store": store_path(group), "n_clips": len(table["status"]), "counts": counts,
+            "ok_per_label": labels, "empty_labels": sorted(name for name, n in labels.items() if n == 0),
+            "errors": errors}
 
 
 def errors_markdown(summary: Mapping[str, Any]) -> str:
@@ -469,6 +665,8 @@ def errors_markdown(summary: Mapping[str, Any]) -> str:
         ", ".join(f"{name}: {counts[name]}" for name in STATUSES) + f" (of {summary['n_clips']} clips)",
         "",
     ]
+    for label in summary.get("empty_labels", []):
+        lines += [f"Label `{label}` has no valid audio file: it is not a label of this dataset.", ""]
     if summary["errors"]:
         lines += ["| clip | kind | message |", "|---|---|---|"]
         for err in summary["errors"]:
@@ -533,7 +731,7 @@ def stage_group(
     if exists and mode == "a":
         found = root[name]
         if wanted is not None and _as_json(found.attrs.get("config")) != wanted:
-            raise ValueError(
+            raise StoreError(
                 f"group {name!r} exists with config {found.attrs.get('config')!r}, "
                 f"which differs from the config given {wanted!r}; use mode='w' to replace it"
             )
@@ -562,16 +760,212 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def mark_complete(group: zarr.Group) -> None:
-    """Flag a stage group as complete; call last, after every array is written."""
-    group.attrs.update({"complete": True, "completed": _now()})
+def _arrays_of(group: zarr.Group) -> dict[str, zarr.Array]:
+    return {name: node for name, node in group.members(max_depth=None) if isinstance(node, zarr.Array)}
+
+
+def mark_complete(
+    group: zarr.Group,
+    *,
+    inputs: Iterable[zarr.Group] = (),
+    arrays: Iterable[str] | None = None,
+    version: str | None = None,
+) -> None:
+    """Flag a stage group as complete; call last, after every array is written.
+
+    Records the manifest (``arrays``: the shape of each array, default every
+    array in the group, or only those named, as paths relative to it), the
+    versions of the stage groups it was computed from (``inputs``), and its
+    own ``version``: a digest of its content when the caller has one (then a
+    recomputation that gives the same content keeps the groups computed from
+    it current), else a random id.
+    """
+    found = _arrays_of(group)
+    names = sorted(found) if arrays is None else list(arrays)
+    missing = [name for name in names if name not in found]
+    if missing:
+        raise StoreError(f"cannot mark {group.path!r} complete: it has no array {missing[0]!r}")
+    manifest = {name: [int(n) for n in found[name].shape] for name in names}
+    recorded_inputs = {}
+    for source in inputs:
+        source_version = source.attrs.get("version")
+        if source.attrs.get("complete") is not True or source_version is None:
+            raise StoreError(f"cannot mark {group.path!r} complete: its input {source.path!r} is not complete")
+        recorded_inputs[source.path] = source_version
+    group.attrs.update({"arrays": manifest, "inputs": recorded_inputs, "version": version or uuid.uuid4().hex[:16],
+                        "complete": True, "completed": _now()})
+
+
+def stage_problems(group: zarr.Group | PathLike, stage: str, key: str) -> list[str]:
+    """Why ``<stage>/<key>`` is not a usable complete result: [] when it is.
+
+    Checks, without reading any chunk's data: the group exists and is marked
+    complete; every array of its manifest is there with its recorded shape
+    and all its chunks on disk; every input it was computed from is still
+    there, complete, at the version it recorded (so results never outlive the
+    data they came from).
+    """
+    root = _group(group)
+    name = f"{stage}/{key}"
+    if name not in root:
+        return [f"{name} does not exist"]
+    node = root[name]
+    if node.attrs.get("complete") is not True:
+        return [f"{name} is not complete (a run was interrupted, or is running)"]
+    problems = []
+    for path, shape in (node.attrs.get("arrays") or {}).items():
+        try:
+            array = node[path]
+        except KeyError:
+            problems.append(f"{name}: array {path!r} is missing")
+            continue
+        if list(array.shape) != list(shape):
+            problems.append(f"{name}: array {path!r} has shape {tuple(array.shape)}, recorded {tuple(shape)}")
+        elif array.nchunks_initialized != array.nchunks:
+            problems.append(f"{name}: array {path!r} has {array.nchunks - array.nchunks_initialized} of its "
+                            f"{array.nchunks} chunks missing")
+    for path, version in (node.attrs.get("inputs") or {}).items():
+        if path not in root:
+            problems.append(f"{name}: its input {path} is gone")
+        elif root[path].attrs.get("complete") is not True or root[path].attrs.get("version") != version:
+            problems.append(f"{name}: its input {path} changed since it was computed")
+    return problems
 
 
 def is_complete(group: zarr.Group | PathLike, stage: str, key: str) -> bool:
-    """Whether ``<stage>/<key>`` exists and was marked complete."""
+    """Whether ``<stage>/<key>`` is a complete, intact, current result (`stage_problems` finds nothing)."""
+    return not stage_problems(group, stage, key)
+
+
+def stages(group: zarr.Group | PathLike) -> dict[str, list[str]]:
+    """The stage groups of a store: stage name -> keys (sorted)."""
     root = _group(group)
-    name = f"{stage}/{key}"
-    return name in root and root[name].attrs.get("complete") is True
+    out = {}
+    for stage, node in sorted(root.groups()):
+        if stage != "clips":
+            out[stage] = sorted(key for key, _ in node.groups())
+    return out
+
+
+def verify(path: PathLike) -> dict[str, Any]:
+    """The state of a store, read without changing anything: clips, damage, stage groups, lock.
+
+    Reads every chunk of ``frames`` (`frames_problems`) and the metadata of
+    every stage group (`stage_problems`).
+
+    Returns
+    -------
+    dict
+        ``store``, ``layout``, ``n_clips``, ``counts`` (clips per status),
+        ``ok_per_label``, ``empty_labels``, ``errors`` (clips in error),
+        ``damaged`` (clip_id -> what is wrong with its frames), ``stages``
+        (``"<stage>/<key>"`` -> {"complete": bool, "problems": [...]}),
+        ``locked`` (a run holds the store now: who, else ""), ``intact`` (bool:
+        no damaged clip and no stage group damaged; incomplete groups of an
+        interrupted run are not damage).
+    """
+    root = open_store(path)
+    summary = ingest_summary(root)
+    clip_ids = clip_table(root)["clip_id"]
+    damaged = {str(clip_ids[i]): reason for i, reason in sorted(frames_problems(root).items())}
+    groups = {}
+    for stage, keys in stages(root).items():
+        for key in keys:
+            problems = stage_problems(root, stage, key)
+            groups[f"{stage}/{key}"] = {"complete": not problems, "problems": problems}
+    broken = [name for name, info in groups.items()
+              if any("missing" in p or "shape" in p for p in info["problems"])]
+    return {
+        **summary,
+        "layout": int(root.attrs["sae_layout"]),
+        "damaged": damaged,
+        "stages": groups,
+        "locked": _lock_state(path),
+        "intact": not damaged and not broken,
+    }
+
+
+def _lock_state(store: PathLike) -> str:
+    """Who holds the store's lock now ("" when nobody: the lock is free)."""
+    from filelock import FileLock, Timeout
+
+    path = lock_path(store)
+    if not path.exists() or str(path) in _LOCKS and _LOCKS[str(path)].is_locked:
+        return ""
+    probe = FileLock(str(path), thread_local=False)
+    try:
+        probe.acquire(timeout=0)
+    except Timeout:
+        return lock_holder(store) or "another process"
+    probe.release()
+    return ""
+
+
+# --------------------------------------------------------------------------- the lock
+
+
+def lock_path(store: PathLike) -> Path:
+    """The lock file of a store: ``<store>.lock`` beside it (so it can be taken before the store exists)."""
+    store = Path(store).expanduser().resolve()
+    return store.with_name(store.name + ".lock")
+
+
+def lock_holder(store: PathLike) -> str:
+    """Who holds (or last held) the lock of a store, as recorded in its lock file ("" if unknown)."""
+    try:
+        info = json.loads(lock_path(store).read_text() or "{}")
+    except (OSError, ValueError):
+        return ""
+    return ", ".join(f"{k} {info[k]}" for k in ("pid", "host", "since", "command") if k in info)
+
+
+def _write_holder(fd: int) -> None:
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "since": _now(), "command": " ".join(sys.argv)[:200]}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(info).encode(), 0)
+
+
+_LOCKS: dict[str, Any] = {}
+
+
+@contextmanager
+def store_lock(store: PathLike, *, wait: float | None = None, log_every: float = 30.0) -> Iterator[None]:
+    """Hold the store's lock: the calling process is the one writer of ``store`` until the block ends.
+
+    The lock is re-entrant within a process (a pipeline holds it around its
+    stages, which take it again).  Another process waits, logging who holds
+    it every ``log_every`` seconds, at most ``wait`` seconds (None: as long as
+    it takes), then raises `StoreLocked`.  It is an operating-system lock on
+    ``<store>.lock`` (`filelock`): it is released when its process ends, even
+    when killed, and works on local filesystems (not across the hosts of a
+    network filesystem).
+    """
+    from filelock import FileLock, Timeout
+
+    path = str(lock_path(store))
+    lock = _LOCKS.get(path)
+    if lock is None:
+        lock = _LOCKS[path] = FileLock(path, thread_local=False, on_acquired=_write_holder)
+    deadline = None if wait is None else time.monotonic() + wait
+    step = 0.0  # the first attempt does not wait: a busy store is reported at once
+    while True:
+        try:
+            lock.acquire(timeout=step)
+            break
+        except Timeout:
+            holder = lock_holder(store) or "unknown process"
+            if deadline is not None and time.monotonic() >= deadline:
+                raise StoreLocked(
+                    f"store {str(store)!r} is in use by another sae run ({holder}); "
+                    f"{f'waited {wait:.0f} s; ' if wait else ''}try again when it ends"
+                ) from None
+            logger.warning("store %s is in use by another sae run (%s): waiting for it to end%s", store, holder,
+                           " (Ctrl-C to give up)" if step == 0 else "")
+            step = log_every if deadline is None else max(0.0, min(log_every, deadline - time.monotonic()))
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 # --------------------------------------------------------------------------- sparse matrices
@@ -605,11 +999,8 @@ def write_sparse(
         ("indices", csr.indices.astype(np.int32), chunk_entries),
         ("data", csr.data.astype(np.float32), chunk_entries),
     ):
-        array = sub.create_array(
-            array_name, shape=values.shape, chunks=(max(1, min(chunk, values.size)),), dtype=values.dtype
-        )
-        if values.size:
-            array[:] = values
+        create_array(sub, array_name, shape=values.shape, chunks=(max(1, min(chunk, values.size)),),
+                     dtype=values.dtype, data=values)
     sub.attrs.update({"format": "csr", "shape": [int(s) for s in csr.shape], "nnz": int(csr.nnz)})
     return sub
 

@@ -97,6 +97,8 @@ def make_bad_inputs(folder):
     soundfile.write(paths["too_short"], tone(300.0, seconds=0.5), SR)
     paths["silent"] = folder / "silent.wav"
     soundfile.write(paths["silent"], np.zeros(SR * 3), SR)
+    paths["out_of_range"] = folder / "huge.wav"  # a float WAV written at a wrong scale
+    soundfile.write(paths["out_of_range"], 1e30 * tone(300.0, seconds=3.0), SR, subtype="FLOAT")
     return paths
 
 
@@ -109,6 +111,17 @@ def test_every_bad_input_is_classified(tmp_path):
     soundfile.write(tmp_path / "header_only.wav", np.zeros(0), SR)
     with pytest.raises(ClipError, match="no audio samples"):
         load_clip(tmp_path / "header_only.wav", CQT)
+
+
+@pytest.mark.parametrize("scale", [32768.0 * 0.3, 5.0])
+def test_float_files_far_outside_the_audio_range_are_errors(tmp_path, scale):
+    path = tmp_path / "int16-scale.wav"
+    soundfile.write(path, scale * tone(300.0, seconds=3.0) / 0.5, SR, subtype="FLOAT")  # peak = scale
+    with pytest.raises(ClipError, match="outside the audio range") as info:
+        load_clip(path, CQT)
+    assert info.value.kind == "out_of_range"
+    soundfile.write(path, 1.5 * tone(300.0, seconds=3.0) / 0.5, SR, subtype="FLOAT")  # an over, accepted
+    assert np.abs(load_clip(path, CQT)).max() == pytest.approx(1.5, rel=1e-3)
 
 
 def test_process_batch_writes_its_chunk_and_keeps_ok_clips(tmp_path):
@@ -129,11 +142,30 @@ def test_process_batch_writes_its_chunk_and_keeps_ok_clips(tmp_path):
     frames = store.frames_array(group)
     np.testing.assert_array_equal(frames[:n_frames], clip_frames(good[0], CQT))
     assert not frames[n_frames : 2 * n_frames].any()
-    # Recompute only clip 3 of chunk 1, then clip 2: clip 3's frames survive.
-    process_batch(str(tmp_path / "s.zarr"), 1, [3])
-    store.update_clips(group, [{"index": 3, "status": "ok", "n_frames": n_frames}])
-    process_batch(str(tmp_path / "s.zarr"), 1, [2])
+    assert records[0]["checksum"] == store.frames_checksum(frames[:n_frames]) and records[1]["checksum"] == 0
+    # Recompute only clip 3 of chunk 1, then clip 2: clip 3's frames survive, not recomputed.
+    store.update_clips(group, process_batch(str(tmp_path / "s.zarr"), 1, [3]))
+    assert [r["index"] for r in process_batch(str(tmp_path / "s.zarr"), 1, [2])] == [2]
     np.testing.assert_array_equal(frames[2 * n_frames : 3 * n_frames], clip_frames(good[1], CQT))
     np.testing.assert_array_equal(frames[3 * n_frames :], clip_frames(good[2], CQT))
     with pytest.raises(ValueError, match="must lie in chunk 1"):
         process_batch(str(tmp_path / "s.zarr"), 1, [0])
+
+
+def test_process_batch_recomputes_kept_clips_whose_frames_are_damaged(tmp_path):
+    paths = []
+    for i, freq in enumerate((220.0, 330.0)):
+        paths.append(tmp_path / f"good{i}.wav")
+        soundfile.write(paths[-1], tone(freq), SR)
+    group = store.create_store(tmp_path / "s.zarr", CQT, [("g/0", str(paths[0]), "g"), ("g/1", str(paths[1]), "g")],
+                               chunk_clips=2)
+    store.update_clips(group, process_batch(str(tmp_path / "s.zarr"), 0))
+    n_frames = frames_per_clip(CQT)
+    frames = store.frames_array(group)
+    frames[:n_frames] = 0.0  # clip 0 damaged behind the store's back (its checksum no longer matches)
+    assert store.frames_problems(group) == {0: "frames differ from those ingested (CRC-32 mismatch, chunk 0)"}
+    records = process_batch(str(tmp_path / "s.zarr"), 0, [1])  # asked for clip 1 only: clip 0 is repaired too
+    assert [r["index"] for r in records] == [0, 1]
+    store.update_clips(group, records)
+    np.testing.assert_array_equal(frames[:n_frames], clip_frames(paths[0], CQT))
+    assert store.frames_problems(group) == {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from flows._dask import LOOPBACK
 from sae.audio import clip_frames
 from sae.config import BuiltinDatasetConfig, CQTConfig, ModelConfig
 from sae.datasets import make_builtin_dataset
@@ -95,7 +96,7 @@ def test_distributed_fit_balances_as_the_in_memory_fit_and_resumes_with_the_bala
     config = ModelConfig(n_atoms=16, lambda_g=100.0, max_outer=3, rtol=1e-9, max_inner=60, random_state=0,
                          balance_lambdas=True, dtype="float64")
     reference = fit_sae(X, config, laplacian)
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster, \
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, **LOOPBACK) as cluster, \
             Client(cluster) as client:
         group = zarr.open_group(str(tmp_path / "model.zarr"), mode="w")
         first = fit_distributed(X, config.model_copy(update={"max_outer": 2}), client=client, laplacian=laplacian,

@@ -11,6 +11,7 @@ import zarr
 from sklearn.metrics import confusion_matrix
 from sklearn.svm import SVC
 
+from flows._dask import LOOPBACK
 from sae.classify import (
     Split,
     aggregate_clips,
@@ -219,7 +220,7 @@ def test_features_beat_chance_and_dask_equals_serial(rng):
     from distributed import Client, LocalCluster
 
     with LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=False, dashboard_address="127.0.0.1:0"
+        n_workers=2, threads_per_worker=1, processes=False, **LOOPBACK
     ) as cluster:
         with Client(cluster) as client:
             parallel = {name: cross_validate(f, config, client=client) for name, f in (("cqt", baseline),

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from prefect_dask import DaskTaskRunner
 
+from flows._dask import LOOPBACK
 from flows.classify import parse_source, results_key, run_classify
 from sae import store
 from sae.classify import aggregate_clips, cross_validate, inductive_cross_validate
@@ -45,7 +46,7 @@ def train_codes(path, preprocess_key, model_config):
     """Train with the training stage on an in-process cluster; its key and the stored codes."""
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address="127.0.0.1:0") as cluster:
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, **LOOPBACK) as cluster:
         with Client(cluster) as client:
             key = train_model(path, preprocess_key, TrainConfig(model=model_config, block_size=200), client=client)["key"]
     return key, open_model(path, key)["codes"][:]
@@ -110,8 +111,7 @@ def test_flow_on_dask_cluster_with_inductive_protocol(prepared):
     )
     runner = DaskTaskRunner(
         cluster_class="distributed.LocalCluster",
-        cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": False,
-                        "dashboard_address": "127.0.0.1:0"},
+        cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": False, **LOOPBACK},
     )
     out = run_classify(path, preprocess_key, None, config, task_runner=runner)
     assert set(out["results"]) == {"baseline", "sae_inductive_exact", "sae_inductive_encoder"}

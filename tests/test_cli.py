@@ -92,3 +92,44 @@ def test_config_command_round_trips_and_layers_sources(runner, tmp_path):
     dumped = tmp_path / "dumped.yaml"
     dumped.write_text(runner.invoke(app, ["config", "--config", str(path)]).output)
     assert build_config(dumped) == build_config(path)
+
+
+def test_an_unreachable_cluster_fails_at_once_before_any_work(runner, tmp_path):
+    import time
+
+    start = time.monotonic()
+    result = _fails_before_work(runner, ["run", "--cluster", "tcp://127.0.0.1:1"], tmp_path,
+                                "error: cannot reach the Dask scheduler at tcp://127.0.0.1:1")
+    assert time.monotonic() - start < 30
+    assert len(result.output.strip().splitlines()) == 1  # one line, no traceback
+
+
+@pytest.mark.parametrize("command", ["graph", "train", "classify"])
+def test_a_stage_without_its_store_or_inputs_fails_before_work(runner, tmp_path, command):
+    from sae import store as sae_store
+    from sae.config import CQTConfig
+
+    _fails_before_work(runner, [command], tmp_path, f"error: no store at '{tmp_path / 'never.zarr'}'")
+    (tmp_path / "file.zarr").write_text("not a store")
+    result = runner.invoke(app, [command, "--store", str(tmp_path / "file.zarr")])
+    assert result.exit_code == USAGE_ERROR and "is a file, not a store directory" in result.output
+    # A store whose ingestion never ran: the stage names what to run first.
+    sae_store.create_store(tmp_path / "empty.zarr", CQTConfig(clip_samples=22050), [("a/x", "x.wav", "a")], 1)
+    result = runner.invoke(app, [command, "--store", str(tmp_path / "empty.zarr")])
+    assert result.exit_code == USAGE_ERROR, result.output
+    assert "holds no complete ingestion: run the ingest stage first" in result.output
+
+
+def test_a_store_of_another_layout_fails_before_work(runner, tmp_path):
+    import zarr
+
+    old = zarr.open_group(str(tmp_path / "old.zarr"), mode="w", zarr_format=3)
+    old.attrs["sae_layout"] = 1
+    result = runner.invoke(app, ["run", "--store", str(tmp_path / "old.zarr")])
+    assert result.exit_code == USAGE_ERROR
+    assert "has layout version 1" in result.output and "sae run --force" in result.output
+
+
+def test_verify_of_no_store_is_a_usage_error(runner, tmp_path):
+    result = runner.invoke(app, ["verify", "--store", str(tmp_path / "none.zarr")])
+    assert result.exit_code == USAGE_ERROR and "no sae store at" in result.output

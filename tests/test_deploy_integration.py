@@ -8,6 +8,7 @@ with parameters, through the API); waits for it; checks the store; stops everyth
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -84,6 +85,8 @@ def test_pipeline_deployment_runs_on_local_services(tmp_path):
     try:
         output = _run(start, env, timeout=300)
         started = _pids(state)
+        listening = _listening(started)
+        assert listening and all(ipaddress.ip_address(ip).is_loopback for ip, _ in listening), listening
         info = json.loads(output[: output.rindex("}") + 1])
         api, dask_address = info["prefect_api_url"], info["dask_address"]
         assert api.startswith("http://127.0.0.1:") and dask_address.startswith("tcp://127.0.0.1:")
@@ -131,6 +134,19 @@ def test_pipeline_deployment_runs_on_local_services(tmp_path):
         subprocess.run([sys.executable, "deploy/cluster.py", "stop", "--state", str(state)], cwd=REPOSITORY,
                        env=env, capture_output=True, timeout=120, check=False)
     assert len(started) == 5 and not any(_alive(pid) for pid in started)
+
+
+def _listening(pids: list[int]) -> set[tuple[str, int]]:
+    """The addresses every process of these process trees listens on."""
+    import psutil
+
+    found = set()
+    for pid in pids:
+        root = psutil.Process(pid)
+        for member in [root, *root.children(recursive=True)]:
+            found |= {(c.laddr.ip, c.laddr.port) for c in member.net_connections(kind="inet")
+                      if c.status == psutil.CONN_LISTEN}
+    return found
 
 
 def _pids(state: Path) -> list[int]:

@@ -21,6 +21,7 @@ import zarr
 from distributed import Client, LocalCluster
 from sklearn.neighbors import kneighbors_graph
 
+from flows._dask import LOOPBACK
 from sae.config import ModelConfig
 from sae.distributed import _without_work_stealing, block_bounds, fit_distributed, read_checkpoint
 from sae.model import fit_sae
@@ -44,7 +45,7 @@ def make_data(n_samples: int, n_features: int = 12, n_true: int = 6, seed: int =
 @pytest.fixture(scope="module")
 def thread_client():
     # in-process workers talk over the inproc:// transport: no network address at all
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, **LOOPBACK) as cluster, \
             Client(cluster) as client:
         yield client
 
@@ -193,8 +194,8 @@ def test_same_result_whatever_the_number_of_workers(small):
     config = ModelConfig(n_atoms=8, lambda_g=5.0, lambda_e=1.0, max_outer=2, max_inner=8, random_state=3)
     totals = []
     for n_workers in (1, 2):
-        with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                          host="127.0.0.1") as cluster, Client(cluster) as client:
+        with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                          **LOOPBACK) as cluster, Client(cluster) as client:
             fit = fit_distributed(X, config, client=client, laplacian=L, block_size=100)
             totals.append([r["total"] for r in fit.history])
     np.testing.assert_allclose(totals[0], totals[1], rtol=1e-5)

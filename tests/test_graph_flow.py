@@ -6,6 +6,7 @@ import scipy.sparse as sp
 from prefect_dask import DaskTaskRunner
 from sklearn.neighbors import NearestNeighbors
 
+from flows._dask import LOOPBACK
 from flows.graph import run_graph_flow
 from sae import store
 from sae.config import CQTConfig, GraphConfig, PreprocessConfig
@@ -85,7 +86,7 @@ def test_approximate_on_dask_task_runner(store_path):
     # pynndescent compiles on first use in the process; the Dask cluster runs threads in this process
     runner = DaskTaskRunner(
         cluster_class="distributed.LocalCluster",
-        cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": False, "dashboard_address": "127.0.0.1:0"},
+        cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": False, **LOOPBACK},
     )
     preprocess = PreprocessConfig(frames_per_clip=30, noise_std=0.05, noise_seed=1)
     graph = GraphConfig(method="approximate", block_size=130, recall_sample=100)  # 3 blocks

@@ -10,10 +10,12 @@ import soundfile
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect_dask import DaskTaskRunner
 
+from flows._dask import LOOPBACK
 from flows.ingest import run_ingest
+from flows.pipeline import run_ingest_stage
 from sae import store
 from sae.audio import clip_frames, frames_per_clip, warm_up
-from sae.config import BuiltinDatasetConfig, CQTConfig, IngestConfig
+from sae.config import BuiltinDatasetConfig, CQTConfig, IngestConfig, PipelineConfig
 from sae.datasets import synthesize_clip
 
 SR = 22050
@@ -42,8 +44,7 @@ def dataset(tmp_path_factory):
 
 
 def local_dask(n_workers, processes=False):
-    kwargs = {"n_workers": n_workers, "threads_per_worker": 1, "processes": processes,
-              "dashboard_address": "127.0.0.1:0"}
+    kwargs = {"n_workers": n_workers, "threads_per_worker": 1, "processes": processes, **LOOPBACK}
     if processes:  # threads talk in-process; processes over TCP, on 127.0.0.1 only
         kwargs["host"] = "127.0.0.1"
     return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=kwargs)
@@ -116,8 +117,10 @@ def test_bad_inputs_are_recorded_and_strict_fails_at_the_end(prefect_harness, da
     bad = make_bad_inputs(data / "zbad")
     bad_kinds = {path.name: kind for kind, path in bad.items() if kind not in ("missing", "unreadable")}
     config = IngestConfig(data=str(data), store=str(tmp_path / "s.zarr"), cqt=CQT, chunk_clips=4, strict=True)
-    with pytest.raises(RuntimeError, match="strict ingestion"):
-        run_ingest(config)
+    with pytest.raises(RuntimeError, match="strict ingestion: 7 clip"):
+        run_ingest_stage(PipelineConfig(ingest=config))
+    with pytest.raises(RuntimeError, match="strict ingestion: 7 clip"):  # judged again when ingestion is skipped
+        run_ingest_stage(PipelineConfig(ingest=config))
     group = store.open_store(tmp_path / "s.zarr")
     table = store.clip_table(group)
     n_frames = frames_per_clip(CQT)

@@ -160,3 +160,148 @@ def test_sparse_round_trip_and_row_ranges(group, rng, shape, density):
     assert stage["laplacian"]["indices"].dtype == np.int32
     with pytest.raises(KeyError, match="no sparse matrix"):
         store.read_sparse(stage, "nothing")
+
+
+# --------------------------------------------------------------------------- integrity
+
+
+def _ingested(group, rng):
+    """Every clip ok, with random frames and their checksums, as an ingestion leaves them."""
+    n_frames = frames_per_clip(CQT)
+    frames = rng.random((len(CLIPS) * n_frames, CQT.n_bins)).astype(np.float32)
+    for chunk in range(store.n_chunks(group)):
+        clips = store.chunk_clips_range(group, chunk)
+        store.write_chunk_frames(group, chunk, frames[clips.start * n_frames : clips.stop * n_frames])
+    store.update_clips(group, [
+        {"index": i, "status": "ok", "n_frames": n_frames,
+         "checksum": store.frames_checksum(frames[i * n_frames : (i + 1) * n_frames])} for i in range(len(CLIPS))
+    ])
+    return frames
+
+
+def _chunk_file(path, array, *index):
+    return path / array / "c" / "/".join(str(i) for i in index)
+
+
+def test_every_array_is_checksummed_with_nan_fill(group, tmp_path):
+    meta = json.loads((tmp_path / "s.zarr" / "frames" / "zarr.json").read_text())
+    assert [codec["name"] for codec in meta["codecs"]][-1] == "crc32c"
+    assert np.isnan(store.frames_array(group)[0]).all()  # never written: NaN, not zeros
+    ints = store.create_array(group, "zeros", shape=(4,), dtype="int32", data=np.zeros(4, np.int32))
+    assert ints.nchunks_initialized == 1  # an all-fill chunk is on disk too: a missing chunk is always damage
+
+
+def test_frames_problems_name_missing_damaged_and_changed_clips(group, tmp_path, rng):
+    frames = _ingested(group, rng)
+    assert store.frames_problems(group) == {}
+    _chunk_file(tmp_path / "s.zarr", "frames", 1, 0).unlink()  # clips 3, 4, 5
+    chunk2 = _chunk_file(tmp_path / "s.zarr", "frames", 2, 0)
+    data = bytearray(chunk2.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte: the chunk's CRC-32C no longer matches
+    chunk2.write_bytes(bytes(data))
+    n_frames = frames_per_clip(CQT)
+    changed = frames[:3 * n_frames].copy()
+    changed[5, 3] += 1.0  # clip 0 rewritten with other values behind the clip table's back
+    store.write_chunk_frames(group, 0, changed)
+    problems = store.frames_problems(group)
+    assert sorted(problems) == [0, 3, 4, 5, 6, 7]
+    assert "CRC-32 mismatch" in problems[0]
+    assert all("chunk 1 of frames is missing" in problems[i] for i in (3, 4, 5))
+    assert all("chunk 2 of frames cannot be read" in problems[i] for i in (6, 7))
+    store.mark_damaged(group, problems)
+    table = store.clip_table(group)
+    assert [s for s in table["status"]] == ["pending", "ok", "ok", "pending", "pending", "pending", "pending",
+                                            "pending"]
+    assert table["error"][3].startswith("damaged: chunk 1 of frames is missing")
+    assert [b[0] for b in store.pending_batches(group)] == [0, 1, 2]
+
+
+def test_stage_problems_check_the_manifest_and_the_inputs(group, tmp_path, rng):
+    source = store.stage_group(group, "preprocess", "p", config={"a": 1}, mode="w")
+    store.create_array(source, "X", shape=(10, 3), chunks=(4, 3), dtype="float32", data=rng.random((10, 3)))
+    store.mark_complete(source, version="v1")
+    derived = store.stage_group(group, "graph", "g", config={}, mode="w")
+    store.write_sparse(derived, "laplacian", sp.random(10, 10, density=0.3, random_state=0))
+    store.mark_complete(derived, inputs=[source])
+    assert derived.attrs["arrays"] == {"laplacian/data": [derived["laplacian/data"].shape[0]],
+                                       "laplacian/indices": [derived["laplacian/indices"].shape[0]],
+                                       "laplacian/indptr": [11]}
+    assert store.is_complete(group, "preprocess", "p") and store.is_complete(group, "graph", "g")
+    assert store.stage_problems(group, "graph", "nope") == ["graph/nope does not exist"]
+
+    _chunk_file(tmp_path / "s.zarr", "preprocess/p/X", 1, 0).unlink()
+    assert store.stage_problems(group, "preprocess", "p") == ["preprocess/p: array 'X' has 1 of its 3 chunks missing"]
+    source = store.stage_group(group, "preprocess", "p", config={"a": 1}, mode="w")  # computed again ...
+    store.create_array(source, "X", shape=(10, 3), chunks=(4, 3), dtype="float32", data=rng.random((10, 3)))
+    store.mark_complete(source, version="v1")  # ... from the same data: what depends on it stays current
+    assert store.is_complete(group, "graph", "g")
+    store.mark_complete(source, version="v2")  # from other data: it does not
+    assert store.stage_problems(group, "graph", "g") == ["graph/g: its input preprocess/p changed since it was computed"]
+    store.mark_complete(source, version="v1")
+    del group["graph/g/laplacian/indices"]
+    assert store.stage_problems(group, "graph", "g") == ["graph/g: array 'laplacian/indices' is missing"]
+    unfinished = store.stage_group(group, "model", "m", config={}, mode="w")
+    with pytest.raises(store.StoreError, match="input 'model/m' is not complete"):
+        store.mark_complete(derived, inputs=[unfinished])
+    assert "not complete" in store.stage_problems(group, "model", "m")[0]
+
+
+def test_check_location(tmp_path, group):
+    assert store.check_location(tmp_path / "new.zarr") == tmp_path / "new.zarr"
+    (tmp_path / "file.zarr").write_text("x")
+    with pytest.raises(store.StoreError, match="is a file"):
+        store.check_location(tmp_path / "file.zarr")
+    with pytest.raises(store.StoreError, match="no store at"):
+        store.check_location(tmp_path / "missing.zarr", exists=True)
+    with pytest.raises(store.StoreError, match="folder .* does not exist"):
+        store.check_location(tmp_path / "nowhere" / "new.zarr")
+    import os
+    if os.geteuid() != 0:  # root writes anything: the permission check cannot fail for it
+        (tmp_path / "s.zarr" / "zarr.json").chmod(0o444)
+        with pytest.raises(store.StoreError, match="read-only"):
+            store.check_location(tmp_path / "s.zarr")
+
+
+def _hold_lock(path, ready, release):  # runs in another process
+    with store.store_lock(path):
+        ready.set()
+        release.wait(30)
+
+
+def test_store_lock_excludes_other_processes_and_says_who_holds_it(tmp_path):
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    ready, release = context.Event(), context.Event()
+    holder = context.Process(target=_hold_lock, args=(str(tmp_path / "s.zarr"), ready, release))
+    holder.start()
+    try:
+        assert ready.wait(60)
+        with pytest.raises(store.StoreLocked, match=f"in use by another sae run \\(pid {holder.pid}, host"):
+            with store.store_lock(tmp_path / "s.zarr", wait=0):
+                pass
+        with pytest.raises(store.StoreLocked, match="waited 1 s"):
+            with store.store_lock(tmp_path / "s.zarr", wait=1.0, log_every=0.2):
+                pass
+    finally:
+        release.set()
+        holder.join(30)
+    with store.store_lock(tmp_path / "s.zarr", wait=5):  # free again, and re-entrant in one process
+        with store.store_lock(tmp_path / "s.zarr", wait=0):
+            pass
+
+
+def test_store_lock_is_released_when_its_process_is_killed(tmp_path):
+    import multiprocessing
+    import os
+    import signal
+
+    context = multiprocessing.get_context("spawn")
+    ready, release = context.Event(), context.Event()
+    holder = context.Process(target=_hold_lock, args=(str(tmp_path / "s.zarr"), ready, release))
+    holder.start()
+    assert ready.wait(60)
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.join(30)
+    with store.store_lock(tmp_path / "s.zarr", wait=5):
+        pass

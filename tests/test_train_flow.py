@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from distributed import Client, LocalCluster
 
+from flows._dask import LOOPBACK
 from sae import store
 from sae.config import CQTConfig, ModelConfig, TrainConfig
 from sae.distributed import model_key, open_model, train_model
@@ -32,7 +33,7 @@ def training_store(tmp_path):
 
 @pytest.fixture(scope="module")
 def client():
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, **LOOPBACK) as cluster, \
             Client(cluster) as client:
         yield client
 

@@ -1,0 +1,227 @@
+"""The ``sae`` command used as a hostile user would: concurrent runs, damaged stores, absurd audio, kills.
+
+Every test runs the real command in its own process against real services on
+127.0.0.1: a Prefect server started by ``deploy/cluster.py`` (or, where the
+test is about it, the command's own temporary server) and Zarr stores on disk.
+A tiny configuration of the built-in generator keeps each run to seconds.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import soundfile
+import yaml
+
+from sae import store as sae_store
+from sae.config import BuiltinDatasetConfig
+from sae.datasets import make_builtin_dataset
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+TINY = {
+    "ingest": {"chunk_clips": 4, "cqt": {"clip_samples": 66150}},
+    "preprocess": {"frames_per_clip": 64},
+    "graph": {"method": "exact", "n_neighbors": 5},
+    "train": {"model": {"n_atoms": 8, "max_outer": 2, "max_inner": 30, "lambda_g": 10.0}, "block_size": 200},
+    "classify": {"n_splits": 3, "n_repeats": 1},
+}
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+
+def sae_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "flows.cli", *args]
+
+
+def run(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def accuracy_table(stdout: str) -> str:
+    return stdout[stdout.index("| features"):].strip()
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory):
+    """A Prefect server on 127.0.0.1 from deploy/cluster.py; the environment for commands that use it."""
+    state = tmp_path_factory.mktemp("services")
+    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPOSITORY), env.get("PYTHONPATH")]))
+    started = run([sys.executable, "deploy/cluster.py", "start", "--state", str(state), "--ports", "auto",
+                   "--workers", "0"], env, REPOSITORY)
+    assert started.returncode == 0, started.stdout + started.stderr
+    info = json.loads(started.stdout[: started.stdout.rindex("}") + 1])
+    try:
+        yield {**env, "PREFECT_API_URL": info["prefect_api_url"], "PREFECT_HOME": str(state / "client-home")}
+    finally:
+        run([sys.executable, "deploy/cluster.py", "stop", "--state", str(state)], env, REPOSITORY, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, services):
+    """The tiny dataset, its configuration file and one undisturbed run's store and accuracy table."""
+    root = tmp_path_factory.mktemp("hostile")
+    make_builtin_dataset(root / "data", BuiltinDatasetConfig(n_genres=2, clips_per_genre=6, duration=3.0))
+    (root / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    reference = run(sae_command("run", "-c", "tiny.yaml", "--data", "data", "--store", "reference.zarr"),
+                    services, root)
+    assert reference.returncode == 0, reference.stderr
+    return root, accuracy_table(reference.stdout)
+
+
+def test_two_concurrent_runs_on_one_new_store_both_end_well(workdir, services):
+    root, reference = workdir
+    command = sae_command("run", "-c", "tiny.yaml", "--data", "data", "--store", "shared.zarr")
+    first = subprocess.Popen(command, cwd=root, env=services, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    second = subprocess.Popen(command, cwd=root, env=services, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    outputs = [process.communicate(timeout=600) for process in (first, second)]
+    assert [first.returncode, second.returncode] == [0, 0], outputs
+    assert sum("in use by another sae run" in err for _, err in outputs) == 1  # one waited for the other
+    for out, _ in outputs:
+        assert accuracy_table(out) == reference
+    third = run(command, services, root)
+    assert third.returncode == 0 and accuracy_table(third.stdout) == reference
+    assert "skipped: ingest=True, graph=True, train=True, classify=True" in third.stdout
+    verified = run(sae_command("verify", "--store", "shared.zarr", "--json"), services, root)
+    assert verified.returncode == 0 and json.loads(verified.stdout)["intact"]
+
+
+def test_a_deleted_chunk_is_reported_then_repaired_to_the_same_results(workdir, services):
+    root, reference = workdir
+    shutil.copytree(root / "reference.zarr", root / "damaged.zarr")
+    (root / "damaged.zarr" / "frames" / "c" / "1" / "0").unlink()  # clips 4 to 7
+    keys = sae_store.stages(root / "damaged.zarr")
+    graph = root / "damaged.zarr" / "graph" / keys["graph"][0] / "laplacian" / "data" / "c" / "0"
+    graph.unlink()  # and a chunk of the graph's Laplacian
+
+    verified = run(sae_command("verify", "--store", "damaged.zarr"), services, root)
+    assert verified.returncode == 1, verified.stdout + verified.stderr
+    assert "damaged clips: 4" in verified.stdout and "chunk 1 of frames is missing from disk" in verified.stdout
+    assert "classical/classical.00000" in verified.stdout  # clips 4, 5 are blues 4, 5; 6, 7 classical 0, 1
+    assert "laplacian/data' has 1 of its 1 chunks missing" in verified.stdout
+    report = json.loads(run(sae_command("verify", "--store", "damaged.zarr", "--json"), services, root).stdout)
+    assert sorted(report["damaged"]) == ["blues/blues.00004", "blues/blues.00005", "classical/classical.00000",
+                                         "classical/classical.00001"]
+
+    repaired = run(sae_command("run", "-c", "tiny.yaml", "--data", "data", "--store", "damaged.zarr"), services, root)
+    assert repaired.returncode == 0, repaired.stderr
+    assert "the frames of 4 clip(s) are missing or damaged" in repaired.stderr
+    assert "re-ingested, chunk 1 of frames is missing from disk: 4 clip(s): blues/blues.00004" in repaired.stdout
+    assert accuracy_table(repaired.stdout) == reference
+    assert run(sae_command("verify", "--store", "damaged.zarr"), services, root).returncode == 0
+    for stage in ("preprocess", "model"):  # the same arrays, to the bit, as the undamaged store's
+        key = keys[stage][0]
+        a, b = (sae_store.stage_group(root / name, stage, key, mode="r") for name in ("reference.zarr", "damaged.zarr"))
+        name = "X" if stage == "preprocess" else f"checkpoint_{a.attrs['checkpoint_slot']}/codes"
+        np.testing.assert_array_equal(a[name][:], b[name][:])
+
+
+def test_out_of_range_files_are_errors_and_leave_the_other_clips_alone(workdir, services):
+    root, reference = workdir
+    shutil.copytree(root / "data", root / "noisy-data")
+    tone = 0.5 * np.sin(2 * np.pi * 220.0 * np.arange(3 * 22050) / 22050)
+    soundfile.write(root / "noisy-data" / "blues" / "huge.wav", 2e30 * tone, 22050, subtype="FLOAT")
+    soundfile.write(root / "noisy-data" / "classical" / "int16-scale.wav", 19600 * tone, 22050, subtype="FLOAT")
+    (root / "noisy-data" / "licenses").mkdir()
+    (root / "noisy-data" / "licenses" / "LICENSE.txt").write_text("CC BY 4.0\n")
+
+    result = run(sae_command("run", "-c", "tiny.yaml", "--data", "noisy-data", "--store", "noisy.zarr"), services,
+                 root)
+    assert result.returncode == 0, result.stderr
+    assert "label 'licenses' has no valid audio file" in result.stderr
+    assert "ingest_errors: 3" in result.stdout
+    group = sae_store.open_store(root / "noisy.zarr")
+    table = sae_store.clip_table(group)
+    kinds = {clip_id: kind for clip_id, kind in zip(table["clip_id"], table["error_kind"]) if kind}
+    assert kinds == {"blues/huge": "out_of_range", "classical/int16-scale": "out_of_range",
+                     "licenses/LICENSE": "unsupported"}
+    keys = sae_store.stages(group)
+    reference_group = sae_store.open_store(root / "reference.zarr")
+    np.testing.assert_array_equal(sae_store.stage_group(group, "preprocess", keys["preprocess"][0], mode="r")["X"][:],
+                                  sae_store.stage_group(reference_group, "preprocess", keys["preprocess"][0],
+                                                        mode="r")["X"][:])
+    summary = sae_store.stage_group(group, "results", keys["results"][0], mode="r").attrs["summaries"]["baseline"]
+    assert summary["class_names"] == ["blues", "classical"] and summary["chance"] == 0.5  # licenses is no class
+
+    for _ in range(2):  # --strict judges the clip table, also when every stage is skipped
+        strict = run(sae_command("run", "-c", "tiny.yaml", "--data", "noisy-data", "--store", "noisy.zarr",
+                                 "--strict"), services, root)
+        assert strict.returncode == 1
+        assert "error: strict ingestion: 3 clip(s) in error (kinds: out_of_range, unsupported)" in strict.stderr
+
+
+def _listening(process: psutil.Process) -> set[tuple[str, int]]:
+    found = set()
+    for member in [process, *process.children(recursive=True)]:
+        try:
+            found |= {(c.laddr.ip, c.laddr.port) for c in member.net_connections(kind="inet")
+                      if c.status == psutil.CONN_LISTEN}
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+def _loopback(ip: str) -> bool:
+    return ipaddress.ip_address(ip.split("%")[0]).is_loopback
+
+
+def test_a_local_run_listens_on_loopback_only(workdir, services):
+    root, _ = workdir
+    env = {key: value for key, value in services.items() if key != "PREFECT_API_URL"}  # its own temporary server
+    process = psutil.Popen(sae_command("run", "-c", "tiny.yaml", "--data", "data", "--store", "sockets.zarr"),
+                           cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seen: set[tuple[str, int]] = set()
+    while process.poll() is None:
+        seen |= _listening(process)
+        time.sleep(0.2)
+    assert process.returncode == 0
+    assert len(seen) >= 3  # the temporary Prefect server, the Dask scheduler's and worker's HTTP servers
+    assert all(_loopback(ip) for ip, _ in seen), seen
+
+
+def test_sigkill_of_a_run_leaves_no_process_behind(workdir, services):
+    root, _ = workdir
+    env = {key: value for key, value in services.items() if key != "PREFECT_API_URL"}
+    process = psutil.Popen(sae_command("run", "-c", "tiny.yaml", "--data", "data", "--store", "killed.zarr"),
+                           cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    descendants: list[psutil.Process] = []
+    while time.monotonic() < deadline and process.poll() is None:
+        descendants = process.children(recursive=True)
+        if any("uvicorn" in " ".join(child.cmdline()) for child in descendants):
+            break  # the temporary Prefect server is up
+        time.sleep(0.2)
+    assert descendants, "the run started no child process"
+    time.sleep(3)  # into the work
+    descendants = process.children(recursive=True)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait(30)
+    gone, alive = psutil.wait_procs(descendants, timeout=30)
+    assert not alive, [p.cmdline() for p in alive]
+    with sae_store.store_lock(root / "killed.zarr", wait=5):  # and the store is free again
+        pass
+
+
+def test_a_checkpoint_free_training_still_leaves_codes_to_classify(workdir, services):
+    root, _ = workdir
+    result = run(sae_command("run", "-c", "tiny.yaml", "--data", "data", "--store", "nockpt.zarr", "--set",
+                             "train.checkpoint=false"), services, root)
+    assert result.returncode == 0, result.stderr
+    group = sae_store.open_store(root / "nockpt.zarr")
+    model = sae_store.stage_group(group, "model", sae_store.stages(group)["model"][0], mode="r")
+    assert model.attrs["last_complete_outer"] == TINY["train"]["model"]["max_outer"]
+    assert [name for name, _ in model.groups()] == ["checkpoint_0"]  # only the final one was written
+    assert np.isfinite(model["checkpoint_0/codes"][:]).all()
