@@ -23,7 +23,7 @@ def training_store(tmp_path):
     path = str(tmp_path / "tiny.zarr")
     root = store.create_store(path, CQTConfig(clip_samples=22050), [("a/x", "x.wav", "a")], chunk_clips=1)
     pre = store.stage_group(root, "preprocess", "pre", config={"test": 1}, mode="w")
-    pre.create_array("X", shape=X.shape, chunks=(128, X.shape[1]), dtype="float32")[:] = X
+    store.create_array(pre, "X", shape=X.shape, chunks=(128, X.shape[1]), dtype="float32", data=X)
     store.mark_complete(pre)
     graph = store.stage_group(root, "graph", "pre-g", config={"test": 1}, mode="w")
     store.write_sparse(graph, "laplacian", L)
@@ -58,6 +58,40 @@ def test_train_model_resumes_and_skips(training_store, client):
     assert len(model["history"]) == 4
     with pytest.raises(ValueError, match="graph_key is required when lambda_g > 0"):
         train_model(path, "pre", train, client=client)
+
+
+def test_a_checkpoint_free_training_writes_its_final_codes_and_nothing_else(training_store, client):
+    path, X, L = training_store
+    model = ModelConfig(n_atoms=8, lambda_g=3.0, max_outer=3, max_inner=10, random_state=0)
+    with_checkpoints = train_model(path, "pre", TrainConfig(model=model, block_size=128), client=client,
+                                   graph_key="pre-g")
+    final_only = TrainConfig(model=model.model_copy(update={"lambda_z": 1.5}), block_size=128, checkpoint=False)
+    out = train_model(path, "pre", final_only, client=client, graph_key="pre-g")
+    group = store.stage_group(path, "model", out["key"], mode="r")
+    assert [name for name, _ in group.groups()] == ["checkpoint_1"]  # only the last outer iteration's slot
+    assert store.is_complete(path, "model", out["key"])
+    state = open_model(path, out["key"])
+    assert state["complete"] and state["iteration"] == 3 and np.isfinite(state["codes"][:]).all()
+    reference = fit_sae(X, final_only.model, L)
+    assert abs(out["objective"] - reference.history[-1]["total"]) <= 5e-3 * reference.history[-1]["total"]
+    assert with_checkpoints["key"] != out["key"]
+
+
+def test_a_damaged_checkpoint_is_trained_again_from_the_start(training_store, client, tmp_path):
+    import pathlib
+
+    path, X, L = training_store
+    train = TrainConfig(model=ModelConfig(n_atoms=8, lambda_g=3.0, max_outer=2, max_inner=10, random_state=0),
+                        block_size=128)
+    first = train_model(path, "pre", train, client=client, graph_key="pre-g")
+    codes = pathlib.Path(path) / "model" / first["key"] / "checkpoint_0" / "codes" / "c" / "1" / "0"
+    codes.unlink()
+    assert not store.is_complete(path, "model", first["key"])
+    with pytest.raises(store.StoreDamaged, match="checkpoint of outer iteration 2 is damaged"):
+        open_model(path, first["key"])
+    again = train_model(path, "pre", train, client=client, graph_key="pre-g")
+    assert not again["skipped"] and again["resumed_from"] == 0 and again["objective"] == first["objective"]
+    assert store.is_complete(path, "model", first["key"])
 
 
 @pytest.mark.slow
