@@ -209,6 +209,25 @@ def preprocess_frames(
     return X, offset, scale
 
 
+def clip_transform(frames: np.ndarray, config: PreprocessConfig) -> np.ndarray:
+    """The per-clip part of the stage: what one clip's CQT frames become before scaling.
+
+    ``frames`` (n_frames, n_bins) are the frames of one clip as ingested; the
+    result (n_kept, n_features) float64 is what the stage scales (with the
+    dataset's ``offset`` and ``scale``) into that clip's rows of X.  A new clip
+    (`sae.load_model`) goes through exactly this function, then
+    ``(F - offset) / scale``, so that it meets the model as the training clips did.
+    """
+    frames = np.asarray(frames, dtype=np.float64)
+    if frames.ndim != 2:
+        raise ValueError(f"frames must be a 2-D array (n_frames, n_bins), got shape {frames.shape}")
+    if config.frames_per_clip is not None:
+        if frames.shape[0] < config.frames_per_clip:
+            raise ValueError(f"the clip has {frames.shape[0]} frames, fewer than frames_per_clip={config.frames_per_clip}")
+        frames = frames[: config.frames_per_clip]
+    return frames
+
+
 # --------------------------------------------------------------------------- the stage in a store
 
 
