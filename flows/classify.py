@@ -43,7 +43,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from flows._dask import cluster_client
 from sae import store as sae_store
-from sae.classify import aggregate_clips, cross_validate, inductive_cross_validate
+from sae.classify import aggregate_clips, aggregate_options, cross_validate, inductive_cross_validate
 from sae.config import ClassifyConfig
 from sae.report import plot_results, results_markdown
 
@@ -52,13 +52,52 @@ DEFAULT_ARRAYS = {"preprocess": "X"}
 """Array read from a source group of a stage when the source names none (else ``codes``)."""
 
 
-def results_key(preprocess_key: str, features: dict[str, str], config: ClassifyConfig) -> str:
-    """Fingerprint of what a classification run depends on: its sources and its configuration."""
+def feature_key(preprocess_key: str, source: str, config: ClassifyConfig) -> str:
+    """Key of ``results/<key>`` for one feature source: what its classification depends on.
+
+    The baseline's key does not depend on the model it is shown beside, so every
+    model trained on the same preprocessed frames (a sweep's points) reuses it.
+    """
     blob = json.dumps(
-        {"preprocess": preprocess_key, "features": features, "config": config.model_dump(mode="json")},
-        sort_keys=True,
+        {"preprocess": preprocess_key, "source": source, "config": config.model_dump(mode="json")}, sort_keys=True
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+INDUCTIVE_SOURCE = "inductive"
+"""Source name of the inductive protocol's results (models fitted per fold on ``preprocess/<key>``)."""
+
+
+def feature_keys(preprocess_key: str, features: dict[str, str], config: ClassifyConfig) -> dict[str, str]:
+    """``results/<key>`` of every feature set (name -> key), plus the inductive protocol's when it is chosen."""
+    keys = {name: feature_key(preprocess_key, source, config) for name, source in features.items()}
+    if config.protocol == "inductive":
+        keys[INDUCTIVE_SOURCE] = feature_key(preprocess_key, INDUCTIVE_SOURCE, config)
+    return keys
+
+
+def results_key(preprocess_key: str, features: dict[str, str], config: ClassifyConfig) -> str:
+    """Key of the combined ``results/<key>`` (the table of all feature sets): a digest of their keys."""
+    blob = json.dumps(feature_keys(preprocess_key, features, config), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def results_current(store: str, key: str) -> bool:
+    """Whether ``results/<key>`` is complete and was computed with the clip groups the store holds now.
+
+    Groups (the manifest's ``group`` column) decide the grouped folds; a store
+    whose groups changed since (a resumed ingestion of an edited manifest)
+    needs the classification again.
+    """
+    if not sae_store.is_complete(store, STAGE, key):
+        return False
+    recorded = sae_store.stage_group(store, STAGE, key, mode="r").attrs.get("groups")
+    return recorded == sae_store.groups_digest(sae_store.open_store(store))
+
+
+def read_summaries(store: str, key: str) -> dict[str, dict[str, Any]]:
+    """The summaries (feature set -> summary) of a complete ``results/<key>``."""
+    return dict(sae_store.stage_group(store, STAGE, key, mode="r").attrs["summaries"])
 
 
 def parse_source(source: str) -> tuple[str, str, str]:
@@ -74,13 +113,14 @@ def parse_source(source: str) -> tuple[str, str, str]:
     return stage, key, parts[2] if len(parts) == 3 else DEFAULT_ARRAYS.get(stage, "codes")
 
 
-def open_rows(store: str, preprocess_key: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Row->clip mapping of the preprocessed frames, label index of every clip, label names."""
+def open_rows(store: str, preprocess_key: str) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray]:
+    """Row->clip mapping of the preprocessed frames, label index and group (int) of every clip, label names."""
     from sae.preprocess import open_preprocessed
 
     group = open_preprocessed(store, preprocess_key)
     root = sae_store.open_store(store)
-    return group["clip_index"][:], sae_store.clip_table(root)["label_index"], sae_store.store_labels(root)
+    return (group["clip_index"][:], sae_store.clip_table(root)["label_index"], sae_store.store_labels(root),
+            sae_store.clip_group_index(root))
 
 
 def open_source(store: str, source: str) -> Any:
@@ -106,37 +146,52 @@ def open_source(store: str, source: str) -> Any:
     return group[array]
 
 
-def _write_feature_results(group: Any, name: str, features: Any, summary: dict[str, Any]) -> None:
-    sub = group.require_group(name)
+def _write_feature_results(group: Any, features: Any, summary: dict[str, Any]) -> None:
     for array_name, values in (
         ("vectors", features.vectors.astype(np.float32)),
         ("labels", features.labels),
         ("groups", features.groups),
         ("scores", np.asarray(summary["scores"])),
     ):
-        sae_store.create_array(sub, array_name, shape=values.shape, dtype=values.dtype, data=values, overwrite=True)
-    sub.attrs.update({"summary": sae_store.json_safe(summary)})
+        sae_store.create_array(group, array_name, shape=values.shape, dtype=values.dtype, data=values, overwrite=True)
+
+
+def _new_results_group(store: str, key: str, record: dict[str, Any]) -> Any:
+    root = sae_store.open_store(store, mode="r+")
+    group = sae_store.stage_group(root, STAGE, key, config=record, mode="w")
+    group.attrs["groups"] = sae_store.groups_digest(root)
+    return group
+
+
+def _complete(store: str, group: Any, summaries: dict[str, dict[str, Any]], sources: list[str]) -> None:
+    root = sae_store.open_store(store, mode="r+")
+    group.attrs.update({"summaries": sae_store.json_safe(summaries)})
+    sae_store.mark_complete(group, inputs=[root[path] for path in sorted(set(sources))])
+
+
+def _source_group(preprocess_key: str, source: str) -> str:
+    return "/".join(parse_source(source)[:2]) if source != INDUCTIVE_SOURCE else f"preprocess/{preprocess_key}"
 
 
 def classify_features(
     store: str, preprocess_key: str, name: str, source: str, config: ClassifyConfig, key: str
 ) -> dict[str, Any]:
-    """Aggregate one feature source and cross-validate it; writes ``results/<key>/<name>``."""
-    row_clips, clip_labels, class_names = open_rows(store, preprocess_key)
+    """Aggregate one feature source and cross-validate it; writes and completes ``results/<key>``."""
+    row_clips, clip_labels, class_names, clip_groups = open_rows(store, preprocess_key)
     array = open_source(store, source)
     if array.shape[0] != row_clips.shape[0]:
         raise ValueError(
             f"feature source {source!r} has {array.shape[0]} rows, but preprocess/{preprocess_key} "
             f"has {row_clips.shape[0]}: the features must be computed from those frames"
         )
-    features = aggregate_clips(
-        array, row_clips, clip_labels=clip_labels, n_windows=config.n_windows, window_frames=config.window_frames,
-        shifted=config.shifted, rectify=config.rectify, chunk_clips=config.chunk_clips,
-    )
+    group = _new_results_group(store, key, {"preprocess_key": preprocess_key, "source": source,
+                                            "classify": config.model_dump(mode="json")})
+    features = aggregate_clips(array, row_clips, clip_labels=clip_labels, **aggregate_options(config))
     with cluster_client() as client:
-        summary = cross_validate(features, config, client=client)
+        summary = cross_validate(features, config, client=client, clip_groups=clip_groups)
     summary.update(source=source, class_names=[class_names[k] for k in summary["classes"]])
-    _write_feature_results(sae_store.stage_group(store, STAGE, key, mode="a"), name, features, summary)
+    _write_feature_results(group, features, summary)
+    _complete(store, group, {name: summary}, [f"preprocess/{preprocess_key}", _source_group(preprocess_key, source)])
     return summary
 
 
@@ -144,17 +199,18 @@ def classify_inductive(store: str, preprocess_key: str, config: ClassifyConfig, 
     """The inductive protocol on ``preprocess/<preprocess_key>``'s frames; one summary per encoding method."""
     from sae.preprocess import open_preprocessed
 
-    row_clips, clip_labels, class_names = open_rows(store, preprocess_key)
+    row_clips, clip_labels, class_names, clip_groups = open_rows(store, preprocess_key)
     frames = open_preprocessed(store, preprocess_key)["X"]
+    group = _new_results_group(store, key, {"preprocess_key": preprocess_key, "source": INDUCTIVE_SOURCE,
+                                            "classify": config.model_dump(mode="json")})
     with cluster_client() as client:
-        results = inductive_cross_validate(frames, row_clips, clip_labels, config, client=client)
-    group = sae_store.stage_group(store, STAGE, key, mode="a")
+        results = inductive_cross_validate(frames, row_clips, clip_labels, config, client=client,
+                                           clip_groups=clip_groups)
     out = {}
     for method, summary in results.items():
         summary.update(source=f"preprocess/{preprocess_key}", class_names=[class_names[k] for k in summary["classes"]])
-        sub = group.require_group(f"sae_inductive_{method}")
-        sub.attrs.update({"summary": sae_store.json_safe(summary)})
         out[f"sae_inductive_{method}"] = summary
+    _complete(store, group, out, [f"preprocess/{preprocess_key}"])
     return out
 
 
@@ -183,37 +239,45 @@ def submit_classification(
 ) -> tuple[str, bool, dict[str, dict[str, Any]]]:
     """Inside a flow: the classification of ``features``, as tasks of the flow's task runner.
 
-    Reuses a complete ``results/<key>``; otherwise submits one
-    ``classify-features`` task per feature set (and ``classify-inductive``),
-    then writes the summaries and marks the group complete.
+    Every feature set has its own ``results/<key>`` (`feature_key`), reused
+    when current (`results_current`): the baseline of a preprocessing is
+    classified once, whatever the models shown beside it.  The others are
+    submitted as ``classify-features`` tasks (and ``classify-inductive`` for the
+    inductive protocol); then the combined ``results/<key>`` (`results_key`)
+    records the table.
 
     Returns
     -------
     key, reused, summaries
+        The combined key, whether every feature set was reused, feature set -> summary.
     """
     for source in features.values():
         parse_source(source)
     key = results_key(preprocess_key, features, config)
-    if sae_store.is_complete(store, STAGE, key):
-        return key, True, dict(sae_store.stage_group(store, STAGE, key, mode="r").attrs["summaries"])
-    record = {"preprocess_key": preprocess_key, "features": features, "classify": config.model_dump(mode="json")}
-    sae_store.stage_group(store, STAGE, key, config=record, mode="w")
-    futures = {
-        name: classify_features_task.submit(store, preprocess_key, name, source, config, key)
-        for name, source in features.items()
-    }
-    inductive = (
-        classify_inductive_task.submit(store, preprocess_key, config, key) if config.protocol == "inductive" else None
-    )
-    summaries = {name: future.result() for name, future in futures.items()}
-    if inductive is not None:
-        summaries.update(inductive.result())
-    root = sae_store.open_store(store, mode="r+")
-    group = sae_store.stage_group(root, STAGE, key, mode="a")
-    group.attrs.update({"summaries": sae_store.json_safe(summaries)})
-    sources = {f"preprocess/{preprocess_key}"} | {"/".join(parse_source(source)[:2]) for source in features.values()}
-    sae_store.mark_complete(group, inputs=[root[path] for path in sorted(sources)])
-    return key, False, summaries
+    if results_current(store, key):
+        return key, True, read_summaries(store, key)
+    keys = feature_keys(preprocess_key, features, config)
+    summaries: dict[str, dict[str, Any]] = {}
+    futures = {}
+    for name, feature in keys.items():
+        if results_current(store, feature):
+            found = read_summaries(store, feature)
+            summaries.update(found if name == INDUCTIVE_SOURCE else {name: next(iter(found.values()))})
+        elif name == INDUCTIVE_SOURCE:
+            futures[name] = classify_inductive_task.submit(store, preprocess_key, config, feature)
+        else:
+            futures[name] = classify_features_task.submit(store, preprocess_key, name, features[name], config, feature)
+    for name, future in futures.items():
+        result = future.result()
+        summaries.update(result if name == INDUCTIVE_SOURCE else {name: result})
+    ordered = {name: summaries[name] for name in features} | {k: v for k, v in summaries.items() if k not in features}
+    group = _new_results_group(store, key, {"preprocess_key": preprocess_key, "features": keys,
+                                            "classify": config.model_dump(mode="json")})
+    # The sources too, not only the per-feature groups: a source that changed (a model trained further) makes
+    # the table stale even before its own results group is looked at again.
+    sources = [f"preprocess/{preprocess_key}", *(_source_group(preprocess_key, source) for source in features.values())]
+    _complete(store, group, ordered, [*(f"results/{feature}" for feature in keys.values()), *sources])
+    return key, not futures, ordered
 
 
 def publish_results(

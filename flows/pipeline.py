@@ -380,7 +380,7 @@ def run_classify_stage(config: PipelineConfig, address: str | None = None) -> di
         ``skipped``, ``key``, ``results`` (feature set -> accuracy_mean,
         accuracy_std, chance, n_scores), ``markdown`` and ``png`` (paths).
     """
-    from flows.classify import brief, classify_flow, report_paths
+    from flows.classify import brief, classify_flow, read_summaries, report_paths, results_current
 
     log = _logger()
     store, keys = config.ingest.store, stage_keys(config)
@@ -389,8 +389,8 @@ def run_classify_stage(config: PipelineConfig, address: str | None = None) -> di
         if not model_complete(store, keys["model"], config.train.model.max_outer):
             raise RuntimeError(f"store {store!r} has no complete model/{keys['model']}: run the train stage first")
         markdown, png = report_paths(store, keys["results"])
-        if sae_store.is_complete(store, "results", keys["results"]) and markdown.exists() and png.exists():
-            summaries = dict(sae_store.stage_group(store, "results", keys["results"], mode="r").attrs["summaries"])
+        if results_current(store, keys["results"]) and markdown.exists() and png.exists():
+            summaries = read_summaries(store, keys["results"])
             log.info("classify: results/%s is complete: skipped", keys["results"])
             return {"skipped": True, "store": store, "key": keys["results"], "results": brief(summaries),
                     "markdown": str(markdown), "png": str(png)}

@@ -386,6 +386,8 @@ def prepare_ingest(config: IngestConfig) -> str:
                 f"{len(table['clip_id'])} clips, chunk_clips {group.attrs['chunk_clips']}); "
                 "use another store path or overwrite=True"
             )
+        if _store.update_groups(group, _store.clip_groups(clips)):
+            logger.info("store %s: the clips' groups changed; updated (the frames are unchanged)", store)
         logger.info("resuming store %s: %d of %d clips ok", store, int(np.sum(table["status"] == "ok")), len(clips))
     else:
         _store.create_store(store, config.cqt, clips, config.chunk_clips, overwrite=config.overwrite)

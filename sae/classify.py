@@ -11,17 +11,27 @@ starting at frames ``0, w, 2w, ...`` (the *aligned* set) and, with
 ``shifted``, a second set starting at ``floor(w / 2) + k w`` (the *shifted*
 set): ``2 n_windows = 12`` windows per clip, each half a window after the
 previous one.  The frames after the last window of each set are dropped.  A
-window is aggregated as the sum of absolute values (``rectify``) of its
-frames:
+window is aggregated by one or more statistics (``pooling``) of its frames,
+concatenated in the order given.  With ``r_c`` the first row of clip ``c``,
+``s_j`` the start of window j and ``x_t = X[r_c + s_j + t]`` (t < w):
 
-    v_{c, j}[i] = sum_{t = s_j}^{s_j + w - 1} |X[r_c + t, i]|
+=============  ===============================================  ==========
+``sum_abs``    ``sum_t |x_t[i]|`` (the thesis)                  d values
+``sum``        ``sum_t x_t[i]``                                  d
+``mean``       ``1/w sum_t x_t[i]``                              d
+``mean_abs``   ``1/w sum_t |x_t[i]|``                            d
+``std``        ``sqrt(1/w sum_t (x_t[i] - mean[i])^2)``          d
+``max``        ``max_t x_t[i]``                                  d
+``max_abs``    ``max_t |x_t[i]|``                                d
+``mean_pos``   ``1/w sum_t max(x_t[i], 0)``                      d
+``mean_neg``   ``1/w sum_t max(-x_t[i], 0)``                     d
+=============  ===============================================  ==========
 
-with ``r_c`` the first row of clip ``c`` and ``s_j`` the start of window j.
 The vectors of a clip are ordered window by window, the aligned one first:
 ``(a_0, s_0, a_1, s_1, ...)``.  ``X`` is (n_rows, d) (samples by features,
 as everywhere in ``sae``): per-frame codes ``Z`` (d = n_atoms) or scaled CQT
-frames (d = n_bins, the baseline); the vectors are (n_clips * V, d) with
-``V = n_windows * (1 + shifted)``.
+frames (d = n_bins, the baseline); the vectors are (n_clips * V, p d) with
+``V = n_windows * (1 + shifted)`` and p statistics.
 
 Protocols
 ---------
@@ -63,16 +73,20 @@ from sae.config import ClassifyConfig
 __all__ = [
     "CLASSIFIERS",
     "PROTOCOLS",
+    "POOLINGS",
     "AggregatedFeatures",
     "Split",
     "window_length",
     "window_starts",
     "clip_runs",
     "aggregate_clips",
+    "aggregate_options",
+    "pool_windows",
     "make_classifier",
     "cv_splits",
     "evaluate_split",
     "summarize_splits",
+    "split_groups",
     "cross_validate",
     "inductive_fold",
     "evaluate_inductive_split",
@@ -90,6 +104,9 @@ PROTOCOLS = ("thesis", "grouped", "inductive")
 
 SCALINGS = ("none", "minmax", "standard")
 """Scalings of the window vectors, fitted per split on the training vectors."""
+
+POOLINGS = ("sum_abs", "sum", "mean", "mean_abs", "std", "max", "max_abs", "mean_pos", "mean_neg")
+"""Statistics of a window's frames (module docstring), concatenated in the order given."""
 
 
 # --------------------------------------------------------------------------- aggregation
@@ -219,15 +236,59 @@ def _read_rows(X: Any, start: int, stop: int) -> np.ndarray:
     return np.asarray(block)
 
 
-def _window_sums(clips: np.ndarray, n_windows: int, window_frames: int | None, shifted: bool) -> np.ndarray:
-    """Window sums of clips of equal length: (k, F, d) -> (k, V, d), in the order of `window_starts`."""
+def _statistic(windows: np.ndarray, name: str) -> np.ndarray:
+    """One pooling statistic over axis 2 of windows (k, n, w, d) -> (k, n, d)."""
+    if name == "sum_abs":
+        return np.abs(windows).sum(axis=2)
+    if name == "sum":
+        return windows.sum(axis=2)
+    if name == "mean":
+        return windows.mean(axis=2)
+    if name == "mean_abs":
+        return np.abs(windows).mean(axis=2)
+    if name == "std":
+        return windows.std(axis=2)
+    if name == "max":
+        return windows.max(axis=2)
+    if name == "max_abs":
+        return np.abs(windows).max(axis=2)
+    if name == "mean_pos":
+        return np.maximum(windows, 0).mean(axis=2)
+    if name == "mean_neg":
+        return np.maximum(-windows, 0).mean(axis=2)
+    raise ValueError(f"pooling statistics must be among {POOLINGS}, got {name!r}")
+
+
+def pool_windows(
+    clips: np.ndarray,
+    n_windows: int = 6,
+    window_frames: int | None = None,
+    shifted: bool = True,
+    pooling: Sequence[str] = ("sum_abs",),
+) -> np.ndarray:
+    """Window vectors of clips of equal length: (k, F, d) -> (k, V, p d), in the order of `window_starts`.
+
+    Every window of every clip is reduced by each statistic of ``pooling``
+    (`POOLINGS`, module docstring); the p results are concatenated.
+
+    >>> clip = np.arange(13.0).reshape(1, 13, 1)          # w = 5: windows [0:5], [2:7], [5:10], [7:12]
+    >>> pool_windows(clip, n_windows=2, pooling=("mean", "max"))[0].tolist()
+    [[2.0, 4.0], [4.0, 6.0], [7.0, 9.0], [9.0, 11.0]]
+    """
+    if not pooling:
+        raise ValueError("pooling must name at least one statistic")
+    unknown = [name for name in pooling if name not in POOLINGS]
+    if unknown:
+        raise ValueError(f"pooling statistics must be among {POOLINGS}, got {unknown}")
     k, n_frames, d = clips.shape
     starts = window_starts(n_frames, n_windows, window_frames, shifted)  # validates the lengths
     w = window_length(n_frames, n_windows, window_frames)
-    sets = [clips[:, : n_windows * w].reshape(k, n_windows, w, d).sum(axis=2)]
-    if shifted:
-        sets.append(clips[:, starts[1] : starts[1] + n_windows * w].reshape(k, n_windows, w, d).sum(axis=2))
-    return np.stack(sets, axis=2).reshape(k, len(starts), d)
+    offsets = (0, int(starts[1])) if shifted else (0,)
+    sets = []
+    for offset in offsets:
+        windows = clips[:, offset : offset + n_windows * w].reshape(k, n_windows, w, d)
+        sets.append(np.concatenate([_statistic(windows, name) for name in pooling], axis=-1))
+    return np.stack(sets, axis=2).reshape(k, len(starts), d * len(pooling))
 
 
 def aggregate_clips(
@@ -238,7 +299,7 @@ def aggregate_clips(
     n_windows: int = 6,
     window_frames: int | None = None,
     shifted: bool = True,
-    rectify: bool = True,
+    pooling: Sequence[str] = ("sum_abs",),
     chunk_clips: int = 64,
 ) -> AggregatedFeatures:
     """Aggregate per-frame features into window vectors per clip (module docstring).
@@ -256,16 +317,16 @@ def aggregate_clips(
     clip_labels : array, optional
         Label of clip ``c`` at ``clip_labels[c]`` (e.g. the ``label_index``
         column of the clip table).
-    n_windows, window_frames, shifted, rectify
-        As `sae.config.ClassifyConfig`.
+    n_windows, window_frames, shifted, pooling
+        As `sae.config.ClassifyConfig` (`aggregate_options` gives them from one).
     chunk_clips : int
         Clips read at once.
 
     Returns
     -------
     AggregatedFeatures
-        ``vectors`` (n_clips * V, d) float64 with
-        ``vectors[c V + j] = sum_{t < w} |X[r_c + s_j + t]|``.
+        ``vectors`` (n_clips * V, p d) float64; with the thesis's pooling
+        ("sum_abs",) ``vectors[c V + j] = sum_{t < w} |X[r_c + s_j + t]|``.
     """
     row_clips = np.asarray(row_clips)
     if len(X.shape) != 2:
@@ -279,21 +340,21 @@ def aggregate_clips(
     clips, starts, stops = clip_runs(row_clips)
     n_vectors = n_windows * (2 if shifted else 1)
     n_features = int(X.shape[1])
-    vectors = np.empty((clips.size * n_vectors, n_features), dtype=np.float64)
+    width = n_features * len(pooling)
+    vectors = np.empty((clips.size * n_vectors, width), dtype=np.float64)
     for first in range(0, clips.size, chunk_clips):
         last = min(first + chunk_clips, clips.size)
         offset = int(starts[first])
         block = _read_rows(X, offset, int(stops[last - 1])).astype(np.float64, copy=False)
-        if rectify:
-            block = np.abs(block)
         # Runs of consecutive clips of equal length are aggregated together by reshapes.
         lengths = stops[first:last] - starts[first:last]
         run_starts = np.concatenate([[0], np.flatnonzero(np.diff(lengths)) + 1, [lengths.size]])
         for a, b in zip(run_starts[:-1], run_starts[1:]):
             n_frames = int(lengths[a])
             rows = block[int(starts[first + a]) - offset : int(stops[first + b - 1]) - offset]
-            windows = _window_sums(rows.reshape(b - a, n_frames, n_features), n_windows, window_frames, shifted)
-            vectors[(first + a) * n_vectors : (first + b) * n_vectors] = windows.reshape(-1, n_features)
+            windows = pool_windows(rows.reshape(b - a, n_frames, n_features), n_windows, window_frames, shifted,
+                                   pooling)
+            vectors[(first + a) * n_vectors : (first + b) * n_vectors] = windows.reshape(-1, width)
     groups = np.repeat(clips, n_vectors)
     labels = None
     if clip_labels is not None:
@@ -306,6 +367,16 @@ def aggregate_clips(
         labels = np.repeat(clip_labels[clips], n_vectors).astype(np.int64)
     logger.debug("aggregated %d clips into %d vectors of dimension %d", clips.size, vectors.shape[0], n_features)
     return AggregatedFeatures(vectors, labels, groups, clips, n_vectors)
+
+
+def aggregate_options(config: ClassifyConfig) -> dict[str, Any]:
+    """The keyword arguments of `aggregate_clips` that ``config`` sets.
+
+    >>> sorted(aggregate_options(ClassifyConfig()))
+    ['chunk_clips', 'n_windows', 'pooling', 'shifted', 'window_frames']
+    """
+    return dict(n_windows=config.n_windows, window_frames=config.window_frames, shifted=config.shifted,
+                pooling=config.pooling, chunk_clips=config.chunk_clips)
 
 
 # --------------------------------------------------------------------------- classifiers and splits
@@ -353,8 +424,37 @@ def make_classifier(
     return model
 
 
-def _classifier(config: ClassifyConfig) -> Any:
-    return make_classifier(config.classifier, C=config.C, scaling=config.scaling, random_state=config.random_state)
+def _classifier(config: ClassifyConfig, C: float | None = None) -> Any:
+    return make_classifier(config.classifier, C=config.C if C is None else C, scaling=config.scaling,
+                           random_state=config.random_state)
+
+
+INNER_SPLITS = 3
+"""Folds of the inner cross-validation that chooses C among ``ClassifyConfig.C_grid``."""
+
+
+def choose_C(vectors: np.ndarray, labels: np.ndarray, groups: np.ndarray, config: ClassifyConfig) -> float:
+    """The C of ``config.C_grid`` with the best mean accuracy over an inner grouped cross-validation.
+
+    ``StratifiedGroupKFold(INNER_SPLITS)`` over ``groups`` of the given
+    (training) vectors only, so the choice never sees a test vector of the
+    outer split; ties go to the smallest C (the most regularised).  Without a
+    grid, ``config.C``.
+    """
+    if not config.C_grid:
+        return config.C
+    n_inner = min(INNER_SPLITS, np.unique(groups).size)
+    if n_inner < 2:
+        return config.C
+    splitter = StratifiedGroupKFold(n_splits=n_inner, shuffle=True, random_state=config.random_state)
+    scores = np.zeros(len(config.C_grid))
+    for train, test in splitter.split(vectors, labels, groups):
+        for i, C in enumerate(config.C_grid):
+            model = clone(_classifier(config, C)).fit(vectors[train], labels[train])
+            scores[i] += np.mean(model.predict(vectors[test]) == labels[test])
+    grid = np.asarray(config.C_grid, dtype=np.float64)
+    best = np.flatnonzero(scores == scores.max())
+    return float(grid[best].min())
 
 
 @dataclass(frozen=True)
@@ -387,9 +487,9 @@ def cv_splits(
 
     "thesis": ``ShuffleSplit(n_splits, test_size)`` over the vectors, ignoring
     ``groups`` (vectors of one clip may be on both sides).  "grouped" and
-    "inductive": ``StratifiedGroupKFold(n_splits, shuffle=True)`` with the
-    clips as groups: no clip on both sides; every vector is tested once per
-    repetition.  Repetition r uses the seed ``SeedSequence(random_state)``'s
+    "inductive": ``StratifiedGroupKFold(n_splits, shuffle=True)`` over
+    ``groups`` (the clip of every vector, or its recording, album or artist):
+    no group on both sides; every vector is tested once per repetition.  Repetition r uses the seed ``SeedSequence(random_state)``'s
     r-th state, so the splits depend only on the arguments.
 
     Returns
@@ -416,7 +516,7 @@ def cv_splits(
         else:
             n_groups = np.unique(groups).size
             if n_splits > n_groups:
-                raise ValueError(f"n_splits must be <= the number of clips ({n_groups}), got {n_splits}")
+                raise ValueError(f"n_splits must be <= the number of groups ({n_groups}), got {n_splits}")
             splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
             folds = splitter.split(placeholder, labels, groups)
         for fold, (_, test) in enumerate(folds):
@@ -440,23 +540,29 @@ def evaluate_split(
     split: Split,
     config: ClassifyConfig,
     classes: np.ndarray | None = None,
+    fold_groups: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Fit the classifier on the training vectors of ``split`` and score it on its test vectors.
+
+    ``groups`` is the clip of every vector (for the vote), ``fold_groups`` what
+    the inner folds of `choose_C` keep together (default ``groups``).
 
     Returns
     -------
     dict
         ``repeat``, ``fold``, ``accuracy`` (share of test vectors well
         classified), ``confusion`` ((k, k) int64 counts, rows = true class,
-        columns = predicted, over ``classes``), ``n_test``; with
-        ``config.voting``: ``clip_accuracy`` and ``clip_confusion`` of the
-        majority vote of each test clip's test vectors.
+        columns = predicted, over ``classes``), ``n_test``, ``C`` (the one
+        used); with ``config.voting``: ``clip_accuracy`` and ``clip_confusion``
+        of the majority vote of each test clip's test vectors.
     """
     classes = np.unique(labels) if classes is None else np.asarray(classes)
+    fold_groups = groups if fold_groups is None else fold_groups
     test = split.test
     train = np.ones(labels.size, dtype=bool)
     train[test] = False
-    model = clone(_classifier(config))
+    C = choose_C(vectors[train], labels[train], fold_groups[train], config)
+    model = clone(_classifier(config, C))
     model.fit(vectors[train], labels[train])
     predicted = model.predict(vectors[test])
     truth = labels[test]
@@ -466,6 +572,7 @@ def evaluate_split(
         "accuracy": float(np.mean(predicted == truth)),
         "confusion": confusion_matrix(truth, predicted, labels=classes),
         "n_test": int(test.size),
+        "C": float(C),
     }
     if config.voting:
         clips, voted = _votes(predicted, groups[test])
@@ -518,6 +625,9 @@ def _summary(results: Sequence[dict[str, Any]], labels: np.ndarray, classes: np.
              protocol: str) -> dict[str, Any]:
     summary = summarize_splits(results, labels, classes)
     summary.update(protocol=protocol, classifier=config.classifier, n_vectors=int(labels.size))
+    if config.C_grid:
+        chosen = [r["C"] for r in sorted(results, key=lambda r: (r["repeat"], r["fold"]))]
+        summary["C_chosen"] = {f"{c:g}": chosen.count(c) for c in sorted(set(chosen))}
     if config.voting:
         summary["voting"] = {
             k: v for k, v in summarize_splits(results, labels, classes, prefix="clip_").items() if k != "chance"
@@ -533,10 +643,11 @@ class _Data:
     labels: np.ndarray
     groups: np.ndarray
     classes: np.ndarray
+    fold_groups: np.ndarray
 
 
 def _evaluate_task(split: Split, data: _Data, config: ClassifyConfig) -> dict[str, Any]:
-    return evaluate_split(data.vectors, data.labels, data.groups, split, config, data.classes)
+    return evaluate_split(data.vectors, data.labels, data.groups, split, config, data.classes, data.fold_groups)
 
 
 def _run_splits(function: Any, splits: Sequence[Split], data: Any, config: ClassifyConfig, client: Any) -> list:
@@ -551,8 +662,39 @@ def _run_splits(function: Any, splits: Sequence[Split], data: Any, config: Class
         client.cancel([*futures, data_future])
 
 
+def split_groups(clips: np.ndarray, clip_groups: np.ndarray | None) -> tuple[np.ndarray, str]:
+    """What the grouped folds keep together, per vector: the group of its clip, and the grouping's name.
+
+    ``clips`` is the clip of every vector; ``clip_groups[c]`` the group (an
+    integer: recording, album, artist) of clip c, or None for "every clip its
+    own group".  The name is "clip" when every group holds one clip, else "group".
+
+    >>> split_groups(np.array([0, 0, 1, 2]), np.array([5, 5, 6]))
+    (array([5, 5, 5, 6]), 'group')
+    >>> split_groups(np.array([0, 0, 1]), None)[1]
+    'clip'
+    """
+    clips = np.asarray(clips)
+    if clip_groups is None:
+        return clips, "clip"
+    clip_groups = np.asarray(clip_groups)
+    if clips.size and clips.max() >= clip_groups.shape[0]:
+        raise ValueError(
+            f"clip_groups must have an entry for every clip index (max {int(clips.max())}), "
+            f"got length {clip_groups.shape[0]}"
+        )
+    used = np.unique(clips)
+    kind = "clip" if np.unique(clip_groups[used]).size == used.size else "group"
+    return clip_groups[clips].astype(np.int64), kind
+
+
 def cross_validate(
-    features: AggregatedFeatures, config: ClassifyConfig, *, client: Any = None, protocol: str | None = None
+    features: AggregatedFeatures,
+    config: ClassifyConfig,
+    *,
+    client: Any = None,
+    protocol: str | None = None,
+    clip_groups: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Cross-validated accuracy of window vectors under ``config`` (protocol "thesis" or "grouped").
 
@@ -567,26 +709,34 @@ def cross_validate(
     protocol : str, optional
         Overrides ``config.protocol``; "inductive" is evaluated here as
         "grouped" (same splits) for features that do not depend on the fold.
+    clip_groups : array, optional
+        ``clip_groups[c]`` is the group (int) of clip c: the grouped folds keep
+        each group on one side (`split_groups`).  None: each clip is its own group.
 
     Returns
     -------
     dict
-        Of `summarize_splits` plus ``protocol``, ``classifier``, ``n_vectors``
-        and, with voting, ``voting`` (the same statistics for whole clips).
+        Of `summarize_splits` plus ``protocol``, ``classifier``, ``n_vectors``,
+        ``grouping`` ("clip", "group" or "none" for the thesis's protocol) and
+        ``n_groups``, and, with voting, ``voting`` (the same statistics for whole clips).
     """
     if features.labels is None:
         raise ValueError("features must have labels: pass clip_labels to aggregate_clips")
     protocol = protocol or config.protocol
     split_protocol = "grouped" if protocol == "inductive" else protocol
+    groups, grouping = split_groups(features.groups, clip_groups)
     splits = cv_splits(
-        features.labels, features.groups, protocol=split_protocol, n_splits=config.n_splits,
+        features.labels, groups, protocol=split_protocol, n_splits=config.n_splits,
         n_repeats=config.n_repeats, test_size=config.test_size, random_state=config.random_state,
     )
     classes = np.unique(features.labels)
-    data = _Data(features.vectors, features.labels, features.groups, classes)
-    logger.info("%s protocol: %d splits of %d vectors", split_protocol, len(splits), features.labels.size)
+    data = _Data(features.vectors, features.labels, features.groups, classes, groups)
+    logger.info("%s protocol (grouped by %s): %d splits of %d vectors", split_protocol, grouping, len(splits),
+                features.labels.size)
     results = _run_splits(_evaluate_task, splits, data, config, client)
-    return _summary(results, features.labels, classes, config, protocol)
+    summary = _summary(results, features.labels, classes, config, protocol)
+    summary.update(grouping="none" if split_protocol == "thesis" else grouping, n_groups=int(np.unique(groups).size))
+    return summary
 
 
 # --------------------------------------------------------------------------- inductive protocol
@@ -657,6 +807,7 @@ class _FrameData:
     row_clips: np.ndarray
     clip_labels: np.ndarray
     classes: np.ndarray
+    clip_groups: np.ndarray | None
 
 
 def evaluate_inductive_split(
@@ -666,19 +817,21 @@ def evaluate_inductive_split(
     split_clips: tuple[int, int, np.ndarray],
     config: ClassifyConfig,
     classes: np.ndarray | None = None,
+    clip_groups: np.ndarray | None = None,
 ) -> dict[str, dict[str, Any]]:
     """One fold of the inductive protocol: `inductive_fold`, aggregation, classification.
 
     ``split_clips`` is ``(repeat, fold, test clip indices)``.  Returns, per
     encoding method, the dict of `evaluate_split` for the window vectors of
     the training codes (training set) and of the test codes (test set).
+    ``clip_groups`` (the group of every clip) keeps groups together in the
+    inner folds that choose C (`choose_C`).
     """
     repeat, fold, test_clips = split_clips
     row_clips = np.asarray(row_clips)
     _, train_codes, test_codes = inductive_fold(frames, row_clips, test_clips, config)
     is_test = np.isin(row_clips, np.asarray(test_clips))
-    options = dict(n_windows=config.n_windows, window_frames=config.window_frames, shifted=config.shifted,
-                   rectify=config.rectify, chunk_clips=config.chunk_clips)
+    options = aggregate_options(config)
     train = aggregate_clips(train_codes, row_clips[~is_test], clip_labels=clip_labels, **options)
     out = {}
     for method, codes in test_codes.items():
@@ -687,12 +840,14 @@ def evaluate_inductive_split(
         labels = np.concatenate([train.labels, test.labels])
         groups = np.concatenate([train.groups, test.groups])
         split = Split(repeat, fold, np.arange(train.labels.size, labels.size, dtype=np.int64))
-        out[method] = evaluate_split(vectors, labels, groups, split, config, classes)
+        out[method] = evaluate_split(vectors, labels, groups, split, config, classes,
+                                     split_groups(groups, clip_groups)[0])
     return out
 
 
 def _inductive_task(split_clips: tuple[int, int, np.ndarray], data: _FrameData, config: ClassifyConfig) -> dict:
-    return evaluate_inductive_split(data.frames, data.row_clips, data.clip_labels, split_clips, config, data.classes)
+    return evaluate_inductive_split(data.frames, data.row_clips, data.clip_labels, split_clips, config, data.classes,
+                                    data.clip_groups)
 
 
 def inductive_cross_validate(
@@ -702,6 +857,7 @@ def inductive_cross_validate(
     config: ClassifyConfig,
     *,
     client: Any = None,
+    clip_groups: np.ndarray | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Cross-validated accuracy of codes learned per fold on the training clips only.
 
@@ -719,6 +875,8 @@ def inductive_cross_validate(
         ``clip_labels[c]`` is the label of clip c.
     config : ClassifyConfig
     client : distributed.Client, optional
+    clip_groups : array, optional
+        As in `cross_validate`: the group of every clip, kept on one side.
 
     Returns
     -------
@@ -731,15 +889,17 @@ def inductive_cross_validate(
     clips, _, _ = clip_runs(row_clips)
     n_vectors = config.n_windows * (2 if config.shifted else 1)
     labels = np.repeat(clip_labels[clips], n_vectors).astype(np.int64)
-    groups = np.repeat(clips, n_vectors)
+    vector_clips = np.repeat(clips, n_vectors)
+    groups, grouping = split_groups(vector_clips, clip_groups)
     splits = cv_splits(labels, groups, protocol="grouped", n_splits=config.n_splits, n_repeats=config.n_repeats,
                        random_state=config.random_state)
-    split_clips = [(s.repeat, s.fold, np.unique(groups[s.test])) for s in splits]
+    split_clips = [(s.repeat, s.fold, np.unique(vector_clips[s.test])) for s in splits]
     classes = np.unique(labels)
-    data = _FrameData(frames, row_clips, clip_labels, classes)
+    data = _FrameData(frames, row_clips, clip_labels, classes, clip_groups)
     logger.info("inductive protocol: %d folds, %d frames", len(split_clips), frames.shape[0])
     results = _run_splits(_inductive_task, split_clips, data, config, client)
-    return {
-        method: _summary([r[method] for r in results], labels, classes, config, "inductive")
-        for method in config.encode_methods
-    }
+    out = {}
+    for method in config.encode_methods:
+        out[method] = _summary([r[method] for r in results], labels, classes, config, "inductive")
+        out[method].update(grouping=grouping, n_groups=int(np.unique(groups).size))
+    return out

@@ -180,6 +180,27 @@ class PreprocessConfig(_Config):
         None, ge=1, description="Keep the first N frames of every clip (None: all). The thesis used 298 (2 x 149)."
     )
     labels: tuple[str, ...] | None = Field(None, description="Keep only these labels (None: all).")
+    compression: Literal["none", "log", "power"] = Field(
+        "none",
+        description="Compression of the CQT magnitudes of every frame: none (the thesis), log: log(1 + log_gain x), "
+        "power: x ** power.",
+    )
+    log_gain: float = Field(10.0, gt=0, description="Gain of the 'log' compression, log(1 + log_gain x).")
+    power: float = Field(0.5, gt=0, le=1, description="Exponent of the 'power' compression, x ** power.")
+    contrast: Literal["none", "local"] = Field(
+        "none",
+        description="Local contrast normalisation of every frame across frequency: local = subtract the Gaussian-"
+        "weighted mean of the neighbouring bins, divide by their Gaussian-weighted std (floored).",
+    )
+    contrast_width: float = Field(
+        4.0, gt=0, description="Std (in bins) of the Gaussian window of the local contrast normalisation."
+    )
+    context: int = Field(
+        1, ge=1, le=64,
+        description="Temporal context: every row is the frame and the context - 1 frames before it "
+        "(context_stride apart), concatenated: n_bins x context features.",
+    )
+    context_stride: int = Field(1, ge=1, description="Frames between two frames of a context.")
     scaling: Literal["minmax", "percentile", "standard", "none"] = Field(
         "minmax",
         description="Per-feature scaling over the dataset: minmax (the thesis), percentile (min-max between the "
@@ -280,11 +301,21 @@ class ClassifyConfig(_Config):
         None, ge=1, description="Frames per window; None: floor(F / (n_windows + 0.5)) for a clip of F frames."
     )
     shifted: bool = Field(True, description="Add a second set of windows shifted by half a window (2 x n_windows vectors).")
-    rectify: bool = Field(True, description="Aggregate absolute values (sum |x|) rather than values (sum x).")
+    pooling: tuple[Literal["sum_abs", "sum", "mean", "mean_abs", "std", "max", "max_abs", "mean_pos", "mean_neg"],
+                   ...] = Field(
+        ("sum_abs",), min_length=1,
+        description="Statistics of a window's frames, concatenated (sae.classify.POOLINGS): sum_abs = sum of "
+        "|x| (the thesis), mean, std, max, ... ",
+    )
     classifier: Literal["svc", "linear_svc", "logistic_regression", "ridge"] = Field(
         "svc", description="svc: SVC(kernel='linear') (libsvm, one-vs-one) as the thesis; the others are linear too."
     )
     C: float = Field(1.0, gt=0, description="Inverse regularisation strength of the classifier (ridge: alpha = 1/C).")
+    C_grid: tuple[float, ...] = Field(
+        (),
+        description="If given, C is chosen per split among these values by an inner grouped 3-fold "
+        "cross-validation on the training vectors only (nested CV); C is then unused.",
+    )
     scaling: Literal["none", "minmax", "standard"] = Field(
         "none", description="Scaling of the window vectors, fitted on the training vectors of each split."
     )
@@ -313,6 +344,8 @@ class ClassifyConfig(_Config):
             )
         if len(set(self.encode_methods)) != len(self.encode_methods):
             raise ValueError(f"encode_methods must not repeat a method, got {self.encode_methods}")
+        if any(not c > 0 for c in self.C_grid):
+            raise ValueError(f"C_grid must hold values > 0, got {self.C_grid}")
         return self
 
 

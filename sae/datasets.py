@@ -1,7 +1,11 @@
 """Datasets: the built-in synthetic genres, GTZAN-style folders and CSV manifests.
 
 Every function returns the clip list `sae.store.create_store` takes: a list of
-``(clip_id, path, label)`` with ``clip_id = "<label>/<file stem>"``.
+`Clip` ``(clip_id, path, label, group)`` with ``clip_id = "<label>/<file stem>"``.
+The *group* is what must stay on one side of a cross-validation split: the
+recording, album or artist a clip was cut from (the ``group`` column of a
+manifest); a clip without one is its own group (``group == ""``, read as its
+clip id by the store).
 
 The built-in dataset
 --------------------
@@ -33,6 +37,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import soundfile
@@ -49,6 +54,15 @@ AUDIO_EXTENSIONS = (".au", ".wav", ".flac", ".ogg", ".mp3")
 """Extensions `scan_folder` lists as audio (the others are listed too; ingestion rejects them)."""
 
 _MARKER = "sae-dataset.json"
+
+
+class Clip(NamedTuple):
+    """One clip of a dataset: its id, audio file, label and group ("" = the clip is its own group)."""
+
+    clip_id: str
+    path: str
+    label: str
+    group: str = ""
 
 # Chord vocabularies: semitone intervals above the root.
 _MAJ, _MIN, _DOM7 = (0, 4, 7), (0, 3, 7), (0, 4, 7, 10)
@@ -286,7 +300,7 @@ def synthesize_clip(genre: str, rng: np.random.Generator, *, duration: float, sa
     return mix.astype(np.float32)
 
 
-def make_builtin_dataset(root: str | os.PathLike, config: BuiltinDatasetConfig | None = None) -> list[tuple[str, str, str]]:
+def make_builtin_dataset(root: str | os.PathLike, config: BuiltinDatasetConfig | None = None) -> list[Clip]:
     """Write the built-in dataset as WAV files in GTZAN layout and return its clip list.
 
     Files already written with the same configuration (recorded in
@@ -301,15 +315,15 @@ def make_builtin_dataset(root: str | os.PathLike, config: BuiltinDatasetConfig |
 
     Returns
     -------
-    list of (clip_id, path, label)
-        Genre after genre, clip after clip.
+    list of Clip
+        Genre after genre, clip after clip; every clip is its own group.
     """
     config = config or BuiltinDatasetConfig()
     root = Path(root)
     marker = root / _MARKER
     wanted = config.model_dump(mode="json")
     clips = [
-        (f"{genre}/{genre}.{j:05d}", str(root / genre / f"{genre}.{j:05d}.wav"), genre)
+        Clip(f"{genre}/{genre}.{j:05d}", str(root / genre / f"{genre}.{j:05d}.wav"), genre)
         for genre in GENRES[: config.n_genres]
         for j in range(config.clips_per_genre)
     ]
@@ -332,7 +346,7 @@ def make_builtin_dataset(root: str | os.PathLike, config: BuiltinDatasetConfig |
     return clips
 
 
-def scan_folder(root: str | os.PathLike) -> list[tuple[str, str, str]]:
+def scan_folder(root: str | os.PathLike) -> list[Clip]:
     """The clips of a GTZAN-style folder ``<root>/<label>/<file>``, sorted by label then name.
 
     Every regular file one level down is listed, audio or not (files whose
@@ -342,9 +356,11 @@ def scan_folder(root: str | os.PathLike) -> list[tuple[str, str, str]]:
 
     Returns
     -------
-    list of (clip_id, path, label)
+    list of Clip
         ``clip_id = "<label>/<file name without extension>"``; if two files
         of a label share a stem, the later ones keep their extension in the id.
+        A folder says nothing of groups: every clip is its own (use a manifest
+        with a ``group`` column to keep the clips of one recording together).
     """
     root = Path(root)
     if not root.is_dir():
@@ -362,7 +378,7 @@ def scan_folder(root: str | os.PathLike) -> list[tuple[str, str, str]]:
             if clip_id in seen:
                 clip_id = f"{label_dir.name}/{file.name}"
             seen.add(clip_id)
-            clips.append((clip_id, str(file), label_dir.name))
+            clips.append(Clip(clip_id, str(file), label_dir.name))
     stray = [p.name for p in root.iterdir() if p.is_file() and not p.name.startswith(".") and p.name != _MARKER]
     if stray:
         logger.warning("ignoring %d files directly in %s (expected <root>/<label>/<file>): %s", len(stray), root, stray[:5])
@@ -371,15 +387,18 @@ def scan_folder(root: str | os.PathLike) -> list[tuple[str, str, str]]:
     return clips
 
 
-def read_manifest(path: str | os.PathLike) -> list[tuple[str, str, str]]:
-    """The clips of a CSV manifest with columns ``path`` and ``label`` (others ignored).
+def read_manifest(path: str | os.PathLike) -> list[Clip]:
+    """The clips of a CSV manifest with columns ``path``, ``label`` and optionally ``group`` (others ignored).
 
     Relative paths are relative to the CSV's folder.  Files are not checked
     here: a missing one is recorded at ingestion with error kind "missing".
+    ``group`` (any string: a recording, album or artist) keeps clips together
+    in cross-validation; an empty cell, or no such column, makes the clip its
+    own group.
 
     Returns
     -------
-    list of (clip_id, path, label)
+    list of Clip
         In file order; ``clip_id = "<label>/<file stem>"``, made unique with
         ``#<row>`` when two rows would share it.
     """
@@ -397,6 +416,7 @@ def read_manifest(path: str | os.PathLike) -> list[tuple[str, str, str]]:
     seen: set[str] = set()
     for row_number, row in enumerate(rows, start=2):
         file, label = (row["path"] or "").strip(), (row["label"] or "").strip()
+        group = (row.get("group") or "").strip()
         if not file or not label:
             raise ValueError(f"manifest {str(path)!r}, line {row_number}: empty path or label")
         full = Path(file) if Path(file).is_absolute() else path.parent / file
@@ -404,13 +424,13 @@ def read_manifest(path: str | os.PathLike) -> list[tuple[str, str, str]]:
         if clip_id in seen:
             clip_id = f"{clip_id}#{row_number}"
         seen.add(clip_id)
-        clips.append((clip_id, str(full), label))
+        clips.append(Clip(clip_id, str(full), label, group))
     if not clips:
         raise ValueError(f"manifest {str(path)!r} lists no clips")
     return clips
 
 
-def resolve_clips(data: str | os.PathLike) -> list[tuple[str, str, str]]:
+def resolve_clips(data: str | os.PathLike) -> list[Clip]:
     """`read_manifest` for a ``.csv`` file, `scan_folder` for a folder."""
     data = Path(data)
     if data.is_file() and data.suffix.lower() == ".csv":

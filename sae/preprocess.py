@@ -8,7 +8,11 @@ For a `sae.config.PreprocessConfig` the stage
 1. selects rows of the store's ``frames``: the first ``frames_per_clip``
    frames of every ok clip whose label is in ``labels``, clip after clip in
    clip order;
-2. scales every feature (column) over the selected frames (all samples by
+2. transforms every clip on its own (`clip_transform`, what a new clip goes
+   through too): compression of the magnitudes, local contrast
+   normalisation across frequency, temporal context (each row becomes the
+   frame and the ``context - 1`` frames before it, concatenated);
+3. scales every feature (column) over the selected frames (all samples by
    features, see ``sae``)::
 
        X = (F - offset) / scale                       F: (n_rows, n_bins)
@@ -18,13 +22,13 @@ For a `sae.config.PreprocessConfig` the stage
    (100-p)-th percentiles (`scaling_statistics`); ``standard``: offset = mean,
    scale = std (ddof 0); ``none``: offset 0, scale 1.  A constant feature gets
    scale 1 (X = 0 there);
-3. adds i.i.d. Gaussian noise ``noise_std * N(0, 1)`` after scaling.  The
+4. adds i.i.d. Gaussian noise ``noise_std * N(0, 1)`` after scaling.  The
    noise of row r is row ``r mod NOISE_BLOCK_ROWS`` of the
    (NOISE_BLOCK_ROWS, n_bins) standard normal matrix drawn by
    ``numpy.random.default_rng([noise_seed, r // NOISE_BLOCK_ROWS])``
    (float64): it depends on the seed and the row only, never on how the work is
    chunked;
-4. writes, in the store's stage group ``preprocess/<config fingerprint>``:
+5. writes, in the store's stage group ``preprocess/<config fingerprint>``:
    ``X`` float32 (n_rows, n_bins), ``clip_index`` int64 (n_rows,) (row of the
    clip table), ``frame_index`` int32 (n_rows,) (frame within its clip),
    ``offset`` and ``scale`` float64 (n_bins,); attributes ``n_rows``,
@@ -209,13 +213,76 @@ def preprocess_frames(
     return X, offset, scale
 
 
+def compress(frames: np.ndarray, config: PreprocessConfig) -> np.ndarray:
+    """Compression of CQT magnitudes (float64, any shape): ``log(1 + log_gain x)``, ``x ** power`` or ``x``.
+
+    >>> compress(np.array([0.0, 0.9, 9.9]), PreprocessConfig(compression="log", log_gain=10.0)).round(6).tolist()
+    [0.0, 2.302585, 4.60517]
+    """
+    frames = np.asarray(frames, dtype=np.float64)
+    if config.compression == "log":
+        return np.log1p(config.log_gain * np.maximum(frames, 0.0))
+    if config.compression == "power":
+        return np.maximum(frames, 0.0) ** config.power
+    return frames
+
+
+def local_contrast(frames: np.ndarray, width: float) -> np.ndarray:
+    """Local contrast normalisation of every frame (row) of ``frames`` (n_frames, n_bins) across frequency.
+
+    With ``g`` the Gaussian window of std ``width`` bins (truncated at 4 std,
+    edges mirrored: `scipy.ndimage.gaussian_filter1d`, mode "reflect")::
+
+        v = x - g * x                    (subtract the local mean)
+        s = sqrt(g * v^2)                (the local std)
+        y = v / max(s, mean(s))          (divide, floored by the frame's mean local std)
+
+    so every frame has zero local mean and unit local contrast where it has
+    contrast at all, and a nearly flat frame is not blown up.
+    """
+    from scipy.ndimage import gaussian_filter1d
+
+    frames = np.asarray(frames, dtype=np.float64)
+    centred = frames - gaussian_filter1d(frames, width, axis=1, mode="reflect")
+    spread = np.sqrt(gaussian_filter1d(centred**2, width, axis=1, mode="reflect"))
+    floor = spread.mean(axis=1, keepdims=True)
+    return centred / np.maximum(spread, np.where(floor > 0, floor, 1.0))
+
+
+def stack_context(frames: np.ndarray, context: int, stride: int = 1) -> np.ndarray:
+    """Temporal context: row t of ``frames`` (n_frames, d) becomes ``[x_t, x_{t-s}, ..., x_{t-(k-1)s}]`` (k d,).
+
+    ``k = context``, ``s = stride``; frames before the first are the first
+    frame repeated (the clip's edge), so a clip keeps its number of rows.
+
+    >>> stack_context(np.arange(4.0)[:, None], context=3, stride=1).tolist()
+    [[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [2.0, 1.0, 0.0], [3.0, 2.0, 1.0]]
+    """
+    if context < 1 or stride < 1:
+        raise ValueError(f"context and stride must be >= 1, got {context} and {stride}")
+    frames = np.asarray(frames)
+    if context == 1:
+        return frames
+    n_frames = frames.shape[0]
+    lags = np.arange(context) * stride
+    rows = np.maximum(np.arange(n_frames)[:, None] - lags[None, :], 0)  # (n_frames, context)
+    return frames[rows].reshape(n_frames, -1)
+
+
+def clip_features(config: PreprocessConfig, n_bins: int) -> int:
+    """Columns of X for frames of ``n_bins`` bins: ``n_bins * context``."""
+    return n_bins * config.context
+
+
 def clip_transform(frames: np.ndarray, config: PreprocessConfig) -> np.ndarray:
     """The per-clip part of the stage: what one clip's CQT frames become before scaling.
 
     ``frames`` (n_frames, n_bins) are the frames of one clip as ingested; the
-    result (n_kept, n_features) float64 is what the stage scales (with the
-    dataset's ``offset`` and ``scale``) into that clip's rows of X.  A new clip
-    (`sae.load_model`) goes through exactly this function, then
+    result (n_kept, n_bins * context) float64 is what the stage scales (with the
+    dataset's ``offset`` and ``scale``) into that clip's rows of X: the first
+    ``frames_per_clip`` frames, compressed (`compress`), contrast-normalised
+    (`local_contrast`) and with their temporal context (`stack_context`).  A
+    new clip (`sae.load_model`) goes through exactly this function, then
     ``(F - offset) / scale``, so that it meets the model as the training clips did.
     """
     frames = np.asarray(frames, dtype=np.float64)
@@ -225,7 +292,40 @@ def clip_transform(frames: np.ndarray, config: PreprocessConfig) -> np.ndarray:
         if frames.shape[0] < config.frames_per_clip:
             raise ValueError(f"the clip has {frames.shape[0]} frames, fewer than frames_per_clip={config.frames_per_clip}")
         frames = frames[: config.frames_per_clip]
-    return frames
+    frames = compress(frames, config)
+    if config.contrast == "local":
+        frames = local_contrast(frames, config.contrast_width)
+    return stack_context(frames, config.context, config.context_stride)
+
+
+def _transform_block(block: np.ndarray, config: PreprocessConfig, frames_per_clip: int) -> np.ndarray:
+    """`clip_transform` of every clip of a block of whole clips (k * F, n_bins)."""
+    whole = config.model_copy(update={"frames_per_clip": None})
+    clips = np.asarray(block).reshape(-1, frames_per_clip, block.shape[1])
+    return np.concatenate([clip_transform(clip, whole) for clip in clips]) if clips.size else np.zeros(
+        (0, clip_features(config, block.shape[1]))
+    )
+
+
+def transform_clips(frames: da.Array, config: PreprocessConfig, frames_per_clip: int) -> da.Array:
+    """`clip_transform` of every clip of selected frames (n_clips * F, n_bins), lazily, float64.
+
+    ``frames`` holds whole clips of ``frames_per_clip`` rows each, clip after
+    clip; the result keeps one row per frame, ``n_bins * context`` columns.
+    Chunks are rounded to whole clips.
+    """
+    if config.compression == "none" and config.contrast == "none" and config.context == 1:
+        return frames.astype(np.float64)
+    n_rows, n_bins = frames.shape
+    if n_rows % frames_per_clip:
+        raise ValueError(f"frames hold {n_rows} rows, not whole clips of {frames_per_clip}")
+    clips_per_chunk = max(1, round(frames.chunks[0][0] / frames_per_clip))
+    rows = clips_per_chunk * frames_per_clip
+    aligned = frames.rechunk((rows, -1))
+    return aligned.map_blocks(
+        _transform_block, config, frames_per_clip, dtype=np.float64,
+        chunks=(aligned.chunks[0], (clip_features(config, n_bins),)), meta=np.empty((0, 0)),
+    )
 
 
 # --------------------------------------------------------------------------- the stage in a store
@@ -330,7 +430,8 @@ def run_preprocess(
                     "skipped": True}
         logger.info("preprocess %s: the store's frames changed since it was computed: recomputed", key)
     frames = da.from_zarr(store.frames_array(root))
-    selected = frames[rows].rechunk((chunk_rows, -1))
+    kept = config.frames_per_clip or store.store_frames_per_clip(root)
+    selected = transform_clips(frames[rows].rechunk((chunk_rows, -1)), config, kept)
     X, offset, scale = preprocess_frames(selected, config)
     n_rows, n_bins = X.shape
     group = store.stage_group(root, STAGE, key, config=config, mode="w")
@@ -345,7 +446,7 @@ def run_preprocess(
             "n_bins": int(n_bins),
             "n_clips": int(np.unique(clip_index).size),
             "noise_block_rows": NOISE_BLOCK_ROWS,
-            "formula": "X = (frames[rows] - offset) / scale + noise_std * N(0, 1)",
+            "formula": "X = (clip_transform(frames[rows]) - offset) / scale + noise_std * N(0, 1)",
         }
     )
     store.mark_complete(group, version=version)

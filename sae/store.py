@@ -32,6 +32,10 @@ Layout (orientation: samples by features, see ``sae``)::
         error        str    human-readable message, "" when ok
         checksum     int64  CRC-32 of the clip's F x n_bins float32 frames
                             (C order) when ok, else 0
+        group        str    what must stay on one side of a cross-validation
+                            split (recording, album, artist); the clip id when
+                            the data gave none.  Stores made before this column
+                            read as if every clip were its own group.
       <stage>/<key>/  results of later stages (ingest: the record of a complete
                       ingestion; preprocess, graph, model, results), one group per configuration
                       fingerprint; attrs: config (JSON), complete (bool), created,
@@ -129,10 +133,11 @@ CLIP_COLUMNS = (
     "error_kind",
     "error",
     "checksum",
+    "group",
 )
 """Columns of the clip table, in order."""
 
-_STRING_COLUMNS = ("clip_id", "path", "label", "status", "error_kind", "error")
+_STRING_COLUMNS = ("clip_id", "path", "label", "status", "error_kind", "error", "group")
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 PathLike = str | os.PathLike
@@ -243,8 +248,9 @@ def create_store(
         Directory of the store (conventionally ``<name>.zarr``).
     cqt : CQTConfig
         The CQT configuration; fixes the frames per clip F and the bins.
-    clips : sequence of (clip_id, path, label)
-        One entry per clip, in the order of the store.  ``clip_id`` must be unique.
+    clips : sequence of (clip_id, path, label[, group])
+        One entry per clip, in the order of the store (e.g. `sae.datasets.Clip`).
+        ``clip_id`` must be unique; a missing or empty group is the clip id.
     chunk_clips : int
         Clips per chunk of ``frames`` (and per ingestion batch), >= 1.
     overwrite : bool
@@ -262,8 +268,8 @@ def create_store(
     clips = [tuple(map(str, c)) for c in clips]
     if not clips:
         raise ValueError("clips must hold at least one (clip_id, path, label) entry, got an empty list")
-    if any(len(c) != 3 for c in clips):
-        raise ValueError("clips must be (clip_id, path, label) triples")
+    if any(len(c) not in (3, 4) for c in clips):
+        raise ValueError("clips must be (clip_id, path, label) or (clip_id, path, label, group) tuples")
     ids = [c[0] for c in clips]
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
@@ -295,6 +301,7 @@ def create_store(
         "error_kind": np.full(n_clips, ""),
         "error": np.full(n_clips, ""),
         "checksum": np.zeros(n_clips, dtype=np.int64),
+        "group": np.array(clip_groups(clips), dtype=str),
     }
     for name in CLIP_COLUMNS:
         values = columns[name]
@@ -474,20 +481,67 @@ def write_chunk_frames(group: zarr.Group, chunk_index: int, frames: np.ndarray) 
 # --------------------------------------------------------------------------- clip table
 
 
+def clip_groups(clips: Sequence[Sequence[str]]) -> list[str]:
+    """The group of every clip of a clip list: its fourth entry if given and not empty, else its clip id.
+
+    >>> clip_groups([("a/x", "x.wav", "a"), ("a/y", "y.wav", "a", "album 1"), ("a/z", "z.wav", "a", "")])
+    ['a/x', 'album 1', 'a/z']
+    """
+    return [str(c[3]) if len(c) > 3 and str(c[3]) else str(c[0]) for c in clips]
+
+
 def clip_table(group: zarr.Group) -> dict[str, np.ndarray]:
     """All columns of the clip table, as numpy arrays (strings as fixed-width unicode).
 
     Returns
     -------
     dict of str to np.ndarray
-        Keys are `CLIP_COLUMNS`; every array has length n_clips.
+        Keys are `CLIP_COLUMNS`; every array has length n_clips.  A store made
+        before the ``group`` column gets every clip as its own group.
     """
     table = group["clips"]
     out = {}
     for name in CLIP_COLUMNS:
+        if name not in table and name == "group":
+            out[name] = out["clip_id"].copy()
+            continue
         values = table[name][:]
         out[name] = _strings(values) if name in _STRING_COLUMNS else np.asarray(values)
     return out
+
+
+def update_groups(group: zarr.Group, groups: Sequence[str]) -> bool:
+    """Write the ``group`` column (one entry per clip); True if it changed.
+
+    Groups only say how cross-validation splits the clips, never what the
+    frames are, so a resumed ingestion updates them in place.
+    """
+    groups = np.array([str(g) for g in groups], dtype=str)
+    n_clips = int(group.attrs["n_clips"])
+    if groups.shape != (n_clips,):
+        raise ValueError(f"groups must have one entry per clip ({n_clips}), got {groups.shape[0]}")
+    table = group["clips"]
+    if "group" in table and np.array_equal(_strings(table["group"][:]), groups):
+        return False
+    create_array(table, "group", shape=(n_clips,), dtype=str, dimension_names=("clip",), data=groups, overwrite=True)
+    return True
+
+
+def groups_digest(group: zarr.Group) -> str:
+    """A digest of how the clips fall into groups (equal for any renaming of the groups)."""
+    return hashlib.sha256(clip_group_index(group).tobytes()).hexdigest()[:16]
+
+
+def clip_group_index(group: zarr.Group) -> np.ndarray:
+    """The group of every clip as an integer (n_clips,) int64, numbered in order of first appearance.
+
+    Equal groups get equal integers; the numbering depends only on how the
+    clips are grouped, not on the groups' names.
+    """
+    _, first, inverse = np.unique(clip_table(group)["group"], return_index=True, return_inverse=True)
+    rank = np.empty(first.size, dtype=np.int64)
+    rank[np.argsort(first)] = np.arange(first.size)
+    return rank[inverse]
 
 
 def update_clips(group: zarr.Group, records: Iterable[Mapping[str, Any]]) -> None:

@@ -37,6 +37,7 @@ def _restore_dask_config():
     import copy
 
     import dask
+    import distributed  # noqa: F401 - its defaults join dask's configuration at import: snapshot them too
 
     saved = copy.deepcopy(dask.config.config)
     yield

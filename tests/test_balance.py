@@ -21,7 +21,7 @@ def builtin_frames(tmp_path_factory):
     """Min-max scaled CQT frames of a small built-in dataset (3 genres x 4 clips of 2 s) and their Laplacian."""
     root = tmp_path_factory.mktemp("builtin")
     clips = make_builtin_dataset(root, BuiltinDatasetConfig(n_genres=3, clips_per_genre=4, duration=2.0))
-    X = np.concatenate([clip_frames(path, CQTConfig(clip_samples=44100)) for _, path, _ in clips])
+    X = np.concatenate([clip_frames(clip.path, CQTConfig(clip_samples=44100)) for clip in clips])
     X = (X - X.min(0)) / (X.max(0) - X.min(0))
     indices, distances = exact_neighbors(X, 10)
     return X.astype(np.float32), laplacian_from_neighbors(indices, distances)

@@ -16,12 +16,15 @@ from sae.classify import (
     Split,
     aggregate_clips,
     chance_level,
+    choose_C,
     clip_runs,
     cross_validate,
     cv_splits,
     evaluate_split,
     inductive_cross_validate,
     inductive_fold,
+    pool_windows,
+    split_groups,
     window_length,
     window_starts,
 )
@@ -55,11 +58,36 @@ def test_aggregation_equals_hand_computed_example():
     assert features.groups.tolist() == [7, 7, 7, 7]
     assert features.labels.tolist() == [7, 7, 7, 7]
     assert features.vectors_per_clip == 4
-    # Without rectification the signed sums; without the shifted set only the aligned windows.
-    signed = aggregate_clips(X, np.zeros(13, dtype=int), n_windows=2, rectify=False).vectors
+    # Plain sums are signed; without the shifted set only the aligned windows.
+    signed = aggregate_clips(X, np.zeros(13, dtype=int), n_windows=2, pooling=("sum",)).vectors
     assert signed[:, 1].tolist() == [-15, -25, -40, -50]
     aligned = aggregate_clips(X, np.zeros(13, dtype=int), n_windows=2, shifted=False).vectors
     assert aligned[:, 0].tolist() == [15, 40]
+
+
+@pytest.mark.parametrize("shifted", [True, False])
+def test_every_pooling_statistic_equals_a_direct_computation(rng, shifted):
+    X = rng.normal(size=(3, 41, 4))
+    pooling = ("sum_abs", "sum", "mean", "mean_abs", "std", "max", "max_abs", "mean_pos", "mean_neg")
+    direct = {
+        "sum_abs": lambda w: np.abs(w).sum(0), "sum": lambda w: w.sum(0), "mean": lambda w: w.mean(0),
+        "mean_abs": lambda w: np.abs(w).mean(0), "std": lambda w: np.sqrt(((w - w.mean(0)) ** 2).mean(0)),
+        "max": lambda w: w.max(0), "max_abs": lambda w: np.abs(w).max(0),
+        "mean_pos": lambda w: np.where(w > 0, w, 0).mean(0), "mean_neg": lambda w: np.where(w < 0, -w, 0).mean(0),
+    }
+    vectors = pool_windows(X, n_windows=3, shifted=shifted, pooling=pooling)
+    w = window_length(41, 3)
+    starts = window_starts(41, 3, shifted=shifted)
+    assert vectors.shape == (3, starts.size, 4 * len(pooling))
+    for clip in range(3):
+        for j, start in enumerate(starts):
+            window = X[clip, start : start + w]
+            expected = np.concatenate([direct[name](window) for name in pooling])
+            np.testing.assert_allclose(vectors[clip, j], expected, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="pooling statistics must be among"):
+        pool_windows(X, n_windows=3, pooling=("median",))
+    with pytest.raises(ValueError, match="pooling"):
+        ClassifyConfig(pooling=())
 
 
 def test_window_lengths_follow_the_thesis():
@@ -149,6 +177,29 @@ def test_grouped_folds_never_share_a_clip():
     assert set(first) != set(second)
 
 
+def test_grouped_folds_never_split_a_group(rng):
+    # 60 clips of 3 labels in groups of 1 to 5 clips (a group within one label, as recordings are).
+    sizes = rng.integers(1, 6, size=60)
+    clip_labels = np.repeat(np.arange(sizes.size) % 3, sizes)[:60]
+    clip_groups = np.repeat(np.arange(sizes.size), sizes)[:60]
+    vector_clips = np.repeat(np.arange(60), 4)
+    groups, grouping = split_groups(vector_clips, clip_groups)
+    assert grouping == "group" and np.array_equal(groups, clip_groups[vector_clips])
+    labels = clip_labels[vector_clips]
+    for split in cv_splits(labels, groups, protocol="grouped", n_splits=5, n_repeats=4, random_state=2):
+        train = np.setdiff1d(np.arange(labels.size), split.test)
+        assert not set(clip_groups[vector_clips[split.test]]) & set(clip_groups[vector_clips[train]])
+    # Through cross_validate: the summary says how the folds were grouped.
+    frames, row_clips, labels_of_clips = separable_frames(rng, clips_per_class=8)
+    features = aggregate_clips(frames, row_clips, clip_labels=labels_of_clips, n_windows=2)
+    config = ClassifyConfig(classifier="ridge", n_splits=3, n_repeats=1)
+    by_group = cross_validate(features, config, clip_groups=np.arange(24) // 2)
+    assert (by_group["grouping"], by_group["n_groups"]) == ("group", 12)
+    by_clip = cross_validate(features, config)
+    assert (by_clip["grouping"], by_clip["n_groups"]) == ("clip", 24)
+    assert cross_validate(features, config.model_copy(update={"protocol": "thesis"}))["grouping"] == "none"
+
+
 def test_thesis_protocol_leaks_clips_between_train_and_test():
     labels = np.repeat(np.arange(20) % 4, 12)
     groups = np.repeat(np.arange(20), 12)
@@ -172,7 +223,7 @@ def test_splits_are_reproducible_and_validated():
     assert not all(np.array_equal(x.test, y.test) for x, y in zip(a, c))
     with pytest.raises(ValueError, match="protocol must be one of"):
         cv_splits(labels, groups, protocol="kfold")
-    with pytest.raises(ValueError, match=r"n_splits must be <= the number of clips \(10\), got 11"):
+    with pytest.raises(ValueError, match=r"n_splits must be <= the number of groups \(10\), got 11"):
         cv_splits(labels, groups, n_splits=11)
 
 
@@ -199,6 +250,30 @@ def test_evaluate_split_matches_scikit_learn_and_votes(rng):
     truth = {clip: clip_labels[clip] for clip in votes}
     assert result["clip_accuracy"] == pytest.approx(np.mean([votes[c] == truth[c] for c in votes]))
     assert result["n_test_clips"] == 4
+
+
+def test_nested_choice_of_C_equals_a_grid_search_on_the_training_vectors_only(rng):
+    from sklearn.linear_model import RidgeClassifier
+    from sklearn.model_selection import GridSearchCV, StratifiedGroupKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    frames, row_clips, clip_labels = separable_frames(rng, clips_per_class=10, noise=4.0)
+    features = aggregate_clips(frames, row_clips, clip_labels=clip_labels, n_windows=2)
+    grid = (0.001, 0.01, 0.1, 1.0, 10.0)
+    config = ClassifyConfig(classifier="ridge", scaling="standard", C_grid=grid, random_state=5, n_splits=3,
+                            n_repeats=1)
+    chosen = choose_C(features.vectors, features.labels, features.groups, config)
+    search = GridSearchCV(
+        make_pipeline(StandardScaler(), RidgeClassifier()), {"ridgeclassifier__alpha": [1 / c for c in grid]},
+        cv=StratifiedGroupKFold(3, shuffle=True, random_state=5),
+    ).fit(features.vectors, features.labels, groups=features.groups)
+    assert chosen == pytest.approx(1 / search.best_params_["ridgeclassifier__alpha"])
+    summary = cross_validate(features, config)
+    assert sum(summary["C_chosen"].values()) == 3 and set(summary["C_chosen"]) <= {f"{c:g}" for c in grid}
+    assert choose_C(features.vectors, features.labels, features.groups, config.model_copy(update={"C_grid": ()})) == 1.0
+    with pytest.raises(ValueError, match="C_grid must hold values > 0"):
+        ClassifyConfig(C_grid=(1.0, 0.0))
 
 
 def test_chance_level():

@@ -8,7 +8,7 @@ import pytest
 from prefect_dask import DaskTaskRunner
 
 from flows._dask import LOOPBACK
-from flows.classify import parse_source, results_key, run_classify
+from flows.classify import feature_key, parse_source, results_key, run_classify
 from sae import store
 from sae.classify import aggregate_clips, cross_validate, inductive_cross_validate
 from sae.config import ClassifyConfig, CQTConfig, ModelConfig, PreprocessConfig, TrainConfig
@@ -93,12 +93,33 @@ def test_flow_equals_in_memory_pipeline_and_is_reused(prepared):
     assert stored.attrs["complete"] is True
     assert stored.attrs["summaries"]["sae"]["confusion"] == expected["sae"]["confusion"]
     assert stored.attrs["summaries"]["sae"]["class_names"] == list(GENRES)
-    np.testing.assert_array_equal(stored["sae"]["scores"][:], expected["sae"]["scores"])
+    assert stored.attrs["summaries"]["sae"]["grouping"] == "clip"
+    per_feature = store.stage_group(path, "results", feature_key(preprocess_key, features["sae"], config), mode="r")
+    np.testing.assert_array_equal(per_feature["scores"][:], expected["sae"]["scores"])
     text = open(out["markdown"]).read()
     assert f"{100 * expected['sae']['accuracy_mean']:.1f} ±" in text and "| disco |" in text
     assert open(out["png"], "rb").read(4) == b"\x89PNG"
     again = run_classify(path, preprocess_key, features, config)
     assert again["reused"] and again["results"] == out["results"]
+
+    # The baseline of a preprocessing is classified once: beside another feature set it is reused.
+    baseline = store.stage_group(path, "results", feature_key(preprocess_key, features["baseline"], config), mode="r")
+    version = baseline.attrs["version"]
+    alone = run_classify(path, preprocess_key, {"baseline": features["baseline"]}, config)
+    assert alone["reused"] and alone["results"]["baseline"] == out["results"]["baseline"]
+    assert store.stage_group(path, "results", baseline.basename, mode="r").attrs["version"] == version
+
+    # Regrouped clips (pairs of clips as recordings) make the results stale: the folds change.
+    root = store.open_store(path, mode="r+")
+    table = store.clip_table(root)
+    store.update_groups(root, [f"recording {i // 2}" for i in range(len(table["clip_id"]))])
+    try:
+        grouped = run_classify(path, preprocess_key, features, config)
+        assert not grouped["reused"]
+        summaries = store.stage_group(path, "results", key, mode="r").attrs["summaries"]
+        assert summaries["sae"]["grouping"] == "group" and summaries["sae"]["n_groups"] < np.unique(row_clips).size
+    finally:
+        store.update_groups(root, table["group"])  # the store is shared with the next tests
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ def test_deterministic_labelled_gtzan_layout(tmp_path):
     second = make_builtin_dataset(tmp_path / "b", SMALL)
     assert [c[0] for c in first] == [f"{g}/{g}.{j:05d}" for g in GENRES[:3] for j in range(2)]
     assert [c[2] for c in first] == [g for g in GENRES[:3] for _ in range(2)]
-    for (_, path_a, label), (_, path_b, _) in zip(first, second):
+    for (_, path_a, label, _), (_, path_b, _, _) in zip(first, second):
         assert path_a.endswith(f"{label}/{label}.{path_a[-9:-4]}.wav")
         assert open(path_a, "rb").read() == open(path_b, "rb").read()
         info = soundfile.info(path_a)
@@ -40,8 +40,8 @@ def test_cqt_baseline_above_chance_below_perfect(tmp_path):
     config = BuiltinDatasetConfig(n_genres=4, clips_per_genre=8, duration=3.0, seed=0)
     clips = make_builtin_dataset(tmp_path, config)
     cqt = CQTConfig(clip_samples=3 * 22050)
-    frames = np.stack([clip_frames(path, cqt) for _, path, _ in clips])  # (clips, F, bins)
-    labels = np.array([label for *_, label in clips])
+    frames = np.stack([clip_frames(clip.path, cqt) for clip in clips])  # (clips, F, bins)
+    labels = np.array([clip.label for clip in clips])
     low, high = frames.min(axis=(0, 1)), frames.max(axis=(0, 1))
     scaled = (frames - low) / (high - low)
     n_windows = 4
@@ -65,9 +65,9 @@ def test_scan_folder_lists_non_audio_files(tmp_path):
     (tmp_path / "stray.wav").write_text("x")
     clips = scan_folder(tmp_path)
     assert clips == [
-        ("jazz/b", str(tmp_path / "jazz" / "b.flac"), "jazz"),
-        ("jazz/readme", str(tmp_path / "jazz" / "readme.md"), "jazz"),
-        ("rock/rock.00001", str(tmp_path / "rock" / "rock.00001.au"), "rock"),
+        ("jazz/b", str(tmp_path / "jazz" / "b.flac"), "jazz", ""),
+        ("jazz/readme", str(tmp_path / "jazz" / "readme.md"), "jazz", ""),
+        ("rock/rock.00001", str(tmp_path / "rock" / "rock.00001.au"), "rock", ""),
     ]
     with pytest.raises(ClipError) as info:
         load_clip(clips[1][1], CQTConfig(clip_samples=4096))
@@ -85,9 +85,9 @@ def test_read_manifest(tmp_path):
     manifest.write_text(f"path,label,extra\naudio/x.wav,pop,1\n{absolute},rock,2\ngone.wav,pop,3\n")
     clips = read_manifest(manifest)
     assert clips == [
-        ("pop/x", str(tmp_path / "audio" / "x.wav"), "pop"),
-        ("rock/y", str(absolute), "rock"),
-        ("pop/gone", str(tmp_path / "gone.wav"), "pop"),
+        ("pop/x", str(tmp_path / "audio" / "x.wav"), "pop", ""),
+        ("rock/y", str(absolute), "rock", ""),
+        ("pop/gone", str(tmp_path / "gone.wav"), "pop", ""),
     ]
     assert resolve_clips(manifest) == clips
     with pytest.raises(ClipError) as info:
@@ -97,3 +97,11 @@ def test_read_manifest(tmp_path):
     bad.write_text("file,genre\na.wav,pop\n")
     with pytest.raises(ValueError, match="'path' and 'label'"):
         read_manifest(bad)
+
+
+def test_read_manifest_groups(tmp_path):
+    manifest = tmp_path / "list.csv"
+    manifest.write_text("label,group,path\npop,album 1,a.wav\npop, album 1 ,b.wav\nrock,,c.wav\n")
+    clips = read_manifest(manifest)
+    assert [clip.group for clip in clips] == ["album 1", "album 1", ""]
+    assert [clip.clip_id for clip in clips] == ["pop/a", "pop/b", "rock/c"]

@@ -39,7 +39,7 @@ def dataset(tmp_path_factory):
     from sae.datasets import scan_folder
 
     clips = scan_folder(root)
-    reference = np.concatenate([clip_frames(path, CQT) for _, path, _ in clips])
+    reference = np.concatenate([clip_frames(clip.path, CQT) for clip in clips])
     return root, clips, reference
 
 

@@ -39,6 +39,34 @@ def make_store(path, rng, n_clips=9, chunk_clips=2, failed=(4,)):
     return group
 
 
+def _gaussian_smooth(frames, sigma):
+    """Each row convolved with a normalised Gaussian of std sigma (radius int(4 sigma + 0.5)), edges mirrored."""
+    radius = int(4 * sigma + 0.5)
+    offsets = np.arange(-radius, radius + 1)
+    weights = np.exp(-0.5 * (offsets / sigma) ** 2)
+    weights /= weights.sum()
+    padded = np.pad(frames, ((0, 0), (radius, radius)), mode="symmetric")
+    return sum(w * padded[:, radius + k : radius + k + frames.shape[1]] for k, w in zip(offsets, weights))
+
+
+def _clip_reference(clip, config):
+    """The per-clip steps, written out: compression, local contrast, context."""
+    if config.compression == "log":
+        clip = np.log(1 + config.log_gain * clip)
+    elif config.compression == "power":
+        clip = clip**config.power
+    if config.contrast == "local":
+        centred = clip - _gaussian_smooth(clip, config.contrast_width)
+        spread = np.sqrt(_gaussian_smooth(centred**2, config.contrast_width))
+        clip = centred / np.maximum(spread, spread.mean(axis=1, keepdims=True))
+    out = np.empty((clip.shape[0], clip.shape[1] * config.context))
+    for t in range(clip.shape[0]):
+        for j in range(config.context):
+            source = max(t - j * config.context_stride, 0)
+            out[t, j * clip.shape[1] : (j + 1) * clip.shape[1]] = clip[source]
+    return out
+
+
 def _in_memory(group, config):
     """Independent numpy reference of the documented computation."""
     frames = store.frames_array(group)[:].astype(np.float64)
@@ -52,7 +80,7 @@ def _in_memory(group, config):
         if config.labels is not None and table["label"][clip] not in config.labels:
             continue
         rows.extend(range(clip * n_frames, clip * n_frames + keep))
-    F = frames[rows]
+    F = np.concatenate([_clip_reference(frames[rows[i : i + keep]], config) for i in range(0, len(rows), keep)])
     if config.scaling == "minmax":
         low, high = F.min(axis=0), F.max(axis=0)
         span = np.where(high - low > 0, high - low, 1.0)
@@ -80,6 +108,11 @@ def _in_memory(group, config):
         PreprocessConfig(scaling="standard", frames_per_clip=10),
         PreprocessConfig(scaling="none", noise_std=0.2, noise_seed=3),
         PreprocessConfig(noise_std=0.1, frames_per_clip=5),
+        PreprocessConfig(compression="log", log_gain=3.0, frames_per_clip=9),
+        PreprocessConfig(compression="power", power=0.3, contrast="local", contrast_width=1.5),
+        PreprocessConfig(compression="log", contrast="local", context=3, context_stride=2, frames_per_clip=11,
+                         scaling="standard"),
+        PreprocessConfig(context=4, noise_std=0.1, labels=("disco",)),
     ],
 )
 def test_stored_equals_in_memory(tmp_path, rng, config):
@@ -95,9 +128,10 @@ def test_stored_equals_in_memory(tmp_path, rng, config):
     np.testing.assert_array_equal(out["clip_index"][:], rows // n_frames)
     np.testing.assert_array_equal(out["frame_index"][:], rows % n_frames)
     assert 4 not in set(out["clip_index"][:].tolist())  # the failed clip
-    if config.scaling == "minmax" and config.noise_std == 0:
+    if config.scaling == "minmax" and config.noise_std == 0 and config.contrast == "none":
         assert X.min() == 0 and X.max() == pytest.approx(1)
         assert np.all(X[:, 5] == 0)  # the constant feature
+    assert info["n_bins"] == 12 * config.context
 
 
 def test_skips_when_complete_and_recomputes_on_overwrite(tmp_path, rng):

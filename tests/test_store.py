@@ -41,6 +41,25 @@ def test_create_layout(group, tmp_path):
     assert store.store_path(group) == str(tmp_path / "s.zarr")
 
 
+def test_clip_groups_are_stored_updated_and_numbered_by_first_appearance(tmp_path):
+    clips = [("a/1", "1.wav", "a", "zeta"), ("a/2", "2.wav", "a", "zeta"), ("b/3", "3.wav", "b", ""),
+             ("b/4", "4.wav", "b", "alpha")]
+    group = store.create_store(tmp_path / "g.zarr", CQT, clips, chunk_clips=2)
+    assert store.clip_table(group)["group"].tolist() == ["zeta", "zeta", "b/3", "alpha"]
+    assert store.clip_group_index(group).tolist() == [0, 0, 1, 2]
+    digest = store.groups_digest(group)
+    # Renaming groups keeps the partition, hence the digest; regrouping changes it.
+    assert not store.update_groups(group, ["zeta", "zeta", "b/3", "alpha"])
+    assert store.update_groups(group, ["x", "x", "b/3", "a"]) and store.groups_digest(group) == digest
+    assert store.update_groups(group, ["x", "y", "b/3", "a"])
+    assert store.clip_group_index(group).tolist() == [0, 1, 2, 3] and store.groups_digest(group) != digest
+    with pytest.raises(ValueError, match="one entry per clip"):
+        store.update_groups(group, ["x"])
+    # A store made before the column: every clip is its own group.
+    del group["clips"]["group"]
+    assert store.clip_table(group)["group"].tolist() == ["a/1", "a/2", "b/3", "b/4"]
+
+
 def test_readable_by_plain_zarr_without_pickles(group, tmp_path):
     meta = json.loads((tmp_path / "s.zarr" / "clips" / "clip_id" / "zarr.json").read_text())
     assert meta["data_type"] == "string"
