@@ -166,7 +166,7 @@ def preflight(stage: str, config: PipelineConfig) -> None:
         check_cluster(address)
     store = config.ingest.store
     try:
-        if stage in ("run", "sweep", "ingest"):
+        if stage in ("run", "sweep", "experiment", "ingest"):
             sae_store.check_location(store)
             if Path(store).exists() and not config.force:
                 sae_store.open_store(store)

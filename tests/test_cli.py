@@ -64,6 +64,13 @@ def test_other_configuration_errors_name_the_option(runner, tmp_path):
     _fails_before_work(runner, ["run", "--config", str(bad)], tmp_path, ".yaml", ".toml")
 
 
+def test_experiment_arguments_fail_before_work(runner, tmp_path):
+    _fails_before_work(runner, ["experiment", "--noise", "0,-0.1"], tmp_path, "--noise", "'0,-0.1'")
+    _fails_before_work(runner, ["experiment", "--noise", "a,b"], tmp_path, "--noise")
+    _fails_before_work(runner, ["experiment", "--lambda-g", "0"], tmp_path, "--lambda-g", "> 0")
+    _fails_before_work(runner, ["experiment", "--set", "train.model.n_atom=3"], tmp_path, "unknown key")
+
+
 @pytest.mark.parametrize("command", (None, *COMMANDS, "config"))
 def test_help(runner, command):
     result = runner.invoke(app, ["--help"] if command is None else [command, "--help"])
