@@ -58,6 +58,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import MinMaxScaler, StandardScaler
 from sklearn.svm import SVC, LinearSVC
 
+from sae.progress import ProgressCallback, gather
+
 from sae.config import ClassifyConfig
 
 __all__ = [
@@ -539,20 +541,32 @@ def _evaluate_task(split: Split, data: _Data, config: ClassifyConfig) -> dict[st
     return evaluate_split(data.vectors, data.labels, data.groups, split, config, data.classes)
 
 
-def _run_splits(function: Any, splits: Sequence[Split], data: Any, config: ClassifyConfig, client: Any) -> list:
-    """``[function(split, data, config) for split in splits]``, one Dask task per split if ``client``."""
+def _run_splits(function: Any, splits: Sequence[Split], data: Any, config: ClassifyConfig, client: Any,
+                progress: ProgressCallback | None = None) -> list:
+    """``[function(split, data, config) for split in splits]``, one Dask task per split if ``client``.
+
+    ``progress(done, len(splits))`` is called as splits complete (`sae.progress`).
+    """
     if client is None:
-        return [function(split, data, config) for split in splits]
+        results = []
+        if progress is not None:
+            progress(0, len(splits))
+        for split in splits:
+            results.append(function(split, data, config))
+            if progress is not None:
+                progress(len(results), len(splits))
+        return results
     data_future = client.scatter(data, broadcast=False, hash=False)
     futures = client.map(function, list(splits), data=data_future, config=config, pure=False)
     try:
-        return client.gather(futures)
+        return gather(client, futures, progress)
     finally:
         client.cancel([*futures, data_future])
 
 
 def cross_validate(
-    features: AggregatedFeatures, config: ClassifyConfig, *, client: Any = None, protocol: str | None = None
+    features: AggregatedFeatures, config: ClassifyConfig, *, client: Any = None, protocol: str | None = None,
+    progress: ProgressCallback | None = None,
 ) -> dict[str, Any]:
     """Cross-validated accuracy of window vectors under ``config`` (protocol "thesis" or "grouped").
 
@@ -567,6 +581,8 @@ def cross_validate(
     protocol : str, optional
         Overrides ``config.protocol``; "inductive" is evaluated here as
         "grouped" (same splits) for features that do not depend on the fold.
+    progress : callable, optional
+        ``progress(done, n_splits)`` as splits complete (`sae.progress`).
 
     Returns
     -------
@@ -585,7 +601,7 @@ def cross_validate(
     classes = np.unique(features.labels)
     data = _Data(features.vectors, features.labels, features.groups, classes)
     logger.info("%s protocol: %d splits of %d vectors", split_protocol, len(splits), features.labels.size)
-    results = _run_splits(_evaluate_task, splits, data, config, client)
+    results = _run_splits(_evaluate_task, splits, data, config, client, progress)
     return _summary(results, features.labels, classes, config, protocol)
 
 
@@ -702,6 +718,7 @@ def inductive_cross_validate(
     config: ClassifyConfig,
     *,
     client: Any = None,
+    progress: ProgressCallback | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Cross-validated accuracy of codes learned per fold on the training clips only.
 
@@ -719,6 +736,8 @@ def inductive_cross_validate(
         ``clip_labels[c]`` is the label of clip c.
     config : ClassifyConfig
     client : distributed.Client, optional
+    progress : callable, optional
+        ``progress(done, n_folds)`` as folds complete (`sae.progress`).
 
     Returns
     -------
@@ -738,7 +757,7 @@ def inductive_cross_validate(
     classes = np.unique(labels)
     data = _FrameData(frames, row_clips, clip_labels, classes)
     logger.info("inductive protocol: %d folds, %d frames", len(split_clips), frames.shape[0])
-    results = _run_splits(_inductive_task, split_clips, data, config, client)
+    results = _run_splits(_inductive_task, split_clips, data, config, client, progress)
     return {
         method: _summary([r[method] for r in results], labels, classes, config, "inductive")
         for method in config.encode_methods
