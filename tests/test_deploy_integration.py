@@ -44,10 +44,12 @@ def deployments() -> list[dict]:
 
 
 def _flow_of(entrypoint: str):
+    """The module of a module-path entrypoint and the object it names."""
     import importlib
 
-    module, name = entrypoint.split(":")
-    return importlib.import_module(module), getattr(importlib.import_module(module), name)
+    module_name, name = entrypoint.split(":")
+    module = importlib.import_module(module_name)
+    return module, getattr(module, name)
 
 
 def test_deployments_are_importable_flows_whose_form_starts_from_the_defaults_of_sae_run():
@@ -166,8 +168,13 @@ class Runs:
         from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
         runs = [run.id for run in self.tree(label)]
-        logs = self.client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=runs)), limit=200)
-        return "\n".join(entry.message for entry in logs)
+        messages: list[str] = []
+        while True:  # 200 at a time, the API's most
+            page = self.client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=runs)),
+                                         limit=200, offset=len(messages))
+            messages += [entry.message for entry in page]
+            if len(page) < 200:
+                return "\n".join(messages)
 
 
 def _images(markdown: str) -> list[bytes]:
