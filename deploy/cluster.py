@@ -164,10 +164,12 @@ def start(args: argparse.Namespace) -> dict:
 
     if not args.no_prefect:
         env.pop("PREFECT_API_URL", None)
+        # The UI asks this address for its data (by default the one of port 4200, whatever --port says).
+        server_env = dict(env, PREFECT_UI_API_URL=api_url)
         state.spawn(
             "prefect-server",
             [_bin("prefect"), "server", "start", "--host", host, "--port", str(ports["prefect"])],
-            env,
+            server_env,
         )
         _wait(lambda: _http_ok(api_url + "/health"), "the Prefect server", args.timeout,
               state.logs / "prefect-server.log")

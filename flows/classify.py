@@ -7,11 +7,13 @@ Coarse Prefect tasks, each calling `sae` functions and returning metadata only:
   ``model/<key>``, ...) into window vectors per clip (`sae.classify.aggregate_clips`),
   then cross-validate them (`sae.classify.cross_validate`), one plain Dask task per
   split on the cluster of a ``DaskTaskRunner`` (``prefect_dask.get_dask_client()``,
-  the vectors scattered once), serially otherwise;
+  the vectors scattered once), serially otherwise; the splits done are a progress
+  artifact of the task run (`flows._progress`);
 - with protocol "inductive", one ``classify-inductive`` task that fits the
   auto-encoder per fold on the training clips' frames (`sae.classify.inductive_cross_validate`);
 - the flow writes the summaries to ``results/<key>`` of the store, renders a markdown
-  table and a PNG (`sae.report`) and publishes them as Prefect artifacts.
+  report and its figure (`sae.report`) beside the store, and publishes the report,
+  figure inline, as a Prefect artifact.
 
 A complete ``results/<key>`` (same store, sources and configuration) is reused.
 
@@ -42,10 +44,12 @@ from prefect.context import FlowRunContext
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from flows._dask import cluster_client
+from flows._progress import Progress
+from flows._runs import run_namer
 from sae import store as sae_store
 from sae.classify import aggregate_clips, aggregate_options, cross_validate, inductive_cross_validate
 from sae.config import ClassifyConfig
-from sae.report import plot_results, results_markdown
+from sae.report import inline_images, plot_results, report_folder, results_markdown
 
 STAGE = "results"
 DEFAULT_ARRAYS = {"preprocess": "X"}
@@ -187,8 +191,9 @@ def classify_features(
     group = _new_results_group(store, key, {"preprocess_key": preprocess_key, "source": source,
                                             "classify": config.model_dump(mode="json")})
     features = aggregate_clips(array, row_clips, clip_labels=clip_labels, **aggregate_options(config))
+    progress = Progress(f"classify {name}", None, "splits", store=store, log_seconds=10.0)
     with cluster_client() as client:
-        summary = cross_validate(features, config, client=client, clip_groups=clip_groups)
+        summary = cross_validate(features, config, client=client, clip_groups=clip_groups, progress=progress)
     summary.update(source=source, class_names=[class_names[k] for k in summary["classes"]])
     _write_feature_results(group, features, summary)
     _complete(store, group, {name: summary}, [f"preprocess/{preprocess_key}", _source_group(preprocess_key, source)])
@@ -203,9 +208,10 @@ def classify_inductive(store: str, preprocess_key: str, config: ClassifyConfig, 
     frames = open_preprocessed(store, preprocess_key)["X"]
     group = _new_results_group(store, key, {"preprocess_key": preprocess_key, "source": INDUCTIVE_SOURCE,
                                             "classify": config.model_dump(mode="json")})
+    progress = Progress("classify inductive", None, "folds", store=store, log_seconds=10.0)
     with cluster_client() as client:
         results = inductive_cross_validate(frames, row_clips, clip_labels, config, client=client,
-                                           clip_groups=clip_groups)
+                                           clip_groups=clip_groups, progress=progress)
     out = {}
     for method, summary in results.items():
         summary.update(source=f"preprocess/{preprocess_key}", class_names=[class_names[k] for k in summary["classes"]])
@@ -230,7 +236,7 @@ def classify_inductive_task(store: str, preprocess_key: str, config: ClassifyCon
 
 def report_paths(store: str, key: str) -> tuple[Path, Path]:
     """Where the markdown and PNG of ``results/<key>`` are written: ``<store>-reports/`` beside the store."""
-    folder = Path(f"{str(store).rstrip('/')}-reports")
+    folder = report_folder(store)
     return folder / f"classify-{key}.md", folder / f"classify-{key}.png"
 
 
@@ -283,16 +289,19 @@ def submit_classification(
 def publish_results(
     store: str, key: str, summaries: dict[str, dict[str, Any]], title: str
 ) -> tuple[Path, Path]:
-    """Write the markdown and PNG of ``results/<key>`` beside the store; publish them as an artifact in a flow run."""
+    """Write the markdown and PNG of ``results/<key>`` beside the store; publish them as an artifact in a flow run.
+
+    The report links its figure by relative path; the artifact holds the figure itself.
+    """
     markdown_path, png_path = report_paths(store, key)
-    markdown = results_markdown(summaries, title=title)
+    markdown = results_markdown(summaries, title=title) + f"\n![Accuracies and confusion matrices]({png_path.name})\n"
     markdown_path.parent.mkdir(parents=True, exist_ok=True)
     markdown_path.write_text(markdown)
     plot_results(summaries, png_path)
     if FlowRunContext.get() is not None:
         create_markdown_artifact(
-            markdown + f"\nFigure (accuracies, confusion matrices): `{png_path.resolve()}`\n",
-            key=f"classify-{key}", description=f"Classification results/{key} of {store}",
+            inline_images(markdown, png_path.parent), key=f"classify-{key}",
+            description=f"Classification results/{key} of {store}",
         )
     return markdown_path, png_path
 
@@ -305,7 +314,14 @@ def brief(summaries: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
     }
 
 
-@flow(name="classify", task_runner=ThreadPoolTaskRunner(max_workers=2))
+def _results_key(parameters: dict[str, Any]) -> str:
+    preprocess_key = parameters["preprocess_key"]
+    features = parameters.get("features") or {"baseline": f"preprocess/{preprocess_key}"}
+    return results_key(preprocess_key, features, ClassifyConfig.model_validate(parameters.get("config") or {}))
+
+
+@flow(name="classify", flow_run_name=run_namer("classify", _results_key),
+      task_runner=ThreadPoolTaskRunner(max_workers=2))
 def classify_flow(
     store: str,
     preprocess_key: str,

@@ -8,6 +8,11 @@ the command before any work, with exit code 2 and a message naming the field.
 
 Without a Prefect server (``PREFECT_API_URL`` unset) the flows run in Prefect's
 ephemeral mode: a temporary local server for the duration of the command.
+
+While a command works, the terminal shows a progress bar per step (ingestion,
+kNN, training, cross-validation: `flows._progress`), also for the steps that
+run on a Dask cluster, whose dashboard address is printed first; when the
+output is not a terminal, progress is plain log lines.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: flags show as flags (the rich help gives them a <bool> value)
 )
 
 ConfigOption = Annotated[
@@ -257,6 +263,7 @@ def _prepared(command: str, config: PipelineConfig, no_wait: bool) -> Iterator[P
     import logging
 
     from flows import pipeline
+    from flows._progress import terminal_display
     from flows._server import prefect_api
     from sae import store as sae_store
 
@@ -267,8 +274,10 @@ def _prepared(command: str, config: PipelineConfig, no_wait: bool) -> Iterator[P
         pipeline.preflight(command, config)
     except ValueError as error:
         raise _fail(error, USAGE_ERROR) from None
+    address = pipeline.dask_address(config)
     try:
-        with sae_store.store_lock(config.ingest.store, wait=0 if no_wait else None), prefect_api():
+        with sae_store.store_lock(config.ingest.store, wait=0 if no_wait else None), prefect_api(), \
+                terminal_display(address, store=config.ingest.store):
             yield config
     except typer.Exit:
         raise

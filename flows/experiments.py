@@ -39,7 +39,7 @@ from flows.classify import brief, submit_classification
 from flows.graph import graph_task, preprocess_task
 from flows.train import train_task
 from sae.config import ClassifyConfig, GraphConfig, PipelineConfig, PreprocessConfig, TrainConfig
-from sae.report import PUBLISHED_NOISE_TABLE, noise_table_markdown, plot_noise_experiment
+from sae.report import PUBLISHED_NOISE_TABLE, inline_images, noise_table_markdown, plot_noise_experiment, report_folder
 
 COLUMNS = ("baseline", "lambda_g_off", "lambda_g_on")
 """Feature sets of the table, named as `sae.report.PUBLISHED_NOISE_TABLE`."""
@@ -47,7 +47,7 @@ COLUMNS = ("baseline", "lambda_g_off", "lambda_g_on")
 
 def experiment_paths(store: str, tag: str) -> tuple[Path, Path]:
     """Markdown and PNG of a noise experiment, in ``<store>-reports/`` beside the store."""
-    folder = Path(f"{str(store).rstrip('/')}-reports")
+    folder = report_folder(store)
     return folder / f"noise-{tag}.md", folder / f"noise-{tag}.png"
 
 
@@ -114,13 +114,14 @@ def noise_experiment_flow(
            if published else
            f"Accuracy (%), mean ± std over the splits; folds grouped by {grouping} (no {grouping} on both sides).\n\n")
         + noise_table_markdown(table, COLUMNS, published=published)
+        + f"\n![Accuracy against noise]({png_path.name})\n"
     )
     markdown_path.parent.mkdir(parents=True, exist_ok=True)
     markdown_path.write_text(markdown)
     plot_noise_experiment(table, png_path, published=published)
     if FlowRunContext.get() is not None:
         create_markdown_artifact(
-            markdown + f"\nPlot: `{png_path.resolve()}`\n", key="noise-experiment",
+            inline_images(markdown, png_path.parent), key="noise-experiment",
             description=f"Noise experiment on {store}",
         )
     return {

@@ -6,7 +6,8 @@ metadata only:
 1. ``preprocess`` -> `sae.preprocess.run_preprocess` (skipped when complete);
 2. ``graph`` -> `sae.graph.run_graph`: blocked kNN as plain Dask tasks, recall
    against exact search on a sample, W and L written as CSR (skipped when
-   complete).
+   complete); the kNN search's progress in query blocks is a progress
+   artifact of the task run (`flows._progress`).
 
 Inside a task the Dask work goes to the cluster of a ``DaskTaskRunner``
 (``prefect_dask.get_dask_client()``, the task seceding from its worker thread
@@ -32,9 +33,11 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from flows._dask import cluster_client
+from flows._progress import Progress
+from flows._runs import run_namer
 from sae.config import GraphConfig, PreprocessConfig
-from sae.graph import run_graph
-from sae.preprocess import run_preprocess
+from sae.graph import graph_key, run_graph
+from sae.preprocess import preprocess_key, run_preprocess
 
 
 @contextmanager
@@ -60,10 +63,16 @@ def graph_task(store: str, preprocess_key: str, config: GraphConfig) -> dict[str
     """kNN, recall, W and L written to ``graph/<key>``."""
     with dask_scheduler() as where:
         get_run_logger().info("kNN (%s, %s) on %s", config.method, config.metric, where)
-        return run_graph(store, preprocess_key, config)
+        progress = Progress("knn", None, "blocks", store=store, log_seconds=10.0)
+        return run_graph(store, preprocess_key, config, progress=progress)
 
 
-@flow(name="graph", task_runner=ThreadPoolTaskRunner(max_workers=1))
+def _graph_key(parameters: dict[str, Any]) -> str:
+    preprocess = PreprocessConfig.model_validate(parameters["preprocess"])
+    return graph_key(preprocess_key(preprocess), GraphConfig.model_validate(parameters["graph"]))
+
+
+@flow(name="graph", flow_run_name=run_namer("graph", _graph_key), task_runner=ThreadPoolTaskRunner(max_workers=1))
 def graph_flow(store: str, preprocess: PreprocessConfig, graph: GraphConfig) -> dict[str, Any]:
     """Preprocess the frames of ``store`` and build their graph; returns both stages' metadata.
 

@@ -4,7 +4,8 @@ One Prefect task per batch of ``chunk_clips`` clips: it computes their CQTs,
 writes its own chunk of ``frames`` (`sae.audio.process_batch`) and returns
 metadata only.  The flow is the single writer of the clip table: it records
 each batch's outcome as the batch completes, so an interrupted run resumes
-where it stopped (clips already "ok" are skipped).
+where it stopped (clips already "ok" are skipped).  Its progress in clips is
+a progress artifact of the run and a line per batch (`flows._progress`).
 
 Run it locally (threads) or on Dask workers::
 
@@ -18,6 +19,7 @@ Run it locally (threads) or on Dask workers::
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -27,6 +29,8 @@ from prefect.context import FlowRunContext
 from prefect.futures import as_completed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
+from flows._progress import Progress
+from flows._runs import run_namer
 from sae.audio import prepare_ingest, process_batch
 from sae.config import IngestConfig
 from sae.store import errors_markdown, ingest_summary, open_store, pending_batches, update_clips
@@ -44,7 +48,8 @@ def ingest_batch(store: str, chunk_index: int, clip_indices: list[int]) -> list[
     return process_batch(store, chunk_index, clip_indices)
 
 
-@flow(name="ingest", task_runner=ThreadPoolTaskRunner(max_workers=2))
+@flow(name="ingest", task_runner=ThreadPoolTaskRunner(max_workers=2),
+      flow_run_name=run_namer("ingest", lambda p: Path(IngestConfig.model_validate(p["config"]).store).name))
 def ingest_flow(config: IngestConfig) -> dict[str, Any]:
     """Ingest ``config.data`` into the store ``config.store``; return a summary.
 
@@ -76,6 +81,7 @@ def ingest_flow(config: IngestConfig) -> dict[str, Any]:
     futures = {batch_task.submit(store, chunk, clips): chunk for chunk, clips in batches}
     computed: list[int] = []
     failed: list[int] = []
+    progress = Progress("ingest", n_clips, "clips", store=store, log_seconds=0.0, done=done)
     for future in as_completed(list(futures)):
         chunk = futures[future]
         try:
@@ -88,8 +94,10 @@ def ingest_flow(config: IngestConfig) -> dict[str, Any]:
         computed.extend(record["index"] for record in records)
         done += len(records)
         n_errors = sum(record["status"] == "error" for record in records)
-        logger.info("ingested %d/%d clips (batch %d: %d errors)", done, n_clips, chunk, n_errors)
+        progress(done, detail=f"batch {chunk}: {n_errors} errors")
 
+    if not failed:
+        progress.finish()
     summary = ingest_summary(group)
     summary["computed"] = sorted(computed)
     summary["failed_batches"] = sorted(failed)

@@ -42,8 +42,10 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.context import FlowRunContext
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
+from flows._runs import run_namer, stage_tags
 from sae import store as sae_store
 from sae.config import IngestConfig, PipelineConfig
+from sae.report import inline_images
 
 DASK_ADDRESS_VARIABLE = "SAE_DASK_ADDRESS"
 """Environment variable naming the Dask scheduler when ``config.cluster`` is None."""
@@ -120,9 +122,12 @@ def make_task_runner(address: str | None) -> TaskRunner | None:
     return DaskTaskRunner(address=address)
 
 
-def _with_runner(stage_flow: Any, address: str | None) -> Any:
+def _run_stage_flow(stage: str, stage_flow: Any, address: str | None, **parameters: Any) -> Any:
+    """Run a stage's flow on the Dask cluster at ``address`` (else its own threads), tagged with the stage."""
     runner = make_task_runner(address)
-    return stage_flow if runner is None else stage_flow.with_options(task_runner=runner)
+    runnable = stage_flow if runner is None else stage_flow.with_options(task_runner=runner)
+    with stage_tags(stage):
+        return runnable(**parameters)
 
 
 class PreflightError(ValueError):
@@ -322,7 +327,7 @@ def run_ingest_stage(config: PipelineConfig, address: str | None = None) -> dict
             summary = sae_store.ingest_summary(sae_store.open_store(ingest.store))
             log.info("ingest: %s holds every clip (%s): skipped", ingest.store, summary["counts"])
         else:
-            summary = _with_runner(ingest_flow, address)(config=ingest)
+            summary = _run_stage_flow("ingest", ingest_flow, address, config=ingest)
             group = sae_store.stage_group(ingest.store, INGEST_STAGE, key, config=ingest.model_dump(mode="json"),
                                           mode="w")
             group.attrs.update({"counts": summary["counts"]})
@@ -343,7 +348,8 @@ def run_graph_stage(config: PipelineConfig, address: str | None = None) -> dict[
         if preprocess_current(store, config.preprocess) and sae_store.is_complete(store, "graph", keys["graph"]):
             log.info("graph: preprocess/%s and graph/%s are complete: skipped", keys["preprocess"], keys["graph"])
             return {"skipped": True, "preprocess": {"key": keys["preprocess"]}, "graph": {"key": keys["graph"]}}
-        out = _with_runner(graph_flow, address)(store=store, preprocess=config.preprocess, graph=config.graph)
+        out = _run_stage_flow("graph", graph_flow, address, store=store, preprocess=config.preprocess,
+                              graph=config.graph)
     return {"skipped": False, **out}
 
 
@@ -361,9 +367,8 @@ def run_train_stage(config: PipelineConfig, address: str | None = None) -> dict[
         if model_complete(store, keys["model"], config.train.model.max_outer):
             log.info("train: model/%s is complete: skipped", keys["model"])
             return {"skipped": True, "key": keys["model"]}
-        out = _with_runner(train_flow, address)(
-            store=store, preprocess_key=keys["preprocess"], train=config.train, graph_key=graph
-        )
+        out = _run_stage_flow("train", train_flow, address, store=store, preprocess_key=keys["preprocess"],
+                              train=config.train, graph_key=graph)
     return {**out, "skipped": False}
 
 
@@ -394,8 +399,8 @@ def run_classify_stage(config: PipelineConfig, address: str | None = None) -> di
             log.info("classify: results/%s is complete: skipped", keys["results"])
             return {"skipped": True, "store": store, "key": keys["results"], "results": brief(summaries),
                     "markdown": str(markdown), "png": str(png)}
-        out = _with_runner(classify_flow, address)(
-            store=store, preprocess_key=keys["preprocess"],
+        out = _run_stage_flow(
+            "classify", classify_flow, address, store=store, preprocess_key=keys["preprocess"],
             features=feature_sources(keys["preprocess"], keys["model"]), config=config.classify,
         )
     return {**out, "skipped": False}
@@ -433,7 +438,12 @@ def accuracy_table(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-@flow(name="pipeline", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=False)
+def _store_name(parameters: dict[str, Any]) -> str:
+    return Path(PipelineConfig.model_validate(parameters.get("config") or {}).ingest.store).name
+
+
+@flow(name="pipeline", flow_run_name=run_namer("pipeline", _store_name),
+      task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=False)
 def pipeline_flow(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # noqa: B008 - frozen model
     """Ingest, preprocess and build the graph, train, classify; each stage skipped when complete.
 
@@ -465,10 +475,13 @@ def pipeline_flow(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]: 
         out = run_classify_stage(config, address)
     skipped["classify"] = out["skipped"]
     table = accuracy_table(out["results"])
-    log.info("accuracy (report: %s):\n%s", out["markdown"], table)
+    log.info("report: %s", out["markdown"])
     if FlowRunContext.get() is not None:
+        figure = Path(out["png"])
         create_markdown_artifact(
-            f"# Pipeline on `{config.ingest.store}`\n\n{table}\n\nReport: `{out['markdown']}`\n",
+            inline_images(f"# Pipeline on `{config.ingest.store}`\n\n{table}\n\n"
+                          f"![Accuracies and confusion matrices]({figure.name})\n\n"
+                          f"Reports in `{figure.parent}`\n", figure.parent),
             key="pipeline-summary", description=f"Accuracies of the pipeline on {config.ingest.store}",
         )
     return {
@@ -485,7 +498,12 @@ def pipeline_flow(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]: 
     }
 
 
-@flow(name="pipeline-stage", task_runner=ThreadPoolTaskRunner(max_workers=1))
+def _stage_name(parameters: dict[str, Any]) -> str:
+    return f"{parameters['stage']}-{_store_name(parameters)}"
+
+
+@flow(name="pipeline-stage", flow_run_name=run_namer("stage", _stage_name),
+      task_runner=ThreadPoolTaskRunner(max_workers=1))
 def stage_flow(
     stage: Literal["ingest", "graph", "train", "classify"],
     config: PipelineConfig = PipelineConfig(),  # noqa: B008 - frozen model
@@ -501,7 +519,9 @@ def stage_flow(
         raise ValueError(f"stage must be one of {tuple(runners)}, got {stage!r}")
     show_library_logs()
     config = resolve_paths(config)
-    out = runners[stage](config, dask_address(config))
+    address = dask_address(config)
+    get_run_logger().info("%s stage on %s; tasks on %s", stage, config.ingest.store, address or "local threads")
+    out = runners[stage](config, address)
     return {"stage": stage, "store": config.ingest.store, **out}
 
 

@@ -22,9 +22,13 @@ reused.  The flow then writes, beside the store in ``<store>-reports/``:
 ``sweep-<key>.csv`` (one row per point, `sae.sweep.point_row`),
 ``sweep-<key>-metrics.png`` (each metric against the first swept parameter),
 ``sweep-<key>-atoms.png`` (the learned dictionaries), ``sweep-<key>-convergence.png``
-(the objective terms against the outer iteration) and ``sweep-<key>.md``; the rows
-also go to the store (``sweep/<key>``, attribute ``rows``), and the table and the
-report are published as Prefect artifacts::
+(the objective terms against the outer iteration) and ``sweep-<key>.md`` (the table
+and the figures); the rows also go to the store (``sweep/<key>``, attribute
+``rows``), and the table (rounded, `summary_rows`) and the report (figures inline)
+are published as Prefect artifacts.  Runs are named ``sweep-<parameters>``
+(``sweep-lambda_g``).  The flows are defined here, in an importable module, so
+that the Dask workers that run their tasks can import them too (the deployment's
+entrypoint is ``flows.sweep:sweep_flow``)::
 
     from flows.sweep import sweep_flow
     from sae.config import PipelineConfig
@@ -44,6 +48,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import FlowRunContext
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows._runs import run_namer, stage_tags
 from flows.classify import brief, submit_classification
 from flows.graph import graph_task, preprocess_task
 from flows.pipeline import (
@@ -60,8 +65,8 @@ from flows.train import train_task
 from sae import store as sae_store
 from sae.config import PipelineConfig
 from sae.distributed import open_model
-from sae.report import plot_atoms, plot_convergence, plot_sweep_metrics
-from sae.sweep import point_row, sweep_key, sweep_points, write_csv
+from sae.report import inline_images, plot_atoms, plot_convergence, plot_sweep_metrics, report_folder
+from sae.sweep import point_row, resolve_parameter, sweep_key, sweep_points, write_csv
 
 STAGE = "sweep"
 """Stage group of sweep results in a store: ``sweep/<key>`` with the attribute ``rows``."""
@@ -69,7 +74,7 @@ STAGE = "sweep"
 
 def sweep_paths(store: str, key: str) -> dict[str, Path]:
     """Where a sweep's files go: ``<store>-reports/sweep-<key>{.csv,.md,-metrics.png,-atoms.png,-convergence.png}``."""
-    folder = Path(f"{str(store).rstrip('/')}-reports")
+    folder = report_folder(store)
     stem = f"sweep-{key}"
     return {
         "csv": folder / f"{stem}.csv",
@@ -78,6 +83,35 @@ def sweep_paths(store: str, key: str) -> dict[str, Path]:
         "atoms_png": folder / f"{stem}-atoms.png",
         "convergence_png": folder / f"{stem}-convergence.png",
     }
+
+
+def summary_rows(rows: list[dict[str, Any]], parameters: list[str]) -> list[dict[str, Any]]:
+    """The headline columns of a sweep's rows, rounded to what is worth reading (the CSV keeps every digit).
+
+    >>> row = {"train.model.lambda_g": 100, "accuracy_mean": 0.6250000000000001, "accuracy_std": 0.05,
+    ...        "baseline_mean": 0.7, "baseline_std": 0.04, "chance": 0.2, "sparsity_percent": 4.7123,
+    ...        "train_seconds": 12.34, "outer_iterations": 7, "inner_codes": 300, "total": 1234.5678}
+    >>> summary_rows([row], ["train.model.lambda_g"])[0]  # doctest: +NORMALIZE_WHITESPACE
+    {'lambda_g': 100, 'accuracy (%)': 62.5, 'accuracy std (%)': 5.0, 'baseline (%)': 70.0,
+     'baseline std (%)': 4.0, 'chance (%)': 20.0, 'non-zeros (%)': 4.71, 'objective': 1234.57,
+     'train (s)': 12.3, 'outer': 7, 'inner Z': 300}
+    """
+    out = []
+    for row in rows:
+        item: dict[str, Any] = {p.rsplit(".", 1)[-1]: row[p] for p in parameters}
+        for name in ("accuracy", "baseline"):
+            item[f"{name} (%)"] = round(100 * row[f"{name}_mean"], 1)
+            item[f"{name} std (%)"] = round(100 * row[f"{name}_std"], 1)
+        item.update({
+            "chance (%)": round(100 * row["chance"], 1),
+            "non-zeros (%)": round(row["sparsity_percent"], 2),
+            "objective": float(f"{row['total']:.6g}"),
+            "train (s)": round(row["train_seconds"], 1),
+            "outer": row["outer_iterations"],
+            "inner Z": row["inner_codes"],
+        })
+        out.append(item)
+    return out
 
 
 def sweep_table(rows: list[dict[str, Any]], parameters: list[str]) -> str:
@@ -89,22 +123,28 @@ def sweep_table(rows: list[dict[str, Any]], parameters: list[str]) -> str:
     >>> print(sweep_table([row], ["train.model.lambda_g"]).splitlines()[2])
     | 100 | 80.0 ± 5.0 | 70.0 ± 4.0 | 20.0 | 4.71 | 1234.5 | 12.3 | 7 / 300 |
     """
-    header = [p.rsplit(".", 1)[-1] for p in parameters] + [
+    names = [p.rsplit(".", 1)[-1] for p in parameters]
+    header = names + [
         "accuracy (%)", "baseline (%)", "chance (%)", "non-zeros (%)", "objective", "train (s)", "outer / inner Z",
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        cells = [str(row[p]) for p in parameters] + [
-            f"{100 * row['accuracy_mean']:.1f} ± {100 * row['accuracy_std']:.1f}",
-            f"{100 * row['baseline_mean']:.1f} ± {100 * row['baseline_std']:.1f}",
-            f"{100 * row['chance']:.1f}",
-            f"{row['sparsity_percent']:.2f}",
-            f"{row['total']:.6g}",
-            f"{row['train_seconds']:.1f}",
-            f"{row['outer_iterations']} / {row['inner_codes']}",
+    for item in summary_rows(rows, parameters):
+        cells = [str(item[name]) for name in names] + [
+            f"{item['accuracy (%)']:.1f} ± {item['accuracy std (%)']:.1f}",
+            f"{item['baseline (%)']:.1f} ± {item['baseline std (%)']:.1f}",
+            f"{item['chance (%)']:.1f}",
+            f"{item['non-zeros (%)']:.2f}",
+            f"{item['objective']:.6g}",
+            f"{item['train (s)']:.1f}",
+            f"{item['outer']} / {item['inner Z']}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _parameter_names(parameters: dict[str, Any]) -> str:
+    """The swept fields of a sweep's ``parameters`` argument: ``lambda_g`` or ``lambda_d-lambda_g``."""
+    return "-".join(resolve_parameter(name).rsplit(".", 1)[-1] for name in parameters)
 
 
 def _unique(items: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -115,7 +155,8 @@ def _unique(items: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-@flow(name="sweep-stages", task_runner=ThreadPoolTaskRunner(max_workers=8))
+@flow(name="sweep-stages", flow_run_name=run_namer("sweep-stages", lambda p: _parameter_names(p["parameters"])),
+      task_runner=ThreadPoolTaskRunner(max_workers=8))
 def sweep_stages_flow(config: PipelineConfig, parameters: dict[str, list[Any]], parallel: int) -> dict[str, Any]:
     """Steps 2-4 of the module docstring for the points of a sweep whose ingestion is complete.
 
@@ -165,10 +206,11 @@ def sweep_stages_flow(config: PipelineConfig, parameters: dict[str, list[Any]], 
     return {"computed": computed, "results": results}
 
 
-@flow(name="sweep", task_runner=ThreadPoolTaskRunner(max_workers=1))
+@flow(name="sweep", flow_run_name=run_namer("sweep", lambda p: _parameter_names(p["parameters"])),
+      task_runner=ThreadPoolTaskRunner(max_workers=1))
 def sweep_flow(
-    config: PipelineConfig,
-    parameters: dict[str, list[Any]],
+    config: PipelineConfig = PipelineConfig(),  # noqa: B008 - frozen model
+    parameters: dict[str, list[Any]] = {"train.model.balance_lambdas": [False, True]},  # noqa: B006 - never mutated
     parallel: int | None = None,
 ) -> dict[str, Any]:
     """Run the pipeline at every point of the grid over ``parameters``; a table, a CSV and plots.
@@ -181,12 +223,10 @@ def sweep_flow(
     config : PipelineConfig
         The base configuration (store, data, every stage's settings, cluster).
     parameters : dict
-        Parameter name or dotted path -> list of values (`sae.sweep.resolve_parameter`);
-        the grid is their Cartesian product.  The first parameter is the x axis of
-        the metric plot.
+        Parameter name or dotted path -> list of values; the grid is their
+        product, the first parameter the x axis of the metric plot.
     parallel : int, optional
-        Trainings run at the same time; default: every distinct model on a Dask
-        cluster, 1 on local threads.
+        Trainings at the same time; default: all on a Dask cluster, 1 on local threads.
 
     Returns
     -------
@@ -214,8 +254,9 @@ def sweep_flow(
         stages = sweep_stages_flow
         if address is not None:
             stages = stages.with_options(task_runner=make_task_runner(address))
-        out = stages(config=config, parameters=parameters,
-                     parallel=parallel or (len(points) if address is not None else 1))
+        with stage_tags("sweep"):
+            out = stages(config=config, parameters=parameters,
+                         parallel=parallel or (len(points) if address is not None else 1))
         computed = {"ingest": [] if ingest["skipped"] else [ingest["key"]], **out["computed"]}
         return _sweep_outputs(log, config, parameters, points, key, out["results"], computed, address)
 
@@ -243,11 +284,13 @@ def _sweep_outputs(log: Any, config: PipelineConfig, parameters: dict[str, list[
     log.info("sweep %s (%s):\n%s", key, files["csv"], table)
     if FlowRunContext.get() is not None:
         create_table_artifact(
-            sae_store.json_safe(rows),
-            key=f"sweep-{key}", description=f"Sweep over {', '.join(paths)} on {store}: one row per point",
+            sae_store.json_safe(summary_rows(rows, paths)),
+            key=f"sweep-{key}", description=f"Sweep over {', '.join(paths)} on {store}: one row per point "
+            f"(every column in {files['csv']})",
         )
+        report = Path(files["markdown"])
         create_markdown_artifact(
-            Path(files["markdown"]).read_text(), key=f"sweep-{key}-report",
+            inline_images(report.read_text(), report.parent), key=f"sweep-{key}-report",
             description=f"Sweep over {', '.join(paths)} on {store}",
         )
     return {"key": key, "store": store, "cluster": address, "rows": rows, "table": table, "computed": computed,
@@ -276,10 +319,10 @@ def _write_outputs(
         f"Store `{store}`; accuracy of the codes and of the scaled CQT (baseline), mean ± std over the "
         f"splits ({config.classify.protocol} protocol); objective at the end of training.\n\n"
         + sweep_table(rows, paths)
-        + "\n\n"
-        + "\n".join(f"- {name.replace('_', ' ')}: `{path.resolve()}`" for name, path in files.items()
-                    if name != "markdown")
-        + "\n"
+        + f"\n\nEvery column of every point: `{files['csv'].resolve()}`\n\n"
+        + f"![Metrics against {paths[0]}]({files['metrics_png'].name})\n\n"
+        + f"![Convergence of each weighted term]({files['convergence_png'].name})\n\n"
+        + f"![Learned atoms, sorted by peak frequency bin]({files['atoms_png'].name})\n"
     )
     files["markdown"].write_text(markdown)
     group = sae_store.stage_group(

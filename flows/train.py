@@ -5,8 +5,12 @@ Z step as per-block Dask tasks, the D and E steps from reduced statistics, a
 checkpoint in ``model/<key>`` after every outer iteration.  A retry (or a
 rerun of the flow) resumes from the last checkpoint, so ``retries=1`` costs at
 most one outer iteration.  The task logs one line per outer iteration
-(objective terms, relative change, sparsity, time) with ``get_run_logger``, so
-the progress shows in the Prefect UI.
+(objective terms, relative change, sparsity, time) with ``get_run_logger`` and
+updates a progress artifact (outer iterations, with the objective and the
+inner iterations of the last one: `flows._progress`), so the progress shows
+in the Prefect UI.  The flow then writes a report of the model beside the
+store (`publish_model`: the convergence of every objective term and the
+learned atoms) and publishes it, figures included, as an artifact.
 
 Where the Dask work runs: on the cluster of a ``DaskTaskRunner``
 (``prefect_dask.get_dask_client()``; the task secedes from its worker thread
@@ -25,15 +29,21 @@ an in-process ``distributed.LocalCluster`` of threads::
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from flows._dask import dask_client
+from flows._progress import Progress
+from flows._runs import run_namer
 from sae.config import TrainConfig
-from sae.distributed import train_model
+from sae.distributed import model_key, open_model, train_model
+from sae.report import history_markdown, inline_images, plot_atoms, plot_convergence, report_folder
 
 
 def _log_record(logger: Any, record: dict[str, Any]) -> None:
@@ -49,19 +59,69 @@ def _log_record(logger: Any, record: dict[str, Any]) -> None:
     )
 
 
+def _progress_detail(record: dict[str, Any]) -> str:
+    return (f"objective {record['total']:.4g}, rel. change {record['relative_change']:.1e}, "
+            f"inner Z/D/E {record['inner_codes']}/{record['inner_dictionary']}/{record['inner_encoder']}")
+
+
 @task(name="train", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
 def train_task(store: str, preprocess_key: str, graph_key: str | None, train: TrainConfig) -> dict[str, Any]:
     """Train (or resume, or skip when complete) and return the run's metadata, never arrays."""
     logger = get_run_logger()
+    key = model_key(train, preprocess_key, graph_key)
+    progress = Progress(f"train {key}", train.model.max_outer, "outer iterations", store=store)
+
+    def report(record: dict[str, Any]) -> None:
+        _log_record(logger, record)
+        progress(record["iteration"], detail=_progress_detail(record))
+
     with dask_client() as client:
         logger.info("training on %s (%d workers)", client.scheduler.address, len(client.scheduler_info()["workers"]))
-        return train_model(
-            store, preprocess_key, train, client=client, graph_key=graph_key,
-            callback=lambda record: _log_record(logger, record),
-        )
+        out = train_model(store, preprocess_key, train, client=client, graph_key=graph_key, callback=report)
+    if out["skipped"]:
+        progress(out["n_iter"], total=out["n_iter"], detail="trained before")
+    else:
+        progress.finish(f"objective {out['objective']:.4g}, stopped: {out['stop_reason']}")
+    return out
 
 
-@flow(name="train", task_runner=ThreadPoolTaskRunner(max_workers=1))
+def model_report_paths(store: str, key: str) -> dict[str, Path]:
+    """The report of ``model/<key>`` beside the store: ``model-<key>.md``, ``-convergence.png``, ``-atoms.png``."""
+    folder = report_folder(store)
+    return {"markdown": folder / f"model-{key}.md", "convergence_png": folder / f"model-{key}-convergence.png",
+            "atoms_png": folder / f"model-{key}-atoms.png"}
+
+
+def publish_model(store: str, key: str) -> dict[str, str]:
+    """Write the report of a trained model beside the store; in a flow run, publish it (figures inline) as an artifact.
+
+    Returns the paths ``markdown``, ``convergence_png`` and ``atoms_png``.
+    """
+    model = open_model(store, key)
+    paths = model_report_paths(store, key)
+    paths["markdown"].parent.mkdir(parents=True, exist_ok=True)
+    plot_convergence({key: model["history"]}, paths["convergence_png"])
+    plot_atoms({key: model["components"]}, paths["atoms_png"])
+    markdown = (
+        f"# Model {key}\n\nStore `{store}`: {model['iteration']} outer iterations "
+        f"({model['stop_reason'] or 'not finished'}).\n\n"
+        + history_markdown(model["history"])
+        + f"\n![Convergence of each weighted term]({paths['convergence_png'].name})\n"
+        + f"\n![Learned atoms, sorted by peak frequency bin]({paths['atoms_png'].name})\n"
+    )
+    paths["markdown"].write_text(markdown)
+    if FlowRunContext.get() is not None:
+        create_markdown_artifact(inline_images(markdown, paths["markdown"].parent), key=f"model-{key}",
+                                 description=f"Training of model/{key} in {store}")
+    return {name: str(path) for name, path in paths.items()}
+
+
+def _model_key(parameters: dict[str, Any]) -> str:
+    train = TrainConfig.model_validate(parameters["train"])
+    return model_key(train, parameters["preprocess_key"], parameters.get("graph_key"))
+
+
+@flow(name="train", flow_run_name=run_namer("train", _model_key), task_runner=ThreadPoolTaskRunner(max_workers=1))
 def train_flow(store: str, preprocess_key: str, train: TrainConfig, graph_key: str | None = None) -> dict[str, Any]:
     """Train the structured auto-encoder on ``preprocess/<preprocess_key>`` of ``store``.
 
@@ -73,7 +133,7 @@ def train_flow(store: str, preprocess_key: str, train: TrainConfig, graph_key: s
     dict
         ``key`` (of ``model/<key>``), ``n_iter``, ``stop_reason``,
         ``resumed_from``, ``objective``, ``sparsity_percent``, ``seconds``,
-        ``skipped``.
+        ``skipped``, and ``report`` (the paths of `publish_model`).
     """
     logger = get_run_logger()
     out = train_task.submit(store, preprocess_key, graph_key, train).result()
@@ -83,7 +143,7 @@ def train_flow(store: str, preprocess_key: str, train: TrainConfig, graph_key: s
         f", resumed from {out['resumed_from']}" if out["resumed_from"] else "",
         out["objective"], out["sparsity_percent"],
     )
-    return out
+    return {**out, "report": publish_model(store, out["key"])}
 
 
 def run_train_flow(

@@ -68,6 +68,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import MinMaxScaler, StandardScaler
 from sklearn.svm import SVC, LinearSVC
 
+from sae.progress import ProgressCallback, gather
+
 from sae.config import ClassifyConfig
 
 __all__ = [
@@ -650,14 +652,25 @@ def _evaluate_task(split: Split, data: _Data, config: ClassifyConfig) -> dict[st
     return evaluate_split(data.vectors, data.labels, data.groups, split, config, data.classes, data.fold_groups)
 
 
-def _run_splits(function: Any, splits: Sequence[Split], data: Any, config: ClassifyConfig, client: Any) -> list:
-    """``[function(split, data, config) for split in splits]``, one Dask task per split if ``client``."""
+def _run_splits(function: Any, splits: Sequence[Split], data: Any, config: ClassifyConfig, client: Any,
+                progress: ProgressCallback | None = None) -> list:
+    """``[function(split, data, config) for split in splits]``, one Dask task per split if ``client``.
+
+    ``progress(done, len(splits))`` is called as splits complete (`sae.progress`).
+    """
     if client is None:
-        return [function(split, data, config) for split in splits]
+        results = []
+        if progress is not None:
+            progress(0, len(splits))
+        for split in splits:
+            results.append(function(split, data, config))
+            if progress is not None:
+                progress(len(results), len(splits))
+        return results
     data_future = client.scatter(data, broadcast=False, hash=False)
     futures = client.map(function, list(splits), data=data_future, config=config, pure=False)
     try:
-        return client.gather(futures)
+        return gather(client, futures, progress)
     finally:
         client.cancel([*futures, data_future])
 
@@ -695,6 +708,7 @@ def cross_validate(
     client: Any = None,
     protocol: str | None = None,
     clip_groups: np.ndarray | None = None,
+    progress: ProgressCallback | None = None,
 ) -> dict[str, Any]:
     """Cross-validated accuracy of window vectors under ``config`` (protocol "thesis" or "grouped").
 
@@ -712,6 +726,8 @@ def cross_validate(
     clip_groups : array, optional
         ``clip_groups[c]`` is the group (int) of clip c: the grouped folds keep
         each group on one side (`split_groups`).  None: each clip is its own group.
+    progress : callable, optional
+        ``progress(done, n_splits)`` as splits complete (`sae.progress`).
 
     Returns
     -------
@@ -733,7 +749,7 @@ def cross_validate(
     data = _Data(features.vectors, features.labels, features.groups, classes, groups)
     logger.info("%s protocol (grouped by %s): %d splits of %d vectors", split_protocol, grouping, len(splits),
                 features.labels.size)
-    results = _run_splits(_evaluate_task, splits, data, config, client)
+    results = _run_splits(_evaluate_task, splits, data, config, client, progress)
     summary = _summary(results, features.labels, classes, config, protocol)
     summary.update(grouping="none" if split_protocol == "thesis" else grouping, n_groups=int(np.unique(groups).size))
     return summary
@@ -858,6 +874,7 @@ def inductive_cross_validate(
     *,
     client: Any = None,
     clip_groups: np.ndarray | None = None,
+    progress: ProgressCallback | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Cross-validated accuracy of codes learned per fold on the training clips only.
 
@@ -877,6 +894,8 @@ def inductive_cross_validate(
     client : distributed.Client, optional
     clip_groups : array, optional
         As in `cross_validate`: the group of every clip, kept on one side.
+    progress : callable, optional
+        ``progress(done, n_folds)`` as folds complete (`sae.progress`).
 
     Returns
     -------
@@ -897,7 +916,7 @@ def inductive_cross_validate(
     classes = np.unique(labels)
     data = _FrameData(frames, row_clips, clip_labels, classes, clip_groups)
     logger.info("inductive protocol: %d folds, %d frames", len(split_clips), frames.shape[0])
-    results = _run_splits(_inductive_task, split_clips, data, config, client)
+    results = _run_splits(_inductive_task, split_clips, data, config, client, progress)
     out = {}
     for method in config.encode_methods:
         out[method] = _summary([r[method] for r in results], labels, classes, config, "inductive")

@@ -19,14 +19,33 @@ lambda_z
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
-from typing import Literal
+import re
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Config(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: Any, handler: Any) -> dict[str, Any]:
+        """The JSON schema (a parameter form's fields), described by the docstring's first paragraph only.
+
+        A note on the defaults is left out: a form shows the values it starts from.
+
+        >>> PipelineConfig.model_json_schema()["description"]
+        'The whole pipeline: ingestion, preprocessing and graph, training, classification.'
+        >>> GraphConfig.model_json_schema()["description"]
+        'kNN graph between frames and its Laplacian.'
+        """
+        schema = handler(core_schema)
+        target = handler.resolve_ref_schema(schema)
+        summary = " ".join(inspect.cleandoc(cls.__doc__ or "").split("\n\n")[0].split())
+        target["description"] = re.sub(r"\s*\(defaults[^)]*\)", "", summary)
+        return schema
 
     def fingerprint(self) -> str:
         """A short stable hash of the configuration, to name and reuse results."""
@@ -141,8 +160,8 @@ class IngestConfig(_Config):
 
     data: str | None = Field(
         None,
-        description="GTZAN-style folder (<root>/<label>/<file>) or CSV manifest (columns path,label); "
-        "None generates the built-in dataset into '<store>-data' beside the store.",
+        description="GTZAN-style folder (root/label/file) or CSV manifest (columns path,label); "
+        "None generates the built-in dataset into 'store-data' beside the store.",
     )
     store: str = Field("sae.zarr", min_length=1, description="Path of the Zarr store to create or resume.")
     cqt: CQTConfig = Field(default_factory=CQTConfig, description="Audio loading and CQT.")

@@ -47,6 +47,8 @@ from typing import Any, Literal
 import numpy as np
 import scipy.sparse as sp
 
+from sae.progress import ProgressCallback
+
 logger = logging.getLogger(__name__)
 
 KERNELS = ("exp", "gaussian")
@@ -310,6 +312,7 @@ def run_graph(
     config: Any,
     *,
     overwrite: bool = False,
+    progress: ProgressCallback | None = None,
 ) -> dict[str, Any]:
     """kNN graph and Laplacian of stored preprocessed frames, written to ``graph/<key>``.
 
@@ -327,7 +330,8 @@ def run_graph(
       or ``recall_sample = 0``), ``recall_queries``, ``knn_seconds``.
 
     Skipped when the group is complete (unless ``overwrite``).  Dask work runs
-    on the active client, else the threaded scheduler.
+    on the active client, else the threaded scheduler.  ``progress(done, B)``
+    is called as the kNN search completes its B query blocks (`sae.progress`).
 
     Returns
     -------
@@ -357,6 +361,7 @@ def run_graph(
         n_neighbors_build=max(config.n_neighbors_build, config.n_neighbors),
         search_epsilon=config.search_epsilon,
         random_state=config.random_state,
+        progress=progress,
     )
     knn_seconds = time.perf_counter() - start
     recall, recall_queries = None, 0

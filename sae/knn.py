@@ -65,6 +65,8 @@ import weakref
 from collections.abc import Sequence
 from typing import Any, Literal
 
+from sae.progress import ProgressCallback, compute
+
 import dask
 import dask.array as da
 import numpy as np
@@ -215,6 +217,7 @@ def exact_neighbors(
     *,
     metric: Literal["euclidean", "cosine"] = "euclidean",
     block_size: int = 4096,
+    progress: ProgressCallback | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact K nearest neighbours of every row of X by blocked brute force, self excluded.
 
@@ -228,6 +231,8 @@ def exact_neighbors(
         Distance between rows.
     block_size : int
         Rows per block: B = ceil(N / block_size) and B^2 tile tasks.
+    progress : callable, optional
+        ``progress(done, B)`` as the query blocks are complete (`sae.progress`).
 
     Returns
     -------
@@ -246,7 +251,7 @@ def exact_neighbors(
         candidates = [pair(q_block, q_off, r_block, r_off, n_neighbors, metric) for r_block, r_off in zip(blocks, offsets)]
         merged.append(merge(candidates, n_neighbors))
     logger.info("exact kNN: N=%d, K=%d, %d blocks, %d tile tasks", n_samples, n_neighbors, len(blocks), len(blocks) ** 2)
-    results = dask.compute(*merged)
+    results = compute(*merged, progress=progress)
     return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
 
 
@@ -348,6 +353,7 @@ def approximate_neighbors(
     search_epsilon: float = 0.1,
     random_state: int = 0,
     n_jobs: int | None = 1,
+    progress: ProgressCallback | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Approximate K nearest neighbours of every row of X with blocked pynndescent.
 
@@ -374,6 +380,8 @@ def approximate_neighbors(
     n_jobs : int or None
         Threads of each pynndescent build (None: all cores).  Dask already
         runs one task per worker thread: keep 1 there.
+    progress : callable, optional
+        ``progress(done, B)`` as the query blocks are complete (`sae.progress`).
 
     Returns
     -------
@@ -411,7 +419,7 @@ def approximate_neighbors(
         "approximate kNN: N=%d, K=%d (built with %d), %d blocks: %d builds, %d queries",
         n_samples, n_neighbors, n_neighbors_build, len(blocks), len(blocks), len(blocks) * (len(blocks) - 1),
     )
-    results = dask.compute(*merged)
+    results = compute(*merged, progress=progress)
     return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
 
 
@@ -426,16 +434,18 @@ def nearest_neighbors(
     search_epsilon: float = 0.1,
     random_state: int = 0,
     n_jobs: int | None = 1,
+    progress: ProgressCallback | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """K nearest neighbours of every row of X, self excluded: `approximate_neighbors` or `exact_neighbors`.
 
     The exact method ignores ``n_neighbors_build``, ``search_epsilon``,
     ``random_state`` and ``n_jobs``.  Returns (N, K) int64 indices and
-    (N, K) float32 distances, sorted by distance.
+    (N, K) float32 distances, sorted by distance.  ``progress(done, B)`` is
+    called as the B query blocks are complete.
     """
     _check("method", method, METHODS)
     if method == "exact":
-        return exact_neighbors(X, n_neighbors, metric=metric, block_size=block_size)
+        return exact_neighbors(X, n_neighbors, metric=metric, block_size=block_size, progress=progress)
     return approximate_neighbors(
         X,
         n_neighbors,
@@ -445,6 +455,7 @@ def nearest_neighbors(
         search_epsilon=search_epsilon,
         random_state=random_state,
         n_jobs=n_jobs,
+        progress=progress,
     )
 
 

@@ -15,14 +15,20 @@ The inputs are the summaries of `sae.classify.cross_validate` (dicts with
 
 from __future__ import annotations
 
+import base64
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 __all__ = [
+    "report_folder",
+    "inline_images",
+    "history_markdown",
     "PUBLISHED_NOISE_TABLE",
     "results_markdown",
     "plot_results",
@@ -41,6 +47,72 @@ PUBLISHED_NOISE_TABLE: dict[float, dict[str, float]] = {
 }
 """The thesis's accuracies (%) by noise std: CQT baseline, lambda_g off, lambda_g = 100
 (5 genres x 100 clips x 149 frames, m = 128, lambda_z = 1, lambda_d = 10, K = 10)."""
+
+
+def report_folder(store: str | os.PathLike) -> Path:
+    """Where the reports of a store go: ``<store>-reports/`` beside it.
+
+    >>> report_folder("/data/gtzan.zarr/").as_posix()
+    '/data/gtzan.zarr-reports'
+    """
+    return Path(f"{os.fspath(store).rstrip('/')}-reports")
+
+
+_IMAGE_LINK = re.compile(r"!\[([^\]]*)\]\(([^)\s]+\.png)\)")
+
+INLINE_MAX_BYTES = 4_000_000
+"""Largest PNG `inline_images` embeds (larger ones stay links)."""
+
+
+def inline_images(markdown: str, folder: str | os.PathLike, max_bytes: int = INLINE_MAX_BYTES) -> str:
+    """``markdown`` with every image link to a PNG file of ``folder`` replaced by the image itself (a data URI).
+
+    A report written beside the store links its figures by relative path
+    (``![confusion](classify-abc.png)``), which any markdown viewer of the
+    folder shows; a copy with the images inline shows them anywhere else (a
+    Prefect artifact in the UI).  Links to missing files, to other kinds of
+    file, or to PNGs above ``max_bytes`` are left as they are.
+
+    >>> inline_images("![none](missing.png) and text", ".")
+    '![none](missing.png) and text'
+    """
+    folder = Path(folder)
+
+    def embed(match: re.Match) -> str:
+        path = folder / match.group(2)
+        if not path.is_file() or path.stat().st_size > max_bytes:
+            return match.group(0)
+        data = base64.b64encode(path.read_bytes()).decode("ascii")
+        return f"![{match.group(1)}](data:image/png;base64,{data})"
+
+    return _IMAGE_LINK.sub(embed, markdown)
+
+
+def _number(value: Any, spec: str) -> str:
+    """``value`` formatted with ``spec``, or an empty cell when it is missing or not finite."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return ""
+    return format(value, spec)
+
+
+def history_markdown(history: Sequence[Mapping[str, Any]]) -> str:
+    """A markdown table of a training history (`sae.model.FitResult.history`), one row per outer iteration.
+
+    >>> record = {"iteration": 1, "total": 1234.56789, "relative_change": 0.01234, "sparsity_percent": 4.567,
+    ...           "inner_codes": 30, "inner_dictionary": 12, "inner_encoder": 0, "seconds": 1.234}
+    >>> print(history_markdown([record]).splitlines()[2])
+    | 1 | 1234.57 | 1.23e-02 | 4.57 | 30 / 12 / 0 | 1.2 |
+    """
+    lines = ["| outer | objective | relative change | non-zeros (%) | inner Z / D / E | time (s) |",
+             "|---|---|---|---|---|---|"]
+    for record in history:
+        inner = " / ".join(str(record.get(f"inner_{step}", 0)) for step in ("codes", "dictionary", "encoder"))
+        lines.append(
+            f"| {record['iteration']} | {_number(record.get('total'), '.6g')} "
+            f"| {_number(record.get('relative_change'), '.2e')} | {_number(record.get('sparsity_percent'), '.2f')} "
+            f"| {inner} | {_number(record.get('seconds'), '.1f')} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def _percent(value: float) -> str:

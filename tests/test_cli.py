@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import yaml
@@ -79,6 +80,10 @@ def test_help(runner, command):
     if command is not None and command != "config":
         for option in ("--config", "--data", "--store", "--cluster", "--set"):
             assert option in result.output
+    # Flags are flags: no value shown after them.
+    assert "<bool>" not in result.output and "BOOLEAN" not in result.output
+    flags = re.findall(r"^\s+(--(?:force|strict|no-wait|json|help))\b(.*)$", result.output, re.MULTILINE)
+    assert flags and all(not rest.strip().startswith("<") for _, rest in flags), flags
 
 
 def test_config_command_round_trips_and_layers_sources(runner, tmp_path):

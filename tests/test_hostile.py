@@ -77,6 +77,10 @@ def workdir(tmp_path_factory, services):
     reference = run(sae_command("run", "-c", "tiny.yaml", "--data", "data", "--store", "reference.zarr"),
                     services, root)
     assert reference.returncode == 0, reference.stderr
+    # Not a terminal: progress as plain log lines, no bars; the accuracy table once, at the end.
+    assert "ingest: 12/12 clips" in reference.stderr and "classify sae: 3/3 splits" in reference.stderr
+    assert "━" not in reference.stderr
+    assert (reference.stdout + reference.stderr).count("| features |") == 1
     return root, accuracy_table(reference.stdout)
 
 

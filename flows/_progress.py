@@ -1,0 +1,327 @@
+"""What a user sees of the long steps while they run: Prefect progress artifacts, the terminal, the log.
+
+A `Progress` follows one step of a run (ingestion in clips, the kNN search in
+query blocks, a training in outer iterations, a cross-validation in splits);
+it is a progress callback of `sae.progress` (``progress(done, total)``), and:
+
+- inside a Prefect flow or task run, it creates a progress artifact (key
+  ``progress-<step>``) and updates it as the step proceeds (at most every
+  `ARTIFACT_SECONDS`: an update that comes sooner is written that long after
+  the previous one; the last one at once), so the run's page in the UI shows
+  how far the step is, wherever the work runs: on a Dask worker the task has
+  its run's API settings and updates the artifact itself;
+- it feeds the terminal display of the ``sae`` command (`terminal_display`):
+  directly when the step runs in the command's process, through the Dask
+  scheduler's event log (topic `TOPIC`) when it runs on a Dask worker;
+- with ``log_seconds``, it writes a line to the run's log (the UI and, when
+  the run is local, the terminal) at most that often, and at the end.
+
+On a terminal the display draws one progress bar per step (`rich`) and the
+log lines that repeat a bar are left out of the terminal (not out of the UI);
+when the output is not a terminal it prints nothing of its own for local
+steps (their log lines say it) and a plain log line per update of a step that
+runs on a Dask worker (at most every `LINE_SECONDS` per step).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import re
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, TextIO
+
+TOPIC = "sae-progress"
+"""Dask event topic of progress messages sent by steps running on Dask workers."""
+
+ARTIFACT_SECONDS = 1.0
+"""Shortest interval between two writes of a progress artifact (but the last)."""
+
+LINE_SECONDS = 10.0
+"""Shortest interval between two plain progress lines of a remote step (but its first and last)."""
+
+PROGRESS_RECORD = "sae_progress"
+"""Attribute of the log records that repeat a progress bar (the terminal display hides them)."""
+
+_logger = logging.getLogger("sae.progress")
+_display: TerminalDisplay | None = None
+
+
+def artifact_key(step: str) -> str:
+    """Key of the progress artifact of a step: lowercase letters, digits and dashes.
+
+    >>> artifact_key("classify baseline"), artifact_key("train 1A2b_x")
+    ('progress-classify-baseline', 'progress-train-1a2b-x')
+    """
+    return "progress-" + re.sub(r"[^a-z0-9]+", "-", step.lower()).strip("-")
+
+
+def _run_logger() -> Any:
+    """The logger of the current flow or task run (the UI's log), or None outside runs."""
+    from prefect import get_run_logger
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    if TaskRunContext.get() is None and FlowRunContext.get() is None:
+        return None
+    return get_run_logger()
+
+
+class Progress:
+    """One step's progress: ``done`` of ``total`` ``unit`` (see the module docstring).
+
+    Parameters
+    ----------
+    step : str
+        Short name, also the artifact's key (``"ingest"``, ``"train 1a2b3c"``).
+    total : int or None
+        Parts of the step; None: given by the first update (the artifact is
+        created then), as `sae.progress` callbacks do with ``progress(0, total)``.
+    unit : str
+        What a part is (``"clips"``, ``"blocks"``, ``"outer iterations"``, ``"splits"``).
+    store : str, optional
+        The store the step works on: the terminal display of a command shows
+        the steps of its own store only.
+    log_seconds : float, optional
+        Write a progress line to the run's log at most this often (and at the
+        end); None: never (the step logs its own lines).
+    done : int
+        Parts complete already (a resumed step).
+    """
+
+    def __init__(self, step: str, total: int | None, unit: str, *, store: str | None = None,
+                 log_seconds: float | None = None, done: int = 0) -> None:
+        self.step, self.unit, self.store = step, unit, store
+        self.total = 0 if total is None else int(total)
+        self.done, self.detail = int(done), ""
+        self.finished = False
+        self.log_seconds = log_seconds
+        self.id = f"{step}-{uuid.uuid4().hex[:8]}"
+        self._artifact: Any = None
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+        self._started = False
+        self._artifact_at = self._log_at = time.monotonic()
+        self._run_logger = _run_logger()
+        if total is not None:
+            self._start()
+
+    def _start(self) -> None:
+        """Create the artifact and show the step, once its total is known."""
+        self._started = True
+        if self._run_logger is not None:
+            from prefect.artifacts import create_progress_artifact
+
+            try:
+                self._artifact = create_progress_artifact(self.percent, key=artifact_key(self.step),
+                                                          description=self.text())
+            except Exception as error:  # noqa: BLE001 - progress never fails the work
+                _logger.warning("%s: no progress artifact (%s)", self.step, error)
+        _publish(self.message())
+
+    @property
+    def percent(self) -> float:
+        """Share done, in percent (100 for an empty step)."""
+        return 100.0 if self.total <= 0 else min(100.0, 100.0 * self.done / self.total)
+
+    def text(self) -> str:
+        """One line: ``"train 1a2b3c: 3/10 outer iterations (objective 1.2e+04)"``."""
+        return f"{self.step}: {self.done}/{self.total} {self.unit}" + (f" ({self.detail})" if self.detail else "")
+
+    def message(self) -> dict[str, Any]:
+        """What the terminal display needs, as plain values (it may cross the network)."""
+        return {"id": self.id, "step": self.step, "done": self.done, "total": self.total, "unit": self.unit,
+                "detail": self.detail, "store": self.store}
+
+    def __call__(self, done: int, total: int | None = None, detail: str | None = None) -> None:
+        """Record that ``done`` parts are complete (a `sae.progress` callback)."""
+        if total is not None:
+            self.total = int(total)
+        self.done = int(done)
+        if detail is not None:
+            self.detail = detail
+        if not self._started:
+            self._start()
+            if self.done == 0:
+                return
+        finished = self.finished = self.done >= self.total
+        now = time.monotonic()
+        if self._artifact is not None:
+            with self._lock:
+                wait = ARTIFACT_SECONDS - (now - self._artifact_at)
+                if finished or wait <= 0:
+                    if self._timer is not None:
+                        self._timer.cancel()
+                        self._timer = None
+                    self._write()
+                elif self._timer is None:  # written later, with the state of then
+                    self._timer = threading.Timer(wait, contextvars.copy_context().run, args=(self._write_later,))
+                    self._timer.daemon = True
+                    self._timer.start()
+        if self.log_seconds is not None and self._run_logger is not None and (
+            finished or now - self._log_at >= self.log_seconds
+        ):
+            self._log_at = now
+            self._run_logger.info("%s", self.text(), extra={PROGRESS_RECORD: True})
+        _publish(self.message())
+
+    def _write(self) -> None:
+        """Write the artifact (the caller holds the lock)."""
+        from prefect.artifacts import update_progress_artifact
+
+        self._artifact_at = time.monotonic()
+        try:
+            update_progress_artifact(self._artifact, self.percent, description=self.text())
+        except Exception as error:  # noqa: BLE001 - progress never fails the work
+            _logger.warning("%s: progress artifact not updated (%s)", self.step, error)
+
+    def _write_later(self) -> None:
+        with self._lock:
+            if self._timer is not None:
+                self._timer = None
+                self._write()
+
+    def finish(self, detail: str | None = None) -> None:
+        """The step is complete: when it ends before ``total`` (a training that converged), ``total`` is ``done``.
+
+        Nothing more is reported if the last update already completed it.
+        """
+        if not self.finished or detail is not None:
+            self(self.done, total=min(self.done, self.total), detail=detail)
+
+
+def _publish(message: dict[str, Any]) -> None:
+    """To the display of this process, else (on a Dask worker) to the scheduler's event log."""
+    display = _display
+    if display is not None:
+        display.show(message)
+        return
+    from flows._dask import on_dask_worker
+
+    if on_dask_worker():
+        from distributed import get_worker
+
+        try:
+            get_worker().log_event(TOPIC, message)
+        except Exception:  # noqa: BLE001 - a lost message costs one update of a bar
+            _logger.debug("progress message not sent", exc_info=True)
+
+
+class TerminalDisplay:
+    """Progress bars on a terminal, plain log lines elsewhere (see the module docstring).
+
+    ``live`` defaults to whether ``stream`` is a terminal.  Only the messages
+    of ``store`` are shown when it is given.
+    """
+
+    def __init__(self, stream: TextIO | None = None, *, live: bool | None = None, store: str | None = None) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.live = bool(self.stream.isatty()) if live is None else live
+        self.store = store
+        self.dashboard: str | None = None
+        """The Dask dashboard's address (set by `terminal_display` with a cluster)."""
+        self._lock = threading.Lock()
+        self._bars: dict[str, Any] = {}
+        self._lines: dict[str, float] = {}
+        self._consoles: list[tuple[Any, Any]] = []
+        self.progress: Any = None
+        if self.live:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.progress = Progress(
+                TextColumn("{task.description}"), BarColumn(bar_width=30), MofNCompleteColumn(),
+                TextColumn("{task.fields[unit]}"), TimeElapsedColumn(), TextColumn("{task.fields[detail]}"),
+                console=Console(file=self.stream, force_terminal=True), redirect_stdout=False, redirect_stderr=False,
+            )
+
+    def show(self, message: dict[str, Any], remote: bool = False) -> None:
+        """Draw a progress message (``remote``: it comes from a Dask worker)."""
+        if self.store is not None and message.get("store") not in (None, self.store):
+            return
+        if self.live:
+            with self._lock:
+                bar = self._bars.get(message["id"])
+                if bar is None:
+                    bar = self._bars[message["id"]] = self.progress.add_task(
+                        message["step"], total=message["total"], unit=message["unit"], detail=message["detail"])
+                self.progress.update(bar, completed=message["done"], total=message["total"],
+                                     unit=message["unit"], detail=message["detail"])
+            return
+        if not remote:
+            return  # the step's own log lines are on the terminal already
+        now = time.monotonic()
+        last = self._lines.get(message["id"])
+        finished = message["done"] >= message["total"]
+        if last is None or finished or now - last >= LINE_SECONDS:
+            self._lines[message["id"]] = now
+            detail = f" ({message['detail']})" if message["detail"] else ""
+            _logger.info("%s: %d/%d %s%s", message["step"], message["done"], message["total"], message["unit"],
+                         detail)
+
+    def __enter__(self) -> TerminalDisplay:
+        global _display
+        if self.live:
+            self.progress.start()
+            self._route_console_logs()
+        _display = self
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        global _display
+        _display = None
+        if self.live:
+            self.progress.stop()
+            for handler, console in self._consoles:
+                handler.console = console
+                handler.removeFilter(_hide_progress_records)
+            self._consoles.clear()
+
+    def _route_console_logs(self) -> None:
+        """Prefect's console log lines print above the bars, without the lines that repeat a bar."""
+        from prefect.logging.handlers import PrefectConsoleHandler
+
+        loggers = [logging.getLogger()] + [item for item in logging.Logger.manager.loggerDict.values()
+                                           if isinstance(item, logging.Logger)]
+        seen = set()
+        for logger in loggers:
+            for handler in logger.handlers:
+                if isinstance(handler, PrefectConsoleHandler) and id(handler) not in seen:
+                    seen.add(id(handler))
+                    self._consoles.append((handler, handler.console))
+                    handler.console = self.progress.console
+                    handler.addFilter(_hide_progress_records)
+
+
+def _hide_progress_records(record: logging.LogRecord) -> bool:
+    return not getattr(record, PROGRESS_RECORD, False)
+
+
+@contextmanager
+def terminal_display(address: str | None = None, *, store: str | None = None,
+                     stream: TextIO | None = None) -> Iterator[TerminalDisplay]:
+    """The display of a command for its duration; with a Dask ``address``, the workers' progress too.
+
+    With a cluster, the address of its dashboard is written first (and kept in
+    ``display.dashboard``).  Yields the display.
+    """
+    display = TerminalDisplay(stream, store=store)
+    client = None
+    if address is not None:
+        from distributed import Client
+
+        client = Client(address, timeout=10, set_as_default=False)
+        client.subscribe_topic(TOPIC, lambda event: display.show(event[1], remote=True))
+        display.dashboard = client.dashboard_link
+        print(f"Dask dashboard: {display.dashboard}", file=display.stream, flush=True)
+    try:
+        with display:
+            yield display
+    finally:
+        if client is not None:
+            client.unsubscribe_topic(TOPIC)
+            client.close()

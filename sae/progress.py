@@ -1,0 +1,96 @@
+"""Progress of long computations through a plain callback, whoever listens.
+
+A *progress callback* is any callable ``progress(done, total)``: the functions
+that take one (the kNN search of `sae.knn`, the cross-validation of
+`sae.classify`) call it in the calling thread with ``done = 0`` when the work
+starts (so the listener knows ``total``), then each time one more of their
+``total`` parts is complete, the last call having ``done == total``.
+What it does with the numbers (a progress bar, a line of log, an artifact of a
+Prefect run) is the caller's business: this package never imports Prefect.
+
+The two helpers wait for Dask work part by part:
+
+- `gather` the results of futures of a distributed client, in order;
+- `compute` delayed objects (``dask.compute``), on the active distributed
+  client if ``dask.compute`` would use one, else on the local scheduler.
+
+>>> import dask
+>>> seen = []
+>>> compute(*[dask.delayed(abs)(-i) for i in range(3)], progress=lambda done, total: seen.append((done, total)))
+(0, 1, 2)
+>>> seen[0], seen[-1]
+((0, 3), (3, 3))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import dask
+
+ProgressCallback = Callable[[int, int], None]
+"""``progress(done, total)``: ``done`` of ``total`` parts are complete."""
+
+__all__ = ["ProgressCallback", "compute", "gather"]
+
+
+def gather(client: Any, futures: Sequence[Any], progress: ProgressCallback | None = None) -> list[Any]:
+    """``client.gather(futures)`` (results in the order of ``futures``), calling ``progress`` as each completes."""
+    if progress is None:
+        return client.gather(list(futures))
+    from distributed import as_completed
+
+    total = len(futures)
+    progress(0, total)
+    for done, _ in enumerate(as_completed(list(futures)), start=1):
+        progress(done, total)
+    return client.gather(list(futures))
+
+
+def _distributed_client() -> Any:
+    """The distributed client ``dask.compute`` would use now, or None (a local scheduler)."""
+    from dask.base import get_scheduler
+
+    scheduler = get_scheduler()
+    owner = getattr(scheduler, "__self__", None)
+    try:
+        from distributed import Client
+    except ImportError:  # pragma: no cover - distributed is a dependency
+        return None
+    return owner if isinstance(owner, Client) else None
+
+
+def compute(*objects: Any, progress: ProgressCallback | None = None) -> tuple:
+    """``dask.compute(*objects)``, calling ``progress(done, len(objects))`` as each object is computed.
+
+    On a distributed client the objects become futures, waited for as they
+    complete; on a local scheduler a callback counts the tasks that produce
+    them.  The results are those of ``dask.compute``.
+    """
+    if progress is None:
+        return dask.compute(*objects)
+    client = _distributed_client()
+    if client is not None:
+        futures = client.compute(list(objects))
+        try:
+            return tuple(gather(client, futures, progress))
+        finally:
+            client.cancel(futures)
+    from dask.callbacks import Callback
+
+    total = len(objects)
+    wanted = {getattr(obj, "key", None) for obj in objects} - {None}
+    finished: set = set()
+
+    def count(key: Any, *_: Any) -> None:
+        if key in wanted and key not in finished:
+            finished.add(key)
+            progress(len(finished), total)
+
+    progress(0, total)
+    with Callback(posttask=count):
+        results = dask.compute(*objects)
+    if len(finished) < total:  # objects that were not tasks of the graph (constants, renamed keys)
+        progress(total, total)
+    return results

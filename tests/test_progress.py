@@ -1,0 +1,167 @@
+"""Progress: the callbacks of `sae.progress` (kNN blocks, cross-validation splits), the Prefect progress
+artifacts and the terminal display of `flows._progress`."""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+
+import dask
+import numpy as np
+import pytest
+from distributed import Client, LocalCluster
+
+from flows._dask import LOOPBACK
+from flows._progress import ARTIFACT_SECONDS, PROGRESS_RECORD, TOPIC, Progress, TerminalDisplay, artifact_key
+from sae.classify import aggregate_clips, cross_validate
+from sae.config import ClassifyConfig
+from sae.knn import exact_neighbors
+from sae.progress import compute
+
+
+class Calls(list):
+    """A progress callback that records its calls."""
+
+    def __call__(self, done: int, total: int) -> None:
+        self.append((done, total))
+
+
+def check_calls(calls: Calls, total: int) -> None:
+    """Starts at (0, total), counts every part once, ends at (total, total)."""
+    assert calls[0] == (0, total) and calls[-1] == (total, total)
+    assert [done for done, _ in calls] == list(range(total + 1))
+    assert {t for _, t in calls} == {total}
+
+
+@pytest.fixture(scope="module")
+def client():
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, **LOOPBACK) as cluster, \
+            Client(cluster) as client:
+        yield client
+
+
+def test_compute_reports_each_object_locally_and_on_a_cluster(client):
+    objects = [dask.delayed(sum)([i, i]) for i in range(5)]
+    expected = dask.compute(*objects, scheduler="threads")
+    with dask.config.set(scheduler="threads"):
+        calls = Calls()
+        assert compute(*objects, progress=calls) == expected
+        check_calls(calls, 5)
+    with dask.config.set(scheduler=client.get):  # what a task on a worker does through get_dask_client
+        calls = Calls()
+        assert compute(*objects, progress=calls) == expected
+        check_calls(calls, 5)
+
+
+def test_the_knn_search_reports_its_query_blocks_with_the_same_result(rng, client):
+    X = rng.random((90, 4))
+    reference = exact_neighbors(X, 3, block_size=40)
+    calls = Calls()
+    with dask.config.set(scheduler=client.get):
+        found = exact_neighbors(X, 3, block_size=40, progress=calls)
+    check_calls(calls, 3)  # ceil(90 / 40) query blocks
+    np.testing.assert_array_equal(found[0], reference[0])
+
+
+def test_cross_validation_reports_its_splits_serially_and_on_a_cluster(rng, client):
+    frames = rng.random((60, 3)) + np.repeat(np.eye(3), 20, axis=0)
+    features = aggregate_clips(frames, np.repeat(np.arange(6), 10), clip_labels=np.array([0, 1, 2, 0, 1, 2]),
+                               n_windows=2)
+    config = ClassifyConfig(n_windows=2, n_splits=2, n_repeats=2, classifier="ridge")
+    serial, parallel = Calls(), Calls()
+    assert cross_validate(features, config, progress=serial) == cross_validate(features, config, client=client,
+                                                                               progress=parallel)
+    check_calls(serial, 4)
+    check_calls(parallel, 4)
+
+
+def test_artifact_keys_are_what_prefect_accepts():
+    for step in ("ingest", "knn", "train 0123456789ab", "classify sae_inductive_exact", "classify Baseline"):
+        key = artifact_key(step)
+        assert key.startswith("progress-") and all(c.islower() or c.isdigit() or c == "-" for c in key), key
+
+
+def test_a_step_in_a_flow_run_is_a_progress_artifact_at_100_percent_when_it_ends(prefect_harness):
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+
+    @flow(name="progress-check")
+    def steps() -> list[str]:
+        ingest = Progress("ingest", 12, "clips", log_seconds=0.0)
+        for done in (4, 8, 12):
+            ingest(done, detail=f"batch {done // 4 - 1}")
+        train = Progress("train 0123456789ab", 10, "outer iterations")
+        for outer in (1, 2, 3):
+            train(outer, detail="objective 1.2e+04")
+        train.finish("converged")  # before max_outer
+        knn = Progress("knn", None, "blocks")  # the total comes with the first call
+        knn(0, 3)
+        knn(1, 3)
+        knn(2, 3)  # stops here: written ARTIFACT_SECONDS after the previous write at the latest
+        time.sleep(ARTIFACT_SECONDS + 1)
+        return [str(p._artifact) for p in (ingest, train, knn)]
+
+    ids = steps()
+    with get_client(sync_client=True) as client:
+        artifacts = {str(a.id): a for a in client.read_artifacts() if a.type == "progress"}
+    ingest, train, knn = (artifacts[i] for i in ids)
+    assert (ingest.key, float(ingest.data), ingest.description) == ("progress-ingest", 100.0,
+                                                                    "ingest: 12/12 clips (batch 2)")
+    assert (float(train.data), train.description) == (100.0, "train 0123456789ab: 3/3 outer iterations (converged)")
+    assert float(knn.data) == pytest.approx(100 * 2 / 3) and knn.description == "knn: 2/3 blocks"
+
+
+def test_a_step_outside_runs_only_feeds_the_display():
+    stream = io.StringIO()
+    with TerminalDisplay(stream, live=True) as display:
+        step = Progress("knn", 3, "blocks")
+        step(3)
+        assert step._artifact is None
+    assert len(display._bars) == 1
+    assert "knn" in stream.getvalue() and "3/3" in stream.getvalue()
+
+
+def test_off_a_terminal_only_the_steps_of_dask_workers_print_lines(caplog):
+    display = TerminalDisplay(io.StringIO(), store="/a.zarr")
+    assert not display.live
+    message = {"id": "x", "step": "knn", "done": 1, "total": 3, "unit": "blocks", "detail": "", "store": "/a.zarr"}
+    with caplog.at_level(logging.INFO, logger="sae.progress"):
+        display.show(message)  # a local step: its own log lines say it
+        display.show(message, remote=True)
+        display.show({**message, "done": 2}, remote=True)  # within LINE_SECONDS: not repeated
+        display.show({**message, "done": 3}, remote=True)  # the last is always shown
+        display.show({**message, "store": "/other.zarr"}, remote=True)  # another command's run
+    assert [record.getMessage() for record in caplog.records] == ["knn: 1/3 blocks", "knn: 3/3 blocks"]
+
+
+def test_on_a_terminal_prefect_log_lines_print_above_the_bars_without_those_the_bars_repeat():
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    handler = PrefectConsoleHandler(stream=io.StringIO())
+    logger = logging.getLogger("sae.test-display")
+    logger.addHandler(handler)
+    logger.propagate = False
+    stream = io.StringIO()
+    try:
+        with TerminalDisplay(stream, live=True):
+            logger.warning("a line of log")
+            logger.warning("knn: 1/3 blocks", extra={PROGRESS_RECORD: True})
+        assert handler.stream.getvalue() == ""  # everything went through the display's console
+        assert "a line of log" in stream.getvalue() and "knn: 1/3 blocks" not in stream.getvalue()
+        logger.warning("after")
+        assert "after" in handler.stream.getvalue()  # the handler is given back
+    finally:
+        logger.removeHandler(handler)
+
+
+def test_steps_on_dask_workers_send_their_progress_to_the_scheduler(client):
+    def work() -> None:
+        step = Progress("classify sae", 2, "splits", store="/a.zarr")
+        step(1)
+        step(2)
+
+    client.submit(work, pure=False).result()
+    messages = [message for _, message in client.get_events(TOPIC)]
+    assert [(m["step"], m["done"], m["total"], m["store"]) for m in messages] == [
+        ("classify sae", 0, 2, "/a.zarr"), ("classify sae", 1, 2, "/a.zarr"), ("classify sae", 2, 2, "/a.zarr")]
