@@ -88,6 +88,11 @@ StrictOption = Annotated[
     bool, typer.Option("--strict", help="Fail (exit 1) if any clip of the store is in error, even when ingestion "
                        "is skipped.")
 ]
+PresetOption = Annotated[
+    str | None,
+    typer.Option("--preset", help="Recipe the configuration starts from: 'default' (the best measured) or 'thesis' "
+                 "(the 2015 settings and protocol).", show_default=False),
+]
 NoWaitOption = Annotated[
     bool, typer.Option("--no-wait", help="Fail at once if another sae run is writing the store (default: wait "
                        "for it to end).")
@@ -169,6 +174,7 @@ def build_config(
     cluster: str | None = None,
     force: bool = False,
     strict: bool = False,
+    preset: str | None = None,
 ) -> PipelineConfig:
     """The validated configuration of a command (see the module docstring for the priority).
 
@@ -189,6 +195,8 @@ def build_config(
             target[field] = value
     if force:
         values["force"] = True
+    if preset is not None:
+        values["preset"] = preset
     if strict:
         ingest = values.setdefault("ingest", {})
         if not isinstance(ingest, dict):
@@ -322,6 +330,7 @@ def run(
     store: StoreOption = None,
     cluster: ClusterOption = None,
     set_: SetOption = None,
+    preset: PresetOption = None,
     force: ForceOption = False,
     strict: StrictOption = False,
     no_wait: NoWaitOption = False,
@@ -333,8 +342,8 @@ def run(
     skipped. Prints the store, the report and the accuracy table. The default
     run, on the built-in dataset with local threads, takes a few minutes.
     """
-    cfg = _config_or_exit(config_file=config, overrides=set_, data=data, store=store, cluster=cluster, force=force,
-                          strict=strict)
+    cfg = _config_or_exit(config_file=config, preset=preset, overrides=set_, data=data, store=store, cluster=cluster,
+                          force=force, strict=strict)
     _run_stage("run", cfg, as_json, no_wait)
 
 
@@ -368,10 +377,12 @@ def _add_stage_command(stage: str, summary: str) -> None:
         store: StoreOption = None,
         cluster: ClusterOption = None,
         set_: SetOption = None,
+        preset: PresetOption = None,
         no_wait: NoWaitOption = False,
         as_json: JsonOption = False,
     ) -> None:
-        cfg = _config_or_exit(config_file=config, overrides=set_, data=data, store=store, cluster=cluster)
+        cfg = _config_or_exit(config_file=config, preset=preset, overrides=set_, data=data, store=store,
+                              cluster=cluster)
         _run_stage(stage, cfg, as_json, no_wait)
 
     command.__doc__ = summary
@@ -409,6 +420,7 @@ def sweep(
     store: StoreOption = None,
     cluster: ClusterOption = None,
     set_: SetOption = None,
+    preset: PresetOption = None,
     force: ForceOption = False,
     no_wait: NoWaitOption = False,
     as_json: JsonOption = False,
@@ -422,7 +434,8 @@ def sweep(
     from flows.sweep import run_sweep
     from sae.sweep import parse_values, sweep_points
 
-    cfg = _config_or_exit(config_file=config, overrides=set_, data=data, store=store, cluster=cluster, force=force)
+    cfg = _config_or_exit(config_file=config, preset=preset, overrides=set_, data=data, store=store, cluster=cluster,
+                          force=force)
     if len(param) != len(values):
         typer.echo(f"error: every --param needs one --values (got {len(param)} --param and {len(values)} --values)",
                    err=True)
@@ -459,6 +472,7 @@ def experiment(
     store: StoreOption = None,
     cluster: ClusterOption = None,
     set_: SetOption = None,
+    preset: PresetOption = None,
     no_wait: NoWaitOption = False,
     as_json: JsonOption = False,
 ) -> None:
@@ -471,7 +485,7 @@ def experiment(
     """
     from flows.experiments import run_experiment
 
-    cfg = _config_or_exit(config_file=config, overrides=set_, data=data, store=store, cluster=cluster)
+    cfg = _config_or_exit(config_file=config, preset=preset, overrides=set_, data=data, store=store, cluster=cluster)
     try:
         stds = tuple(float(v) for v in noise.split(",") if v.strip())
     except ValueError:
@@ -546,10 +560,11 @@ def show_config(
     store: StoreOption = None,
     cluster: ClusterOption = None,
     set_: SetOption = None,
+    preset: PresetOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Validate and print the complete configuration (YAML, usable as --config); runs nothing."""
-    cfg = _config_or_exit(config_file=config, overrides=set_, data=data, store=store, cluster=cluster)
+    cfg = _config_or_exit(config_file=config, preset=preset, overrides=set_, data=data, store=store, cluster=cluster)
     values = cfg.model_dump(mode="json")
     typer.echo(json.dumps(values, indent=2) if as_json else yaml.safe_dump(values, sort_keys=False).rstrip())
 

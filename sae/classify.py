@@ -491,7 +491,8 @@ def cv_splits(
     ``groups`` (vectors of one clip may be on both sides).  "grouped" and
     "inductive": ``StratifiedGroupKFold(n_splits, shuffle=True)`` over
     ``groups`` (the clip of every vector, or its recording, album or artist):
-    no group on both sides; every vector is tested once per repetition.  Repetition r uses the seed ``SeedSequence(random_state)``'s
+    no group on both sides; every vector is tested once per repetition.
+    Repetition r uses the seed ``SeedSequence(random_state)``'s
     r-th state, so the splits depend only on the arguments.
 
     Returns

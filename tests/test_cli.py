@@ -106,6 +106,30 @@ def test_config_command_round_trips_and_layers_sources(runner, tmp_path):
     assert build_config(dumped) == build_config(path)
 
 
+def test_presets_and_the_built_in_sizing(tmp_path):
+    from sae.config import BUILTIN_SIZING, PRESETS
+
+    builtin = build_config()
+    assert builtin.preset == "default"
+    assert builtin.preprocess.frames_per_clip == BUILTIN_SIZING["preprocess"]["frames_per_clip"]
+    assert builtin.ingest.cqt.clip_samples == BUILTIN_SIZING["ingest"]["cqt"]["clip_samples"]
+    assert builtin.preprocess.compression == PRESETS["default"]["preprocess"]["compression"]
+    # A user's folder: no demo sizing, every clip whole, the preset's recipe.
+    (tmp_path / "music" / "rock").mkdir(parents=True)
+    user = build_config(data=str(tmp_path / "music"))
+    assert user.preprocess.frames_per_clip is None and user.ingest.cqt.clip_samples == 660000
+    assert user.train.model.n_atoms == PRESETS["default"]["train"]["model"]["n_atoms"]
+    assert user.classify.classifier == builtin.classify.classifier == "ridge"
+    # The thesis's settings, its protocol and its classifier; anything given still wins.
+    thesis = build_config(preset="thesis", data=str(tmp_path / "music"), overrides=["classify.n_repeats=2"])
+    assert (thesis.classify.protocol, thesis.classify.classifier, thesis.classify.pooling) == ("thesis", "svc",
+                                                                                               ("sum_abs",))
+    assert (thesis.train.model.fista_restart, thesis.train.model.rtol, thesis.preprocess.frames_per_clip) == (
+        False, 1e-5, 298)
+    assert thesis.preprocess.compression == "none" and thesis.classify.n_repeats == 2
+    assert PipelineConfig.model_validate(thesis.model_dump(mode="json")) == thesis  # a dumped preset round-trips
+
+
 def test_an_unreachable_cluster_fails_at_once_before_any_work(runner, tmp_path):
     import time
 
