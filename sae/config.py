@@ -75,7 +75,7 @@ class ModelConfig(_Config):
         "else fista.",
     )
     z_stop: Literal["gap", "change"] = Field(
-        "change",
+        "gap",
         description="Z-step stop with FISTA: 'gap' = relative duality gap <= the inner rtol (certified accuracy, as "
         "the cd solver's per-frame gap), 'change' = relative change of the objective (the original rule).",
     )

@@ -241,7 +241,7 @@ def solve_codes(
     restart: bool = True,
     method: Literal["auto", "fista", "cd"] = "auto",
     n_threads: int | None = None,
-    stop: Literal["gap", "change"] = "change",
+    stop: Literal["gap", "change"] = "gap",
 ) -> SolverResult:
     """Z step: minimise over ``Z`` the objective with ``C`` and ``E`` fixed.
 

@@ -85,12 +85,15 @@ class SolverResult:
         Which criterion stopped the iteration.
     objective : ndarray of float64, shape (n_iter + 1,)
         Objective at ``x0`` then after every iteration.
+    gap : float
+        The last duality gap evaluated (FISTA's gap rule), NaN if none.
     """
 
     solution: np.ndarray
     n_iter: int
     stop_reason: StopReason
     objective: np.ndarray
+    gap: float = float("nan")
 
 
 def spectral_norm(
@@ -204,7 +207,7 @@ def stop_reason(history: Sequence[float], rtol: float, atol: float) -> StopReaso
 
 
 @njit(cache=True, nogil=True)
-def duality_gap(smooth, l1, dot, largest, weight, descent=0.0):  # pragma: no cover - compiled
+def duality_gap(smooth, l1, dot, largest, weight, objective=None):  # pragma: no cover - compiled
     """Duality gap of ``min_Z P(Z) = f(Z) + weight ||Z||_1`` at ``Z``, from the dual point of a point ``W``.
 
     ``f`` is a convex quadratic, a sum of squared norms of affine maps:
@@ -224,8 +227,8 @@ def duality_gap(smooth, l1, dot, largest, weight, descent=0.0):  # pragma: no co
         gap = P(Z) - D(s R) = [P(Z) - P(W)] + (1 - s)^2 f(W) + weight ||W||_1 - s <W, Q>  >= P(Z) - min P
 
     Arguments: ``smooth = f(W)``, ``l1 = ||W||_1``, ``dot = <W, grad f(W)>`` (=
-    ``-<W, Q>``), ``largest = ||grad f(W)||_inf``, ``descent = P(Z) - P(W)`` (0
-    when ``W = Z``: the per-frame gap of :mod:`sae.coordinate`).  At the
+    ``-<W, Q>``), ``largest = ||grad f(W)||_inf``, ``objective = P(Z)`` (None
+    when ``Z = W``: the per-frame gap of :mod:`sae.coordinate`).  At the
     minimiser, ``W = Z``, ``s = 1`` and ``weight ||Z||_1 = <Z, Q>``: the gap is 0.
     Needs ``weight > 0`` (else the only dual point is 0).  Clipped at 0 (rounding).
 
@@ -233,7 +236,9 @@ def duality_gap(smooth, l1, dot, largest, weight, descent=0.0):  # pragma: no co
     0.0
     """
     s = 1.0 if largest <= weight else weight / largest
-    gap = descent + (1.0 - s) ** 2 * smooth + weight * l1 + s * dot
+    gap = (1.0 - s) ** 2 * smooth + weight * l1 + s * dot
+    if objective is not None:
+        gap += objective - (smooth + weight * l1)
     return max(gap, 0.0)
 
 
@@ -400,11 +405,11 @@ def fista(
 
     def gap_reason(x: np.ndarray, y: np.ndarray, gradient: np.ndarray) -> StopReason | None:
         """The gap rule for x (objective ``history[-1]``), with the dual point of y (gradient at y)."""
+        nonlocal gap
         dot = inner(y, gradient)
         smooth = 0.5 * dot + c - (0.5 * inner(y, B) if B is not None else 0.0)  # f(y) = 1/2 <y, A y> - <y, B> + c
         l1 = prox_term.value(y) / weight
-        gap = duality_gap(smooth, l1, dot, float(np.max(np.abs(gradient), initial=0.0)), weight,
-                          history[-1] - (smooth + weight * l1))
+        gap = duality_gap(smooth, l1, dot, float(np.max(np.abs(gradient), initial=0.0)), weight, history[-1])
         return gap_stop_reason(gap, history[-1], rtol, atol)
 
     def extrapolate(alpha: Any) -> np.ndarray:
@@ -421,6 +426,7 @@ def fista(
             np.copyto(forward, Ax)
         return y
 
+    gap = float("nan")
     x = x0
     Ax = _sum_apply(quadratic_terms, x)
     x_prev, Ax_prev = x, Ax
@@ -473,4 +479,4 @@ def fista(
         logger.debug("fista: last iterate worse than the start (%g > %g): returning x0",
                      objective_history[-1], objective_history[0])
         solution = x0
-    return SolverResult(solution=solution, n_iter=n_iter, stop_reason=stopped, objective=objective_history)
+    return SolverResult(solution=solution, n_iter=n_iter, stop_reason=stopped, objective=objective_history, gap=gap)

@@ -23,10 +23,12 @@ from sklearn.neighbors import kneighbors_graph
 
 from flows._dask import LOOPBACK
 from sae.config import ModelConfig
-from sae.distributed import Tuning, block_bounds, fit_distributed, read_checkpoint
+from sae.distributed import LaplacianRef, Tuning, block_bounds, fit_distributed, read_checkpoint
 from sae.distributed import blocks, memory, offload, zstep
 from sae.distributed.trainer import ClusterBackend, without_work_stealing
-from sae.model import fit_sae
+from sae.model import code_step_options, fit_sae, init_dictionary, init_encoder, solve_codes
+from sae.solvers import GAP_EVERY
+from sae.store import write_sparse
 
 
 def make_data(n_samples: int, n_features: int = 12, n_true: int = 6, seed: int = 0):
@@ -181,6 +183,35 @@ def test_laplacian_bound_is_an_upper_bound(thread_client, small):
     absolute_row_sums = np.abs(L).sum(axis=1)
     assert exact <= bound and np.isclose(bound, absolute_row_sums.max(), rtol=1e-5)
     np.testing.assert_allclose(exact, np.abs(np.linalg.eigvalsh(L.toarray())).max(), rtol=1e-4)
+
+
+def test_the_bound_of_a_normalised_laplacian_is_at_most_2(thread_client, small, tmp_path):
+    X, L = small  # a normalised kNN Laplacian: its Gershgorin bound exceeds 2 where degrees differ
+    group = zarr.open_group(str(tmp_path / "graph.zarr"), mode="w")
+    write_sparse(group, "laplacian", sp.csr_array(L, dtype=np.float32))
+    config = ModelConfig(n_atoms=6, lambda_g=5.0, max_outer=1, max_inner=5, random_state=0)
+    norms = {kind: ClusterBackend(thread_client, X, LaplacianRef(group, "laplacian", kind=kind), config, 100, "bound",
+                                  1).laplacian_norm
+             for kind in (None, "combinatorial", "normalized")}
+    assert norms[None] == norms["combinatorial"] == pytest.approx(np.abs(L).sum(axis=1).max(), rel=1e-5)
+    assert norms[None] > 2 and norms["normalized"] == 2.0
+
+
+@pytest.mark.parametrize("dtype, precision", [("float32", 1e-5), ("float64", 1e-10)])
+def test_the_z_step_stops_at_the_same_certified_gap_in_memory_and_on_blocks(thread_client, small, dtype, precision):
+    X, L = (np.asarray(small[0], dtype=dtype), small[1])
+    config = ModelConfig(n_atoms=8, lambda_g=5.0, lambda_e=1.0, rtol=1e-4, max_inner=300, random_state=0, dtype=dtype)
+    assert config.z_stop == "gap"
+    rng = np.random.default_rng(0)
+    C, E = init_dictionary(8, X.shape[1], rng=rng, dtype=dtype), init_encoder(8, X.shape[1], rng=rng, dtype=dtype)
+    reference = solve_codes(X, C, E, L, np.zeros((len(X), 8), dtype), **code_step_options(config))
+    backend = ClusterBackend(thread_client, X, L, config, _blocks(len(X), 3), "power", 2)
+    blocks_, step = backend.code_step(backend.zero_codes(8), C, E, config, 1)
+    assert step["stop_reason"] == reference.stop_reason == "rtol"
+    assert step["n_iter"] == reference.n_iter and reference.n_iter % GAP_EVERY == 0
+    F = reference.objective[-1]
+    assert 0 < reference.gap <= 1e-4 * F and step["gap"] == pytest.approx(reference.gap, abs=precision * F)
+    np.testing.assert_allclose(backend.gather_codes(blocks_), reference.solution, atol=1e-4)
 
 
 @pytest.mark.slow

@@ -57,6 +57,7 @@ from sae.distributed.blocks import (
 from sae.distributed.checkpoints import checkpoint_slot, read_checkpoint
 from sae.distributed.memory import release_pool, start_pool_trimming
 from sae.distributed.zstep import CodeState, Tuning, block_fista, code_problem, solve_block_codes, state_solution
+from sae.graph import laplacian_norm_bound
 from sae.model import check_laplacian, code_lipschitz, code_step_options, init_dictionary, init_encoder
 from sae.outer import FitResult, alternate
 from sae.store import json_safe
@@ -208,7 +209,7 @@ class ClusterBackend:
         if isinstance(laplacian_norm, (int, float)):
             self.laplacian_norm = float(laplacian_norm)
         elif laplacian_norm == "bound":
-            self.laplacian_norm = max(bound for _, bound in info)
+            self.laplacian_norm = laplacian_norm_bound(max(bound for _, bound in info), getattr(laplacian, "kind", None))
         elif laplacian_norm == "power":
             self.laplacian_norm = client.submit(laplacian_power_norm, *row_blocks).result()
         else:
@@ -399,9 +400,10 @@ def fit_distributed(
     laplacian_norm : "power", "bound" or float
         How ``||L||_2`` is obtained for the Z step's step size: the power
         iteration of :func:`sae.solvers.spectral_norm` in one task on the
-        stacked row blocks (as the in-memory fit), the Gershgorin bound
-        ``max_i sum_j |L_ij|`` (per-block scalars, an upper bound: a smaller
-        step), or its value.
+        stacked row blocks (as the in-memory fit), an upper bound from per-block
+        scalars (:func:`sae.graph.laplacian_norm_bound`: Gershgorin's
+        ``max_i sum_j |L_ij|``, capped at 2 for a `LaplacianRef` of kind
+        "normalized"; a smaller step), or its value.
     lookahead : int
         Z-step iterations submitted ahead of the stopping test.
     offload_previous : bool

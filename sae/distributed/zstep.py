@@ -383,7 +383,8 @@ def block_fista(
     ``c``; ``n_codes``: N m.  Empties ``states`` once its first iteration is
     submitted.  Returns the final states (None when the start is better than
     the last iterate) and the step's record: ``n_iter``, ``stop_reason``,
-    and ``graph`` (``tr(Z^T L Z)`` of the result, or of the start).
+    ``gap`` (the last duality gap evaluated, NaN with the change rule) and
+    ``graph`` (``tr(Z^T L Z)`` of the result, or of the start).
     """
     n_blocks = len(problems)
 
@@ -417,7 +418,7 @@ def block_fista(
     next_k = 0
     max_iter, rtol, atol = config.max_inner, config.inner_tolerance, config.atol
     history: list[float] = []
-    graph_energy = start_graph_energy = float("nan")
+    graph_energy = start_graph_energy = gap = float("nan")
     stop_reason = "max_iter"
     final_states = None
     started = reported = time.perf_counter()
@@ -445,7 +446,10 @@ def block_fista(
         final_states = new
         if k >= 1:
             if by_gap:
-                reason = _gap_reason(parts, value, config) if gap_due(k, max_iter) else None
+                reason = None
+                if gap_due(k, max_iter):
+                    gap = _gap(parts, value, config.lambda_z)
+                    reason = gap_stop_reason(gap, value, rtol, atol)
             else:
                 reason = change_stop_reason(history, rtol, atol)
             if reason is not None:
@@ -458,14 +462,11 @@ def block_fista(
     if start_better:
         logger.debug("Z step: last iterate worse than the start, keeping the start")
     return (None if start_better else final_states), {
-        "n_iter": len(history) - 1, "stop_reason": stop_reason,
+        "n_iter": len(history) - 1, "stop_reason": stop_reason, "gap": gap,
         "graph": start_graph_energy if start_better else graph_energy}
 
 
-def _gap_reason(parts: Sequence[dict[str, Any]], value: float, config: ModelConfig) -> str | None:
-    """The gap rule for ``x_k`` (objective ``value``), from the blocks' parts of the dual point at ``y_k``."""
-    smooth = sum(p["smooth_y"] for p in parts)
-    l1 = sum(p["l1_y"] for p in parts)
-    gap = duality_gap(smooth, l1, sum(p["dot_y"] for p in parts), max(p["largest_y"] for p in parts),
-                      config.lambda_z, value - (smooth + config.lambda_z * l1))
-    return gap_stop_reason(gap, value, config.inner_tolerance, config.atol)
+def _gap(parts: Sequence[dict[str, Any]], value: float, lambda_z: float) -> float:
+    """The duality gap of ``x_k`` (objective ``value``), from the blocks' parts of the dual point at ``y_k``."""
+    return duality_gap(sum(p["smooth_y"] for p in parts), sum(p["l1_y"] for p in parts),
+                       sum(p["dot_y"] for p in parts), max(p["largest_y"] for p in parts), lambda_z, value)
