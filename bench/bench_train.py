@@ -159,10 +159,12 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
 
 
 class PeakMemory:
-    """Samples the resident memory of this process and its children every 0.2 s; keeps the peak per pid."""
+    """Samples the resident memory of this process and its children every 0.2 s; keeps the peak per pid,
+    and the CPU time (user + system) each had used at its last sample."""
 
     def __init__(self) -> None:
         self.peaks: dict[int, tuple[str, int]] = {}
+        self.cpu: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -173,8 +175,10 @@ class PeakMemory:
                 try:
                     rss = process.memory_info().rss
                     name = "client" if process.pid == me.pid else " ".join(process.cmdline()[-2:])[:40]
+                    times = process.cpu_times()
                 except psutil.Error:
                     continue
+                self.cpu[process.pid] = times.user + times.system
                 if rss > self.peaks.get(process.pid, ("", 0))[1]:
                     self.peaks[process.pid] = (name, rss)
             self._stop.wait(0.2)
@@ -268,7 +272,8 @@ def main() -> None:
             inner = sum(r["inner_codes"] for r in records)
             z_seconds = sum(r["seconds_codes"] for r in records)
             peak = sum(rss for _, rss in memory.peaks.values())
-            runs.append((total, z_seconds, inner, peak))
+            workers_cpu = sum(cpu for pid, cpu in memory.cpu.items() if pid != psutil.Process().pid)
+            runs.append((total, z_seconds, inner, peak, workers_cpu))
             print(f"\n{n_workers} worker(s), run {repeat + 1} of {args.repeats}, {len(records)} outer iterations, "
                   f"blocks of {block_size} frames:")
             print(f"  total {total:.1f} s, median per outer iteration "
@@ -280,13 +285,13 @@ def main() -> None:
                   f"({n_workers} x {single:.1f} GFLOP/s)")
             for pid, (name, rss) in sorted(memory.peaks.items()):
                 print(f"  peak RSS {rss / 2**20:8.1f} MiB  pid {pid} {name}")
-            print(f"  sum of the peaks {peak / 2**30:.2f} GiB")
-        total, z_seconds, inner, peak = (statistics.median(values) for values in zip(*runs))
+            print(f"  sum of the peaks {peak / 2**30:.2f} GiB, CPU time of the other processes {workers_cpu:.1f} s")
+        total, z_seconds, inner, peak, workers_cpu = (statistics.median(values) for values in zip(*runs))
         totals[n_workers] = total
         print(f"\n{n_workers} worker(s), median of {len(runs)}: total {total:.1f} s, "
               f"{1000 * z_seconds / max(inner, 1):.1f} ms per FISTA iteration, "
-              f"sum of the peaks {peak / 2**30:.2f} GiB (runs: "
-              f"{', '.join(f'{t:.1f} s / {p / 2**30:.2f} GiB' for t, _, _, p in runs)})")
+              f"sum of the peaks {peak / 2**30:.2f} GiB, CPU time of the other processes {workers_cpu:.1f} s (runs: "
+              f"{', '.join(f'{t:.1f} s / {p / 2**30:.2f} GiB / {c:.1f} s CPU' for t, _, _, p, c in runs)})")
     if 1 in totals and 2 in totals:
         print(f"\nspeedup 1 -> 2 workers: {totals[1] / totals[2]:.2f}x")
 
