@@ -25,6 +25,16 @@ with 2 workers, and prints:
 Run small while developing, e.g.::
 
     python bench/bench_train.py --n-frames 20000 --n-atoms 64 --max-outer 3
+
+Switches turn the systems mechanisms of the trainer off, one at a time, to
+measure what each earns against Dask's own means: ``--no-pool`` (new iterates
+from ``np.empty`` instead of the workers' array pool; ``--malloc-env`` gives
+the workers glibc's ``MALLOC_TRIM_THRESHOLD_`` / ``MALLOC_MMAP_THRESHOLD_``
+instead), ``--no-stealing-pause`` with ``--work-stealing off`` (the cluster's
+``distributed.scheduler.work-stealing`` instead of pausing it per training),
+``--offload-previous`` against ``--memory-limit`` (Dask spilling block states
+to disk).  ``--repeats N`` runs each fit N times on fresh clusters and prints
+the medians.
 """
 
 from __future__ import annotations
@@ -47,7 +57,7 @@ from distributed import Client, LocalCluster
 
 from flows._dask import LOOPBACK
 from sae.config import ModelConfig
-from sae.distributed import LaplacianRef, fit_distributed
+from sae.distributed import LaplacianRef, Tuning, fit_distributed
 from sae.store import write_sparse
 
 
@@ -149,10 +159,12 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
 
 
 class PeakMemory:
-    """Samples the resident memory of this process and its children every 0.2 s; keeps the peak per pid."""
+    """Samples the resident memory of this process and its children every 0.2 s; keeps the peak per pid,
+    and the CPU time (user + system) each had used at its last sample."""
 
     def __init__(self) -> None:
         self.peaks: dict[int, tuple[str, int]] = {}
+        self.cpu: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -163,8 +175,10 @@ class PeakMemory:
                 try:
                     rss = process.memory_info().rss
                     name = "client" if process.pid == me.pid else " ".join(process.cmdline()[-2:])[:40]
+                    times = process.cpu_times()
                 except psutil.Error:
                     continue
+                self.cpu[process.pid] = times.user + times.system
                 if rss > self.peaks.get(process.pid, ("", 0))[1]:
                     self.peaks[process.pid] = (name, rss)
             self._stop.wait(0.2)
@@ -196,6 +210,17 @@ def main() -> None:
                         help="previous Z-step iterates of dense blocks on the workers' disks (direct I/O)")
     parser.add_argument("--memory-limit", default="auto",
                         help="per worker (e.g. 2.8GB): above 80%% of it Dask spills block states to disk")
+    parser.add_argument("--no-pool", action="store_true", help="new iterates from np.empty, not the array pool")
+    parser.add_argument("--no-stealing-pause", action="store_true",
+                        help="do not pause the scheduler's work stealing during the training")
+    parser.add_argument("--work-stealing", default="on", choices=("on", "off"),
+                        help="distributed.scheduler.work-stealing of the cluster")
+    parser.add_argument("--malloc-env", default="",
+                        help="environment of the worker processes, e.g. MALLOC_TRIM_THRESHOLD_=-1,"
+                             "MALLOC_MMAP_THRESHOLD_=4294967296 (Dask sets MALLOC_TRIM_THRESHOLD_=65536)")
+    parser.add_argument("--z-stop", default=None, choices=("gap", "change"),
+                        help="Z-step stopping rule (default: ModelConfig's)")
+    parser.add_argument("--repeats", type=int, default=1, help="fits per number of workers (medians printed)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
@@ -205,13 +230,24 @@ def main() -> None:
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         pool.submit(synthetic, f"{root}/data.zarr", args.n_frames, args.n_bins, 10, 1288, 0).result()
     group = zarr.open_group(f"{root}/data.zarr", mode="r")
-    X, laplacian = group["X"], LaplacianRef(group, "laplacian")
+    X, laplacian = group["X"], LaplacianRef(group, "laplacian", kind="normalized")
     print(f"synthetic store: {args.n_frames} x {args.n_bins}, nnz(L) = {group['laplacian'].attrs['nnz']}, "
           f"{time.perf_counter() - tic:.1f} s ({root})")
     single = matmul_gflops()
     print(f"float32 GEMM, one thread: {single:.1f} GFLOP/s (median of 5)")
     config = ModelConfig(n_atoms=args.n_atoms, lambda_g=args.lambda_g, max_outer=args.max_outer,
-                         max_inner=args.max_inner, inner_rtol=args.inner_rtol, random_state=0)
+                         max_inner=args.max_inner, inner_rtol=args.inner_rtol, random_state=0,
+                         **({"z_stop": args.z_stop} if args.z_stop else {}))
+    tuning = Tuning(array_pool=not args.no_pool, pause_work_stealing=not args.no_stealing_pause)
+    settings = {"distributed.scheduler.work-stealing": args.work_stealing == "on"}
+    if args.malloc_env:
+        settings["distributed.nanny.pre-spawn-environ"] = {
+            **dask.config.get("distributed.nanny.pre-spawn-environ"),
+            **dict(item.split("=", 1) for item in args.malloc_env.split(","))}
+    dask.config.set(settings)
+    print(f"switches: pool {tuning.array_pool}, stealing pause {tuning.pause_work_stealing}, work stealing "
+          f"{args.work_stealing}, offload {args.offload_previous}, memory limit {args.memory_limit}, "
+          f"worker env {args.malloc_env or '(Dask default)'}, Z stop {config.z_stop}")
     block_size = args.block_size or -(-args.n_frames // 8)
     m, n, N = args.n_atoms, args.n_bins, args.n_frames
     flops_per_apply = 4 * N * m * n  # per FISTA iteration: y C and x_{k+1} C, each (N, m) x (m, n)
@@ -221,29 +257,41 @@ def main() -> None:
         dask.config.set({"distributed.worker.memory.target": 0.8, "distributed.worker.memory.spill": 0.85,
                          "distributed.worker.memory.pause": 0.95, "distributed.worker.memory.terminate": False})
     for n_workers in args.workers:
-        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                               memory_limit=args.memory_limit, **LOOPBACK)
-        with cluster, Client(cluster) as client, PeakMemory() as memory:
-            tic = time.perf_counter()
-            fit = fit_distributed(X, config, client=client, laplacian=laplacian, block_size=block_size,
-                                  lookahead=args.lookahead, laplacian_norm=args.laplacian_norm,
-                                  offload_previous=args.offload_previous,
-                                  checkpoint=zarr.open_group(f"{root}/model_{n_workers}.zarr", mode="w"))
-            total = time.perf_counter() - tic
-        records = fit.history[1:]
-        per_outer = statistics.median(r["seconds"] for r in records)
-        inner = sum(r["inner_codes"] for r in records)
-        z_seconds = sum(r["seconds_codes"] for r in records)
-        share = inner * flops_per_apply / z_seconds / 1e9 / (single * n_workers)
+        runs = []
+        for repeat in range(args.repeats):
+            cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                   memory_limit=args.memory_limit, **LOOPBACK)
+            with cluster, Client(cluster) as client, PeakMemory() as memory:
+                tic = time.perf_counter()
+                fit = fit_distributed(X, config, client=client, laplacian=laplacian, block_size=block_size,
+                                      lookahead=args.lookahead, laplacian_norm=args.laplacian_norm,
+                                      offload_previous=args.offload_previous, tuning=tuning,
+                                      checkpoint=zarr.open_group(f"{root}/model_{n_workers}.zarr", mode="w"))
+                total = time.perf_counter() - tic
+            records = fit.history[1:]
+            inner = sum(r["inner_codes"] for r in records)
+            z_seconds = sum(r["seconds_codes"] for r in records)
+            peak = sum(rss for _, rss in memory.peaks.values())
+            workers_cpu = sum(cpu for pid, cpu in memory.cpu.items() if pid != psutil.Process().pid)
+            runs.append((total, z_seconds, inner, peak, workers_cpu))
+            print(f"\n{n_workers} worker(s), run {repeat + 1} of {args.repeats}, {len(records)} outer iterations, "
+                  f"blocks of {block_size} frames:")
+            print(f"  total {total:.1f} s, median per outer iteration "
+                  f"{statistics.median(r['seconds'] for r in records):.2f} s, Z step {z_seconds:.1f} s for {inner} "
+                  f"FISTA iterations ({1000 * z_seconds / max(inner, 1):.1f} ms each)")
+            print(f"  final objective {records[-1]['total']:.6g}, non-zeros {records[-1]['sparsity_percent']:.2f}%")
+            share = inner * flops_per_apply / z_seconds / 1e9 / (single * n_workers)
+            print(f"  Z step reaches {100 * share:.1f}% of the measured GEMM throughput "
+                  f"({n_workers} x {single:.1f} GFLOP/s)")
+            for pid, (name, rss) in sorted(memory.peaks.items()):
+                print(f"  peak RSS {rss / 2**20:8.1f} MiB  pid {pid} {name}")
+            print(f"  sum of the peaks {peak / 2**30:.2f} GiB, CPU time of the other processes {workers_cpu:.1f} s")
+        total, z_seconds, inner, peak, workers_cpu = (statistics.median(values) for values in zip(*runs))
         totals[n_workers] = total
-        print(f"\n{n_workers} worker(s), {len(records)} outer iterations, blocks of {block_size} frames:")
-        print(f"  total {total:.1f} s, median per outer iteration {per_outer:.2f} s, "
-              f"Z step {z_seconds:.1f} s for {inner} FISTA iterations ({1000 * z_seconds / max(inner, 1):.1f} ms each)")
-        print(f"  final objective {records[-1]['total']:.6g}, non-zeros {records[-1]['sparsity_percent']:.2f}%")
-        print(f"  Z step reaches {100 * share:.1f}% of the measured GEMM throughput ({n_workers} x {single:.1f} GFLOP/s)")
-        for pid, (name, rss) in sorted(memory.peaks.items()):
-            print(f"  peak RSS {rss / 2**20:8.1f} MiB  pid {pid} {name}")
-        print(f"  sum of the peaks {sum(rss for _, rss in memory.peaks.values()) / 2**30:.2f} GiB")
+        print(f"\n{n_workers} worker(s), median of {len(runs)}: total {total:.1f} s, "
+              f"{1000 * z_seconds / max(inner, 1):.1f} ms per FISTA iteration, "
+              f"sum of the peaks {peak / 2**30:.2f} GiB, CPU time of the other processes {workers_cpu:.1f} s (runs: "
+              f"{', '.join(f'{t:.1f} s / {p / 2**30:.2f} GiB / {c:.1f} s CPU' for t, _, _, p, c in runs)})")
     if 1 in totals and 2 in totals:
         print(f"\nspeedup 1 -> 2 workers: {totals[1] / totals[2]:.2f}x")
 

@@ -94,6 +94,11 @@ class ModelConfig(_Config):
         "bounds each frame's relative duality gap), 'fista' = FISTA on all codes, 'auto' = cd if lambda_g = 0 "
         "else fista.",
     )
+    z_stop: Literal["gap", "change"] = Field(
+        "gap",
+        description="Z-step stop with FISTA: 'gap' = relative duality gap <= the inner rtol (certified accuracy, as "
+        "the cd solver's per-frame gap), 'change' = relative change of the objective (the original rule).",
+    )
 
     @property
     def inner_tolerance(self) -> float:

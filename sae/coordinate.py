@@ -39,7 +39,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from sae.solvers import SolverResult, StopReason
+from sae.solvers import STOP_CODES, SolverResult, StopReason, duality_gap, gap_stop_code
 
 __all__ = ["coordinate_descent_codes", "STATIONARY_ULPS", "PRE_SWEEPS"]
 
@@ -60,9 +60,8 @@ _PARALLEL_LOCK = threading.Lock()
 #: so that the Cholesky factorisations run on small blocks.
 PRE_SWEEPS = 10
 
-# per-frame stop codes of the kernel
-_MAX_ITER, _RTOL, _ATOL = 0, 1, 2
-_REASONS: dict[int, StopReason] = {_MAX_ITER: "max_iter", _RTOL: "rtol", _ATOL: "atol"}
+# per-frame stop codes of the kernel: indices of sae.solvers.STOP_CODES
+_MAX_ITER, _RTOL, _ATOL = (STOP_CODES.index(reason) for reason in ("max_iter", "rtol", "atol"))
 
 
 @njit(cache=True, nogil=True)
@@ -88,14 +87,13 @@ def _objective_and_gap(z, b, q, half_yy, lambda_z):  # pragma: no cover - compil
     """``F(z)`` and the duality gap of the frame, in float64, in O(m) from ``q = b - G z``.
 
     ``F = c - 1/2 z^T (b + q) + lambda_z ||z||_1`` (``c = half_yy``).  The gap is
-    that of the lasso ``1/2 ||y - A z||^2 + lambda_z ||z||_1`` with
-    ``A^T A = G``, ``A^T y = b``, ``||y||^2 = 2 c``, at the dual point
-    ``theta = s r`` (``r = y - A z``, ``A^T r = q``,
-    ``s = min(1, lambda_z / ||q||_inf)``):
+    :func:`sae.solvers.duality_gap` of the lasso ``1/2 ||y - A z||^2 + lambda_z ||z||_1``
+    with ``A^T A = G``, ``A^T y = b``, ``||y||^2 = 2 c``, at the dual point of ``z``
+    itself (``grad = -q``):
     ``gap = (1 - s)^2 ||r||^2 / 2 + lambda_z ||z||_1 - s q^T z`` with
-    ``||r||^2 / 2 = F - lambda_z ||z||_1``.  This form has no cancellation
-    between large terms but the one of ``lambda_z ||z||_1 - s q^T z``, both of
-    the order of ``F``.
+    ``||r||^2 / 2 = F - lambda_z ||z||_1`` and ``s = min(1, lambda_z / ||q||_inf)``.
+    This form has no cancellation between large terms but the one of
+    ``lambda_z ||z||_1 - s q^T z``, both of the order of ``F``.
     """
     m = z.shape[0]
     zbq = 0.0
@@ -112,9 +110,7 @@ def _objective_and_gap(z, b, q, half_yy, lambda_z):  # pragma: no cover - compil
             q_inf = abs(qj)
     objective = half_yy - 0.5 * zbq + lambda_z * l1
     half_rr = max(objective - lambda_z * l1, 0.0)
-    s = 1.0 if q_inf <= lambda_z else lambda_z / q_inf
-    gap = (1.0 - s) ** 2 * half_rr + lambda_z * l1 - s * zq
-    return objective, max(gap, 0.0)
+    return objective, duality_gap(half_rr, l1, -zq, q_inf, lambda_z)
 
 
 @njit(cache=True, nogil=True)
@@ -259,8 +255,8 @@ def _sweep_support(
             zq += zA[a] * qA[a]
             if abs(qA[a]) > q_inf:
                 q_inf = abs(qA[a])
-        s = 1.0 if q_inf <= lambda_z64 else lambda_z64 / q_inf
-        active_gap = lambda_z64 * l1 - s * zq  # (the (1 - s)^2 ||r||^2 / 2 term is left out: a stop hint only)
+        # the gap without its (1 - s)^2 ||r||^2 / 2 term (smooth part 0): a stop hint only
+        active_gap = duality_gap(0.0, l1, -zq, q_inf, lambda_z64)
         if active_gap <= 0.1 * rtol * objective or active_gap <= 0.1 * atol:
             break
     for a in range(n_active):
@@ -326,8 +322,7 @@ def _solve_frame(
     sweeps = 0
     code = _MAX_ITER
     while sweeps < max_iter:
-        # ---- full sweep over all coordinates, in decreasing order of |q_j| (the most correlated atoms
-        # first: fewer spurious coordinates enter than in the natural order)
+        # ---- full sweep over all coordinates, in their natural order
         for j in range(m):
             gjj = G[j, j]
             if not gjj > 0:
@@ -345,11 +340,8 @@ def _solve_frame(
         _refresh_gradient(G, b, z, q, q64)
         objective, gap = _objective_and_gap(z, b, q64, half_yy, lambda_z64)
         history[sweeps] += objective
-        if gap <= rtol * objective:
-            code = _RTOL
-            break
-        if gap <= atol:
-            code = _ATOL
+        code = gap_stop_code(gap, objective, rtol, atol)
+        if code != _MAX_ITER:
             break
         if objective >= previous:
             code = _RTOL  # stalled: no decrease left at working precision (exact coordinate descent is monotone)

@@ -43,15 +43,13 @@ import numpy as np
 import soundfile
 from scipy.signal import lfilter
 
+from sae.audio import SUPPORTED_EXTENSIONS
 from sae.config import BuiltinDatasetConfig
 
 logger = logging.getLogger(__name__)
 
 GENRES = ("blues", "classical", "country", "disco", "hiphop", "jazz", "metal", "pop", "reggae", "rock")
 """Names of the synthetic genres; ``n_genres = k`` uses the first k."""
-
-AUDIO_EXTENSIONS = (".au", ".wav", ".flac", ".ogg", ".mp3")
-"""Extensions `scan_folder` lists as audio (the others are listed too; ingestion rejects them)."""
 
 _MARKER = "sae-dataset.json"
 
@@ -350,7 +348,7 @@ def scan_folder(root: str | os.PathLike) -> list[Clip]:
     """The clips of a GTZAN-style folder ``<root>/<label>/<file>``, sorted by label then name.
 
     Every regular file one level down is listed, audio or not (files whose
-    extension is not in `AUDIO_EXTENSIONS` are logged here and rejected as
+    extension is not in `sae.audio.SUPPORTED_EXTENSIONS` are logged here and rejected as
     "unsupported" at ingestion, never skipped silently); hidden files and
     files directly in ``root`` are ignored, with a log line.
 
@@ -372,7 +370,7 @@ def scan_folder(root: str | os.PathLike) -> list[Clip]:
             if file.is_dir():
                 logger.warning("ignoring folder %s (expected <root>/<label>/<file>)", file)
                 continue
-            if file.suffix.lower() not in AUDIO_EXTENSIONS:
+            if file.suffix.lower() not in SUPPORTED_EXTENSIONS:
                 logger.warning("%s: extension %r is not audio; it will be recorded as unsupported", file, file.suffix)
             clip_id = f"{label_dir.name}/{file.stem}"
             if clip_id in seen:

@@ -20,7 +20,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
 from sae.config import ModelConfig
-from sae.model import encode_direct, fit_sae, solve_codes
+from sae.model import code_step_options, encode_direct, fit_sae, solve_codes
 
 __all__ = ["StructuredAutoEncoder", "EXPECTED_FAILED_CHECKS", "expected_failed_checks"]
 
@@ -28,8 +28,9 @@ __all__ = ["StructuredAutoEncoder", "EXPECTED_FAILED_CHECKS", "expected_failed_c
 #: is FISTA, with the reason (see the class docstring).
 EXPECTED_FAILED_CHECKS: dict[str, str] = {
     "check_methods_subset_invariance": (
-        "transform solves one coupled FISTA problem over all samples and stops on the relative change "
-        "of the summed objective, so codes of a sample depend (within the solver tolerance) on the batch"
+        "transform solves one coupled FISTA problem over all samples and stops on the duality gap (or the "
+        "relative change) of the summed objective, so codes of a sample depend (within the solver tolerance) "
+        "on the batch"
     ),
 }
 
@@ -62,7 +63,7 @@ class StructuredAutoEncoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
 
     Parameters
     ----------
-    n_atoms, lambda_d, lambda_z, lambda_g, lambda_e, rtol, inner_rtol, atol, max_outer, max_inner, fista_restart, balance_lambdas, dtype, random_state, z_solver
+    n_atoms, lambda_d, lambda_z, lambda_g, lambda_e, rtol, inner_rtol, atol, max_outer, max_inner, fista_restart, balance_lambdas, dtype, random_state, z_solver, z_stop
         Exactly the fields of :class:`sae.config.ModelConfig`, with its defaults
         and its constraints; they are validated by ``fit``.  ``random_state`` may
         also be a ``numpy.random.RandomState`` or ``Generator``, from which an
@@ -117,6 +118,7 @@ class StructuredAutoEncoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
         dtype: str = "float32",
         random_state: Any = None,
         z_solver: str = "auto",
+        z_stop: str = "gap",
     ) -> None:
         self.n_atoms = n_atoms
         self.lambda_d = lambda_d
@@ -133,6 +135,7 @@ class StructuredAutoEncoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
         self.dtype = dtype
         self.random_state = random_state
         self.z_solver = z_solver
+        self.z_stop = z_stop
 
     def _validated_config(self) -> ModelConfig:
         """Build the ModelConfig from the parameters; pydantic errors become ValueError."""
@@ -227,14 +230,7 @@ class StructuredAutoEncoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
 
     def _solve_codes(self, X: np.ndarray, laplacian: Any, codes: np.ndarray) -> np.ndarray:
         config = self.config_
-        result = solve_codes(
-            X, self.components_, self.encoder_, laplacian, codes,
-            lambda_d=config.lambda_d, lambda_z=config.lambda_z,
-            lambda_g=config.lambda_g, lambda_e=config.lambda_e,
-            rtol=config.inner_tolerance, atol=config.atol, max_iter=config.max_inner,
-            restart=config.fista_restart, method=config.z_solver,
-        )
-        return result.solution
+        return solve_codes(X, self.components_, self.encoder_, laplacian, codes, **code_step_options(config)).solution
 
     def inverse_transform(self, Z: Any) -> np.ndarray:
         """Reconstruction ``Z C`` (N, n_features) of codes ``Z`` (N, n_atoms)."""

@@ -273,6 +273,23 @@ def laplacian_matrix(
     return L
 
 
+def laplacian_norm_bound(abs_row_sum_max: float, kind: str | None) -> float:
+    """An upper bound of ``||L||_2`` without iteration: Gershgorin's, capped at 2 for a normalised Laplacian.
+
+    ``abs_row_sum_max`` is ``max_i sum_j |L_ij|`` (Gershgorin: every eigenvalue
+    of a symmetric ``L`` lies within it); ``kind`` the kind of Laplacian
+    (`LAPLACIANS`, None if unknown).  The spectrum of the normalised Laplacian
+    ``I - D^-1/2 W D^-1/2`` lies in [0, 2] (``D^-1/2 W D^-1/2`` is similar to
+    the row-stochastic ``D^-1 W``), while its Gershgorin bound exceeds 2 when
+    neighbouring degrees differ: the cap keeps the Z step's step size from
+    being smaller than it need be.
+
+    >>> laplacian_norm_bound(4.13, "normalized"), laplacian_norm_bound(4.13, "combinatorial")
+    (2.0, 4.13)
+    """
+    return min(float(abs_row_sum_max), 2.0) if kind == "normalized" else float(abs_row_sum_max)
+
+
 def laplacian_from_neighbors(
     indices: np.ndarray,
     distances: np.ndarray,

@@ -1,4 +1,4 @@
-"""The structured auto-encoder: objective, sub-problems and the alternating fit.
+"""The structured auto-encoder: objective, Z step and the in-memory fit.
 
 Orientation (see :mod:`sae`): ``X`` (N, n) data, ``Z`` (N, m) codes,
 ``C`` (m, n) components (the thesis's ``D = C^T``), ``E`` (m, n) encoder,
@@ -12,12 +12,16 @@ ball).  A weight of 0 removes its term: ``lambda_e = 0`` learns no encoder
 (``encoder`` is ``None``), ``lambda_g = 0`` needs no Laplacian,
 ``lambda_d = 0`` keeps the components at their initialisation.
 
-:func:`fit_sae` alternates a Z step (:func:`solve_codes`), a D step
-(:func:`solve_dictionary`) and an E step (:func:`solve_encoder`), each a
-warm-started FISTA solve (the Z step by coordinate descent per frame when
-``lambda_g = 0``, see ``ModelConfig.z_solver``).  The D and E steps only see
-the sufficient statistics ``Z^T Z``, ``Z^T X`` and ``X^T X``, so a distributed
-trainer can reduce them over blocks of frames and call the same functions.
+:func:`fit_sae` runs the outer loop of :mod:`sae.outer` (the one the
+distributed trainer runs too) on arrays in memory: a Z step
+(:func:`solve_codes`: FISTA, or coordinate descent per frame when
+``lambda_g = 0``, see ``ModelConfig.z_solver``), a D step and an E step
+(:func:`sae.outer.solve_dictionary`, :func:`sae.outer.solve_encoder`), each
+warm-started.  The D and E steps only see the sufficient statistics
+``Z^T Z``, ``Z^T X`` and ``X^T X``, so a distributed trainer reduces them over
+blocks of frames and calls the same functions.  The history record, the
+weights' bookkeeping and the outer stopping rule are :mod:`sae.outer`'s, and
+re-exported here.
 
 >>> import numpy as np
 >>> from sae.config import ModelConfig
@@ -33,9 +37,7 @@ True
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
@@ -43,15 +45,26 @@ import scipy.sparse as sp
 
 from sae.config import ModelConfig
 from sae.coordinate import coordinate_descent_codes
-from sae.solvers import SolverResult, fista, spectral_norm
+from sae.outer import (
+    TERM_NAMES,
+    TERM_WEIGHTS,
+    FitResult,
+    FitState,
+    alternate,
+    balanced_weights,
+    log_outer,
+    rebalance,
+    relative_change,
+    solve_dictionary,
+    solve_encoder,
+    weigh_terms,
+)
+from sae.solvers import LIPSCHITZ_SAFETY, SolverResult, fista, spectral_norm
 from sae.terms import (
     CodeEncoderFit,
     CodeReconstruction,
-    DictionaryFit,
-    EncoderFit,
     GraphDirichlet,
     L1Norm,
-    RowNormBall,
     inner,
     soft_threshold,
 )
@@ -67,17 +80,19 @@ __all__ = [
     "solve_dictionary",
     "solve_encoder",
     "encode_direct",
+    "check_laplacian",
+    "code_lipschitz",
+    "code_step_options",
     "TERM_NAMES",
     "TERM_WEIGHTS",
     "weigh_terms",
     "balanced_weights",
     "relative_change",
+    "rebalance",
+    "log_outer",
 ]
 
 logger = logging.getLogger("sae.model")
-
-#: Names of the objective terms, in the order of the objective.
-TERM_NAMES = ("reconstruction", "sparsity", "graph", "encoder")
 
 RandomLike = int | np.random.Generator | None
 
@@ -138,22 +153,74 @@ def encode_direct(X: np.ndarray, encoder: np.ndarray, lambda_z: float, lambda_e:
     return soft_threshold(X @ encoder.T, lambda_z / lambda_e)
 
 
-def _check_laplacian(laplacian: Any, n_samples: int, lambda_g: float, dtype: Any) -> Any:
+def check_laplacian(laplacian: Any, n_samples: int, lambda_g: float) -> None:
+    """The Laplacian argument of a fit or Z step: required (N, N) when ``lambda_g > 0``, ignored otherwise.
+
+    >>> check_laplacian(None, 3, lambda_g=1.0)
+    Traceback (most recent call last):
+    ...
+    ValueError: laplacian is required when lambda_g > 0 (got lambda_g=1.0 and laplacian=None): pass an (n_samples, n_samples) sparse matrix (to the distributed fit, also a LaplacianRef), or set lambda_g=0
+    """
     if lambda_g == 0:
-        return None
+        return
     if laplacian is None:
         raise ValueError(
             f"laplacian is required when lambda_g > 0 (got lambda_g={lambda_g!r} and laplacian=None): "
-            "pass an (n_samples, n_samples) sparse matrix, or set lambda_g=0"
+            "pass an (n_samples, n_samples) sparse matrix (to the distributed fit, also a LaplacianRef), "
+            "or set lambda_g=0"
         )
     shape = getattr(laplacian, "shape", None)
     if shape is None or len(shape) != 2 or tuple(shape) != (n_samples, n_samples):
         raise ValueError(
-            f"laplacian must have shape (n_samples, n_samples) = ({n_samples}, {n_samples}), got {shape}"
+            f"laplacian must have shape (n_samples, n_samples) = ({n_samples}, {n_samples}), "
+            f"got {None if shape is None else tuple(shape)}"
         )
+
+
+def _as_laplacian(laplacian: Any, n_samples: int, lambda_g: float, dtype: Any) -> Any:
+    """`check_laplacian`, then ``laplacian`` in ``dtype`` (None when ``lambda_g = 0``)."""
+    check_laplacian(laplacian, n_samples, lambda_g)
+    if lambda_g == 0:
+        return None
     if sp.issparse(laplacian):
         return laplacian.astype(dtype, copy=False)
     return np.asarray(laplacian, dtype=dtype)
+
+
+def code_lipschitz(
+    components: np.ndarray, *, lambda_d: float, lambda_e: float, lambda_g: float, laplacian_norm: float | None
+) -> float:
+    """``beta``, the inverse step of the FISTA Z step: ``1.01 (lambda_d ||C C^T||_2 + lambda_e + lambda_g ||L||_2)``.
+
+    The sum of the Lipschitz constants of the smooth terms' gradients
+    (:data:`sae.solvers.LIPSCHITZ_SAFETY` times, as :func:`sae.solvers.fista`);
+    ``||C C^T||_2`` by a power iteration on the smaller Gram matrix of ``C``
+    (m, n); ``laplacian_norm``: ``||L||_2`` or an upper bound (None when
+    ``lambda_g = 0``).  1 when every weight is 0.
+
+    >>> code_lipschitz(np.eye(2), lambda_d=1.0, lambda_e=0.0, lambda_g=2.0, laplacian_norm=2.0)
+    5.05
+    """
+    norms = []
+    if lambda_d > 0:
+        m, n = components.shape
+        small = components @ components.T if m <= n else components.T @ components
+        norms.append(lambda_d * spectral_norm(small))
+    if lambda_e > 0:
+        norms.append(float(lambda_e))
+    if lambda_g > 0:
+        norms.append(lambda_g * float(laplacian_norm))
+    beta = LIPSCHITZ_SAFETY * sum(norms)
+    return beta if beta > 0 else 1.0
+
+
+def code_step_options(config: ModelConfig) -> dict[str, Any]:
+    """The keyword arguments of :func:`solve_codes` that ``config`` sets (weights, tolerances, solver, rule)."""
+    return dict(
+        lambda_d=config.lambda_d, lambda_z=config.lambda_z, lambda_g=config.lambda_g, lambda_e=config.lambda_e,
+        rtol=config.inner_tolerance, atol=config.atol, max_iter=config.max_inner, restart=config.fista_restart,
+        method=config.z_solver, stop=config.z_stop,
+    )
 
 
 def solve_codes(
@@ -174,6 +241,7 @@ def solve_codes(
     restart: bool = True,
     method: Literal["auto", "fista", "cd"] = "auto",
     n_threads: int | None = None,
+    stop: Literal["gap", "change"] = "gap",
 ) -> SolverResult:
     """Z step: minimise over ``Z`` the objective with ``C`` and ``E`` fixed.
 
@@ -182,8 +250,12 @@ def solve_codes(
     Smooth part ``1/2 <Z, A(Z)> - <Z, B> + c`` with
     ``A(Z) = lambda_d Z C C^T + lambda_e Z + lambda_g L Z`` (N, m) and
     ``B = lambda_d X C^T + lambda_e X E^T`` (N, m); prox: soft-thresholding at
-    ``lambda_z / beta``, ``beta = lambda_d ||C C^T||_2 + lambda_e + lambda_g ||L||_2``
-    (times the solver's safety factor).  FISTA warm-started from ``Z0``.
+    ``lambda_z / beta``, ``beta`` = :func:`code_lipschitz`.  FISTA warm-started
+    from ``Z0``, stopped (``stop="gap"``) when the duality gap of the iterate
+    is at most ``rtol`` times its objective (:func:`sae.solvers.duality_gap`:
+    ``F(Z) - min F <= rtol F(Z)``, what the coordinate-descent Z step
+    certifies per frame), or ``stop="change"`` on the relative change of the
+    objective (the original rule).  ``lambda_z = 0`` always uses the change.
 
     Shapes: ``X`` (N, n), ``C`` (m, n), ``E`` (m, n) or None (needs
     ``lambda_e = 0``), ``L`` (N, N) sparse or None (needs ``lambda_g = 0``),
@@ -197,8 +269,8 @@ def solve_codes(
     every frame's duality gap (``gap <= rtol F``: the objective is certified
     within ``rtol`` relative of its minimum), ``max_iter`` caps its full sweeps
     and ``n_threads`` its threads (None: numba's default; 1: serial, for
-    single-threaded workers); ``restart`` and ``laplacian_norm`` are FISTA's
-    only.  "auto" is "cd" when ``lambda_g = 0``, else "fista".  Both return a
+    single-threaded workers); ``restart``, ``laplacian_norm`` and ``stop`` are
+    FISTA's only.  "auto" is "cd" when ``lambda_g = 0``, else "fista".  Both return a
     :class:`~sae.solvers.SolverResult` (for "cd", ``n_iter`` is the largest
     number of full sweeps over the frames).
 
@@ -231,8 +303,9 @@ def solve_codes(
         if encoder is None:
             raise ValueError(f"encoder is required when lambda_e > 0, got encoder=None and lambda_e={lambda_e!r}")
         terms.append(CodeEncoderFit(X, np.asarray(encoder, dtype=dtype), lambda_e))
-    laplacian = _check_laplacian(laplacian, X.shape[0], lambda_g, dtype)
+    laplacian = _as_laplacian(laplacian, X.shape[0], lambda_g, dtype)
     if laplacian is not None:
+        laplacian_norm = spectral_norm(laplacian) if laplacian_norm is None else laplacian_norm
         terms.append(GraphDirichlet(laplacian, lambda_g, laplacian_norm=laplacian_norm))
     if not terms:  # no smooth term: argmin of lambda_z ||Z||_1 is 0
         Z = np.zeros_like(Z0)
@@ -243,121 +316,10 @@ def solve_codes(
             X, components, encoder if lambda_e > 0 else None, Z0, lambda_d=lambda_d, lambda_z=lambda_z,
             lambda_e=lambda_e, rtol=rtol, atol=atol, max_iter=max_iter, n_threads=n_threads,
         )
-    return fista(terms, L1Norm(lambda_z), Z0, rtol=rtol, atol=atol, max_iter=max_iter, restart=restart)
-
-
-def solve_dictionary(
-    ZtZ: np.ndarray,
-    ZtX: np.ndarray,
-    C0: np.ndarray,
-    *,
-    lambda_d: float,
-    rtol: float = 1e-5,
-    atol: float = 0.0,
-    max_iter: int = 500,
-    data_sq_norm: float = 0.0,
-    restart: bool = True,
-) -> SolverResult:
-    """D step from sufficient statistics: ``argmin_{||c_i|| <= 1} lambda_d/2 ||X - Z C||_F^2``.
-
-    ``ZtZ = Z^T Z`` (m, m) and ``ZtX = Z^T X`` (m, n) are sums over samples
-    (reducible over blocks of frames); ``C0`` (m, n) is the warm start.
-    Gradient ``lambda_d (ZtZ C - ZtX)``, step ``1 / (lambda_d ||ZtZ||_2)``, prox:
-    projection of every row of ``C`` onto the unit ball.  ``data_sq_norm``
-    (``||X||_F^2``) only shifts the recorded objective, to make it the term
-    itself.  Runs in ``C0``'s dtype.
-    """
-    C0 = np.asarray(C0)
-    dtype = C0.dtype
-    term = DictionaryFit(np.asarray(ZtZ, dtype=dtype), np.asarray(ZtX, dtype=dtype), lambda_d,
-                         data_sq_norm=data_sq_norm)
-    return fista([term], RowNormBall(1.0), C0, rtol=rtol, atol=atol, max_iter=max_iter, restart=restart)
-
-
-def solve_encoder(
-    XtX: np.ndarray,
-    ZtX: np.ndarray,
-    E0: np.ndarray,
-    *,
-    lambda_e: float,
-    rtol: float = 1e-5,
-    atol: float = 0.0,
-    max_iter: int = 500,
-    codes_sq_norm: float = 0.0,
-    restart: bool = True,
-) -> SolverResult:
-    """E step from sufficient statistics: ``argmin_{||e_k|| <= 1} lambda_e/2 ||Z - X E^T||_F^2``.
-
-    ``XtX = X^T X`` (n, n), ``ZtX = Z^T X`` (m, n), ``E0`` (m, n) warm start.
-    Gradient ``lambda_e (E XtX - ZtX)``, step ``1 / (lambda_e ||XtX||_2)``, prox:
-    row-wise projection onto the unit ball.  ``codes_sq_norm`` (``||Z||_F^2``)
-    only shifts the recorded objective.  Runs in ``E0``'s dtype.
-    """
-    E0 = np.asarray(E0)
-    dtype = E0.dtype
-    term = EncoderFit(np.asarray(XtX, dtype=dtype), np.asarray(ZtX, dtype=dtype), lambda_e,
-                      codes_sq_norm=codes_sq_norm)
-    return fista([term], RowNormBall(1.0), E0, rtol=rtol, atol=atol, max_iter=max_iter, restart=restart)
-
-
-TERM_WEIGHTS = {"reconstruction": ("lambda_d", 0.5), "sparsity": ("lambda_z", 1.0),
-                "graph": ("lambda_g", 0.5), "encoder": ("lambda_e", 0.5)}
-"""How each term enters the objective: its weight's name and factor (``lambda_d/2 ||X - Z C||^2``, ...)."""
-
-
-def weigh_terms(terms: Mapping[str, float], config: ModelConfig) -> dict[str, float]:
-    """The weighted terms, their total and the weights, from the unweighted terms.
-
-    ``<name>_weighted = factor * lambda * terms[name]`` (`TERM_WEIGHTS`; 0 when the
-    weight is 0, whatever the term, which may then be NaN), ``total`` their sum,
-    and ``lambda_d``, ``lambda_z``, ``lambda_g``, ``lambda_e`` of ``config``.
-
-    >>> weigh_terms({"reconstruction": 4.0, "sparsity": 3.0, "graph": float("nan"), "encoder": 1.0},
-    ...             ModelConfig(lambda_d=1.0, lambda_z=2.0, lambda_e=0.5))["total"]
-    8.25
-    """
-    out: dict[str, float] = {}
-    total = 0.0
-    for name, (weight_name, factor) in TERM_WEIGHTS.items():
-        weight = getattr(config, weight_name)
-        weighted = factor * weight * float(terms[name]) if weight > 0 else 0.0
-        out[f"{name}_weighted"] = weighted
-        total += weighted
-    out["total"] = total
-    out.update({weight_name: float(getattr(config, weight_name)) for weight_name, _ in TERM_WEIGHTS.values()})
-    return out
-
-
-def balanced_weights(record: Mapping[str, float], config: ModelConfig) -> dict[str, float]:
-    """Weights that make every weighted term of ``record`` equal to the sparsity term ``lambda_z ||Z||_1``.
-
-    ``lambda <- lambda * (lambda_z ||Z||_1) / (weighted term)`` for ``lambda_d``,
-    ``lambda_g`` and ``lambda_e``; ``lambda_z`` sets the scale (the minimiser only
-    depends on the ratios of the weights).  A weight of 0 stays 0 (its term is
-    off), and so does a weight whose term is 0 at ``record`` (nothing to scale).
-    Returns only the weights that change, ``{}`` when the codes are all zero
-    (no scale to match: the caller keeps its weights).
-
-    This is the rescaling of ``balance_lambdas`` (:func:`fit_sae`), applied once,
-    after the first outer iteration.  At the next iterations the terms drift from
-    equality as the codes adapt to the new weights; a penalty whose weighted
-    value falls as its weight grows (the encoder term when ``Z`` can follow
-    ``X E^T`` closely) may stay well below the others.
-
-    >>> record = {"reconstruction": 20.0, "sparsity": 4.0, "graph": 0.5, "encoder": float("nan")}
-    >>> balanced_weights(record, ModelConfig(lambda_d=10.0, lambda_z=1.0, lambda_g=100.0))
-    {'lambda_d': 0.4, 'lambda_g': 16.0}
-    """
-    anchor = config.lambda_z * float(record["sparsity"])
-    if not anchor > 0:
-        return {}
-    update = {}
-    for name in ("reconstruction", "graph", "encoder"):
-        weight_name, factor = TERM_WEIGHTS[name]
-        weight, value = getattr(config, weight_name), float(record[name])
-        if weight > 0 and value > 0:
-            update[weight_name] = anchor / (factor * value)
-    return update
+    beta = code_lipschitz(components, lambda_d=lambda_d, lambda_e=lambda_e, lambda_g=lambda_g,
+                          laplacian_norm=laplacian_norm)
+    return fista(terms, L1Norm(lambda_z), Z0, rtol=rtol, atol=atol, max_iter=max_iter, lipschitz=beta,
+                 restart=restart, stop=stop)
 
 
 def objective_terms(
@@ -398,83 +360,48 @@ def objective_terms(
     return out
 
 
-@dataclass(frozen=True)
-class FitState:
-    """What :func:`fit_sae` passes to ``callback`` after every outer iteration.
-
-    The arrays are the live iterates: read or copy them, do not modify them.
-    ``record`` is the history entry of this iteration (see :class:`FitResult`).
-    """
-
-    iteration: int
-    codes: np.ndarray
-    components: np.ndarray
-    encoder: np.ndarray | None
-    record: dict[str, Any]
 
 
-@dataclass(frozen=True)
-class FitResult:
-    """Result of :func:`fit_sae`.
+class _InMemory:
+    """The `sae.outer.Backend` of arrays in memory: ``X`` (N, n), ``L`` (N, N) or None, codes an (N, m) array."""
 
-    Attributes
-    ----------
-    components : ndarray (m, n)
-        The dictionary ``C`` (the thesis's ``D^T``), one atom per row.
-    encoder : ndarray (m, n) or None
-        ``E``; None when ``lambda_e = 0`` (not learned).
-    codes : ndarray (N, m)
-        ``Z`` after the last Z step.
-    history : list of dict
-        One dict per outer iteration, preceded by the initial point
-        (``iteration = 0``).  Keys: ``iteration``; the unweighted and weighted
-        terms and ``total`` of :func:`objective_terms`; ``relative_change``
-        ``|F_prev - F| / |F|`` (NaN at iteration 0); ``sparsity_percent``
-        (percentage of non-zero codes); ``inner_codes``, ``inner_dictionary``,
-        ``inner_encoder`` (iterations of each step: FISTA iterations, or the
-        largest number of full sweeps of the coordinate-descent Z step; 0 if
-        skipped);
-        ``stop_codes``, ``stop_dictionary``, ``stop_encoder`` (their stop
-        reasons, "" if skipped); ``seconds`` (wall time of the iteration);
-        ``lambda_d``, ``lambda_z``, ``lambda_g``, ``lambda_e`` (the weights of
-        the objective measured); ``balanced`` (True on the iteration after
-        which the weights were rescaled, see ``rebalance``).
-    n_iter : int
-        Outer iterations performed.
-    stop_reason : {"rtol", "max_outer"}
-    config : ModelConfig or None
-        The configuration the model was trained with: the one given, with the
-        rescaled weights when ``balance_lambdas`` is set (to encode new data
-        with the same objective).
-    """
+    logger = logger
 
-    components: np.ndarray
-    encoder: np.ndarray | None
-    codes: np.ndarray
-    history: list[dict[str, Any]]
-    n_iter: int
-    stop_reason: str
-    config: ModelConfig | None = None
+    def __init__(self, X: np.ndarray, laplacian: Any, config: ModelConfig) -> None:
+        self.X = X
+        self.n_samples = X.shape[0]
+        self.laplacian = _as_laplacian(laplacian, X.shape[0], config.lambda_g, X.dtype)
+        self.laplacian_norm = spectral_norm(self.laplacian) if self.laplacian is not None else None
 
+    def code_step(self, Z: np.ndarray, C: np.ndarray, E: np.ndarray | None, config: ModelConfig,
+                  iteration: int) -> tuple[np.ndarray, dict[str, Any]]:
+        result = solve_codes(self.X, C, E, self.laplacian, Z, laplacian_norm=self.laplacian_norm,
+                             **code_step_options(config))
+        return result.solution, {"n_iter": result.n_iter, "stop_reason": result.stop_reason}
 
-def relative_change(previous: float | None, total: float) -> float:
-    """The outer stopping quantity ``|F_prev - F| / |F|`` (NaN without a previous value).
+    def statistics(self, Z: np.ndarray) -> dict[str, Any]:
+        return {"ZtZ": Z.T @ Z, "ZtX": Z.T @ self.X, "Z_sq": inner(Z, Z)}
 
-    >>> relative_change(110.0, 100.0), relative_change(None, 1.0)
-    (0.1, nan)
-    """
-    if previous is None:
-        return float("nan")
-    return abs(previous - total) / max(abs(total), np.finfo(np.float64).tiny)
+    def data_statistics(self) -> dict[str, Any]:
+        return {"XtX": self.X.T @ self.X, "X_sq": inner(self.X, self.X)}
 
+    def terms(self, Z: np.ndarray, C: np.ndarray, E: np.ndarray | None, step: Any, statistics: Any) -> dict[str, Any]:
+        residual = self.X - Z @ C
+        out: dict[str, Any] = {
+            "reconstruction": inner(residual, residual),
+            "sparsity": float(np.abs(Z).sum(dtype=np.float64)),
+            "graph": inner(Z, self.laplacian @ Z) if self.laplacian is not None else float("nan"),
+            "encoder": float("nan"),
+            "nnz": int(np.count_nonzero(Z)),
+        }
+        if E is not None:
+            R = Z - self.X @ E.T
+            out["encoder"] = inner(R, R)
+        return out
 
-def log_outer(log: logging.Logger, record: dict[str, Any]) -> None:
-    """One progress line for an outer iteration's history record (see `FitResult`)."""
-    log.info(
-        "outer %d: objective %.6g (rel. change %.2e), non-zeros %.2f%%, inner Z/D/E %d/%d/%d, %.2f s",
-        record["iteration"], record["total"], record["relative_change"], record["sparsity_percent"],
-        record["inner_codes"], record["inner_dictionary"], record["inner_encoder"], record["seconds"],
-    )
+    def save(self, iteration: int, Z: np.ndarray, C: np.ndarray, E: np.ndarray | None, history: list,
+             stop_reason: str) -> np.ndarray:
+        return Z
 
 
 def fit_sae(
@@ -485,24 +412,23 @@ def fit_sae(
     init: dict[str, np.ndarray] | None = None,
     callback: Callable[[FitState], None] | None = None,
 ) -> FitResult:
-    """Fit the structured auto-encoder by alternating minimisation.
+    """Fit the structured auto-encoder by alternating minimisation, in memory.
 
-    Minimises ``F(Z, C, E)`` (module docstring).  Initialisation as the thesis:
-    ``C`` then ``E`` drawn uniform on [0, 1) from
-    ``np.random.default_rng(config.random_state)`` with rows scaled to unit
-    norm, ``Z = 0``; ``init`` may supply any of ``"components"``, ``"encoder"``,
-    ``"codes"`` instead (e.g. to resume).  Every outer iteration runs the Z
-    step, then the D step (if ``lambda_d > 0``), then the E step (if
-    ``lambda_e > 0``), each warm-started from the current iterate with
-    ``rtol = config.inner_tolerance``, ``atol = config.atol`` and
-    ``max_iter = config.max_inner``; the Z step's solver is
-    ``config.z_solver`` (see :func:`solve_codes`'s ``method``).  Stops when
-    ``|F_prev - F| <= config.rtol |F|`` ("rtol") or after ``config.max_outer``
-    iterations ("max_outer").  With ``config.balance_lambdas``, the weights
-    ``lambda_d``, ``lambda_g``, ``lambda_e`` are rescaled after the first outer
-    iteration so that every weighted term equals ``lambda_z ||Z||_1``
-    (`balanced_weights`, `rebalance`), and training goes on with them
-    (``FitResult.config`` holds them).
+    Minimises ``F(Z, C, E)`` (module docstring) with the outer loop of
+    :func:`sae.outer.alternate`.  Initialisation as the thesis: ``C`` then ``E``
+    drawn uniform on [0, 1) from ``np.random.default_rng(config.random_state)``
+    with rows scaled to unit norm, ``Z = 0``; ``init`` may supply any of
+    ``"components"``, ``"encoder"``, ``"codes"`` instead (e.g. to resume).
+    Every outer iteration runs the Z step (:func:`solve_codes` with
+    :func:`code_step_options`), then the D step (if ``lambda_d > 0``), then the
+    E step (if ``lambda_e > 0``), each warm-started from the current iterate
+    with ``rtol = config.inner_tolerance``, ``atol = config.atol`` and
+    ``max_iter = config.max_inner``.  Stops when ``|F_prev - F| <= config.rtol |F|``
+    ("rtol") or after ``config.max_outer`` iterations ("max_outer").  With
+    ``config.balance_lambdas``, the weights ``lambda_d``, ``lambda_g``,
+    ``lambda_e`` are rescaled after the first outer iteration so that every
+    weighted term equals ``lambda_z ||Z||_1`` (`balanced_weights`, `rebalance`),
+    and training goes on with them (``FitResult.config`` holds them).
 
     Every array of the computation is in ``config.dtype``: ``X`` and the
     Laplacian are converted (copied) if they are not.  ``||L||_2`` is estimated
@@ -528,8 +454,7 @@ def fit_sae(
         raise ValueError(f"X must be a 2-D array (n_samples, n_features), got shape {X.shape}")
     n_samples, n_features = X.shape
     m = config.n_atoms
-    laplacian = _check_laplacian(laplacian, n_samples, config.lambda_g, dtype)
-    laplacian_norm = spectral_norm(laplacian) if laplacian is not None else None
+    backend = _InMemory(X, laplacian, config)
 
     init = dict(init or {})
     rng = np.random.default_rng(config.random_state)
@@ -545,84 +470,4 @@ def fit_sae(
     ):
         if array.shape != shape:
             raise ValueError(f"init[{name!r}] must have shape {shape}, got {array.shape}")
-
-    XtX = X.T @ X if E is not None else None
-    X_sq_norm = inner(X, X)
-    inner_kw = dict(rtol=config.inner_tolerance, atol=config.atol, max_iter=config.max_inner,
-                    restart=config.fista_restart)
-
-    def record_of(iteration: int, seconds: float, steps: dict[str, SolverResult | None], previous: float | None):
-        record: dict[str, Any] = {"iteration": iteration}
-        record.update(objective_terms(X, Z, C, E, laplacian, config))
-        record["relative_change"] = relative_change(previous, record["total"])
-        record["sparsity_percent"] = 100.0 * np.count_nonzero(Z) / max(Z.size, 1)
-        for name in ("codes", "dictionary", "encoder"):
-            result = steps.get(name)
-            record[f"inner_{name}"] = 0 if result is None else result.n_iter
-            record[f"stop_{name}"] = "" if result is None else result.stop_reason
-        record["seconds"] = seconds
-        return record
-
-    history = [record_of(0, 0.0, {}, None)]
-    stop_reason = "max_outer"
-    iteration = 0
-    for iteration in range(1, config.max_outer + 1):
-        start = time.perf_counter()
-        steps: dict[str, SolverResult | None] = {}
-        result = solve_codes(
-            X, C, E, laplacian, Z,
-            lambda_d=config.lambda_d, lambda_z=config.lambda_z,
-            lambda_g=config.lambda_g, lambda_e=config.lambda_e,
-            laplacian_norm=laplacian_norm, method=config.z_solver, **inner_kw,
-        )
-        Z = result.solution
-        steps["codes"] = result
-        if config.lambda_d > 0 or E is not None:
-            ZtX = Z.T @ X
-        if config.lambda_d > 0:
-            result = solve_dictionary(Z.T @ Z, ZtX, C, lambda_d=config.lambda_d, data_sq_norm=X_sq_norm, **inner_kw)
-            C = result.solution
-            steps["dictionary"] = result
-        if E is not None:
-            result = solve_encoder(XtX, ZtX, E, lambda_e=config.lambda_e, codes_sq_norm=inner(Z, Z), **inner_kw)
-            E = result.solution
-            steps["encoder"] = result
-        record = record_of(iteration, time.perf_counter() - start, steps, history[-1]["total"])
-        history.append(record)
-        if config.balance_lambdas and iteration == 1:
-            config = rebalance(history, config)
-        log_outer(logger, record)
-        if callback is not None:
-            callback(FitState(iteration=iteration, codes=Z, components=C, encoder=E, record=record))
-        if record["relative_change"] <= config.rtol and not record.get("balanced"):
-            stop_reason = "rtol"
-            break
-    return FitResult(components=C, encoder=E, codes=Z, history=history, n_iter=iteration, stop_reason=stop_reason,
-                     config=config)
-
-
-def rebalance(history: list[dict[str, Any]], config: ModelConfig) -> ModelConfig:
-    """``config`` with `balanced_weights` of ``history[-1]``; the history re-weighted in place.
-
-    Every record gets the new weighted terms, total and weights (`weigh_terms`),
-    so the whole history measures one objective, the one trained from here on;
-    the last record's ``relative_change`` is recomputed against the previous
-    one, and it is marked ``balanced = True``.  Without a change (all-zero codes)
-    ``config`` is returned as it is, with a warning.
-    """
-    record = history[-1]
-    update = balanced_weights(record, config)
-    if not update:
-        logger.warning("balance_lambdas: the codes are all zero after outer iteration %d, weights kept "
-                       "(lower lambda_z or raise lambda_d)", record["iteration"])
-        return config
-    before = {name: getattr(config, name) for name in update}
-    config = config.model_copy(update=update)
-    for entry in history:
-        entry.update(weigh_terms(entry, config))
-    if len(history) > 1:
-        record["relative_change"] = relative_change(history[-2]["total"], record["total"])
-    record["balanced"] = True
-    logger.info("balance_lambdas after outer iteration %d: %s", record["iteration"],
-                ", ".join(f"{name} {before[name]:.4g} -> {value:.4g}" for name, value in update.items()))
-    return config
+    return alternate(backend, config, C, E, Z, callback=callback)

@@ -23,8 +23,12 @@ from sklearn.neighbors import kneighbors_graph
 
 from flows._dask import LOOPBACK
 from sae.config import ModelConfig
-from sae.distributed import _without_work_stealing, block_bounds, fit_distributed, read_checkpoint
-from sae.model import fit_sae
+from sae.distributed import LaplacianRef, Tuning, block_bounds, fit_distributed, read_checkpoint
+from sae.distributed import blocks, memory, offload, zstep
+from sae.distributed.trainer import ClusterBackend, without_work_stealing
+from sae.model import code_step_options, fit_sae, init_dictionary, init_encoder, solve_codes
+from sae.solvers import GAP_EVERY
+from sae.store import write_sparse
 
 
 def make_data(n_samples: int, n_features: int = 12, n_true: int = 6, seed: int = 0):
@@ -107,37 +111,32 @@ def test_global_fista_with_graph_matches_reference(thread_client, small, n_block
 
 
 @pytest.mark.parametrize("density", [0.0, 1.0])
-def test_sparse_and_dense_code_blocks_give_the_same_iterates(thread_client, small, monkeypatch, density):
+def test_sparse_and_dense_code_blocks_give_the_same_iterates(thread_client, small, density):
     """Code blocks kept as CSR (density 1.0: always) or dense (0.0: never) follow the same global FISTA."""
-    import sae.distributed
-
-    monkeypatch.setattr(sae.distributed, "SPARSE_STATE_DENSITY", density)  # in-process workers see it
-    monkeypatch.setattr(sae.distributed, "ITERATE_TILE", 7)  # several tiles per block, the last one shorter
+    tuning = Tuning(sparse_density=density, tile=7)  # tile: several tiles per block, the last one shorter
     X, L = small
     config = ModelConfig(n_atoms=8, lambda_z=6.0, lambda_g=5.0, max_outer=2, max_inner=10, random_state=0)
     reference = fit_sae(X, config, L)
     result = fit_distributed(X, config, client=thread_client, laplacian=L, block_size=_blocks(len(X), 3),
-                             return_codes=True)
+                             return_codes=True, tuning=tuning)
     assert 0 < reference.history[-1]["sparsity_percent"] < 40  # sparse: CSR blocks when the threshold allows
     # the workers' pooled arrays are released once Dask has released the last results (the periodic trimming)
-    assert sae.distributed._pool.trainings == 0
+    assert memory.pool.trainings == 0
     assert all("sae-pool-trim" in w.periodic_callbacks for w in thread_client.cluster.workers.values())
     deadline = time.monotonic() + 10
-    while sae.distributed._pool.arrays and time.monotonic() < deadline:
+    while memory.pool.arrays and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not sae.distributed._pool.arrays
+    assert not memory.pool.arrays
     assert [r["inner_codes"] for r in result.history] == [r["inner_codes"] for r in reference.history]
     np.testing.assert_allclose(result.codes, reference.codes, atol=1e-4)
 
 
-def test_long_z_steps_log_their_progress(thread_client, small, monkeypatch, caplog):
-    import sae.distributed
-
-    monkeypatch.setattr(sae.distributed, "PROGRESS_SECONDS", 0.0)  # every iteration
+def test_long_z_steps_log_their_progress(thread_client, small, caplog):
     X, L = small
     config = ModelConfig(n_atoms=8, lambda_g=5.0, max_outer=1, max_inner=3, rtol=1e-9, random_state=0)
     with caplog.at_level("INFO", logger="sae.distributed"):
-        fit_distributed(X, config, client=thread_client, laplacian=L, block_size=_blocks(len(X), 2))
+        fit_distributed(X, config, client=thread_client, laplacian=L, block_size=_blocks(len(X), 2),
+                        tuning=Tuning(progress_seconds=0.0))  # every iteration
     progress = [r.getMessage() for r in caplog.records if "Z step: iteration" in r.getMessage()]
     assert [message.split(",")[1] for message in progress] == [f" Z step: iteration {k}" for k in range(4)]
     assert all("% non-zeros" in message and "s per iteration" in message for message in progress)
@@ -159,8 +158,8 @@ def test_work_stealing_is_paused_during_a_training(thread_client, small):
     with pytest.raises(ValueError):  # restarted after a failed fit too
         fit_distributed(X, config, client=thread_client, block_size=100)
     assert thread_client.run_on_scheduler(_stealing)
-    with _without_work_stealing(thread_client):  # overlapping trainings: restarted when the last one ends
-        with _without_work_stealing(thread_client):
+    with without_work_stealing(thread_client):  # overlapping trainings: restarted when the last one ends
+        with without_work_stealing(thread_client):
             assert not thread_client.run_on_scheduler(_stealing)
         assert not thread_client.run_on_scheduler(_stealing)
     assert thread_client.run_on_scheduler(_stealing)
@@ -179,13 +178,40 @@ def test_laplacian_bound_is_an_upper_bound(thread_client, small):
     X, L = small
     config = ModelConfig(n_atoms=6, lambda_g=5.0, max_outer=1, max_inner=5, random_state=0)
     # the Gershgorin bound (max absolute row sum) is >= the spectral norm, which the power iteration finds
-    from sae.distributed import _Trainer
-
-    exact = _Trainer(thread_client, X, L, config, 100, "power", 1).laplacian_norm
-    bound = _Trainer(thread_client, X, L, config, 100, "bound", 1).laplacian_norm
+    exact = ClusterBackend(thread_client, X, L, config, 100, "power", 1).laplacian_norm
+    bound = ClusterBackend(thread_client, X, L, config, 100, "bound", 1).laplacian_norm
     absolute_row_sums = np.abs(L).sum(axis=1)
     assert exact <= bound and np.isclose(bound, absolute_row_sums.max(), rtol=1e-5)
     np.testing.assert_allclose(exact, np.abs(np.linalg.eigvalsh(L.toarray())).max(), rtol=1e-4)
+
+
+def test_the_bound_of_a_normalised_laplacian_is_at_most_2(thread_client, small, tmp_path):
+    X, L = small  # a normalised kNN Laplacian: its Gershgorin bound exceeds 2 where degrees differ
+    group = zarr.open_group(str(tmp_path / "graph.zarr"), mode="w")
+    write_sparse(group, "laplacian", sp.csr_array(L, dtype=np.float32))
+    config = ModelConfig(n_atoms=6, lambda_g=5.0, max_outer=1, max_inner=5, random_state=0)
+    norms = {kind: ClusterBackend(thread_client, X, LaplacianRef(group, "laplacian", kind=kind), config, 100, "bound",
+                                  1).laplacian_norm
+             for kind in (None, "combinatorial", "normalized")}
+    assert norms[None] == norms["combinatorial"] == pytest.approx(np.abs(L).sum(axis=1).max(), rel=1e-5)
+    assert norms[None] > 2 and norms["normalized"] == 2.0
+
+
+@pytest.mark.parametrize("dtype, precision", [("float32", 1e-5), ("float64", 1e-10)])
+def test_the_z_step_stops_at_the_same_certified_gap_in_memory_and_on_blocks(thread_client, small, dtype, precision):
+    X, L = (np.asarray(small[0], dtype=dtype), small[1])
+    config = ModelConfig(n_atoms=8, lambda_g=5.0, lambda_e=1.0, rtol=1e-4, max_inner=300, random_state=0, dtype=dtype)
+    assert config.z_stop == "gap"
+    rng = np.random.default_rng(0)
+    C, E = init_dictionary(8, X.shape[1], rng=rng, dtype=dtype), init_encoder(8, X.shape[1], rng=rng, dtype=dtype)
+    reference = solve_codes(X, C, E, L, np.zeros((len(X), 8), dtype), **code_step_options(config))
+    backend = ClusterBackend(thread_client, X, L, config, _blocks(len(X), 3), "power", 2)
+    blocks_, step = backend.code_step(backend.zero_codes(8), C, E, config, 1)
+    assert step["stop_reason"] == reference.stop_reason == "rtol"
+    assert step["n_iter"] == reference.n_iter and reference.n_iter % GAP_EVERY == 0
+    F = reference.objective[-1]
+    assert 0 < reference.gap <= 1e-4 * F and step["gap"] == pytest.approx(reference.gap, abs=precision * F)
+    np.testing.assert_allclose(backend.gather_codes(blocks_), reference.solution, atol=1e-4)
 
 
 @pytest.mark.slow
@@ -294,9 +320,7 @@ def test_killed_worker_does_not_change_the_result(tmp_path, small):
 
 
 def test_pooled_arrays_are_reused_only_once_nothing_references_them():
-    import sae.distributed as sd
-
-    pool = sd._ArrayPool()  # not the module's: the in-process workers of this module trim theirs periodically
+    pool = memory.ArrayPool()  # not the module's: the in-process workers of this module trim theirs periodically
     first = pool.empty((5, 3), np.float32)
     address = first.ctypes.data
     second = pool.empty((5, 3), np.float32)  # the first is still held
@@ -311,38 +335,35 @@ def test_pooled_arrays_are_reused_only_once_nothing_references_them():
     held = [pool.empty((4, 2), np.float32) for _ in range(6)]
     del held
     pool.empty((4, 2), np.float32)
-    assert len(pool.arrays[key]) == 1 + sd.POOL_SPARE  # spare free arrays only
+    assert len(pool.arrays[key]) == 1 + memory.POOL_SPARE  # spare free arrays only
     held = [pool.empty((4, 2), np.float32) for _ in range(6)]
     kept = held[0]
     del held
     pool.trainings = 1
     assert pool.trim() == 3 * 8 * 4  # during a training, without a request: the free arrays beyond the spare ones
-    assert len(pool.arrays[key]) == 1 + sd.POOL_SPARE
+    assert len(pool.arrays[key]) == 1 + memory.POOL_SPARE
     assert any(kept.base is a for a in pool.arrays[key])  # one in use is never dropped
     pool.trainings = 0
     del kept, second
-    assert pool.trim() == (1 + sd.POOL_SPARE) * 8 * 4 + 3 * 5 * 3 * 4 + 5 * 3 * 8 and not pool.arrays  # after: all
+    assert pool.trim() == (1 + memory.POOL_SPARE) * 8 * 4 + 3 * 5 * 3 * 4 + 5 * 3 * 8 and not pool.arrays  # after: all
 
 
-def test_a_block_iteration_is_the_same_from_csr_and_dense_iterates(monkeypatch):
+def test_a_block_iteration_is_the_same_from_csr_and_dense_iterates():
     """CSR iterates (densified into pooled arrays) whose next iterate is dense give the dense path's state."""
-    import sae.distributed as sd
-
-    monkeypatch.setattr(sd, "ITERATE_TILE", 16)
     X, L = make_data(60)
     rng = np.random.default_rng(1)
     C = rng.random((8, X.shape[1]), dtype=np.float32)
-    graph = sd._graph_block(sp.csr_array(L, dtype=np.float32), [(0, 60)], 0)
-    params = dict(lambda_d=1.0, lambda_z=0.01, lambda_g=2.0, lambda_e=0.0, step=1e-3)
-    problem = sd._code_problem(0, X, C, None, graph, params)
+    graph = blocks.graph_block(sp.csr_array(L, dtype=np.float32), [(0, 60)], 0)
+    params = dict(lambda_d=1.0, lambda_z=0.01, lambda_g=2.0, lambda_e=0.0, step=1e-3, tuning=Tuning(tile=16))
+    problem = zstep.code_problem(0, X, C, None, graph, params)
     x, x_prev = (rng.random((60, 8), dtype=np.float32) * (rng.random((60, 8)) < 0.3) for _ in range(2))
     states = {}
     for name, wrap in (("dense", np.asarray), ("csr", sp.csr_array)):
-        start = sd._CodeState(x=wrap(x), x_prev=wrap(x_prev), P=x @ C, P_prev=x_prev @ C)
-        states[name] = sd._code_iterate(problem, start, [], [], (2.0, 0.4))
+        start = zstep.CodeState(x=wrap(x), x_prev=wrap(x_prev), P=x @ C, P_prev=x_prev @ C)
+        states[name] = zstep.code_iterate(problem, start, [], [], (2.0, 0.4))
     dense, csr = states["dense"], states["csr"]
-    assert not sp.issparse(csr.x) and np.count_nonzero(csr.x) > sd.SPARSE_STATE_DENSITY * csr.x.size
-    assert any(csr.x.base is a for a in sd._pool.arrays[(x.shape, x.dtype.str)])  # the state's array: pooled
+    assert not sp.issparse(csr.x) and np.count_nonzero(csr.x) > blocks.SPARSE_STATE_DENSITY * csr.x.size
+    assert any(csr.x.base is a for a in memory.pool.arrays[(x.shape, x.dtype.str)])  # the state's array: pooled
     np.testing.assert_array_equal(csr.x, dense.x)
     np.testing.assert_array_equal(csr.P, dense.P)
     assert csr.scalars == pytest.approx(dense.scalars, rel=1e-6)
@@ -352,63 +373,57 @@ def test_dask_counts_the_memory_of_block_states():
     # Dask spills results to disk by their dask.sizeof: a block state must count its arrays, CSR ones included
     from dask.sizeof import sizeof
 
-    from sae.distributed import _CodeState
-
     dense = np.ones((100, 64), np.float32)
     sparse = sp.csr_array(np.eye(100, 64, dtype=np.float32))
-    state = _CodeState(x=sparse, x_prev=dense, P=np.ones((100, 8), np.float32))
+    state = zstep.CodeState(x=sparse, x_prev=dense, P=np.ones((100, 8), np.float32))
     expected = dense.nbytes + state.P.nbytes + sparse.data.nbytes + sparse.indices.nbytes + sparse.indptr.nbytes
     assert expected <= sizeof(state) <= expected + 4096
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_compact_code_blocks_equal_scipy_csr(dtype):
-    from sae.distributed import _compact
-
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((50, 40)) * (rng.random((50, 40)) < 0.05)).astype(dtype)
     x[7] = 0  # an empty row
-    compact = _compact(x)
+    compact = blocks.compact(x)
     expected = sp.csr_array(x)
     assert sp.issparse(compact) and compact.dtype == dtype
     for name in ("data", "indices", "indptr"):
         np.testing.assert_array_equal(getattr(compact, name), getattr(expected, name))
     dense = rng.standard_normal((5, 4)).astype(dtype)
-    assert _compact(dense) is dense  # denser than SPARSE_STATE_DENSITY: kept as it is
+    assert blocks.compact(dense) is dense  # denser than SPARSE_STATE_DENSITY: kept as it is
     with pytest.raises(ValueError, match="not the number of non-zeros"):
-        _compact(x, nnz=3)
+        blocks.compact(x, nnz=3)
 
 
-def test_offloaded_arrays_come_back_from_their_file_and_the_file_is_recycled(monkeypatch):
+def test_offloaded_arrays_come_back_from_their_file_and_the_file_is_recycled():
     import pickle
 
     from dask.sizeof import sizeof
 
-    import sae.distributed as sd
-
-    monkeypatch.setattr(sd, "OFFLOAD_CHUNK", 2 * sd.DIRECT_ALIGN)  # several calls per array, a partial last one
-    files = sd._OffloadFiles(sd._ArrayPool())  # not the module's: the in-process workers trim theirs
+    # not the module's files: the in-process workers trim theirs; chunk: several calls per array, a partial last one
+    files = offload.OffloadFiles(memory.ArrayPool(), chunk=2 * memory.DIRECT_ALIGN)
     files.pool.trainings = 1  # free files are kept during a training
     rng = np.random.default_rng(0)
     x = rng.standard_normal((37, 29)).astype(np.float32)  # 4292 bytes: not a multiple of the alignment
     P = rng.standard_normal((37, 5))
-    offloaded = sd._Offloaded((x, P), files)
-    capacity = 2 * sd.DIRECT_ALIGN + sd.DIRECT_ALIGN
+    offloaded = offload.Offloaded((x, P), files)
+    capacity = 2 * memory.DIRECT_ALIGN + memory.DIRECT_ALIGN
     assert offloaded.slot.capacity == capacity and files.in_use == 1
     loaded = offloaded.load()
     np.testing.assert_array_equal(loaded[0], x)
     np.testing.assert_array_equal(loaded[1], P)
-    assert any(loaded[0].base is a for a in sd._pool.arrays[(x.shape, x.dtype.str)])  # read into a pooled array
+    assert any(loaded[0].base is a for a in memory.pool.arrays[(x.shape, x.dtype.str)])  # read into a pooled array
     # pickled (a state moved or spilled by Dask): the arrays themselves, and Dask counts them
     resident = pickle.loads(pickle.dumps(offloaded))
-    assert isinstance(resident, sd._Resident) and resident.specs == offloaded.specs
+    assert isinstance(resident, offload.Resident) and resident.specs == offloaded.specs
     np.testing.assert_array_equal(resident.load()[1], P)
     assert sizeof(resident) >= x.nbytes + P.nbytes
     # the file is free once the object is gone, and written again by the next one of its size
     fd = offloaded.slot.fd
     del offloaded
     assert files.in_use == 0 and [s.fd for s in files.free[capacity]] == [fd]
-    again = sd._Offloaded((x[::-1].copy(), P), files)
+    again = offload.Offloaded((x[::-1].copy(), P), files)
     assert again.slot.fd == fd and not files.free.get(capacity)
     np.testing.assert_array_equal(again.load()[0], x[::-1])
     del again
@@ -416,12 +431,12 @@ def test_offloaded_arrays_come_back_from_their_file_and_the_file_is_recycled(mon
     with pytest.raises(OSError):
         os.fstat(fd)  # closed: the unlinked file is gone
     # pooled arrays go to and from the file directly (page-aligned, whole), others through a buffer
-    assert sd._direct_extent(loaded[0]).nbytes == 2 * sd.DIRECT_ALIGN and sd._direct_extent(x) is None
-    assert sd._direct_extent(loaded[0].base[:10]) is None  # a part: the rounded-up read would write past it
-    copy = sd._Offloaded(loaded, files)
+    assert offload.direct_extent(loaded[0]).nbytes == 2 * memory.DIRECT_ALIGN and offload.direct_extent(x) is None
+    assert offload.direct_extent(loaded[0].base[:10]) is None  # a part: the rounded-up read would write past it
+    copy = offload.Offloaded(loaded, files)
     np.testing.assert_array_equal(copy.load(prefetch_next=False)[0], x)
     # arrays appended later (x_{k+1} C, after the kernel), in the room reserved; read ahead only once complete
-    grown = sd._Offloaded((x,), files, reserve=P.nbytes, complete=False)
+    grown = offload.Offloaded((x,), files, reserve=P.nbytes, complete=False)
     with pytest.raises(ValueError, match="no room left"):
         grown.append(np.zeros(P.size + 1024))
     grown.append(P)
@@ -436,36 +451,34 @@ def test_offloaded_arrays_come_back_from_their_file_and_the_file_is_recycled(mon
 @pytest.mark.parametrize("lambda_d", [1.0, 0.0])
 def test_a_block_iteration_is_the_same_with_the_previous_iterate_on_disk(lambda_d):
     """FISTA iterations with x_{k-1} (and x_{k-1} C) offloaded give the in-memory states bit for bit."""
-    import sae.distributed as sd
-
     X, L = make_data(60)
     rng = np.random.default_rng(1)
     C = rng.random((8, X.shape[1]), dtype=np.float32)
     E = rng.random((8, X.shape[1]), dtype=np.float32)
-    graph = sd._graph_block(sp.csr_array(L, dtype=np.float32), [(0, 60)], 0)
+    graph = blocks.graph_block(sp.csr_array(L, dtype=np.float32), [(0, 60)], 0)
     assert graph.own.indices.dtype == graph.own.indptr.dtype == np.int32  # the blocks stay in memory: narrow
     states = {}
-    for offload in (False, True):
+    for on_disk in (False, True):
         params = dict(lambda_d=lambda_d, lambda_z=1e-3, lambda_g=2.0, lambda_e=0.5, step=1e-2,
-                      offload_previous=offload)
-        problem = sd._code_problem(0, X, C, E, graph, params)
-        state, momentum, trail = sd._CodeState(x=np.zeros((60, 8), np.float32)), sd._first_momentum(), []
+                      offload_previous=on_disk)
+        problem = zstep.code_problem(0, X, C, E, graph, params)
+        state, momentum, trail = zstep.CodeState(x=np.zeros((60, 8), np.float32)), zstep.first_momentum(), []
         for _ in range(5):
-            state = sd._code_iterate(problem, state, [], [], momentum)
-            momentum = sd._next_momentum(momentum, [state.scalars])
+            state = zstep.code_iterate(problem, state, [], [], momentum)
+            momentum = zstep.block_momentum(momentum, [state.scalars])
             trail.append((state.x.copy(), state.scalars))
-        states[offload] = (state, trail)
-    (memory, memory_trail), (disk, disk_trail) = states[False], states[True]
-    assert isinstance(disk.x_prev, sd._Offloaded) and disk.P is None and disk.P_prev is None
+        states[on_disk] = (state, trail)
+    (in_memory, memory_trail), (disk, disk_trail) = states[False], states[True]
+    assert isinstance(disk.x_prev, offload.Offloaded) and disk.P is None and disk.P_prev is None
     assert len(disk.x_prev.specs) == (3 if lambda_d else 1)  # x_{k-1}, and x_{k-1} C, x_k C
     assert memory_trail[-1][1]["momentum_used"]  # the loaded x_{k-1} was used
     for (x_memory, scalars_memory), (x_disk, scalars_disk) in zip(memory_trail, disk_trail):
         np.testing.assert_array_equal(x_disk, x_memory)
         assert scalars_disk == scalars_memory
-    np.testing.assert_array_equal(sd._state_solution(disk), memory.x_prev)
+    np.testing.assert_array_equal(zstep.state_solution(disk), in_memory.x_prev)
     if lambda_d:
-        np.testing.assert_array_equal(disk.x_prev.load()[1], memory.P_prev)
-        np.testing.assert_array_equal(disk.x_prev.load()[2], memory.P)
+        np.testing.assert_array_equal(disk.x_prev.load()[1], in_memory.P_prev)
+        np.testing.assert_array_equal(disk.x_prev.load()[2], in_memory.P)
 
 
 def test_previous_iterates_on_disk_give_the_same_fit(thread_client, small):
@@ -491,12 +504,10 @@ def test_previous_iterates_on_disk_give_the_same_fit(thread_client, small):
 
 
 def test_loading_an_offloaded_block_reads_the_next_one_ahead():
-    import sae.distributed as sd
-
-    files = sd._OffloadFiles(sd._ArrayPool())
+    files = offload.OffloadFiles(memory.ArrayPool())
     rng = np.random.default_rng(0)
     blocks = [rng.standard_normal((40, 16)).astype(np.float32) for _ in range(3)]
-    first, second, third = (sd._Offloaded((x,), files) for x in blocks)
+    first, second, third = (offload.Offloaded((x,), files) for x in blocks)
     assert first.sequence < second.sequence < third.sequence
     np.testing.assert_array_equal(first.load()[0], blocks[0])
     # the next one in order of creation is read by the I/O thread, not the one after
@@ -517,9 +528,7 @@ def test_loading_an_offloaded_block_reads_the_next_one_ahead():
 def _offload_file_and_worker_directory() -> tuple[str, str]:
     from distributed import get_worker
 
-    import sae.distributed as sd
-
-    offloaded = sd._offload_async((np.ones((10, 3), np.float32),)).result()
+    offloaded = offload.offload_async((np.ones((10, 3), np.float32),)).result()
     return os.readlink(f"/proc/self/fd/{offloaded.slot.fd}"), get_worker().local_directory
 
 

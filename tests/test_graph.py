@@ -16,6 +16,7 @@ from sae.graph import (
     kernel_weights,
     laplacian_from_neighbors,
     laplacian_matrix,
+    laplacian_norm_bound,
 )
 
 
@@ -69,6 +70,41 @@ def test_normalized_spectrum_in_0_2(knn, options):
     assert eigenvalues.max() < 2 + 1e-10
     # the smallest eigenvalue is 0 (eigenvector D^1/2 1)
     assert abs(eigenvalues.min()) < 1e-10
+
+
+def random_weights(rng, size):
+    """A symmetric non-negative weight matrix of a random graph: random density, heavy-tailed weights, random
+    self-loops, a few isolated nodes, so that neighbouring degrees differ widely."""
+    density = rng.uniform(0.02, 0.6)
+    W = rng.lognormal(sigma=rng.uniform(0, 3), size=(size, size)) * (rng.random((size, size)) < density)
+    W = np.triu(W, 1)
+    W = W + W.T
+    np.fill_diagonal(W, rng.lognormal(size=size) * (rng.random(size) < rng.uniform(0, 1)))
+    isolated = rng.random(size) < 0.05
+    W[isolated] = 0
+    W[:, isolated] = 0
+    return sp.csr_array(W)
+
+
+def test_the_norm_bound_never_exceeds_2_for_a_normalised_laplacian():
+    """Property over random graphs: the bound is >= ||L||_2, and <= 2 for a normalised L (Gershgorin alone is not)."""
+    above_2 = 0
+    for seed in range(200):
+        rng = np.random.default_rng(seed)
+        W = random_weights(rng, int(rng.integers(2, 40)))
+        for kind in ("normalized", "combinatorial"):
+            L = laplacian_matrix(W, laplacian=kind, dtype=np.float64)
+            gershgorin = float(abs(L).sum(axis=1).max(initial=0.0))
+            bound = laplacian_norm_bound(gershgorin, kind)
+            norm = float(np.abs(np.linalg.eigvalsh(L.toarray())).max())
+            assert norm <= bound * (1 + 1e-12) + 1e-12, (seed, kind)
+            if kind == "normalized":
+                assert bound <= 2.0
+                above_2 += gershgorin > 2.0
+            else:
+                assert bound == gershgorin
+    assert above_2 > 20  # the cap is what keeps it at 2
+    assert laplacian_norm_bound(3.0, None) == 3.0  # unknown kind: Gershgorin's
 
 
 @pytest.mark.parametrize("self_loops", [True, False])

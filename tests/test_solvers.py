@@ -4,8 +4,11 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
+from scipy.optimize import minimize
+from sklearn.linear_model import Lasso
 
-from sae.solvers import LIPSCHITZ_SAFETY, fista, spectral_norm
+from sae.model import solve_codes
+from sae.solvers import GAP_EVERY, LIPSCHITZ_SAFETY, duality_gap, fista, spectral_norm
 from sae.terms import CodeEncoderFit, CodeReconstruction, L1Norm, inner, soft_threshold
 
 
@@ -222,3 +225,116 @@ def test_restart_needs_fewer_iterations_on_a_coherent_dictionary(rng):
 
     target = best * (1 + 1e-6)
     assert iterations_to(target, restart=True) < 0.8 * iterations_to(target, restart=False)
+
+
+# ---------------------------------------------------------------- the duality gap of the Z step
+
+
+class CodeStep:
+    """A tiny Z step in float64, written out densely: f(Z) = lambda_d/2 ||X - Z C||^2 + lambda_e/2 ||Z - X E^T||^2
+    + lambda_g/2 tr(Z^T L Z), P(Z) = f(Z) + lambda_z ||Z||_1."""
+
+    def __init__(self, rng, n_samples=8, n_atoms=3, n_features=4, lambda_g=2.0, lambda_e=1.5):
+        self.X = rng.random((n_samples, n_features))
+        self.C = rng.random((n_atoms, n_features))
+        self.E = rng.random((n_atoms, n_features))
+        W = rng.random((n_samples, n_samples)) * (rng.random((n_samples, n_samples)) < 0.5)
+        W = np.triu(W, 1) + np.triu(W, 1).T + np.eye(n_samples)
+        d = W.sum(axis=1)
+        self.L = np.eye(n_samples) - W / np.sqrt(np.outer(d, d))
+        self.lambda_d, self.lambda_z, self.lambda_g, self.lambda_e = 3.0, 2.0, lambda_g, lambda_e
+        self.shape = (n_samples, n_atoms)
+
+    def smooth(self, Z):
+        R, S = self.X - Z @ self.C, Z - self.X @ self.E.T
+        return (self.lambda_d * np.sum(R**2) + self.lambda_e * np.sum(S**2) + self.lambda_g * np.trace(Z.T @ self.L @ Z)) / 2
+
+    def gradient(self, Z):
+        return (self.lambda_d * (Z @ self.C - self.X) @ self.C.T + self.lambda_e * (Z - self.X @ self.E.T)
+                + self.lambda_g * self.L @ Z)
+
+    def objective(self, Z):
+        return self.smooth(Z) + self.lambda_z * np.abs(Z).sum()
+
+    def gap(self, Z, W=None):
+        """The duality gap of Z with the dual point of W (default Z), by sae.solvers.duality_gap."""
+        W = Z if W is None else W
+        G = self.gradient(W)
+        return duality_gap(self.smooth(W), np.abs(W).sum(), float(np.sum(W * G)), np.abs(G).max(), self.lambda_z,
+                           self.objective(Z))
+
+    def minimiser(self):
+        """The minimiser by an independent solver: L-BFGS-B on Z = U - V, U, V >= 0 (a smooth problem)."""
+        size = np.prod(self.shape)
+
+        def fun(uv):
+            Z = (uv[:size] - uv[size:]).reshape(self.shape)
+            G = self.gradient(Z).ravel()
+            return self.smooth(Z) + self.lambda_z * uv.sum(), np.concatenate([G + self.lambda_z, -G + self.lambda_z])
+
+        result = minimize(fun, np.zeros(2 * size), jac=True, method="L-BFGS-B", bounds=[(0, None)] * (2 * size),
+                          options={"ftol": 1e-16, "gtol": 1e-14, "maxiter": 100_000, "maxcor": 50})
+        Z = (result.x[:size] - result.x[size:]).ravel()
+        # polished to working precision: f is quadratic, f(z) = 1/2 z^T H z - b^T z + c in vec(Z), so on the
+        # support S with signs s the minimiser solves H_SS z_S = b_S - lambda_z s (an exact active-set step)
+        b = -self.gradient(np.zeros(self.shape)).ravel()
+        H = np.column_stack([self.gradient(e.reshape(self.shape)).ravel() + b for e in np.eye(size)])
+        support = np.abs(Z) > 1e-8
+        signs = np.sign(Z[support])
+        Z[:] = 0
+        Z[support] = np.linalg.solve(H[np.ix_(support, support)], b[support] - self.lambda_z * signs)
+        assert np.array_equal(np.sign(Z[support]), signs)  # same orthant, and the other coordinates stay at 0:
+        assert np.abs(H[~support] @ Z - b[~support]).max(initial=0.0) <= self.lambda_z
+        return Z.reshape(self.shape)
+
+    def solve(self, **kw):
+        return solve_codes(self.X, self.C, self.E if self.lambda_e else None, sp.csr_array(self.L) if self.lambda_g
+                           else None, np.zeros(self.shape), lambda_d=self.lambda_d, lambda_z=self.lambda_z,
+                           lambda_g=self.lambda_g, lambda_e=self.lambda_e, method="fista", **kw)
+
+
+@pytest.mark.parametrize("lambda_g, lambda_e", [(2.0, 1.5), (2.0, 0.0), (0.0, 1.5)])
+def test_the_duality_gap_bounds_the_suboptimality_and_equals_it_with_the_optimal_dual_point(rng, lambda_g, lambda_e):
+    problem = CodeStep(rng, lambda_g=lambda_g, lambda_e=lambda_e)
+    Z_star = problem.minimiser()
+    P_star = problem.objective(Z_star)
+    assert 0 < np.count_nonzero(np.abs(Z_star) > 1e-9) < Z_star.size  # a sparse optimum: the l1 term is active
+    assert problem.gap(Z_star) <= 1e-9 * P_star  # 0 at the optimum
+    for scale in (1.0, 0.1, 0.01, 1e-4):
+        Z = Z_star + scale * rng.standard_normal(Z_star.shape)
+        suboptimality = problem.objective(Z) - P_star
+        assert suboptimality >= -1e-12 * P_star
+        assert problem.gap(Z) >= suboptimality - 1e-12 * P_star  # an upper bound, from Z's own dual point
+        assert problem.gap(Z, Z_star) == pytest.approx(suboptimality, rel=1e-6, abs=1e-10 * P_star)  # and exact
+        assert problem.gap(Z, Z + scale * rng.standard_normal(Z.shape)) >= suboptimality - 1e-12 * P_star
+
+
+def test_the_duality_gap_against_scikit_learn_lasso_without_graph(rng):
+    # no graph, no encoder: the Z step is a lasso per frame; sklearn's Lasso minimises
+    # 1/(2 n) ||x - C^T z||^2 + alpha ||z||_1, our lambda_d/2 ||x - C^T z||^2 + lambda_z ||z||_1 / (lambda_d n)
+    problem = CodeStep(rng, n_samples=10, n_atoms=5, lambda_g=0.0, lambda_e=0.0)
+    n = problem.X.shape[1]
+    lasso = Lasso(alpha=problem.lambda_z / (problem.lambda_d * n), fit_intercept=False, tol=1e-14, max_iter=100_000)
+    Z_star = np.array([lasso.fit(problem.C.T, x).coef_ for x in problem.X])
+    P_star = problem.objective(Z_star)
+    assert problem.gap(Z_star) <= 1e-9 * P_star
+    Z = Z_star + 0.05 * rng.standard_normal(Z_star.shape)
+    assert problem.gap(Z, Z_star) == pytest.approx(problem.objective(Z) - P_star, rel=1e-6)
+    result = problem.solve(rtol=1e-8, max_iter=100_000, stop="gap")
+    assert result.stop_reason == "rtol"
+    assert 0 <= problem.objective(result.solution) - P_star <= result.gap <= 1e-8 * result.objective[-1]
+
+
+def test_fista_stops_on_a_certified_gap(rng):
+    problem = CodeStep(rng)
+    P_star = problem.objective(problem.minimiser())
+    for rtol in (1e-3, 1e-6, 1e-9):
+        result = problem.solve(rtol=rtol, max_iter=100_000, stop="gap")
+        F = problem.objective(result.solution)
+        assert result.stop_reason == "rtol" and result.n_iter % GAP_EVERY == 0
+        assert F == pytest.approx(result.objective[-1], rel=1e-12)
+        assert F - P_star <= result.gap <= rtol * F  # certified: within rtol of the minimum
+    # the change rule stops far earlier, where the objective is not yet within rtol of the minimum
+    change = problem.solve(rtol=1e-3, max_iter=100_000, stop="change")
+    assert change.n_iter < result.n_iter and np.isnan(change.gap)
+

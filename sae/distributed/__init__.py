@@ -1,0 +1,56 @@
+"""Distributed training of the structured auto-encoder on a Dask cluster.
+
+The algorithm is :func:`sae.model.fit_sae`'s, run by the same outer loop
+(:func:`sae.outer.alternate`): the frames ``X`` (N, n) are cut into row blocks
+held by the workers, the Z step runs as block tasks (with the graph term one
+global FISTA whose iterations are per-block tasks exchanging halo rows;
+without it one task per block), and the D and E steps run on the client from
+statistics reduced over blocks in block order.  Same objective, initialisation,
+step sizes, stopping rules and history as in memory; the result does not depend
+on the number of workers.
+
+Modules, in the order they build on each other:
+
+- `blocks`: row blocks, graph blocks of ``L`` (own and halo parts) and the halo
+  plan, compact (CSR or dense) code blocks, per-block statistics and I/O;
+- `kernel`: the compiled pass of one block iteration (tiles, named arguments);
+- `memory`: the workers' array pool for dense iterates, and the sizes Dask
+  counts for block states; `offload`: previous iterates in worker-local files
+  (``offload_previous``);
+- `zstep`: the block problem and state, the block FISTA iteration task, the
+  client's loop of the global FISTA and its stopping rules;
+- `checkpoints`: the checkpoint slots of a ``model/<key>`` group;
+- `trainer`: the outer loop's backend on a cluster (`ClusterBackend`),
+  `fit_distributed`, the work-stealing pause;
+- `stage`: the training stage in a store (`train_model`, `model_key`, `open_model`).
+
+Measured (``bench/bench_train.py``, GTZAN scale: 1,288,000 x 96, m = 512,
+lambda_g = 100, 15 outer x 20 inner iterations, 2 single-threaded workers on
+2 cores): 20 min, 3.5 s per FISTA iteration (24% of the two cores' float32
+GEMM throughput), 8.2 GB summed peak RSS (two dense generations of iterates:
+~7 GB is the floor of this FISTA in memory); 1 -> 2 workers 1.81-1.95x.  With
+``offload_previous``: 24 min (4.2 s per FISTA iteration), 5.5 GiB.
+
+>>> block_bounds(10, 4)
+[(0, 4), (4, 8), (8, 10)]
+"""
+
+from sae.distributed.blocks import LaplacianRef, block_bounds
+from sae.distributed.checkpoints import checkpoint_arrays, read_checkpoint
+from sae.distributed.stage import STAGE, model_key, open_model, train_model
+from sae.distributed.trainer import DistributedFit, fit_distributed
+from sae.distributed.zstep import Tuning
+
+__all__ = [
+    "STAGE",
+    "model_key",
+    "train_model",
+    "open_model",
+    "LaplacianRef",
+    "DistributedFit",
+    "Tuning",
+    "block_bounds",
+    "fit_distributed",
+    "read_checkpoint",
+    "checkpoint_arrays",
+]

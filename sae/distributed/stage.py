@@ -1,0 +1,144 @@
+"""The training stage in a store: ``model/<key>``, keyed by the training configuration and its inputs.
+
+`train_model` trains on ``preprocess/<key>/X`` (and ``graph/<key>/laplacian``
+when ``lambda_g > 0``) with :func:`sae.distributed.fit_distributed`,
+checkpointing into the stage group (:mod:`sae.distributed.checkpoints`) after
+every outer iteration; a rerun resumes from the last checkpoint (the key does
+not include ``max_outer``, so a run with a larger ``max_outer`` continues),
+and returns at once when the group is complete.  `open_model` reads a trained
+model back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import zarr
+
+from sae.config import TrainConfig
+from sae.distributed.blocks import LaplacianRef
+from sae.distributed.checkpoints import checkpoint_arrays, read_checkpoint
+from sae.distributed.trainer import fit_distributed
+
+__all__ = ["STAGE", "model_key", "train_model", "open_model"]
+
+logger = logging.getLogger("sae.distributed")
+
+STAGE = "model"
+"""Stage name of trained models in a store."""
+
+
+def _stage_config(train: TrainConfig, preprocess_key: str, graph_key: str | None) -> dict[str, Any]:
+    """What identifies a training run: everything but ``max_outer`` (so a longer rerun resumes) and how it runs."""
+    config = train.model_dump(mode="json")
+    config["model"].pop("max_outer")
+    config.pop("lookahead")
+    config.pop("offload_previous")
+    config.pop("checkpoint")
+    return {"train": config, "preprocess": preprocess_key, "graph": graph_key if train.model.lambda_g > 0 else None}
+
+
+def model_key(train: TrainConfig, preprocess_key: str, graph_key: str | None = None) -> str:
+    """Stage group key of a training run: a fingerprint of the configuration (but ``max_outer``) and its inputs.
+
+    >>> from sae.config import ModelConfig, TrainConfig
+    >>> a = model_key(TrainConfig(model=ModelConfig(max_outer=2)), "p")
+    >>> a == model_key(TrainConfig(model=ModelConfig(max_outer=9)), "p"), a == model_key(TrainConfig(), "q")
+    (True, False)
+    """
+    blob = json.dumps(_stage_config(train, preprocess_key, graph_key), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def train_model(
+    store_path: Any,
+    preprocess_key: str,
+    train: TrainConfig,
+    *,
+    client: Any,
+    graph_key: str | None = None,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Train on the frames ``preprocess/<preprocess_key>/X`` of a store; write ``model/<key>``.
+
+    The Laplacian is ``graph/<graph_key>/laplacian`` (required when
+    ``train.model.lambda_g > 0``).  Checkpoints (:mod:`sae.distributed.checkpoints`) go to the
+    stage group; a rerun resumes from the last one, and returns at once when
+    the group is complete for this ``max_outer`` or converged.
+
+    Returns
+    -------
+    dict
+        ``key``, ``n_iter``, ``stop_reason``, ``resumed_from``, ``objective``
+        (final total), ``sparsity_percent``, ``seconds``, ``skipped`` (bool).
+    """
+    from sae import store
+    from sae.preprocess import open_preprocessed
+
+    config = train.model
+    if config.lambda_g > 0 and graph_key is None:
+        raise ValueError(
+            f"graph_key is required when lambda_g > 0 (got lambda_g={config.lambda_g!r} and graph_key=None)"
+        )
+    key = model_key(train, preprocess_key, graph_key)
+    root = store.open_store(store_path, mode="r+")
+    inputs = [open_preprocessed(root, preprocess_key)]
+    X = inputs[0]["X"]
+    laplacian = None
+    if config.lambda_g > 0:
+        from sae.graph import open_graph
+
+        inputs.append(open_graph(root, graph_key))
+        kind = (inputs[-1].attrs.get("config") or {}).get("laplacian")
+        laplacian = LaplacianRef(inputs[-1], "laplacian", kind=kind)
+    stage_config = _stage_config(train, preprocess_key, graph_key)
+    group = store.stage_group(root, STAGE, key, config=stage_config, mode="w" if overwrite else "a")
+    try:
+        done = None if overwrite else read_checkpoint(group)
+    except store.StoreDamaged as error:
+        logger.warning("%s: training again from the start", error)
+        group = store.stage_group(root, STAGE, key, config=stage_config, mode="w")
+        done = None
+    if done is not None and store.is_complete(root, STAGE, key) and (
+        done["stop_reason"] == "rtol" or done["iteration"] >= config.max_outer
+    ):
+        logger.info("model %s: complete at outer iteration %d (%s), skipped", key, done["iteration"], done["stop_reason"])
+        last = done["history"][-1]
+        return {"key": key, "n_iter": done["iteration"], "stop_reason": done["stop_reason"] or "max_outer",
+                "resumed_from": done["iteration"], "objective": last["total"],
+                "sparsity_percent": last["sparsity_percent"], "seconds": 0.0, "skipped": True}
+    group.attrs.update({"complete": False, "max_outer": config.max_outer, "block_size": train.block_size})
+    started = time.perf_counter()
+    fit = fit_distributed(
+        X, config, client=client, laplacian=laplacian, block_size=train.block_size,
+        laplacian_norm=train.laplacian_norm, lookahead=train.lookahead, offload_previous=train.offload_previous,
+        checkpoint=group, checkpoint_final_only=not train.checkpoint, callback=callback,
+    )
+    store.mark_complete(group, inputs=inputs, arrays=checkpoint_arrays(group))
+    last = fit.history[-1]
+    return {"key": key, "n_iter": fit.n_iter, "stop_reason": fit.stop_reason, "resumed_from": fit.resumed_from,
+            "objective": last["total"], "sparsity_percent": last["sparsity_percent"],
+            "seconds": time.perf_counter() - started, "skipped": False}
+
+
+def open_model(store_path: Any, key: str) -> dict[str, Any]:
+    """A trained model of a store: ``components``, ``encoder`` (or None), ``codes`` (zarr (N, m)), ``history``.
+
+    Reads the last complete checkpoint of ``model/<key>`` (the final one when
+    the group is complete).
+    """
+    from sae import store
+
+    root = store.open_store(store_path) if not isinstance(store_path, zarr.Group) else store_path
+    group = store.stage_group(root, STAGE, key, mode="r")
+    state = read_checkpoint(group)
+    if state is None:
+        raise ValueError(f"model/{key} holds no complete outer iteration yet: run train_model first")
+    state["complete"] = store.is_complete(root, STAGE, key)
+    return state

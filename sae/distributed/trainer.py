@@ -1,0 +1,498 @@
+"""The distributed fit: the outer loop of :mod:`sae.outer` on row blocks held by Dask workers.
+
+`ClusterBackend` is the loop's backend on a cluster: it reads the frames
+block by block on the workers, runs the Z step as block tasks
+(:mod:`sae.distributed.zstep`), reduces the statistics ``Z_b^T Z_b``,
+``Z_b^T X_b``, ``X_b^T X_b`` and the objective's per-block sums **in block
+order** on the client (float64), so the result does not depend on the number
+of workers nor on the order in which tasks finish, and writes checkpoints
+(:mod:`sae.distributed.checkpoints`).  The client holds futures and (m, m),
+(m, n), (n, n) matrices, never an array of size N.
+
+Each block's tasks run on a home worker (block ``b`` on worker ``b mod W``,
+a loose restriction: a lost worker's blocks go elsewhere), so its state stays
+where it is; the scheduler's work stealing, which would move block tasks with
+their states, is paused during a training (`without_work_stealing`).  Tasks
+read their inputs from the store (or the client's arrays), so a lost worker
+costs at most the current outer iteration: Dask recomputes it, and the result
+is the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from operator import itemgetter
+from typing import Any, Literal
+
+import numpy as np
+import scipy.sparse as sp
+import zarr
+
+from sae.config import ModelConfig
+from sae.distributed.blocks import (
+    block_bounds,
+    block_data_statistics,
+    block_residuals,
+    block_statistics,
+    densify,
+    graph_block,
+    graph_neighbours,
+    graph_request,
+    laplacian_power_norm,
+    read_block,
+    read_code_block,
+    read_laplacian_rows,
+    row_source,
+    send_plan,
+    write_block,
+    zeros,
+)
+from sae.distributed.checkpoints import checkpoint_slot, read_checkpoint
+from sae.distributed.memory import release_pool, start_pool_trimming
+from sae.distributed.zstep import CodeState, Tuning, block_fista, code_problem, solve_block_codes, state_solution
+from sae.graph import laplacian_norm_bound
+from sae.model import check_laplacian, code_lipschitz, code_step_options, init_dictionary, init_encoder
+from sae.outer import FitResult, alternate
+from sae.store import json_safe
+
+__all__ = ["DistributedFit", "fit_distributed", "ClusterBackend", "without_work_stealing"]
+
+logger = logging.getLogger("sae.distributed")
+
+
+@dataclass(frozen=True)
+class DistributedFit(FitResult):
+    """Result of :func:`fit_distributed`: a :class:`sae.outer.FitResult` (same history records), and
+
+    Attributes
+    ----------
+    codes : zarr.Array (N, m), ndarray (N, m) or None
+        The stored codes of the last checkpoint when checkpointing; the
+        gathered codes when ``return_codes=True`` and no checkpoint; else None.
+    n_iter : int
+        Outer iterations performed in total (resumed ones included).
+    resumed_from : int
+        The outer iteration of the checkpoint the run started from (0: fresh).
+    """
+
+    resumed_from: int = 0
+
+
+# --------------------------------------------------------------------------- work stealing
+
+
+_STEALING_PAUSES = "_sae_work_stealing_pauses"  # attribute of the scheduler: (trainings running, was stealing on)
+
+
+async def _pause_work_stealing(dask_scheduler: Any, pause: bool) -> None:
+    """Pause (``pause=True``) or resume the scheduler's work stealing for one training (run on the scheduler).
+
+    Overlapping trainings (a sweep's) share the pause: stealing restarts when
+    the last of them ends, and only if it was running before the first.
+    """
+    extension = dask_scheduler.extensions.get("stealing")
+    if extension is None:  # distributed.scheduler.work-stealing: false
+        return
+    count, was_running = getattr(dask_scheduler, _STEALING_PAUSES, (0, False))
+    if pause:
+        if count == 0:
+            was_running = "stealing" in dask_scheduler.periodic_callbacks
+        setattr(dask_scheduler, _STEALING_PAUSES, (count + 1, was_running))  # before the await: overlapping calls
+        if count == 0:
+            try:
+                await extension.stop()
+            except BaseException:
+                setattr(dask_scheduler, _STEALING_PAUSES, (count, was_running))
+                raise
+    elif count > 0:
+        setattr(dask_scheduler, _STEALING_PAUSES, (count - 1, was_running))
+        if count == 1 and was_running:
+            await extension.start()
+
+
+@contextmanager
+def without_work_stealing(client: Any) -> Iterator[None]:
+    """Pause the cluster's work stealing while a training runs (`_pause_work_stealing`).
+
+    Work stealing moves queued tasks from a busy worker to an idle one *with
+    their inputs*: block iterations and the instant tasks that read their
+    result would move back and forth with the block states, and leave a copy
+    on each side.  Loose restrictions still send a lost worker's blocks
+    elsewhere: recovery does not need stealing.  A client that dies during a
+    training leaves stealing paused until the scheduler restarts (a matter of
+    speed for other work, not of results).
+    """
+    try:
+        client.run_on_scheduler(_pause_work_stealing, pause=True)
+        paused = True
+    except Exception as error:  # e.g. a scheduler that refuses functions (distributed.scheduler.pickle: false)
+        logger.warning("could not pause the scheduler's work stealing (%s): block states may move between workers",
+                       error)
+        paused = False
+    try:
+        yield
+    finally:
+        if paused:
+            try:
+                client.run_on_scheduler(_pause_work_stealing, pause=False)
+            except Exception:  # the cluster is gone: nothing to resume
+                logger.debug("could not resume work stealing", exc_info=True)
+
+
+# --------------------------------------------------------------------------- the backend
+
+
+class ClusterBackend:
+    """The `sae.outer.Backend` of a Dask cluster: codes are lists of block futures (module docstring)."""
+
+    logger = logger
+
+    def __init__(self, client: Any, X: Any, laplacian: Any, config: ModelConfig, block_size: int,
+                 laplacian_norm: float | str, lookahead: int, offload_previous: bool = False,
+                 tuning: Tuning | None = None) -> None:
+        self.client = client
+        self.dtype = config.dtype
+        self.n_samples, self.n_features = (int(s) for s in X.shape)
+        self.bounds = block_bounds(self.n_samples, block_size)
+        self.block_size = block_size
+        self.lookahead = lookahead
+        self.offload_previous = offload_previous
+        self.tuning = tuning or Tuning()
+        self.token = uuid.uuid4().hex[:8]
+        self.reload: Callable[[], list] | None = None  # how to read the current codes again (from the store)
+        self.checkpoint: zarr.Group | None = None
+        self.checkpoint_final_only = False
+        self.refresh_homes()
+        self.X_blocks = [
+            client.submit(read_block, *row_source(X, start, stop), self.dtype, key=f"sae-X-{self.token}-{b}",
+                          **self._home(b))
+            for b, (start, stop) in enumerate(self.bounds)
+        ]
+        self.graph = None
+        self.laplacian_norm = None
+        check_laplacian(laplacian, self.n_samples, config.lambda_g)
+        if config.lambda_g > 0:
+            self._setup_graph(laplacian, laplacian_norm)
+
+    # -- graph
+    def _setup_graph(self, laplacian: Any, laplacian_norm: float | str) -> None:
+        client, bounds = self.client, self.bounds
+        if sp.issparse(laplacian):
+            laplacian = sp.csr_array(laplacian)
+        self.graph = []
+        row_blocks = []  # released after the norm: only the split blocks stay for the training
+        for b, (start, stop) in enumerate(bounds):
+            rows = client.submit(read_laplacian_rows, *row_source(laplacian, start, stop), self.dtype,
+                                 key=f"sae-Lrows-{self.token}-{b}", **self._home(b))
+            row_blocks.append(rows)
+            self.graph.append(client.submit(graph_block, rows, bounds, b, key=f"sae-graph-{self.token}-{b}",
+                                            **self._home(b)))
+        info = client.gather([client.submit(graph_neighbours, g) for g in self.graph])
+        self.neighbours = [neighbours for neighbours, _ in info]
+        # send_plans[c] = {b: indices of block c's rows that b needs}, built on the workers
+        requests = {
+            (b, c): client.submit(graph_request, self.graph[b], c, key=f"sae-request-{self.token}-{b}-{c}")
+            for b in range(len(bounds)) for c in self.neighbours[b]
+        }
+        self.send_plans = []
+        for c in range(len(bounds)):
+            receivers = [b for b in range(len(bounds)) if c in self.neighbours[b]]
+            self.send_plans.append(client.submit(send_plan, receivers, [requests[b, c] for b in receivers],
+                                                 key=f"sae-plan-{self.token}-{c}"))
+        if isinstance(laplacian_norm, (int, float)):
+            self.laplacian_norm = float(laplacian_norm)
+        elif laplacian_norm == "bound":
+            self.laplacian_norm = laplacian_norm_bound(max(bound for _, bound in info), getattr(laplacian, "kind", None))
+        elif laplacian_norm == "power":
+            self.laplacian_norm = client.submit(laplacian_power_norm, *row_blocks).result()
+        else:
+            raise ValueError(f"laplacian_norm must be 'power', 'bound' or a number, got {laplacian_norm!r}")
+        logger.info("||L||_2 = %.6g (%s) over %d blocks", self.laplacian_norm, laplacian_norm, len(bounds))
+
+    def refresh_homes(self) -> None:
+        """Give every block a home worker (block b -> worker b mod W, workers sorted by address)."""
+        workers = sorted(self.client.scheduler_info().get("workers", {}))
+        self.homes = [workers[b % len(workers)] if workers else None for b in range(len(self.bounds))]
+
+    def _home(self, b: int) -> dict[str, Any]:
+        """``submit`` keywords that run block ``b``'s task on its home worker if it is alive, else anywhere."""
+        home = self.homes[b]
+        return {} if home is None else {"workers": [home], "allow_other_workers": True}
+
+    # -- the outer loop's backend (C and E are small: they travel inside the task specifications, so that a
+    #    task lost with its worker can be recomputed; scattered data would be lost with it)
+    def code_step(self, Z_blocks: list, C: np.ndarray, E: np.ndarray | None, config: ModelConfig,
+                  outer: int) -> tuple[list, dict[str, Any]]:
+        """The Z step from the code blocks ``Z_blocks`` (futures); returns the new blocks and the step's record.
+
+        With `reload` (how to read the blocks again from the store), the global
+        FISTA holds the starting codes, a whole generation, only until its
+        first iteration is submitted, and reads them again only if the start
+        turns out better than the last iterate.
+        """
+        self.refresh_homes()  # workers may have come or gone since the last step
+        reload, self.reload = self.reload, None  # the new codes are only in memory until a checkpoint
+        if self.graph is None:
+            return self._independent_code_step(Z_blocks, C, E, config, outer)
+        client = self.client
+        tag = f"{self.token}-{outer}"
+        params = {"lambda_d": config.lambda_d, "lambda_z": config.lambda_z, "lambda_g": config.lambda_g,
+                  "lambda_e": config.lambda_e, "offload_previous": self.offload_previous, "tuning": self.tuning,
+                  "step": 1.0 / code_lipschitz(C, lambda_d=config.lambda_d, lambda_e=config.lambda_e,
+                                               lambda_g=config.lambda_g, laplacian_norm=self.laplacian_norm)}
+        problems = [
+            client.submit(code_problem, b, X, C, E, g, params, key=f"sae-zproblem-{tag}-{b}", **self._home(b))
+            for b, (X, g) in enumerate(zip(self.X_blocks, self.graph))
+        ]
+        states = [client.submit(CodeState, Z, key=f"sae-zstate-{tag}-0-{b}", **self._home(b))
+                  for b, Z in enumerate(Z_blocks)]
+        start = list(Z_blocks) if reload is None else None
+        Z_blocks.clear()  # the client lets go of the starting codes (held by the states while needed)
+        final, step = block_fista(client, self._home, problems, states, self.neighbours, self.send_plans, config,
+                                  tag=tag, outer=outer, lookahead=self.lookahead,
+                                  progress_seconds=self.tuning.progress_seconds, n_codes=self.n_samples * C.shape[0])
+        if final is None:  # the start is better than the last iterate
+            return (start if reload is None else reload()), step
+        return [client.submit(state_solution, s, key=f"sae-Z-{tag}-{b}", **self._home(b))
+                for b, s in enumerate(final)], step
+
+    def _independent_code_step(self, Z_blocks: list, C: np.ndarray, E: np.ndarray | None, config: ModelConfig,
+                               outer: int) -> tuple[list, dict[str, Any]]:
+        client = self.client
+        options = code_step_options(config)
+        results = [
+            client.submit(solve_block_codes, X, C, E, Z, options, self.tuning.sparse_density,
+                          key=f"sae-zsolve-{self.token}-{outer}-{b}", **self._home(b))
+            for b, (X, Z) in enumerate(zip(self.X_blocks, Z_blocks))
+        ]
+        new_blocks = [client.submit(itemgetter(0), r, key=f"sae-Z-{self.token}-{outer}-{b}", **self._home(b))
+                      for b, r in enumerate(results)]
+        infos = client.gather([client.submit(itemgetter(1), r) for r in results])
+        n_iter = max(info["n_iter"] for info in infos)
+        reasons = sorted({info["stop_reason"] for info in infos})
+        return new_blocks, {"n_iter": n_iter, "stop_reason": "+".join(reasons), "graph": float("nan")}
+
+    def statistics(self, Z_blocks: list) -> dict[str, Any]:
+        stats = self.client.gather([self.client.submit(block_statistics, X, Z, **self._home(b))
+                                    for b, (X, Z) in enumerate(zip(self.X_blocks, Z_blocks))])
+        out: dict[str, Any] = {name: self._sum_matrices(stats, name) for name in ("ZtZ", "ZtX")}
+        for name in ("Z_sq", "l1"):
+            out[name] = math.fsum(s[name] for s in stats)
+        out["nnz"] = sum(s["nnz"] for s in stats)
+        return out
+
+    def _sum_matrices(self, parts: list[dict[str, Any]], name: str) -> np.ndarray:
+        """The blocks' ``name`` matrices summed in block order, in float64, then in the fit's dtype."""
+        total = np.zeros(parts[0][name].shape, dtype=np.float64)
+        for part in parts:
+            total += part[name]
+        return total.astype(self.dtype)
+
+    def data_statistics(self) -> dict[str, Any]:
+        stats = self.client.gather([self.client.submit(block_data_statistics, X) for X in self.X_blocks])
+        return {"XtX": self._sum_matrices(stats, "XtX"), "X_sq": math.fsum(s["X_sq"] for s in stats)}
+
+    def terms(self, Z_blocks: list, C: np.ndarray, E: np.ndarray | None, step: dict[str, Any] | None,
+              statistics: dict[str, Any] | None) -> dict[str, Any]:
+        parts = self.client.gather(
+            [self.client.submit(block_residuals, X, Z, C, E, **self._home(b))
+             for b, (X, Z) in enumerate(zip(self.X_blocks, Z_blocks))]
+        )
+        out = {name: math.fsum(p[name] for p in parts) for name in ("reconstruction", "encoder")}
+        if step is None:  # the start: all-zero codes
+            out.update(sparsity=0.0, graph=0.0 if self.graph is not None else float("nan"), nnz=0)
+        else:
+            out.update(sparsity=statistics["l1"], graph=step["graph"] if self.graph is not None else float("nan"),
+                       nnz=statistics["nnz"])
+        return out
+
+    def save(self, iteration: int, Z_blocks: list, C: np.ndarray, E: np.ndarray | None,
+             history: list[dict[str, Any]], stop_reason: str) -> list:
+        """Write the checkpoint of ``iteration`` (module :mod:`sae.distributed.checkpoints`) and read the codes
+        back from it (which cuts the task lineage), unless it is the last; without checkpoint, nothing."""
+        last = bool(stop_reason)
+        if self.checkpoint is None or not (last or not self.checkpoint_final_only):
+            return Z_blocks
+        slot = iteration % 2
+        target = checkpoint_slot(self.checkpoint, slot, self.n_samples, C.shape[0], self.n_features, self.block_size,
+                                 self.dtype, E is not None)
+        self.write_codes(target["codes"], Z_blocks)
+        target["components"][...] = C
+        if E is not None:
+            target["encoder"][...] = E
+        self.checkpoint.attrs.update({"history": json_safe(history), "stop_reason": stop_reason,
+                                      "checkpoint_slot": slot, "last_complete_outer": iteration})
+        self.reload = partial(self.read_codes, target["codes"], iteration)
+        return Z_blocks if last else self.reload()  # after the last iteration nothing reads them
+
+    # -- code blocks
+    def zero_codes(self, n_atoms: int) -> list:
+        return [
+            self.client.submit(zeros, stop - start, n_atoms, self.dtype, key=f"sae-Z0-{self.token}-{b}",
+                               **self._home(b))
+            for b, (start, stop) in enumerate(self.bounds)
+        ]
+
+    def read_codes(self, array: zarr.Array, outer: int) -> list:
+        return [
+            self.client.submit(read_code_block, array, start, stop, self.dtype, self.tuning.sparse_density,
+                               key=f"sae-Zread-{self.token}-{outer}-{b}", **self._home(b))
+            for b, (start, stop) in enumerate(self.bounds)
+        ]
+
+    def write_codes(self, array: zarr.Array, Z_blocks: list) -> None:
+        written = [
+            self.client.submit(write_block, array, start, stop, Z, pure=False, **self._home(b))
+            for b, ((start, stop), Z) in enumerate(zip(self.bounds, Z_blocks))
+        ]
+        self.client.gather(written)
+
+    def gather_codes(self, Z_blocks: list) -> np.ndarray:
+        return np.concatenate([densify(Z) for Z in self.client.gather(Z_blocks)], axis=0)
+
+
+# --------------------------------------------------------------------------- the fit
+
+
+def fit_distributed(
+    X: Any,
+    config: ModelConfig,
+    *,
+    client: Any,
+    laplacian: Any = None,
+    block_size: int = 50_000,
+    laplacian_norm: float | Literal["power", "bound"] = "power",
+    lookahead: int = 2,
+    offload_previous: bool = False,
+    checkpoint: zarr.Group | None = None,
+    checkpoint_final_only: bool = False,
+    return_codes: bool = False,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+    tuning: Tuning | None = None,
+) -> DistributedFit:
+    """Fit the structured auto-encoder on a Dask cluster, block by block (see :mod:`sae.distributed`).
+
+    The outer loop, initialisation (``np.random.default_rng(config.random_state)``:
+    components then encoder, ``Z = 0``), sub-problems, stopping rules and
+    history of :func:`sae.model.fit_sae` (:func:`sae.outer.alternate`).
+
+    Parameters
+    ----------
+    X : zarr.Array or ndarray (N, n)
+        The frames.  A Zarr array is read block by block on the workers (and
+        re-read if a worker is lost); an ndarray is cut on the client and
+        its blocks travel inside the task graph (small problems only).
+    config : ModelConfig
+    client : distributed.Client
+    laplacian : scipy sparse (N, N), LaplacianRef or None
+        Required when ``config.lambda_g > 0``; a ``LaplacianRef`` is read by
+        row blocks on the workers.
+    block_size : int
+        Frames per block (the last block may be shorter); also the chunk of the
+        stored codes.
+    laplacian_norm : "power", "bound" or float
+        How ``||L||_2`` is obtained for the Z step's step size: the power
+        iteration of :func:`sae.solvers.spectral_norm` in one task on the
+        stacked row blocks (as the in-memory fit), an upper bound from per-block
+        scalars (:func:`sae.graph.laplacian_norm_bound`: Gershgorin's
+        ``max_i sum_j |L_ij|``, capped at 2 for a `LaplacianRef` of kind
+        "normalized"; a smaller step), or its value.
+    lookahead : int
+        Z-step iterations submitted ahead of the stopping test.
+    offload_previous : bool
+        Keep each dense block's previous iterate ``x_{k-1}``, ``x_{k-1} C`` and
+        ``x_k C`` in a file of its worker (:mod:`sae.distributed.offload`)
+        instead of its memory: one generation of iterates in memory, not two.
+        Same iterates, to the bit.
+    checkpoint : zarr.Group, optional
+        A ``model/<key>`` group: a checkpoint is written after every outer
+        iteration and the fit resumes from the last complete one found there.
+    checkpoint_final_only : bool
+        Write only the checkpoint of the last outer iteration (the result);
+        an interrupted fit then starts again from the beginning.
+    return_codes : bool
+        Without checkpoint, gather the codes into :attr:`DistributedFit.codes`.
+    callback : callable, optional
+        Called with each outer iteration's history record.
+    tuning : Tuning, optional
+        How the tasks run (tile, sparse density, array pool, work stealing,
+        progress log); never what they compute.
+
+    Returns
+    -------
+    DistributedFit
+    """
+    tuning = tuning or Tuning()
+    if tuning.array_pool:
+        try:
+            client.run(start_pool_trimming)
+        except Exception as error:  # only memory is at stake: the pool is also trimmed by the tasks
+            logger.warning("could not start the workers' pool trimming (%s)", error)
+    try:
+        with without_work_stealing(client) if tuning.pause_work_stealing else _nothing():
+            return _fit_distributed(X, config, client, laplacian, block_size, laplacian_norm, lookahead,
+                                    offload_previous, checkpoint, checkpoint_final_only, return_codes, callback,
+                                    tuning)
+    finally:
+        try:
+            if tuning.array_pool:
+                client.run(release_pool)
+        except Exception:  # the cluster is gone: nothing to release
+            logger.debug("could not release the workers' pooled arrays", exc_info=True)
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+def _fit_distributed(X: Any, config: ModelConfig, client: Any, laplacian: Any, block_size: int,
+                     laplacian_norm: float | str, lookahead: int, offload_previous: bool,
+                     checkpoint: zarr.Group | None, checkpoint_final_only: bool, return_codes: bool,
+                     callback: Callable[[dict[str, Any]], None] | None, tuning: Tuning) -> DistributedFit:
+    started = time.perf_counter()
+    dtype = config.dtype
+    if len(getattr(X, "shape", ())) != 2:
+        raise ValueError(f"X must be a 2-D array (n_samples, n_features), got shape {getattr(X, 'shape', None)}")
+    if lookahead < 1:
+        raise ValueError(f"lookahead must be >= 1, got {lookahead!r}")
+    backend = ClusterBackend(client, X, laplacian, config, block_size, laplacian_norm, lookahead, offload_previous,
+                             tuning)
+    backend.checkpoint, backend.checkpoint_final_only = checkpoint, checkpoint_final_only
+    m, use_encoder = config.n_atoms, config.lambda_e > 0
+    state = read_checkpoint(checkpoint) if checkpoint is not None else None
+    if state is not None:
+        C = np.asarray(state["components"], dtype=dtype)
+        E = np.asarray(state["encoder"], dtype=dtype) if use_encoder else None
+        start_outer, history = state["iteration"], state["history"]
+        logger.info("resuming from the checkpoint of outer iteration %d", start_outer)
+        if state["stop_reason"] == "rtol" or start_outer >= config.max_outer:
+            return DistributedFit(components=C, encoder=E, codes=state["codes"], history=history, n_iter=start_outer,
+                                  stop_reason=state["stop_reason"] or "max_outer", resumed_from=start_outer)
+        backend.reload = partial(backend.read_codes, state["codes"], start_outer)
+    else:
+        rng = np.random.default_rng(config.random_state)
+        C = init_dictionary(m, backend.n_features, rng=rng, dtype=dtype)
+        E = init_encoder(m, backend.n_features, rng=rng, dtype=dtype) if use_encoder else None
+        start_outer, history = 0, None
+        backend.reload = partial(backend.zero_codes, m)
+    fit = alternate(backend, config, C, E, backend.reload(), history,
+                    callback=None if callback is None else (lambda fit_state: callback(fit_state.record)))
+    if checkpoint is not None:
+        codes: Any = checkpoint[f"checkpoint_{int(checkpoint.attrs['checkpoint_slot'])}"]["codes"]
+    elif return_codes:
+        codes = backend.gather_codes(fit.codes)
+    else:
+        codes = None
+    logger.info("trained in %.1f s: %d outer iterations (%s)", time.perf_counter() - started, fit.n_iter,
+                fit.stop_reason)
+    return DistributedFit(components=fit.components, encoder=fit.encoder, codes=codes, history=fit.history,
+                          n_iter=fit.n_iter, stop_reason=fit.stop_reason, config=fit.config, resumed_from=start_outer)
+

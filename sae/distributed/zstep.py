@@ -1,0 +1,472 @@
+"""The distributed Z step: block problems and states, one FISTA iteration per block task, the client's loop.
+
+The Z step minimises over the codes ``Z`` (N, m) (orientation of :mod:`sae`)
+``F(Z) = 1/2 <Z, A(Z)> - <Z, B> + c + lambda_z ||Z||_1`` with, per row block
+``b`` (:mod:`sae.distributed.blocks`),
+``A(Z)_b = lambda_d Z_b C C^T + lambda_e Z_b + lambda_g (L Z)_b`` and
+``B_b = lambda_d X_b C^T + lambda_e X_b E^T`` (N_b, m).
+
+**With the graph term**: one global FISTA (:func:`sae.solvers.fista`) whose
+iterations are per-block tasks.  Iteration ``k`` of block ``b`` (`code_iterate`,
+compiled pass :func:`sae.distributed.kernel.block_iterate`) receives the halo
+rows of ``x_k`` and ``x_{k-1}`` from its neighbours and computes::
+
+    y_b         = x_{k,b} + alpha_k (x_{k,b} - x_{k-1,b})                          (N_b, m)
+    grad_b      = lambda_d (y_b C - X_b) C^T + lambda_e (y_b - X_b E^T) + lambda_g (L y)_b
+    x_{k+1,b}   = soft(y_b - grad_b / beta, lambda_z / beta)
+
+with ``beta`` = :func:`sae.model.code_lipschitz` (global), ``y_b C`` (N_b, n)
+extrapolated from ``P_k = x_k C`` and ``P_{k-1}`` kept in the block's state
+(two (N_b, m) x (m, n) products per iteration: ``y C`` and ``x_{k+1} C``) and
+``(L y)_b`` from ``(L x_k)_b`` and ``(L x_{k-1})_b``.  It returns the block's
+parts of ``F(x_k)`` (``||P_k - X_b||^2``, ``<x_k, (L x_k)_b>``, ...), of the
+adaptive restart test ``<y_k - x_{k+1}, x_{k+1} - x_k> > 0`` and, for the
+gap rule, of the dual point at ``y_k``.  Small tasks cut the halo rows of
+``x_{k+1}`` each neighbour wants (`halo_pack`: one pack per block, moved once
+per worker) and decide the momentum of the next iteration from the summed
+restart test, in block order (`next_momentum`), on the cluster.  Every
+operation is row-wise but ``L Z``, which the halo makes exact, and the
+restart test, summed globally: the iterates **are** those of the in-memory
+FISTA on the whole problem (same ``alpha_k``, same ``beta``; equal up to the
+rounding of sums).  The client (`block_fista`) sums each iteration's parts in
+block order and applies the stopping rule of :func:`sae.solvers.fista`:
+``z_stop="gap"``, the duality gap of ``x_k`` with the dual point of ``y_k``
+(:func:`sae.solvers.duality_gap`, at the iterations of :func:`sae.solvers.gap_due`)
+``<= rtol F(x_k)``; ``"change"``,
+``|F_k - F_{k-1}| <= rtol |F_k|``; ``atol``; ``max_iter``; and the start if
+the last iterate is worse.  Iterations are submitted ``lookahead`` ahead of
+that test (the momentum is decided on the cluster), so the round trip is
+hidden; iterates submitted past the stop are dropped.
+
+**Without the graph term** blocks are independent: each block's whole Z step
+is one task (`solve_block_codes`: :func:`sae.model.solve_codes` on one
+thread).  With coordinate descent (the default) every frame stops on its own
+duality gap, so the codes are those of the in-memory fit whatever the blocks;
+with FISTA the rule holds per block, which implies it for the sum: blocks
+may run a few more iterations than the in-memory fit, never fewer.  The
+step's iteration count is the largest over blocks.
+
+State in worker memory, per block: ``X_b``, ``x_k`` and ``x_{k-1}`` (compact:
+CSR when sparse enough), ``P_k``, ``P_{k-1}`` (or, with ``offload_previous``,
+``x_{k-1}``, ``P_{k-1}``, ``P_k`` in a file: :mod:`sae.distributed.offload`),
+``X_b E^T`` when ``lambda_e > 0``.  The client lets go of a state once the
+next iteration is submitted, so two generations of iterates live per block
+(plus those submitted ahead).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+from dask.sizeof import sizeof
+
+from sae.config import ModelConfig
+from sae.distributed.blocks import SPARSE_STATE_DENSITY, GraphBlock, compact, densify
+from sae.distributed.kernel import (
+    ITERATE_TILE,
+    SUMS,
+    Coefficients,
+    GraphRows,
+    Iterates,
+    Reconstruction,
+    Terms,
+    Work,
+    block_iterate,
+)
+from sae.distributed.memory import pooled_empty, sizeof_fields
+from sae.distributed.offload import Offloaded, Resident, offload_async
+from sae.model import solve_codes
+from sae.solvers import duality_gap, gap_due, gap_stop_reason, next_momentum
+from sae.solvers import stop_reason as change_stop_reason
+
+logger = logging.getLogger(__name__)
+
+#: Halo rows are sent as CSR when at most this fraction of their entries is non-zero.
+SPARSE_HALO_DENSITY = 0.25
+
+#: A Z step with the graph term logs its progress (iteration, objective, non-zeros) at most this often, in seconds.
+PROGRESS_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """How the distributed fit runs, never what it computes: the results are the same for any values.
+
+    ``tile``: rows per tile of the compiled block iteration; ``sparse_density``:
+    code blocks are CSR when at most this fraction is non-zero (`compact`);
+    ``array_pool``: new iterates come from the worker's array pool
+    (:mod:`sae.distributed.memory`), else from ``np.empty``;
+    ``pause_work_stealing``: the scheduler's work stealing is paused during
+    the training; ``progress_seconds``: period of the Z step's progress log.
+    """
+
+    tile: int = ITERATE_TILE
+    sparse_density: float = SPARSE_STATE_DENSITY
+    array_pool: bool = True
+    pause_work_stealing: bool = True
+    progress_seconds: float = PROGRESS_SECONDS
+
+
+@dataclass(frozen=True)
+class CodeProblem:
+    """The data of block ``b``'s part of the Z step (constant during the step)."""
+
+    index: int  # b
+    data: np.ndarray  # X_b (N_b, n)
+    components: np.ndarray | None  # C (m, n) when lambda_d > 0
+    target: np.ndarray | None  # X_b E^T (N_b, m) when lambda_e > 0
+    lambda_d: float
+    lambda_z: float
+    lambda_g: float
+    lambda_e: float
+    step: float  # 1 / beta
+    graph: GraphBlock | None
+    offload: bool = False  # keep dense x_{k-1}, x_{k-1} C and x_k C in an offload file
+    tuning: Tuning = field(default_factory=Tuning)
+
+
+@dataclass(frozen=True)
+class CodeState:
+    """FISTA state of one block after iteration ``k - 1``.
+
+    ``x`` = x_k and ``x_prev`` = x_{k-1} (compact: CSR when sparse enough);
+    ``P`` = x_k C and ``P_prev`` = x_{k-1} C (N_b, n), from which ``y C`` is
+    extrapolated; None when not computed yet (the start) or when
+    ``lambda_d = 0``.  With ``offload_previous``, a dense x_{k-1} is an
+    `Offloaded` (or `Resident`) holding x_{k-1} and, unless ``lambda_d = 0``,
+    x_{k-1} C and x_k C; ``P`` and ``P_prev`` are then None.  ``scalars``: the
+    block's parts of F(x_{k-1}), of the restart test and of the gap.
+    """
+
+    x: Any
+    x_prev: Any = None
+    P: np.ndarray | None = None
+    P_prev: np.ndarray | None = None
+    scalars: dict[str, float] = field(default_factory=dict)
+
+
+for _block_type in (GraphBlock, CodeProblem, CodeState):
+    sizeof.register(_block_type)(sizeof_fields)
+
+
+def code_problem(
+    index: int,
+    X_block: np.ndarray,
+    components: np.ndarray,
+    encoder: np.ndarray | None,
+    graph: GraphBlock | None,
+    params: dict[str, Any],
+) -> CodeProblem:
+    """Block ``index``'s `CodeProblem`; ``params``: the weights, ``step``, and optionally ``offload_previous``,
+    ``tuning``."""
+    lambda_e = params["lambda_e"]
+    return CodeProblem(
+        index=index,
+        data=X_block,
+        components=components if params["lambda_d"] > 0 else None,
+        target=X_block @ encoder.T if lambda_e > 0 else None,
+        lambda_d=params["lambda_d"],
+        lambda_z=params["lambda_z"],
+        lambda_g=params["lambda_g"],
+        lambda_e=lambda_e,
+        step=params["step"],
+        graph=graph,
+        offload=bool(params.get("offload_previous", False)),
+        tuning=params.get("tuning") or Tuning(),
+    )
+
+
+def _stacked_halo(packs: Sequence[dict] | None, index: int, n_cols: int, dtype: Any) -> np.ndarray:
+    """The halo rows a block receives, stacked in neighbour order (dense, C-contiguous)."""
+    rows = [densify(pack[index]) for pack in packs or ()]
+    return np.ascontiguousarray(np.vstack(rows), dtype=dtype) if rows else np.zeros((0, n_cols), dtype=dtype)
+
+
+def code_iterate(
+    problem: CodeProblem,
+    state: CodeState,
+    packs: Sequence[dict],
+    previous_packs: Sequence[dict] | None,
+    momentum: tuple[float, float],
+    gap: bool = False,
+) -> CodeState:
+    """One FISTA iteration on one block (module docstring): the next `CodeState`.
+
+    ``packs`` and ``previous_packs``: the halo rows of ``x_k`` and ``x_{k-1}``
+    from the neighbours; ``momentum``: ``(t_k, alpha_k)``; ``gap``: also the
+    block's parts of the dual point at ``y_k``.  Everything after
+    densifying ``x_k`` and ``x_{k-1}`` is one compiled pass,
+    :func:`sae.distributed.kernel.block_iterate`: no (N_b, m) temporary but the
+    new iterate.
+    """
+    tuning = problem.tuning
+    empty = pooled_empty if tuning.array_pool else np.empty
+    # CSR iterates are densified into pooled arrays, free again once the task is over
+    x = densify(state.x, empty(state.x.shape, state.x.dtype) if sp.issparse(state.x) else None)
+    dtype = x.dtype.type
+    alpha = dtype(momentum[1])
+    used = bool(state.x_prev is not None and alpha != 0)
+    X, C = problem.data, problem.components
+    m = x.shape[1]
+    none = np.zeros((0, 0), dtype=x.dtype)
+    use_recon = C is not None
+    previous, P, P_previous = state.x_prev, state.P, state.P_prev
+    offloaded_previous = previous if isinstance(previous, Offloaded) else None
+    if isinstance(previous, (Offloaded, Resident)) and (used or use_recon):
+        # x_{k-1} (and x_{k-1} C, x_k C) read back into pooled arrays, usually ahead of this task
+        previous, *parts = previous.load(prefetch_next=False)
+        if parts:
+            P_previous, P = parts
+    if use_recon and P is None:
+        P = x @ C
+    # x_k and x_k C become the next state's x_{k-1} and x_{k-1} C: written to disk while the kernel runs,
+    # then x_{k+1} C after them (the next state keeps none of the three in memory)
+    offload = problem.offload and not sp.issparse(state.x) and state.x.size > 0
+    written = _offload_async_or_none(offload, state.x, P if use_recon else None)
+    if offloaded_previous is not None and offloaded_previous.sequence:
+        # then the I/O thread reads the next block's ahead (after this write: this task waits for the write)
+        offloaded_previous.files.prefetch_after(offloaded_previous.sequence)
+    x_prev = densify(previous, empty(x.shape, x.dtype) if sp.issparse(previous) else None) if used else none
+    if use_recon:
+        P_prev = P_previous if used else none
+        reconstruction = Reconstruction(X, C, np.ascontiguousarray(C.T))
+        P_next = empty(P.shape, P.dtype)
+    else:
+        P = P_prev = P_next = none
+        reconstruction = Reconstruction(none, none, none)
+    graph = problem.graph
+    if graph is not None:
+        own, halo_part = graph.own, graph.halo
+        halo = _stacked_halo(packs, problem.index, m, x.dtype)
+        halo_prev = _stacked_halo(previous_packs, problem.index, m, x.dtype) if used else halo
+        rows = GraphRows(own.data, own.indices, own.indptr, halo_part.data, halo_part.indices, halo_part.indptr,
+                         halo, halo_prev)
+    else:
+        index = np.zeros(1, dtype=np.int64)
+        rows = GraphRows(np.zeros(0), index[:0], index, np.zeros(0), index[:0], index, none, none)
+    target = problem.target if problem.target is not None else none
+    # the next iterate: compacted to CSR below the sparse density (its pooled array is then free again)
+    x_next = empty(x.shape, x.dtype)
+    tile = min(tuning.tile, max(x.shape[0], 1))
+    coefficients = Coefficients(alpha, dtype(problem.lambda_d), dtype(problem.lambda_g), dtype(problem.lambda_e),
+                                dtype(problem.step), dtype(problem.step * problem.lambda_z))
+    terms = Terms(used, use_recon, graph is not None, problem.target is not None, bool(gap))
+    work = Work(np.empty((tile, X.shape[1] if use_recon else 0), dtype=x.dtype), np.empty((tile, m), dtype=x.dtype),
+                x_next, P_next)
+    sums = dict(zip(SUMS, (float(v) for v in block_iterate(Iterates(x, x_prev, P, P_prev), reconstruction, rows,
+                                                              target, coefficients, terms, work))))
+    scalars = {"smooth": _smooth(problem, sums["reconstruction"], sums["graph"], sums["encoder"]),
+               "l1": sums["l1"], "graph": sums["graph"], "nnz": sums["nnz"], "momentum_used": used,
+               "restart_y": sums["restart_y"], "restart_x": sums["restart_x"]}
+    if gap:
+        scalars.update(smooth_y=_smooth(problem, sums["reconstruction_y"], sums["graph_y"], sums["encoder_y"]),
+                       l1_y=sums["l1_y"], dot_y=sums["y_dot_gradient"], largest_y=sums["gradient_max"])
+    x_next = compact(x_next, sums["nnz_next"], tuning.sparse_density)
+    if written is not None:
+        offloaded = written.result()
+        if use_recon:
+            offloaded.append(P_next)
+        offloaded.complete()
+        return CodeState(x=x_next, x_prev=offloaded, scalars=scalars)
+    return CodeState(x=x_next, x_prev=state.x, P=P_next if use_recon else None,
+                     P_prev=P if use_recon else None, scalars=scalars)
+
+
+def _smooth(problem: CodeProblem, reconstruction: float, graph: float, encoder: float) -> float:
+    """The block's part of the smooth terms from its unweighted sums."""
+    smooth = 0.5 * problem.lambda_d * reconstruction if problem.components is not None else 0.0
+    if problem.graph is not None:
+        smooth += 0.5 * problem.lambda_g * graph
+    if problem.target is not None:
+        smooth += 0.5 * problem.lambda_e * encoder
+    return smooth
+
+
+def _offload_async_or_none(offload: bool, x: np.ndarray, P: np.ndarray | None) -> Any:
+    """With ``offload``: the future of `Offloaded` ``x`` (and ``P``, room kept for ``x_{k+1} C``); else None."""
+    if not offload:
+        return None
+    return offload_async((x,) if P is None else (x, P), 0 if P is None else P.nbytes)
+
+
+def first_momentum() -> tuple[float, float]:
+    """``(t_1, alpha_1) = (1, 0)``: the first step is a plain proximal-gradient step."""
+    return 1.0, (1.0 - 1.0) / next_momentum(1.0)
+
+
+def block_momentum(
+    momentum: tuple[float, float], parts: Sequence[dict[str, Any]], restart: bool = True
+) -> tuple[float, float]:
+    """``(t_{k+1}, alpha_{k+1})`` after iteration ``k``, with the adaptive restart of :func:`sae.solvers.fista`.
+
+    ``t_{k+1} = next_momentum(t_k)``, or 1 when the momentum was used and
+    ``<y_k - x_{k+1}, x_{k+1} - x_k> > 0`` (block sums added in block order);
+    ``alpha_{k+1} = (t_{k+1} - 1) / next_momentum(t_{k+1})``.  ``restart=False``: plain FISTA.
+    """
+    t = next_momentum(momentum[0])
+    if restart and parts and parts[0]["momentum_used"]:
+        if sum(p["restart_y"] for p in parts) - sum(p["restart_x"] for p in parts) > 0:
+            t = 1.0
+    return t, (t - 1.0) / next_momentum(t)
+
+
+def state_scalars(state: CodeState) -> dict[str, float]:
+    """The block's sums of the iteration that made ``state``."""
+    return state.scalars
+
+
+def state_solution(state: CodeState) -> Any:
+    """The iterate ``x_k`` of the state after iteration ``k`` (its ``x_prev``), the result of a stopped step."""
+    if isinstance(state.x_prev, (Offloaded, Resident)):
+        return state.x_prev.load(prefetch_next=False)[0]
+    return state.x_prev
+
+
+def halo_pack(state: CodeState, plan: dict[int, np.ndarray]) -> dict[int, Any]:
+    """The rows of ``x_k`` every neighbour wants: ``{receiver: rows}`` (CSR when sparse enough)."""
+    pack = {}
+    for receiver, wanted in plan.items():
+        rows = state.x[wanted]
+        if not sp.issparse(rows) and rows.size and np.count_nonzero(rows) <= SPARSE_HALO_DENSITY * rows.size:
+            rows = sp.csr_array(rows)
+        pack[receiver] = rows
+    return pack
+
+
+def solve_block_codes(
+    X_block: np.ndarray,
+    components: np.ndarray,
+    encoder: np.ndarray | None,
+    Z0: Any,
+    options: dict[str, Any],
+    sparse_density: float = SPARSE_STATE_DENSITY,
+) -> tuple[Any, dict[str, Any]]:
+    """The whole Z step of one block when blocks are independent (``lambda_g = 0``): its codes and record.
+
+    ``options``: the keyword arguments of :func:`sae.model.solve_codes`
+    (:func:`sae.model.code_step_options`).
+    """
+    result = solve_codes(X_block, components, encoder, None, densify(Z0), **options,
+                         n_threads=1)  # one core per task: the workers' threads are the parallelism
+    return (compact(result.solution, density=sparse_density),
+            {"n_iter": result.n_iter, "stop_reason": result.stop_reason, "graph": 0.0})
+
+
+def block_fista(
+    client: Any,
+    home: Callable[[int], dict[str, Any]],
+    problems: Sequence[Any],
+    states: list,
+    neighbours: Sequence[Sequence[int]],
+    send_plans: Sequence[Any],
+    config: ModelConfig,
+    *,
+    tag: str,
+    outer: int,
+    lookahead: int,
+    progress_seconds: float,
+    n_codes: int,
+) -> tuple[list | None, dict[str, Any]]:
+    """The client's loop of the global FISTA (module docstring), from the block ``states`` (futures).
+
+    ``home(b)``: the ``submit`` keywords of block ``b``'s tasks; ``problems``:
+    futures of the `CodeProblem` of every block; ``neighbours[b]``: the blocks
+    whose rows ``b`` needs; ``send_plans[c]``: future of `send_plan` of block
+    ``c``; ``n_codes``: N m.  Empties ``states`` once its first iteration is
+    submitted.  Returns the final states (None when the start is better than
+    the last iterate) and the step's record: ``n_iter``, ``stop_reason``,
+    ``gap`` (the last duality gap evaluated, NaN with the change rule) and
+    ``graph`` (``tr(Z^T L Z)`` of the result, or of the start).
+    """
+    n_blocks = len(problems)
+
+    # The halo rows, scalars and momentum (instant tasks) have priority over the block iterations: a worker
+    # runs its blocks one after the other, and without it the halo rows the *other* worker waits for were cut
+    # only after all of this worker's blocks (one worker idle for up to half an iteration).
+    def submit_iteration(k: int, current: list, previous: list | None, momentum: Any) -> tuple[list, list, list, Any]:
+        packs = [client.submit(halo_pack, current[c], send_plans[c], key=f"sae-halo-{tag}-{k}-{c}", priority=1,
+                               **home(c))
+                 for c in range(n_blocks)]
+        new = [
+            client.submit(code_iterate, problems[b], current[b], [packs[c] for c in neighbours[b]],
+                          None if previous is None else [previous[c] for c in neighbours[b]], momentum,
+                          by_gap and gap_due(k, max_iter), key=f"sae-ziter-{tag}-{k}-{b}", **home(b))
+            for b in range(n_blocks)
+        ]
+        scalars = [client.submit(state_scalars, s, key=f"sae-zscalars-{tag}-{k}-{b}", priority=1, **home(b))
+                   for b, s in enumerate(new)]
+        # the momentum of the next iteration is decided on the cluster (adaptive restart needs a global sum),
+        # so iterations can be submitted ahead of the client's stopping test
+        following = client.submit(block_momentum, momentum, scalars, config.fista_restart,
+                                  key=f"sae-momentum-{tag}-{k}", priority=1)
+        return new, scalars, packs, following
+
+    by_gap = config.z_stop == "gap" and config.lambda_z > 0
+    pending: deque = deque()
+    previous_packs: list | None = None
+    momentum: Any = first_momentum()
+    submitted = list(states)
+    states.clear()  # the caller's list: the client holds the start only through the first iteration's tasks
+    next_k = 0
+    max_iter, rtol, atol = config.max_inner, config.inner_tolerance, config.atol
+    history: list[float] = []
+    graph_energy = start_graph_energy = gap = float("nan")
+    stop_reason = "max_iter"
+    final_states = None
+    started = reported = time.perf_counter()
+    while True:
+        while len(pending) < lookahead and next_k <= max_iter:
+            new, scalars, previous_packs, momentum = submit_iteration(next_k, submitted, previous_packs, momentum)
+            pending.append((next_k, new, scalars))
+            submitted = new
+            next_k += 1
+            # the client lets go of the states this iteration reads: each block's is freed on its worker as
+            # soon as the block's next state exists (two generations of iterates alive per block, not three)
+            final_states = None
+        k, new, scalars = pending.popleft()
+        parts = client.gather(scalars)
+        value = sum(p["smooth"] for p in parts) + config.lambda_z * sum(p["l1"] for p in parts)
+        history.append(value)
+        graph_energy = math.fsum(p["graph"] for p in parts)
+        if time.perf_counter() - reported >= progress_seconds:
+            reported = time.perf_counter()
+            logger.info("outer %d, Z step: iteration %d, F = %.6g, %.2f%% non-zeros, %.2f s per iteration",
+                        outer, k, value, 100 * sum(p["nnz"] for p in parts) / n_codes,
+                        (reported - started) / max(k, 1))
+        if k == 0:
+            start_graph_energy = graph_energy
+        final_states = new
+        if k >= 1:
+            if by_gap:
+                reason = None
+                if gap_due(k, max_iter):
+                    gap = _gap(parts, value, config.lambda_z)
+                    reason = gap_stop_reason(gap, value, rtol, atol)
+            else:
+                reason = change_stop_reason(history, rtol, atol)
+            if reason is not None:
+                stop_reason = reason
+                break
+            if k >= max_iter:
+                break
+    pending.clear()  # iterations submitted past the stop: dropping the futures releases them
+    start_better = history[-1] > history[0]
+    if start_better:
+        logger.debug("Z step: last iterate worse than the start, keeping the start")
+    return (None if start_better else final_states), {
+        "n_iter": len(history) - 1, "stop_reason": stop_reason, "gap": gap,
+        "graph": start_graph_energy if start_better else graph_energy}
+
+
+def _gap(parts: Sequence[dict[str, Any]], value: float, lambda_z: float) -> float:
+    """The duality gap of ``x_k`` (objective ``value``), from the blocks' parts of the dual point at ``y_k``."""
+    return duality_gap(sum(p["smooth_y"] for p in parts), sum(p["l1_y"] for p in parts),
+                       sum(p["dot_y"] for p in parts), max(p["largest_y"] for p in parts), lambda_z, value)
