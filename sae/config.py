@@ -390,7 +390,7 @@ PRESETS: dict[str, dict[str, dict]] = {
         "train": {
             "model": {"n_atoms": 128, "lambda_d": 10.0, "lambda_z": 1.0, "lambda_g": 100.0, "lambda_e": 0.0,
                       "rtol": 1e-5, "max_inner": 500, "max_outer": 50, "fista_restart": False, "z_solver": "fista",
-                      "random_state": 0},
+                      "z_stop": "change", "random_state": 0},
             "laplacian_norm": "power",
         },
         "classify": {"protocol": "thesis", "classifier": "svc", "C": 1.0, "pooling": ("sum_abs",),
