@@ -52,10 +52,19 @@ DEFAULT_ARRAYS = {"preprocess": "X"}
 """Array read from a source group of a stage when the source names none (else ``codes``)."""
 
 
+INDUCTIVE_FIELDS = ("model", "graph", "encode_methods")
+"""Fields of `sae.config.ClassifyConfig` that only the "inductive" protocol reads."""
+
+
 def results_key(preprocess_key: str, features: dict[str, str], config: ClassifyConfig) -> str:
-    """Fingerprint of what a classification run depends on: its sources and its configuration."""
+    """Fingerprint of what a classification run depends on: its sources and its configuration.
+
+    The settings of the inductive protocol count only when it runs (``classify.model`` follows
+    ``train.model`` in a pipeline: a longer training keeps the key of a grouped classification).
+    """
+    exclude = set() if config.protocol == "inductive" else set(INDUCTIVE_FIELDS)
     blob = json.dumps(
-        {"preprocess": preprocess_key, "features": features, "config": config.model_dump(mode="json")},
+        {"preprocess": preprocess_key, "features": features, "config": config.model_dump(mode="json", exclude=exclude)},
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:12]

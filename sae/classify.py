@@ -78,6 +78,9 @@ __all__ = [
     "evaluate_inductive_split",
     "inductive_cross_validate",
     "chance_level",
+    "aggregate_config",
+    "fit_classifier",
+    "vote_shares",
 ]
 
 logger = logging.getLogger(__name__)
@@ -566,7 +569,8 @@ def cross_validate(
         The results are the same either way.
     protocol : str, optional
         Overrides ``config.protocol``; "inductive" is evaluated here as
-        "grouped" (same splits) for features that do not depend on the fold.
+        "grouped" (same splits) for features that do not depend on the fold,
+        and reported as "grouped": these features were not learned per fold.
 
     Returns
     -------
@@ -586,7 +590,7 @@ def cross_validate(
     data = _Data(features.vectors, features.labels, features.groups, classes)
     logger.info("%s protocol: %d splits of %d vectors", split_protocol, len(splits), features.labels.size)
     results = _run_splits(_evaluate_task, splits, data, config, client)
-    return _summary(results, features.labels, classes, config, protocol)
+    return _summary(results, features.labels, classes, config, split_protocol)
 
 
 # --------------------------------------------------------------------------- inductive protocol
@@ -743,3 +747,45 @@ def inductive_cross_validate(
         method: _summary([r[method] for r in results], labels, classes, config, "inductive")
         for method in config.encode_methods
     }
+
+
+# --------------------------------------------------------------------------- a trained classifier on new clips
+
+
+def aggregate_config(
+    X: Any, row_clips: np.ndarray, config: ClassifyConfig, *, clip_labels: np.ndarray | None = None
+) -> AggregatedFeatures:
+    """`aggregate_clips` with the aggregation settings of ``config``: what every feature set goes through."""
+    return aggregate_clips(
+        X, row_clips, clip_labels=clip_labels, n_windows=config.n_windows, window_frames=config.window_frames,
+        shifted=config.shifted, rectify=config.rectify, chunk_clips=config.chunk_clips,
+    )
+
+
+def fit_classifier(features: AggregatedFeatures, config: ClassifyConfig) -> Any:
+    """The classifier of ``config`` (`make_classifier`) fitted on every vector of ``features`` (with labels)."""
+    if features.labels is None:
+        raise ValueError("features must have labels: pass clip_labels to aggregate_clips")
+    return clone(_classifier(config)).fit(features.vectors, features.labels)
+
+
+def vote_shares(predictions: np.ndarray, groups: np.ndarray, classes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Share of each class among the predicted labels of every group (clip): the majority vote's scores.
+
+    Returns ``clips`` (sorted group ids) and ``shares`` (n_clips, n_classes)
+    float64, rows summing to 1, columns in the order of ``classes``; the
+    vote's winner is ``classes[argmax(shares, axis=1)]``, ties going to the
+    first class, as the clip accuracy of ``voting``.
+
+    >>> clips, shares = vote_shares(np.array([2, 0, 2, 0, 0]), np.array([7, 7, 7, 9, 9]), np.array([0, 2]))
+    >>> clips.tolist(), shares.round(2).tolist()
+    ([7, 9], [[0.33, 0.67], [1.0, 0.0]])
+    """
+    classes = np.asarray(classes)
+    clips, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    position = np.searchsorted(classes, predictions)
+    if np.any(position >= classes.size) or np.any(classes[np.minimum(position, classes.size - 1)] != predictions):
+        raise ValueError(f"predictions must be among classes {classes.tolist()}")
+    counts = np.zeros((clips.size, classes.size), dtype=np.float64)
+    np.add.at(counts, (inverse, position), 1.0)
+    return clips, counts / counts.sum(axis=1, keepdims=True)
