@@ -681,6 +681,8 @@ def show_config(
     """Validate and print the complete configuration (YAML, usable as --config); runs nothing."""
     cfg = _config_or_exit(config_file=config, overrides=set_, data=data, store=store, cluster=cluster)
     values = cfg.model_dump(mode="json")
+    if values["classify"]["model"] == values["train"]["model"]:
+        del values["classify"]["model"]  # the default: it follows train.model when the file is edited
     typer.echo(json.dumps(values, indent=2) if as_json else yaml.safe_dump(values, sort_keys=False).rstrip())
 
 
