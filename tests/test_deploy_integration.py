@@ -8,6 +8,7 @@ with parameters, through the API); waits for it; checks the store; stops everyth
 
 from __future__ import annotations
 
+import inspect
 import ipaddress
 import json
 import os
@@ -22,6 +23,7 @@ import pytest
 import yaml
 
 from flows.pipeline import STAGES, stage_keys
+from flows.predict import predict_flow
 from sae import store as sae_store
 from sae.config import PipelineConfig
 from sae.sweep import sweep_points
@@ -39,6 +41,11 @@ def test_deployment_parameters_validate_against_the_config_models():
     found = {}
     for deployment in deployments():
         parameters = deployment["parameters"]
+        if deployment["flow_name"] == "predict":  # paths only; the model folder is the run's to give
+            assert set(parameters) < set(inspect.signature(predict_flow.fn).parameters) - {"model"}
+            assert not any(Path(path).is_absolute() for path in parameters.values())
+            found[("predict", None)] = deployment["entrypoint"]
+            continue
         config = PipelineConfig.model_validate(parameters["config"])
         assert not Path(config.ingest.store).is_absolute()  # relative to the repository
         found[(deployment["flow_name"], parameters.get("stage"))] = deployment["entrypoint"]
@@ -47,7 +54,7 @@ def test_deployment_parameters_validate_against_the_config_models():
             assert len(sweep_points(config, parameters["parameters"])) >= 2
     assert found == {("pipeline", None): "flows/pipeline.py:pipeline_flow",
                      **{("pipeline-stage", stage): "flows/pipeline.py:stage_flow" for stage in STAGES},
-                     ("sweep", None): "flows/sweep.py:sweep_flow"}
+                     ("sweep", None): "flows/sweep.py:sweep_flow", ("predict", None): "flows/predict.py:predict_flow"}
     for entrypoint in set(found.values()):
         path, name = entrypoint.split(":")
         assert f"def {name}(" in (REPOSITORY / path).read_text()
@@ -65,6 +72,16 @@ def _api(url: str, payload: dict | None = None) -> object:
     request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=10) as response:
         return json.loads(response.read())
+
+
+def _wait(api: str, flow_run_id: str, seconds: float) -> dict:
+    """The flow run once it is in a terminal state, or after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while True:
+        run = _api(f"{api}/flow_runs/{flow_run_id}")
+        if run["state_type"] in TERMINAL_STATES or time.monotonic() > deadline:
+            return run
+        time.sleep(2)
 
 
 def _flow_run_logs(api: str, flow_run_id: str) -> str:
@@ -96,7 +113,7 @@ def test_pipeline_deployment_runs_on_local_services(tmp_path):
         _run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all", "--prefect-file",
               str(PREFECT_FILE.relative_to(REPOSITORY))], env)
         names = {d["name"] for d in _api(f"{api}/deployments/filter", {})}
-        assert {"sae", *STAGES} <= names
+        assert {"sae", *STAGES, "predict"} <= names
 
         # What the UI sends: the deployment's parameters with the form's changes.
         store = tmp_path / "tiny.zarr"
@@ -113,12 +130,7 @@ def test_pipeline_deployment_runs_on_local_services(tmp_path):
                        "--params", json.dumps({"config": config})], env)
         flow_run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", output).group(1)
 
-        deadline = time.monotonic() + 420
-        while True:
-            run = _api(f"{api}/flow_runs/{flow_run_id}")
-            if run["state_type"] in TERMINAL_STATES or time.monotonic() > deadline:
-                break
-            time.sleep(2)
+        run = _wait(api, flow_run_id, 420)
         logs = _flow_run_logs(api, flow_run_id)
         assert run["state_type"] == "COMPLETED", f"flow run {run['state_type']}:\n{logs}"
         assert f"tasks on {dask_address}" in logs
@@ -130,6 +142,20 @@ def test_pipeline_deployment_runs_on_local_services(tmp_path):
             assert sae_store.is_complete(str(store), stage, keys[key]), stage
         assert len(sae_store.ok_clips(sae_store.open_store(str(store)))) == 8
         assert list(Path(f"{store}-reports").glob("classify-*.md"))
+
+        # The model the pipeline exported classifies a folder through the predict deployment, on the cluster.
+        model = Path(f"{store}-models") / keys["model"]
+        out = tmp_path / "new.zarr"
+        params = {"model": str(model), "data": str(tmp_path / "tiny-data"), "out": str(out), "cluster": dask_address}
+        output = _run([sys.executable, "-m", "prefect", "deployment", "run", "predict/predict",
+                       "--params", json.dumps(params)], env)
+        predict_run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", output).group(1)
+        run = _wait(api, predict_run_id, 300)
+        assert run["state_type"] == "COMPLETED", f"flow run {run['state_type']}:\n{_flow_run_logs(api, predict_run_id)}"
+        artifacts = _api(f"{api}/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [predict_run_id]}}})
+        table = next(a for a in artifacts if (a.get("key") or "").startswith("predict-"))
+        assert table["type"] == "markdown" and "8 of 8 clips classified" in table["data"]
+        assert list(Path(f"{out}-reports").glob("predict-*.csv"))
     finally:
         subprocess.run([sys.executable, "deploy/cluster.py", "stop", "--state", str(state)], cwd=REPOSITORY,
                        env=env, capture_output=True, timeout=120, check=False)
