@@ -499,7 +499,8 @@ MethodOption = Annotated[
     str | None,
     typer.Option("--method", help="Encoding of the new frames: encoder (one product, needs lambda_e > 0), exact "
                  "(the Z step), exact_graph (the Z step with the K nearest training frames as fixed neighbours, "
-                 "needs lambda_g > 0). Default: the model's.", show_default=False),
+                 "needs lambda_g > 0; a search through the training frames per clip). Default: the model's "
+                 "(exact unless chosen at export).", show_default=False),
 ]
 
 
@@ -510,7 +511,7 @@ def _model_or_exit(path: Path, method: str | None) -> Any:
     try:
         model = load_model(path)
         if method is not None:
-            model._check_method(method)
+            model.resolve_method(method)
     except (ModelFolderError, ValueError) as error:
         raise _fail(error, USAGE_ERROR) from None
     return model
@@ -532,6 +533,8 @@ def export(
                                  "accuracy the model takes (default: the latest of this model).", show_default=False)
     ] = None,
     method: MethodOption = None,
+    graph: Annotated[bool, typer.Option("--graph/--no-graph", help="Carry the training frames, codes and graph "
+                                        "degrees (method exact_graph; the folder grows with the training set).")] = True,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing model folder.")] = False,
     as_json: JsonOption = False,
 ) -> None:
@@ -541,22 +544,19 @@ def export(
     every clip of the store, and the cross-validated accuracy; `sae predict` and `sae encode` use it.
     """
     from sae import store as sae_store
-    from sae.artifact import ModelFolderError, default_model_path, export_model, model_keys
+    from sae.artifact import ModelFolderError, default_model_path, export_model, resolve_model_key
 
     try:
         sae_store.open_store(store)
-        keys = model_keys(store)
-        key = model_key or (keys[0] if len(keys) == 1 else None)
-        target = out if out is not None else default_model_path(store, key) if key else None
-        if target is None:
-            raise ModelFolderError(f"the store holds {len(keys)} complete models {keys}: name one with --model KEY"
-                                   if keys else "the store holds no complete trained model: run `sae train` first")
+        key = resolve_model_key(store, model_key)
+        target = out if out is not None else default_model_path(store, key)
         if target.exists() and not force:
             raise ModelFolderError(f"{str(target)!r} already exists: choose another --out or pass --force")
     except (sae_store.StoreError, FileNotFoundError, ModelFolderError) as error:
         raise _fail(error, USAGE_ERROR) from None
     try:
-        summary = export_model(store, target, model_key=key, results_key=results_key, method=method, overwrite=force)
+        summary = export_model(store, target, model_key=key, results_key=results_key, method=method, graph=graph,
+                               overwrite=force)
     except ModelFolderError as error:
         raise _fail(error, USAGE_ERROR) from None
     except Exception as error:  # noqa: BLE001 - the command's boundary

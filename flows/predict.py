@@ -64,7 +64,7 @@ def encode_flow(model: str, data: str, out: str, method: str | None = None,
 
     logger = get_run_logger()
     trained = load_model(model)
-    method = trained._check_method(method or trained.method)
+    method = trained.resolve_method(method)
     create_or_resume_store(out, trained.cqt, collection_clips(data), chunk_clips)
     key = collection.prepare_encoding(out, trained, method)
     batches = collection.pending_chunks(out, key)

@@ -52,7 +52,7 @@ import numpy as np
 
 from sae import __version__
 from sae.config import ClassifyConfig, CQTConfig, GraphConfig, ModelConfig, PreprocessConfig, TrainConfig
-from sae.inference import METHODS, TrainedModel, TrainingGraph, available_methods
+from sae.inference import DEFAULT_METHOD, METHODS, TrainedModel, TrainingGraph, available_methods
 
 __all__ = [
     "MODEL_LAYOUT",
@@ -65,7 +65,9 @@ __all__ = [
     "verify_folder",
     "classifier_types",
     "model_keys",
+    "resolve_model_key",
     "default_model_path",
+    "exported_source",
 ]
 
 logger = logging.getLogger(__name__)
@@ -243,22 +245,24 @@ def load_model(path: str | os.PathLike, *, method: str | None = None) -> Trained
 
     classifier_path = folder / "classifier.skops"
     classifier = skops.io.load(classifier_path, trusted=_check_types(classifier_path))
-    model = _config(ModelConfig, meta["model"], "model", meta_path)
-    graph = None
-    if meta.get("graph") is not None and "train_codes" in arrays:
-        graph = TrainingGraph(array("train_frames", True), array("train_codes", True), array("train_degrees"),
-                              float(meta["sigma"]), _config(GraphConfig, meta["graph"], "graph", meta_path))
-    return TrainedModel(
-        cqt=_config(CQTConfig, meta["cqt"], "cqt", meta_path),
-        preprocess=_config(PreprocessConfig, meta["preprocess"], "preprocess", meta_path),
-        model=model,
-        classify=_config(ClassifyConfig, meta["classify"], "classify", meta_path),
-        offset=array("offset"), scale=array("scale"), components=array("components"), encoder=array("encoder"),
-        classifier=classifier, labels=meta["labels"], graph=graph, method=method or meta.get("method"),
-        info={key: meta.get(key) for key in ("accuracy", "source", "sae_version", "created", "n_train_clips",
-                                              "n_train_frames", "frames_per_clip")}
-        | {"path": str(folder.resolve()), "digest": _sha256(folder / MANIFEST)},
-    )
+    try:
+        graph = None
+        if meta.get("graph") is not None and "train_codes" in arrays:
+            graph = TrainingGraph(array("train_frames", True), array("train_codes", True), array("train_degrees"),
+                                  float(meta["sigma"]), _config(GraphConfig, meta["graph"], "graph", meta_path))
+        return TrainedModel(
+            cqt=_config(CQTConfig, meta["cqt"], "cqt", meta_path),
+            preprocess=_config(PreprocessConfig, meta["preprocess"], "preprocess", meta_path),
+            model=_config(ModelConfig, meta["model"], "model", meta_path),
+            classify=_config(ClassifyConfig, meta["classify"], "classify", meta_path),
+            offset=array("offset"), scale=array("scale"), components=array("components"), encoder=array("encoder"),
+            classifier=classifier, labels=meta["labels"], graph=graph, method=method or meta.get("method"),
+            info={key: meta.get(key) for key in ("accuracy", "source", "sae_version", "created", "n_train_clips",
+                                                  "n_train_frames", "frames_per_clip")}
+            | {"path": str(folder.resolve()), "digest": _sha256(folder / MANIFEST)},
+        )
+    except KeyError as error:
+        raise ModelFolderError(f"{meta_path}: {error} is missing: not a model of this sae") from None
 
 
 @functools.lru_cache(maxsize=4)
@@ -285,6 +289,25 @@ def model_keys(store: str | os.PathLike) -> list[str]:
 
     root = sae_store.open_store(store)
     return [key for key in sae_store.stages(root).get("model", []) if sae_store.is_complete(root, "model", key)]
+
+
+def resolve_model_key(store: str | os.PathLike, model_key: str | None = None) -> str:
+    """``model_key`` if ``model/<model_key>`` is complete in the store, else the store's only complete model.
+
+    Raises
+    ------
+    ModelFolderError
+        No such complete model, or none or several when ``model_key`` is None (their keys are named).
+    """
+    keys = model_keys(store)
+    if model_key is None:
+        if len(keys) != 1:
+            raise ModelFolderError(f"the store holds {len(keys)} complete models {keys}: name one with --model KEY"
+                                   if keys else "the store holds no complete trained model: run `sae train` first")
+        return keys[0]
+    if model_key not in keys:
+        raise ModelFolderError(f"the store has no complete model/{model_key}; complete models: {keys}")
+    return model_key
 
 
 def default_model_path(store: str | os.PathLike, model_key: str) -> Path:
@@ -360,6 +383,7 @@ def export_model(
     model_key: str | None = None,
     results_key: str | None = None,
     method: str | None = None,
+    graph: bool = True,
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Export ``model/<model_key>`` of a store as a model folder at ``out`` (module docstring).
@@ -367,7 +391,8 @@ def export_model(
     The folder gets the store's CQT configuration and labels, the model's
     preprocessing (configuration, ``offset``, ``scale``), ``C`` and ``E`` with
     the weights trained with, the training graph's frames, codes and degrees
-    when ``lambda_g > 0``, and a classifier (`sae.classify.fit_classifier`)
+    when ``lambda_g > 0`` and ``graph`` (N x (n_bins + n_atoms + 1) numbers:
+    without them the folder is small and has no method "exact_graph"), and a classifier (`sae.classify.fit_classifier`)
     fitted on the window vectors (`sae.classify.aggregate_config`) of the
     stored codes of every training clip, with the ``ClassifyConfig`` of the
     store's classification of this model (``results_key``, default: the latest
@@ -392,14 +417,7 @@ def export_model(
     if out.exists() and not overwrite:
         raise ModelFolderError(f"{str(out)!r} already exists: choose another --out or pass --force to replace it")
     root = sae_store.open_store(store)
-    keys = model_keys(store)
-    if model_key is None:
-        if len(keys) != 1:
-            raise ModelFolderError(f"the store holds {len(keys)} complete models {keys}: name one with --model KEY"
-                                   if keys else "the store holds no complete trained model: run `sae train` first")
-        model_key = keys[0]
-    elif model_key not in keys:
-        raise ModelFolderError(f"the store has no complete model/{model_key}; complete models: {keys}")
+    model_key = resolve_model_key(store, model_key)
     group = sae_store.stage_group(root, "model", model_key, mode="r")
     state = open_model(root, model_key)
     train, model = _trained_config(group, state)
@@ -422,11 +440,12 @@ def export_model(
     arrays: dict[str, Any] = {"offset": pre["offset"][:], "scale": pre["scale"][:],
                               "components": state["components"], "encoder": state["encoder"]}
     graph_config, sigma = None, None
-    if model.lambda_g > 0 and graph_key is not None:
-        graph = sae_store.stage_group(root, "graph", graph_key, mode="r")
-        graph_config, sigma = GraphConfig.model_validate(graph.attrs["config"]), float(graph.attrs["sigma"])
+    if graph and model.lambda_g > 0 and graph_key is not None:
+        group_graph = sae_store.stage_group(root, "graph", graph_key, mode="r")
+        graph_config = GraphConfig.model_validate(group_graph.attrs["config"])
+        sigma = float(group_graph.attrs["sigma"])
         arrays.update(train_frames=pre["X"][:], train_codes=state["codes"][:],
-                      train_degrees=degree_vector(sae_store.read_sparse(graph, "adjacency")))
+                      train_degrees=degree_vector(sae_store.read_sparse(group_graph, "adjacency")))
     methods = available_methods(model, graph_config is not None)
     if method is not None and method not in methods:
         raise ModelFolderError(f"method must be one of this model's methods {methods} ({METHODS}), got {method!r}")
@@ -440,7 +459,7 @@ def export_model(
         "classify": classify.model_dump(mode="json"),
         "graph": None if graph_config is None else graph_config.model_dump(mode="json"),
         "sigma": sigma,
-        "method": method or methods[-1],
+        "method": method or DEFAULT_METHOD,
         "methods": list(methods),
         "accuracy": accuracy,
         "n_train_clips": int(np.unique(row_clips).size),

@@ -772,8 +772,9 @@ def fit_classifier(features: AggregatedFeatures, config: ClassifyConfig) -> Any:
 def vote_shares(predictions: np.ndarray, groups: np.ndarray, classes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Share of each class among the predicted labels of every group (clip): the majority vote's scores.
 
-    Returns ``clips`` (sorted group ids) and ``shares`` (n_clips, n_classes)
-    float64, rows summing to 1, columns in the order of ``classes``; the
+    ``classes`` are sorted (a classifier's ``classes_``) and hold every
+    prediction.  Returns ``clips`` (sorted group ids) and ``shares`` (n_clips,
+    n_classes) float64, rows summing to 1, columns in the order of ``classes``; the
     vote's winner is ``classes[argmax(shares, axis=1)]``, ties going to the
     first class, as the clip accuracy of ``voting``.
 

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zarr
 
 from sae import store as sae_store
 
@@ -187,9 +186,3 @@ def write_predictions(out: str, key: str, rows: list[dict[str, Any]], *, top: in
     markdown_path.write_text(markdown)
     return csv_path, markdown_path, markdown
 
-
-def open_encoded(out: str, key: str) -> zarr.Group:
-    """The complete ``encode/<key>`` group of a collection's store (arrays of the module docstring)."""
-    if not sae_store.is_complete(out, STAGE, key):
-        raise ValueError(f"the store {out!r} has no complete {STAGE}/{key}: run `sae encode` (again) to finish it")
-    return sae_store.stage_group(out, STAGE, key, mode="r")

@@ -54,6 +54,7 @@ from sae.terms import CodeEncoderFit, CodeReconstruction, L1Norm, QuadraticTerm
 
 __all__ = [
     "METHODS",
+    "DEFAULT_METHOD",
     "NeighbourGraph",
     "TrainingGraph",
     "encode_frames",
@@ -69,6 +70,10 @@ logger = logging.getLogger(__name__)
 
 METHODS = ("encoder", "exact", "exact_graph")
 """Encoding methods of unseen frames (module docstring)."""
+
+DEFAULT_METHOD = "exact"
+"""The method a model uses unless told otherwise: every model has it, and it costs no search through the
+training frames ("exact_graph" does, per clip: ~N_train x n_frames x n_bins multiply-adds)."""
 
 
 # --------------------------------------------------------------------------- the graph term of new frames
@@ -305,6 +310,10 @@ class TrainedModel:
         Label names of the training store (``labels[i]`` is label index i).
     classes_ : ndarray of str
         Names of the classifier's classes, in its order.
+    graph : TrainingGraph or None
+        The training frames, codes and graph (method "exact_graph"; None without graph term).
+    methods : tuple of str
+        The encoding methods this model has (`available_methods`); ``method`` is its default.
     info : dict
         What the model folder records besides (accuracies, source, versions).
     """
@@ -337,8 +346,8 @@ class TrainedModel:
         self.labels = list(labels)
         self.classes_ = np.array([self.labels[int(k)] for k in classifier.classes_])
         self.methods = available_methods(model, graph is not None)
-        self.method = method or self.methods[-1]
-        self._check_method(self.method)
+        self.method = DEFAULT_METHOD
+        self.method = self.resolve_method(method)
         self.info = dict(info or {})
 
     def __repr__(self) -> str:
@@ -353,7 +362,9 @@ class TrainedModel:
         probe = np.zeros((frames_per_clip(self.cqt), self.cqt.n_bins))
         return int(self._scaled(probe).shape[0])
 
-    def _check_method(self, method: str) -> str:
+    def resolve_method(self, method: str | None) -> str:
+        """``method``, or the model's default when None; a method this model does not have is a ValueError."""
+        method = self.method if method is None else method
         if method not in self.methods:
             raise ValueError(f"method must be one of this model's methods {self.methods}, got {method!r}")
         return method
@@ -402,7 +413,7 @@ class TrainedModel:
 
     def encode(self, X: np.ndarray, method: str | None = None) -> np.ndarray:
         """Codes (n_rows, n_atoms) of the model input of ONE clip (`model_input`), by ``method``."""
-        method = self._check_method(method or self.method)
+        method = self.resolve_method(method)
         return encode_frames(X, self.components_, self.encoder_, self.model, method, self.graph)
 
     def transform(self, clips: Any, *, method: str | None = None) -> np.ndarray:
@@ -564,7 +575,7 @@ def predict_files(model: TrainedModel, paths: Sequence[str], *, method: str | No
     """
     from sae.audio import ClipError
 
-    method = model._check_method(method or model.method)
+    method = model.resolve_method(method)
     records = []
     for path in paths:
         start = time.perf_counter()
