@@ -56,14 +56,23 @@ DEFAULT_ARRAYS = {"preprocess": "X"}
 """Array read from a source group of a stage when the source names none (else ``codes``)."""
 
 
+INDUCTIVE_FIELDS = ("model", "graph", "encode_methods")
+"""Fields of `sae.config.ClassifyConfig` that only the "inductive" protocol reads."""
+
+
 def feature_key(preprocess_key: str, source: str, config: ClassifyConfig) -> str:
     """Key of ``results/<key>`` for one feature source: what its classification depends on.
 
     The baseline's key does not depend on the model it is shown beside, so every
     model trained on the same preprocessed frames (a sweep's points) reuses it.
+    The settings of the inductive protocol count only when it runs
+    (``classify.model`` follows ``train.model`` in a pipeline: a longer training
+    keeps the key of a grouped classification).
     """
+    exclude = set() if config.protocol == "inductive" else set(INDUCTIVE_FIELDS)
     blob = json.dumps(
-        {"preprocess": preprocess_key, "source": source, "config": config.model_dump(mode="json")}, sort_keys=True
+        {"preprocess": preprocess_key, "source": source, "config": config.model_dump(mode="json", exclude=exclude)},
+        sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

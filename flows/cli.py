@@ -271,9 +271,6 @@ def _prepared(command: str, config: PipelineConfig, no_wait: bool) -> Iterator[P
     import logging
 
     from flows import pipeline
-    from flows._progress import terminal_display
-    from flows._server import prefect_api
-    from sae import store as sae_store
 
     logging.getLogger("distributed").setLevel(logging.WARNING)
     pipeline.show_library_logs()
@@ -282,11 +279,22 @@ def _prepared(command: str, config: PipelineConfig, no_wait: bool) -> Iterator[P
         pipeline.preflight(command, config)
     except ValueError as error:
         raise _fail(error, USAGE_ERROR) from None
-    address = pipeline.dask_address(config)
+    with _running(config.ingest.store, no_wait, pipeline.dask_address(config)):
+        yield config
+
+
+@contextmanager
+def _running(store: str, no_wait: bool, address: str | None = None) -> Iterator[None]:
+    """Hold ``store``'s lock, a Prefect API and the terminal's progress display (with a Dask ``address``, the
+    workers' progress too) for the work inside; its errors become one ``error:`` line, exit 1."""
+    from flows._progress import terminal_display
+    from flows._server import prefect_api
+    from sae import store as sae_store
+
     try:
-        with sae_store.store_lock(config.ingest.store, wait=0 if no_wait else None), prefect_api(), \
-                terminal_display(address, store=config.ingest.store):
-            yield config
+        with sae_store.store_lock(store, wait=0 if no_wait else None), prefect_api(), \
+                terminal_display(address, store=store):
+            yield
     except typer.Exit:
         raise
     except KeyboardInterrupt:
@@ -553,6 +561,186 @@ def _verify_text(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------- a trained model on new music
+
+ModelFolderOption = Annotated[
+    Path, typer.Option("--model", "-m", help="A model folder (made by `sae export`, or by `sae run` in "
+                       "<store>-models/<key>).", show_default=False)
+]
+MethodOption = Annotated[
+    str | None,
+    typer.Option("--method", help="Encoding of the new frames: encoder (one product, needs lambda_e > 0), exact "
+                 "(the Z step), exact_graph (the Z step with the K nearest training frames as fixed neighbours, "
+                 "needs lambda_g > 0; a search through the training frames per clip). Default: the model's "
+                 "(exact unless chosen at export).", show_default=False),
+]
+
+
+def _model_or_exit(path: Path, method: str | None) -> Any:
+    """The model folder loaded and checked, and ``method`` valid for it; else one error line and exit 2."""
+    from sae.artifact import ModelFolderError, load_model
+
+    try:
+        model = load_model(path)
+        if method is not None:
+            model.resolve_method(method)
+    except (ModelFolderError, ValueError) as error:
+        raise _fail(error, USAGE_ERROR) from None
+    return model
+
+
+@app.command()
+def export(
+    store: Annotated[str, typer.Option("--store", help="The store holding the trained model.", show_default=False)],
+    model_key: Annotated[
+        str | None, typer.Option("--model", help="Key of model/<key> in the store (default: its only complete "
+                                 "model).", show_default=False)
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="The model folder to write (default: <store>-models/<key>).",
+                                  show_default=False)
+    ] = None,
+    results_key: Annotated[
+        str | None, typer.Option("--results", help="Key of results/<key> whose classification settings and "
+                                 "accuracy the model takes (default: the latest of this model).", show_default=False)
+    ] = None,
+    method: MethodOption = None,
+    graph: Annotated[bool, typer.Option("--graph/--no-graph", help="Carry the training frames, codes and graph "
+                                        "degrees (method exact_graph; the folder grows with the training set).")] = True,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing model folder.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Export a trained model as a self-contained, versioned model folder.
+
+    The folder holds the CQT settings, the preprocessing, the dictionary and encoder, a classifier fitted on
+    every clip of the store, and the cross-validated accuracy; `sae predict` and `sae encode` use it.
+    """
+    from sae import store as sae_store
+    from sae.artifact import ModelFolderError, default_model_path, export_model, resolve_model_key
+
+    try:
+        sae_store.open_store(store)
+        key = resolve_model_key(store, model_key)
+        target = out if out is not None else default_model_path(store, key)
+        if target.exists() and not force:
+            raise ModelFolderError(f"{str(target)!r} already exists: choose another --out or pass --force")
+    except (sae_store.StoreError, FileNotFoundError, ModelFolderError) as error:
+        raise _fail(error, USAGE_ERROR) from None
+    try:
+        summary = export_model(store, target, model_key=key, results_key=results_key, method=method, graph=graph,
+                               overwrite=force)
+    except ModelFolderError as error:
+        raise _fail(error, USAGE_ERROR) from None
+    except Exception as error:  # noqa: BLE001 - the command's boundary
+        raise _fail(error, 1) from None
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2, default=str))
+        return
+    for name in ("path", "model_key", "results_key", "method"):
+        typer.echo(f"{name}: {summary[name]}")
+    typer.echo(f"methods: {', '.join(summary['methods'])}")
+    typer.echo(f"size: {summary['bytes'] / 1e6:.1f} MB")
+    for name, row in (summary["accuracy"] or {}).items():
+        typer.echo(f"accuracy {name}: {100 * row['accuracy_mean']:.1f} ± {100 * row['accuracy_std']:.1f} % "
+                   f"({row['protocol']})")
+
+
+@app.command()
+def predict(
+    paths: Annotated[list[str], typer.Argument(help="Audio files and folders (every audio file below them).",
+                                               show_default=False)],
+    model: ModelFolderOption,
+    method: MethodOption = None,
+    top: Annotated[int, typer.Option("--top", min=1, help="Labels shown per clip, best first.")] = 3,
+    as_json: JsonOption = False,
+) -> None:
+    """Classify audio files with a trained model: one line per file, its top labels or its error.
+
+    A label's score is the share of the clip's window vectors that vote for it.
+
+    Exit code 0 when every file was classified, 1 when some could not be (each reported; the others are
+    classified), 2 when nothing could be done (no model, not an audio file, an empty folder).
+    """
+    from sae.inference import InputError, collect_audio, predict_files
+
+    loaded = _model_or_exit(model, method)
+    try:
+        files = collect_audio(paths)
+    except InputError as error:
+        raise _fail(error, USAGE_ERROR) from None
+    try:
+        records = predict_files(loaded, files, method=method)
+    except Exception as error:  # noqa: BLE001 - the command's boundary
+        raise _fail(error, 1) from None
+    n_errors = sum(record["status"] != "ok" for record in records)
+    if as_json:
+        summary = {"model": str(model), "method": method or loaded.method, "n_files": len(records),
+                   "n_errors": n_errors, "results": records}
+        typer.echo(json.dumps(summary, indent=2))
+    else:
+        for record in records:
+            if record["status"] == "ok":
+                best = "  ".join(f"{name} {share:.2f}" for name, share in list(record["scores"].items())[:top])
+                typer.echo(f"{record['path']}\t{best}")
+            else:
+                typer.echo(f"{record['path']}\terror {record['error_kind']}: {record['error']}")
+        typer.echo(f"{len(records) - n_errors} of {len(records)} files classified (method "
+                   f"{method or loaded.method})", err=True)
+    raise typer.Exit(1 if n_errors else 0)
+
+
+@app.command()
+def encode(
+    model: ModelFolderOption,
+    data: Annotated[str, typer.Option("--data", help="A folder of audio files (GTZAN layout, or flat: no labels) "
+                                      "or a CSV manifest (path,label).", show_default=False)],
+    out: Annotated[str, typer.Option("--out", help="The store to write (created, or resumed).", show_default=False)],
+    method: MethodOption = None,
+    cluster: ClusterOption = None,
+    chunk_clips: Annotated[int, typer.Option("--chunk-clips", min=1, help="Clips per chunk and per task.")] = 16,
+    strict: Annotated[bool, typer.Option("--strict", help="Fail (exit 1) if any clip is in error.")] = False,
+    no_wait: NoWaitOption = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Encode a whole collection with a trained model into a store: codes, clip vectors, predicted labels.
+
+    The store also holds the clips' CQT frames and clip table, as ingestion writes them; the work runs on local
+    threads or a Dask cluster and resumes an interrupted run. The predictions go to a CSV and a markdown table
+    in <out>-reports/.
+    """
+    from flows import pipeline
+    from flows.predict import predict_flow
+    from sae import store as sae_store
+    from sae.inference import InputError, collection_clips
+
+    _model_or_exit(model, method)
+    out = str(Path(out).expanduser().resolve())
+    address = pipeline.address_of(cluster)
+    try:
+        if address is not None and "://" not in address:
+            raise InputError(f"--cluster must be 'local' or an address such as tcp://127.0.0.1:8786, got {address!r}")
+        collection_clips(data)
+        sae_store.check_location(out)
+        if Path(out).exists():
+            sae_store.open_store(out)
+        if address is not None:
+            pipeline.check_cluster(address)
+    except (InputError, ValueError, sae_store.StoreError, FileNotFoundError) as error:
+        raise _fail(error, USAGE_ERROR) from None
+    pipeline.show_library_logs()
+    with _running(out, no_wait, address):
+        summary = predict_flow(model=str(model), data=data, out=out, method=method,
+                               cluster=address or "local", chunk_clips=chunk_clips)
+    n_errors = summary["counts"]["error"]
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2, default=str))
+    else:
+        for name in ("store", "key", "method", "counts", "csv", "markdown"):
+            value = summary[name]
+            typer.echo(f"{name}: {', '.join(f'{k}={v}' for k, v in value.items()) if isinstance(value, dict) else value}")
+    raise typer.Exit(1 if strict and n_errors else 0)
+
+
 @app.command("config")
 def show_config(
     config: ConfigOption = None,
@@ -566,6 +754,8 @@ def show_config(
     """Validate and print the complete configuration (YAML, usable as --config); runs nothing."""
     cfg = _config_or_exit(config_file=config, preset=preset, overrides=set_, data=data, store=store, cluster=cluster)
     values = cfg.model_dump(mode="json")
+    if values["classify"]["model"] == values["train"]["model"]:
+        del values["classify"]["model"]  # the default: it follows train.model when the file is edited
     typer.echo(json.dumps(values, indent=2) if as_json else yaml.safe_dump(values, sort_keys=False).rstrip())
 
 

@@ -8,7 +8,9 @@ store path, stage keys and typed configurations (`sae.config.PipelineConfig`):
 3. ``train`` (`flows.train.train_flow`): ``model/<key>``;
 4. ``classify`` (`flows.classify.classify_flow`): the baseline (scaled CQT) and the
    auto-encoder's codes, cross-validated, in ``results/<key>``, with a markdown
-   report and a figure in ``<store>-reports/``.
+   report and a figure in ``<store>-reports/``;
+5. ``export`` (`run_export_stage`): the trained model as a model folder
+   ``<store>-models/<model key>`` (`sae.artifact`), for ``sae predict`` and ``sae encode``.
 
 A stage whose complete result is already in the store for the same
 configuration is skipped without starting its flow, so a re-run only computes
@@ -106,10 +108,15 @@ def check_frames(config: PipelineConfig) -> None:
 
 def dask_address(config: PipelineConfig) -> str | None:
     """The Dask scheduler the stages use: ``config.cluster``, else ``$SAE_DASK_ADDRESS``, else None (threads)."""
-    if config.cluster == "local":
+    return address_of(config.cluster)
+
+
+def address_of(cluster: str | None) -> str | None:
+    """The Dask scheduler named by a ``cluster`` setting: itself, None for "local", ``$SAE_DASK_ADDRESS`` for None."""
+    if cluster == "local":
         return None
-    if config.cluster is not None:
-        return config.cluster
+    if cluster is not None:
+        return cluster
     return os.environ.get(DASK_ADDRESS_VARIABLE) or None
 
 
@@ -406,6 +413,38 @@ def run_classify_stage(config: PipelineConfig, address: str | None = None) -> di
     return {**out, "skipped": False}
 
 
+def run_export_stage(config: PipelineConfig) -> dict[str, Any]:
+    """The trained model as a model folder, ``<store>-models/<model key>`` (`sae.artifact.export_model`).
+
+    Skipped when the folder is intact and was exported from the same model and
+    classification (their versions in the store); exported again otherwise.
+
+    Returns
+    -------
+    dict
+        ``skipped`` and ``path``.
+    """
+    from sae.artifact import default_model_path, export_model, exported_source
+
+    store, keys = config.ingest.store, stage_keys(config)
+    path = default_model_path(store, keys["model"])
+    root = sae_store.open_store(store)
+    current = {
+        "model_key": keys["model"],
+        "model_version": sae_store.stage_group(root, "model", keys["model"], mode="r").attrs.get("version"),
+        "results_key": keys["results"],
+        "results_version": sae_store.stage_group(root, "results", keys["results"], mode="r").attrs.get("version"),
+    }
+    source = exported_source(path) or {}
+    if all(source.get(name) == value for name, value in current.items()):
+        _logger().info("export: %s is the model of model/%s and results/%s: skipped", path, keys["model"],
+                       keys["results"])
+        return {"skipped": True, "path": str(path)}
+    export_model(store, path, model_key=keys["model"], results_key=keys["results"], overwrite=True)
+    _logger().info("export: model/%s -> %s", keys["model"], path)
+    return {"skipped": False, "path": str(path)}
+
+
 def _require_frames(config: PipelineConfig) -> None:
     store = config.ingest.store
     status = sae_store.clip_table(sae_store.open_store(store))["status"] if _store_exists(store) else None
@@ -445,7 +484,7 @@ def _store_name(parameters: dict[str, Any]) -> str:
 @flow(name="pipeline", flow_run_name=run_namer("pipeline", _store_name),
       task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=False)
 def pipeline_flow(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # noqa: B008 - frozen model
-    """Ingest, preprocess and build the graph, train, classify; each stage skipped when complete.
+    """Ingest, preprocess and build the graph, train, classify, export the model; each stage skipped when complete.
 
     Parameters
     ----------
@@ -458,7 +497,8 @@ def pipeline_flow(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]: 
         ``store`` (absolute path), ``keys`` (stage -> key in the store),
         ``skipped`` (stage -> bool), ``cluster`` (Dask address or None),
         ``results`` (feature set -> accuracy_mean, accuracy_std, chance,
-        n_scores), ``table`` (markdown), ``markdown`` and ``png`` (report paths).
+        n_scores), ``table`` (markdown), ``markdown`` and ``png`` (report paths),
+        ``model`` (the model folder, `run_export_stage`).
     """
     log = get_run_logger()
     show_library_logs()
@@ -473,7 +513,9 @@ def pipeline_flow(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]: 
         for stage, run in (("graph", run_graph_stage), ("train", run_train_stage)):
             skipped[stage] = run(config, address)["skipped"]
         out = run_classify_stage(config, address)
+        exported = run_export_stage(config)
     skipped["classify"] = out["skipped"]
+    skipped["export"] = exported["skipped"]
     table = accuracy_table(out["results"])
     log.info("report: %s", out["markdown"])
     if FlowRunContext.get() is not None:
@@ -495,6 +537,7 @@ def pipeline_flow(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]: 
         "table": table,
         "markdown": out["markdown"],
         "png": out["png"],
+        "model": exported["path"],
     }
 
 

@@ -38,6 +38,7 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0+unknown"
 
+from sae.artifact import load_model  # noqa: E402
 from sae.estimator import StructuredAutoEncoder  # noqa: E402
 from sae.model import (  # noqa: E402
     FitResult,
@@ -52,6 +53,7 @@ from sae.solvers import SolverResult, fista, spectral_norm  # noqa: E402
 
 __all__ = [
     "__version__",
+    "load_model",
     "StructuredAutoEncoder",
     "FitResult",
     "SolverResult",

@@ -364,7 +364,6 @@ def prepare_ingest(config: IngestConfig) -> str:
         The store path.
     """
     from sae import datasets as _datasets
-    from sae import store as _store
 
     store = Path(config.store)
     if config.data is None:
@@ -372,15 +371,35 @@ def prepare_ingest(config: IngestConfig) -> str:
         clips = _datasets.make_builtin_dataset(root, config.dataset)
     else:
         clips = _datasets.resolve_clips(config.data)
-    if store.exists() and not config.overwrite:
+    return create_or_resume_store(store, config.cqt, clips, config.chunk_clips, overwrite=config.overwrite)
+
+
+def create_or_resume_store(
+    store: str | os.PathLike,
+    cqt: CQTConfig,
+    clips: Sequence[tuple[str, str, str]],
+    chunk_clips: int,
+    *,
+    overwrite: bool = False,
+) -> str:
+    """Create the store of ``clips`` (`sae.store.create_store`), or check that an existing one is theirs to resume.
+
+    An existing store (unless ``overwrite``) must have been made with the same
+    CQT configuration, clips (ids and paths, in order) and chunk size;
+    otherwise it is an error.  Returns the store path.
+    """
+    from sae import store as _store
+
+    store = Path(store)
+    if store.exists() and not overwrite:
         group = _store.open_store(store, mode="r+")
         table = _store.clip_table(group)
         found_cqt = _store.store_cqt(group)
         same_clips = table["clip_id"].tolist() == [c[0] for c in clips] and table["path"].tolist() == [
             c[1] for c in clips
         ]
-        chunk_clips = min(config.chunk_clips, len(clips))
-        if found_cqt != config.cqt or not same_clips or int(group.attrs["chunk_clips"]) != chunk_clips:
+        chunk_clips = min(chunk_clips, len(clips))
+        if found_cqt != cqt or not same_clips or int(group.attrs["chunk_clips"]) != chunk_clips:
             raise ValueError(
                 f"store {str(store)!r} exists but was made with other settings (cqt {found_cqt.model_dump()}, "
                 f"{len(table['clip_id'])} clips, chunk_clips {group.attrs['chunk_clips']}); "
@@ -390,5 +409,5 @@ def prepare_ingest(config: IngestConfig) -> str:
             logger.info("store %s: the clips' groups changed; updated (the frames are unchanged)", store)
         logger.info("resuming store %s: %d of %d clips ok", store, int(np.sum(table["status"] == "ok")), len(clips))
     else:
-        _store.create_store(store, config.cqt, clips, config.chunk_clips, overwrite=config.overwrite)
+        _store.create_store(store, cqt, clips, chunk_clips, overwrite=overwrite)
     return str(store)

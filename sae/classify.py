@@ -94,6 +94,9 @@ __all__ = [
     "evaluate_inductive_split",
     "inductive_cross_validate",
     "chance_level",
+    "aggregate_config",
+    "fit_classifier",
+    "vote_shares",
 ]
 
 logger = logging.getLogger(__name__)
@@ -723,7 +726,8 @@ def cross_validate(
         The results are the same either way.
     protocol : str, optional
         Overrides ``config.protocol``; "inductive" is evaluated here as
-        "grouped" (same splits) for features that do not depend on the fold.
+        "grouped" (same splits) for features that do not depend on the fold,
+        and reported as "grouped": these features were not learned per fold.
     clip_groups : array, optional
         ``clip_groups[c]`` is the group (int) of clip c: the grouped folds keep
         each group on one side (`split_groups`).  None: each clip is its own group.
@@ -751,7 +755,7 @@ def cross_validate(
     logger.info("%s protocol (grouped by %s): %d splits of %d vectors", split_protocol, grouping, len(splits),
                 features.labels.size)
     results = _run_splits(_evaluate_task, splits, data, config, client, progress)
-    summary = _summary(results, features.labels, classes, config, protocol)
+    summary = _summary(results, features.labels, classes, config, split_protocol)
     summary.update(grouping="none" if split_protocol == "thesis" else grouping, n_groups=int(np.unique(groups).size))
     return summary
 
@@ -923,3 +927,48 @@ def inductive_cross_validate(
         out[method] = _summary([r[method] for r in results], labels, classes, config, "inductive")
         out[method].update(grouping=grouping, n_groups=int(np.unique(groups).size))
     return out
+
+
+# --------------------------------------------------------------------------- a trained classifier on new clips
+
+
+def aggregate_config(
+    X: Any, row_clips: np.ndarray, config: ClassifyConfig, *, clip_labels: np.ndarray | None = None
+) -> AggregatedFeatures:
+    """`aggregate_clips` with the aggregation settings of ``config``: what every feature set goes through."""
+    return aggregate_clips(X, row_clips, clip_labels=clip_labels, **aggregate_options(config))
+
+
+def fit_classifier(features: AggregatedFeatures, config: ClassifyConfig, groups: np.ndarray | None = None) -> Any:
+    """The classifier of ``config`` (`make_classifier`) fitted on every vector of ``features`` (with labels).
+
+    With ``config.C_grid``, C is chosen by `choose_C`, grouped by ``groups``
+    (one group per vector's clip when None).
+    """
+    if features.labels is None:
+        raise ValueError("features must have labels: pass clip_labels to aggregate_clips")
+    C = choose_C(features.vectors, features.labels, features.groups if groups is None else groups, config)
+    return clone(_classifier(config, C)).fit(features.vectors, features.labels)
+
+
+def vote_shares(predictions: np.ndarray, groups: np.ndarray, classes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Share of each class among the predicted labels of every group (clip): the majority vote's scores.
+
+    ``classes`` are sorted (a classifier's ``classes_``) and hold every
+    prediction.  Returns ``clips`` (sorted group ids) and ``shares`` (n_clips,
+    n_classes) float64, rows summing to 1, columns in the order of ``classes``; the
+    vote's winner is ``classes[argmax(shares, axis=1)]``, ties going to the
+    first class, as the clip accuracy of ``voting``.
+
+    >>> clips, shares = vote_shares(np.array([2, 0, 2, 0, 0]), np.array([7, 7, 7, 9, 9]), np.array([0, 2]))
+    >>> clips.tolist(), shares.round(2).tolist()
+    ([7, 9], [[0.33, 0.67], [1.0, 0.0]])
+    """
+    classes = np.asarray(classes)
+    clips, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    position = np.searchsorted(classes, predictions)
+    if np.any(position >= classes.size) or np.any(classes[np.minimum(position, classes.size - 1)] != predictions):
+        raise ValueError(f"predictions must be among classes {classes.tolist()}")
+    counts = np.zeros((clips.size, classes.size), dtype=np.float64)
+    np.add.at(counts, (inverse, position), 1.0)
+    return clips, counts / counts.sum(axis=1, keepdims=True)

@@ -435,6 +435,20 @@ def preset_values(preset: str, builtin: bool) -> dict[str, dict]:
     return copy.deepcopy(_merged(PRESETS[preset], BUILTIN_SIZING) if builtin else PRESETS[preset])
 
 
+def _trained_model_by_default(values: dict) -> dict:
+    """``values`` with ``classify.model`` set to ``train.model`` when the classify section gives none.
+
+    The inductive protocol then fits, per fold, the model the pipeline trains on all clips.
+    """
+    classify, train = values.get("classify"), values.get("train", {})
+    if not isinstance(classify, dict) or "model" in classify:
+        return values
+    model = train.model if isinstance(train, TrainConfig) else train.get("model", {}) if isinstance(train, dict) else None
+    if model is None:
+        return values
+    return {**values, "classify": {**classify, "model": model}}
+
+
 def _merged(defaults: dict, given: dict) -> dict:
     """``given`` merged over ``defaults``, recursively for nested mappings."""
     out = dict(defaults)
@@ -456,14 +470,17 @@ class PipelineConfig(_Config):
     Each section is the configuration of one stage (the models above); defaults
     are the stages' own but for the ``preset`` (`PRESETS`) and, on the built-in
     dataset (``ingest.data`` None), its sizing (`BUILTIN_SIZING`), merged under
-    whatever is given.  ``cluster`` is the address of a Dask scheduler the
-    stages run their tasks on (None: the environment variable
-    ``SAE_DASK_ADDRESS`` if set, else local threads; "local": local threads
-    whatever the environment says).
+    whatever is given; ``classify.model`` (the model the inductive protocol fits
+    per fold) is ``train.model`` unless the classify section names one.
+    ``cluster`` is the address of a Dask scheduler the stages run their tasks
+    on (None: the environment variable ``SAE_DASK_ADDRESS`` if set, else local
+    threads; "local": local threads whatever the environment says).
 
     >>> config = PipelineConfig(train={"model": {"n_atoms": 32}})
     >>> config.train.model.n_atoms, config.train.model.lambda_g, config.train.model.lambda_d
     (32, 100.0, 10.0)
+    >>> config.classify.model == config.train.model
+    True
     >>> PipelineConfig(preset="thesis").classify.protocol
     'thesis'
     >>> import tempfile
@@ -509,7 +526,7 @@ class PipelineConfig(_Config):
             given = out.get(section, {})
             if isinstance(given, dict):
                 out[section] = _merged(defaults, given)
-        return out
+        return _trained_model_by_default(out)
 
     @field_validator("cluster")
     @classmethod

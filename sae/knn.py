@@ -553,3 +553,40 @@ def warm_up(metric: Literal["euclidean", "cosine"] = "euclidean") -> None:
     index = _build_index(X, 5, metric, 0, 1)
     index.query(X[:2], k=3)
     _ = index.neighbor_graph
+
+
+def neighbors_among(
+    queries: np.ndarray,
+    reference: Any,
+    n_neighbors: int = 10,
+    *,
+    metric: Literal["euclidean", "cosine"] = "euclidean",
+    block_size: int = 50_000,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact K nearest rows of ``reference`` (N, n_features) for frames that are not among them.
+
+    ``queries`` (n, n_features) are new frames: nothing is excluded.  The
+    reference is read ``block_size`` rows at a time (a numpy array, a memory
+    map or a Zarr array), each block searched in the serial loop of the exact
+    method (same distances, same ties), the candidates merged.  Cost:
+    n N n_features multiply-adds, no index.
+
+    Returns
+    -------
+    indices : (n, K) int64, rows of ``reference``;  distances : (n, K) float32
+
+    >>> R = np.array([[0.0], [1.0], [3.0]])
+    >>> indices, distances = neighbors_among(np.array([[0.9]]), R, 2, block_size=2)
+    >>> indices.tolist(), [round(float(d), 3) for d in distances[0]]
+    ([[1, 0]], [0.1, 0.9])
+    """
+    _check("metric", metric, METRICS)
+    n_reference = int(reference.shape[0])
+    _check_sizes(n_reference + 1, n_neighbors, block_size)
+    queries = np.asarray(queries)
+    no_self = np.full(queries.shape[0], -1, dtype=np.int64)
+    candidates = [
+        _tile_top_k(queries, no_self, np.asarray(reference[start : start + block_size]), start, n_neighbors, metric)
+        for start in range(0, n_reference, block_size)
+    ]
+    return _merge(candidates, n_neighbors)

@@ -201,6 +201,9 @@ def sweep_points(base: PipelineConfig, parameters: Mapping[str, Sequence[Any]]) 
             raise ValueError(f"--param {path} is given twice")
         paths[path] = parse_values(values)
     dumped = base.model_dump(mode="json")
+    follows = dumped["classify"]["model"] == dumped["train"]["model"]
+    if follows and not any(path.startswith("classify.model.") for path in paths):
+        del dumped["classify"]["model"]  # the trained model's at every point (PipelineConfig's default)
     points = []
     for combination in itertools.product(*paths.values()):
         values = dict(zip(paths, combination))

@@ -104,6 +104,11 @@ def test_config_command_round_trips_and_layers_sources(runner, tmp_path):
     dumped = tmp_path / "dumped.yaml"
     dumped.write_text(runner.invoke(app, ["config", "--config", str(path)]).output)
     assert build_config(dumped) == build_config(path)
+    # ... in which the model of the inductive protocol follows train.model when it is edited.
+    edited = yaml.safe_load(dumped.read_text())
+    edited["train"]["model"]["n_atoms"] = 24
+    dumped.write_text(yaml.safe_dump(edited))
+    assert build_config(dumped).classify.model.n_atoms == 24
 
 
 def test_presets_and_the_built_in_sizing(tmp_path):

@@ -14,6 +14,7 @@ dashboard, whose pages answer.  A deployment is added to the test by a line of `
 from __future__ import annotations
 
 import base64
+import inspect
 import ipaddress
 import json
 import os
@@ -57,6 +58,11 @@ def test_deployments_are_importable_flows_whose_form_starts_from_the_defaults_of
     from prefect.utilities.callables import parameter_schema
 
     for deployment in deployments():
+        parameters = deployment.get("parameters", {})
+        if deployment["flow_name"] == "predict":  # paths only, relative; the model folder is the run's to give
+            assert set(parameters) < set(inspect.signature(_flow_of(deployment["entrypoint"])[1].fn).parameters)
+            assert "model" not in parameters
+            assert not any(Path(path).is_absolute() for path in parameters.values())
         assert deployment["work_pool"]["name"] == "sae-process"
         # A module path, so that Dask workers import the flow under the same name as the flow run.
         assert re.fullmatch(r"[a-z_]+(\.[a-z_]+)+:[a-z_]+", deployment["entrypoint"]), deployment["entrypoint"]
@@ -64,7 +70,6 @@ def test_deployments_are_importable_flows_whose_form_starts_from_the_defaults_of
         assert isinstance(flow, Flow) and flow.name == deployment["flow_name"]
         assert flow.fn.__module__ == module.__name__
         # No deployment overrides `config`: the form starts from the flow's default, `sae run`'s own.
-        parameters = deployment.get("parameters", {})
         assert "config" not in parameters
         schema = parameter_schema(flow).model_dump()
         if "config" in schema["properties"]:
@@ -76,7 +81,8 @@ def test_deployments_are_importable_flows_whose_form_starts_from_the_defaults_of
         if flow.name == "pipeline-stage":
             assert parameters["stage"] in STAGES and parameters["stage"] in deployment["tags"]
     names = {(d["flow_name"], d["name"]) for d in deployments()}
-    assert {("pipeline", "sae"), ("sweep", "sweep"), *(("pipeline-stage", stage) for stage in STAGES)} <= names
+    assert {("pipeline", "sae"), ("sweep", "sweep"), ("predict", "predict"),
+            *(("pipeline-stage", stage) for stage in STAGES)} <= names
 
 
 def _run(argv: list[str], env: dict[str, str], timeout: float = 180) -> str:
@@ -220,6 +226,7 @@ def test_every_deployment_runs_on_the_cluster_and_shows_figures_and_progress(tmp
         a, b = tmp_path / "a.zarr", tmp_path / "b.zarr"
         config_a, config_b = _tiny(a), _tiny(b)  # no `cluster`: the worker's SAE_DASK_ADDRESS is the default
         sweep = {"train.model.n_atoms": [4, 3]}  # 4 is the pipeline's model, reused
+        model, new = Path(f"{a}-models") / stage_keys(PipelineConfig.model_validate(config_a))["model"], tmp_path / "new.zarr"
         # The command on the cluster, not a terminal: a classification of store a with 3 folds (one writer per
         # store: between the pipeline and the sweep, while the stages of store b run).
         command_config = tmp_path / "classify.yaml"
@@ -230,7 +237,10 @@ def test_every_deployment_runs_on_the_cluster_and_shows_figures_and_progress(tmp
                 *((stage, previous, f"pipeline-stage/{stage}", {"stage": stage, "config": config_b})
                   for previous, stage in zip((None, *STAGES), STAGES)),
                 ("command", "pipeline", command, tmp_path / "command.txt"),
-                ("sweep", "command", "sweep/sweep", {"config": config_a, "parameters": sweep})]
+                ("sweep", "command", "sweep/sweep", {"config": config_a, "parameters": sweep}),
+                # The model the pipeline exported, on the clips it was trained on, through the predict deployment.
+                ("predict", "pipeline", "predict/predict", {"model": str(model), "data": str(tmp_path / "a-data"),
+                                                            "out": str(new), "cluster": dask_address})]
         with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as client:
             runs = Runs(client, env)
             runs.drive(plan, timeout=480)
@@ -240,6 +250,7 @@ def test_every_deployment_runs_on_the_cluster_and_shows_figures_and_progress(tmp
             check_pipeline_run(runs, PipelineConfig.model_validate(config_a), dask_address)
             check_stage_runs(runs, PipelineConfig.model_validate(config_b))
             check_sweep_run(runs, PipelineConfig.model_validate(config_a), dask_address)
+            check_predict_run(runs, new)
         # The command showed the workers' progress as plain lines, the dashboard's address, one accuracy table.
         output = (tmp_path / "command.txt").read_text()
         assert f"Dask dashboard: {dashboard}" in output
@@ -250,6 +261,13 @@ def test_every_deployment_runs_on_the_cluster_and_shows_figures_and_progress(tmp
         subprocess.run([sys.executable, "deploy/cluster.py", "stop", "--state", str(state)], cwd=REPOSITORY,
                        env=env, capture_output=True, timeout=120, check=False)
     assert len(started) == 5 and not any(_alive(pid) for pid in started)
+
+
+def check_predict_run(runs: Runs, out: Path) -> None:
+    """The predict deployment's run: every clip classified, its table an artifact of the run, the CSV beside the store."""
+    table = next(a for a in runs.artifacts("predict") if (a.key or "").startswith("predict-"))
+    assert table.type == "markdown" and "8 of 8 clips classified" in table.data, table.data
+    assert list(Path(f"{out}-reports").glob("predict-*.csv"))
 
 
 def check_pipeline_run(runs: Runs, config: PipelineConfig, dask_address: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from flows.pipeline import (
@@ -14,6 +15,7 @@ from flows.pipeline import (
     run_ingest_stage,
     stage_keys,
 )
+from sae import load_model
 from sae import store as sae_store
 from sae.config import PipelineConfig
 from sae.distributed import open_model
@@ -59,7 +61,7 @@ def test_pipeline_end_to_end_then_skips_every_stage(prefect_harness, tmp_path):
     store = str((tmp_path / "tiny.zarr").resolve())
     keys = stage_keys(resolve_paths(config))
     assert first["store"] == store and first["keys"] == keys
-    assert first["skipped"] == {"ingest": False, "graph": False, "train": False, "classify": False}
+    assert first["skipped"] == {"ingest": False, "graph": False, "train": False, "classify": False, "export": False}
     assert first["cluster"] is None
 
     # The store holds every stage's complete result, consistent with each other.
@@ -79,10 +81,19 @@ def test_pipeline_end_to_end_then_skips_every_stage(prefect_harness, tmp_path):
     assert Path(first["markdown"]).is_file() and Path(first["png"]).is_file()
     assert "| baseline |" in first["table"] and "| sae |" in first["table"]
 
+    # The trained model is exported beside the store, with its training graph (lambda_g > 0).
+    exported = load_model(first["model"])
+    assert Path(first["model"]) == Path(f"{store}-models") / keys["model"]
+    assert exported.methods == ("exact", "exact_graph") and exported.method == "exact"
+    assert np.array_equal(exported.graph.codes, model["codes"][:])
+    assert exported.info["source"]["results_key"] == keys["results"]
+    first_clip = sae_store.frames_array(root)[: sae_store.store_frames_per_clip(root)]
+    assert set(exported.predict(first_clip, method="exact_graph")) <= set(exported.classes_)
+
     # A second run: nothing is recomputed, the same results are returned.
     stamps = completion_stamps(store, keys)
     second = pipeline_flow(config)
-    assert second["skipped"] == {"ingest": True, "graph": True, "train": True, "classify": True}
+    assert second["skipped"] == {"ingest": True, "graph": True, "train": True, "classify": True, "export": True}
     assert completion_stamps(store, keys) == stamps
     assert second["results"] == first["results"] and second["markdown"] == first["markdown"]
 
@@ -91,7 +102,7 @@ def test_pipeline_end_to_end_then_skips_every_stage(prefect_harness, tmp_path):
     longer = tiny_config(tmp_path / "tiny.zarr", train={
         "model": {"n_atoms": 8, "max_outer": 4, "max_inner": 30, "rtol": 1e-9}, "block_size": 256})
     third = pipeline_flow(longer)
-    assert third["skipped"] == {"ingest": True, "graph": True, "train": False, "classify": False}
+    assert third["skipped"] == {"ingest": True, "graph": True, "train": False, "classify": False, "export": False}
     assert third["keys"]["model"] == keys["model"] and third["keys"]["results"] == keys["results"]
     assert open_model(store, keys["model"])["iteration"] == 4
 

@@ -67,6 +67,7 @@ def test_points_are_the_validated_grid(tmp_path):
         assert point.config.graph.n_neighbors == point.values["graph.n_neighbors"]
         assert point.config.train.model.n_atoms == base.train.model.n_atoms
         assert point.config.ingest == base.ingest
+        assert point.config.classify.model == point.config.train.model  # the inductive protocol follows
     with pytest.raises(ValueError, match=r"lambda_g.*greater than or equal to 0"):
         sweep_points(base, {"lambda_g": "1,-1"})
     with pytest.raises(ValueError, match="given twice"):
