@@ -7,7 +7,8 @@ method (``key``: `encode_key`)::
 
     encode/<key>/
       codes         float32 (n_clips * n_rows, n_atoms)  rows [i n_rows, (i+1) n_rows) of clip i
-      vectors       float32 (n_clips * V, n_atoms)       its window vectors (`sae.classify.aggregate_config`)
+      vectors       float32 (n_clips * V, n_atoms * P)   its window vectors, P pooling statistics
+                                                         (`sae.classify.aggregate_config`)
       scores        float32 (n_clips, n_classes)         vote shares of the classes (`sae.classify.vote_shares`)
       label_index   int32   (n_clips,)                   predicted class, index into attrs classes; -1 if not ok
       attrs         model (folder, manifest digest), method, classes, n_rows, vectors_per_clip,
@@ -57,11 +58,11 @@ def prepare_encoding(out: str, model: Any, method: str) -> str:
     group = sae_store.stage_group(root, STAGE, key, config=config, mode="w")
     n_clips, chunk_clips = int(root.attrs["n_clips"]), int(root.attrs["chunk_clips"])
     n_rows, m = model.n_rows, model.model.n_atoms
-    n_vectors = model.vectors(np.zeros((n_rows, m)), 1).shape[0]
+    n_vectors, width = model.vectors(np.zeros((n_rows, m)), 1).shape  # width: n_atoms x the pooling statistics
     n_classes = len(model.classes_)
     for name, shape, chunks, dtype in (
         ("codes", (n_clips * n_rows, m), (chunk_clips * n_rows, m), "float32"),
-        ("vectors", (n_clips * n_vectors, m), (chunk_clips * n_vectors, m), "float32"),
+        ("vectors", (n_clips * n_vectors, width), (chunk_clips * n_vectors, width), "float32"),
         ("scores", (n_clips, n_classes), (chunk_clips, n_classes), "float32"),
         ("label_index", (n_clips,), (chunk_clips,), "int32"),
     ):
@@ -98,8 +99,9 @@ def encode_chunk(out: str, key: str, chunk_index: int, model: Any, records: list
     frames = sae_store.read_chunk_frames(root, chunk_index)
     n_frames = sae_store.store_frames_per_clip(root)
     m, n_vectors = model.model.n_atoms, int(group.attrs["vectors_per_clip"])
+    width = group["vectors"].shape[1]
     codes = np.zeros((len(clips) * n_rows, m), dtype=np.float32)
-    vectors = np.zeros((len(clips) * n_vectors, m), dtype=np.float32)
+    vectors = np.zeros((len(clips) * n_vectors, width), dtype=np.float32)
     scores = np.zeros((len(clips), len(model.classes_)), dtype=np.float32)
     label_index = np.full(len(clips), -1, dtype=np.int32)
     for position, clip in enumerate(clips):

@@ -285,7 +285,7 @@ class TrainedModel:
     ========================  ======================================================
     ``model_input(clip)``     the scaled frames X (n_rows, n_bins) the model encodes
     ``transform(clips)``      codes (n_clips * n_rows, n_atoms), clip after clip
-    ``features(clips)``       aggregated vectors (n_clips * V, n_atoms), as classified
+    ``features(clips)``       aggregated vectors (n_clips * V, n_atoms * P), as classified
     ``predict(clips)``        label names (n_clips,): majority vote of the clip's vectors
     ``predict_scores(clips)`` vote shares (n_clips, n_classes), rows summing to 1
     ``predict_proba``         mean class probabilities of the clip's vectors (if the classifier has them)
@@ -424,7 +424,7 @@ class TrainedModel:
         return np.concatenate(codes)
 
     def vectors(self, codes: np.ndarray, n_clips: int) -> np.ndarray:
-        """Window vectors (n_clips * V, n_atoms) of the codes of ``n_clips`` clips (`sae.classify.aggregate_config`)."""
+        """Window vectors (n_clips * V, n_atoms * P) of the codes of ``n_clips`` clips (`sae.classify.aggregate_config`)."""
         from sae.classify import aggregate_config
 
         codes = np.asarray(codes)
@@ -434,7 +434,7 @@ class TrainedModel:
         return aggregate_config(codes, row_clips, self.classify).vectors
 
     def features(self, clips: Any, *, method: str | None = None) -> np.ndarray:
-        """Aggregated vectors (n_clips * V, n_atoms) of ``clips``: what the classifier sees."""
+        """Aggregated vectors (n_clips * V, n_atoms * P, P pooling statistics) of ``clips``: what the classifier sees."""
         clips = self._clip_list(clips)
         return self.vectors(self.transform(clips, method=method), len(clips))
 

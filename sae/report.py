@@ -130,6 +130,22 @@ def _class_names(summary: Mapping[str, Any]) -> list[str]:
     return [str(name) for name in summary.get("class_names") or summary["classes"]]
 
 
+def _protocol_cell(summary: Mapping[str, Any]) -> str:
+    """The protocol and what its folds keep together: "grouped (141 groups)", "thesis (leaky)".
+
+    >>> _protocol_cell({"protocol": "grouped", "grouping": "group", "n_groups": 141})
+    'grouped (141 groups)'
+    >>> _protocol_cell({"protocol": "thesis", "grouping": "none"})
+    'thesis (vectors, leaky)'
+    """
+    protocol, grouping = str(summary.get("protocol", "")), summary.get("grouping")
+    if grouping == "none":
+        return f"{protocol} (vectors, leaky)"
+    if grouping in ("group", "clip") and summary.get("n_groups"):
+        return f"{protocol} ({summary['n_groups']} {grouping}s)"
+    return protocol
+
+
 def results_markdown(results: Mapping[str, Mapping[str, Any]], title: str = "Genre classification") -> str:
     """A markdown report: accuracy per feature set, then per-class accuracy.
 
@@ -144,7 +160,7 @@ def results_markdown(results: Mapping[str, Mapping[str, Any]], title: str = "Gen
     for name, summary in results.items():
         row = [
             name,
-            str(summary.get("protocol", "")),
+            _protocol_cell(summary),
             f"{_percent(summary['accuracy_mean'])} ± {_percent(summary['accuracy_std'])}",
             _percent(summary["chance"]),
             str(summary.get("n_scores", len(summary.get("scores", [])))),
