@@ -27,6 +27,9 @@ from contextlib import contextmanager
 STARTUP_SECONDS = 120.0
 """How long `prefect_api` waits for the temporary server to answer."""
 
+STOP_SECONDS = 30.0
+"""How long `prefect_api` lets the guard stop the server in order before killing both."""
+
 
 def configured_api_url() -> str | None:
     """The API URL of the Prefect server this process is configured for (None: none, ephemeral mode)."""
@@ -69,10 +72,9 @@ def prefect_api(timeout: float = STARTUP_SECONDS) -> Iterator[str]:
         _drain_prefect_queues()
         guard.stdin.close()  # the guard stops the server and exits
         try:
-            guard.wait(timeout=15)
+            guard.wait(timeout=STOP_SECONDS)
         except subprocess.TimeoutExpired:
-            guard.kill()
-            guard.wait()
+            _kill_tree(guard)
 
 
 def _drain_prefect_queues(timeout: float = 5.0) -> None:
@@ -84,6 +86,27 @@ def _drain_prefect_queues(timeout: float = 5.0) -> None:
         return
     for worker in (APILogWorker, EventsWorker):
         worker.drain_all(timeout=timeout)
+
+
+def _kill_tree(guard: subprocess.Popen) -> None:
+    """Kill the guard and the server it started (on a loaded machine its orderly stop can outlast our wait).
+
+    Killing the guard alone would leave the server running, reparented to init.
+    """
+    import psutil
+
+    try:
+        processes = psutil.Process(guard.pid).children(recursive=True)
+    except psutil.Error:
+        processes = []
+    guard.kill()
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+    guard.wait()
+    psutil.wait_procs(processes, timeout=10)
 
 
 def _read_url(guard: subprocess.Popen, timeout: float) -> str:
@@ -98,7 +121,7 @@ def _read_url(guard: subprocess.Popen, timeout: float) -> str:
                 break
         elif guard.poll() is not None:
             break
-    guard.kill()
+    _kill_tree(guard)
     raise RuntimeError(
         f"the temporary Prefect server did not start within {timeout:.0f} s (exit code {guard.poll()}); "
         "start one with `prefect server start --host 127.0.0.1` and set PREFECT_API_URL"

@@ -289,19 +289,64 @@ def _running(store: str, no_wait: bool, address: str | None = None) -> Iterator[
     workers' progress too) for the work inside; its errors become one ``error:`` line, exit 1."""
     from flows._progress import terminal_display
     from flows._server import prefect_api
+    from prefect.exceptions import TerminationSignal
+
     from sae import store as sae_store
 
     try:
-        with sae_store.store_lock(store, wait=0 if no_wait else None), prefect_api(), \
-                terminal_display(address, store=store):
-            yield
+        with _terminated_as_exception(), sae_store.store_lock(store, wait=0 if no_wait else None), \
+                prefect_api(), terminal_display(address, store=store) as display:
+            try:
+                yield
+            except KeyboardInterrupt:  # here, not below: leaving the blocks above would wait for the server's stop
+                _stop_now("interrupted", 130, display)
+            except (TerminationSignal, _Terminated):
+                _stop_now("terminated", 143, display)
     except typer.Exit:
         raise
     except KeyboardInterrupt:
-        typer.echo("interrupted: the store keeps every completed stage; run again to resume", err=True)
-        raise typer.Exit(130) from None
+        _stop_now("interrupted", 130)
+    except (TerminationSignal, _Terminated):
+        _stop_now("terminated", 143)
     except Exception as error:  # noqa: BLE001 - the command's boundary: one line, no traceback
         raise _fail(error, 1) from None
+
+
+class _Terminated(BaseException):
+    """SIGTERM outside a flow run (inside one, Prefect raises its own ``TerminationSignal``)."""
+
+
+@contextmanager
+def _terminated_as_exception() -> Iterator[None]:
+    """SIGTERM raises `_Terminated` in the main thread while the work runs, as Ctrl-C raises KeyboardInterrupt."""
+    import signal
+
+    def handler(signum: int, frame: Any) -> None:
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_now(what: str, code: int, display: Any = None) -> None:
+    """End the command at once after Ctrl-C or SIGTERM.
+
+    The work runs in threads (task runners, an in-process Dask cluster) that do
+    not stop on request: an ordinary exit would wait for them, i.e. for the
+    current stage to finish.  Nothing is lost by not waiting: a stage group
+    is complete only once fully written, the store's lock is the operating
+    system's (released with the process), the temporary Prefect server stops
+    when its input closes, and a cluster drops the tasks of a client that left.
+    """
+    if display is not None:
+        display.__exit__(None, None, None)  # the terminal back as it was (the progress bars hide the cursor)
+    typer.echo(f"{what}: the store keeps every completed stage; run again to resume", err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _run_stage(name: str, config: PipelineConfig, as_json: bool, no_wait: bool = False) -> None:

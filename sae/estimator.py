@@ -118,7 +118,7 @@ class StructuredAutoEncoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
         dtype: str = "float32",
         random_state: Any = None,
         z_solver: str = "auto",
-        z_stop: str = "gap",
+        z_stop: str = "change",
     ) -> None:
         self.n_atoms = n_atoms
         self.lambda_d = lambda_d

@@ -200,8 +200,8 @@ def test_the_bound_of_a_normalised_laplacian_is_at_most_2(thread_client, small, 
 @pytest.mark.parametrize("dtype, precision", [("float32", 1e-5), ("float64", 1e-10)])
 def test_the_z_step_stops_at_the_same_certified_gap_in_memory_and_on_blocks(thread_client, small, dtype, precision):
     X, L = (np.asarray(small[0], dtype=dtype), small[1])
-    config = ModelConfig(n_atoms=8, lambda_g=5.0, lambda_e=1.0, rtol=1e-4, max_inner=300, random_state=0, dtype=dtype)
-    assert config.z_stop == "gap"
+    config = ModelConfig(n_atoms=8, lambda_g=5.0, lambda_e=1.0, rtol=1e-4, max_inner=300, random_state=0, dtype=dtype,
+                         z_stop="gap")
     rng = np.random.default_rng(0)
     C, E = init_dictionary(8, X.shape[1], rng=rng, dtype=dtype), init_encoder(8, X.shape[1], rng=rng, dtype=dtype)
     reference = solve_codes(X, C, E, L, np.zeros((len(X), 8), dtype), **code_step_options(config))
