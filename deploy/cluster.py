@@ -136,6 +136,12 @@ def _alive(pid: int) -> bool:
         return True
 
 
+NO_WORKER_PROFILER = {"DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED": "False"}
+"""The workers' statistical profiler samples every thread's stack (``sys._current_frames``) every 10 ms: on
+Python 3.11 that call was seen to deadlock against the training's compiled kernels, so it is off (distributed
+already turns its event-loop profiler off on 3.11); the dashboard's Profile page stays empty."""
+
+
 def _bin(name: str) -> str:
     """The console script ``name`` next to this Python, or on PATH."""
     candidate = Path(sys.executable).with_name(name)
@@ -192,7 +198,7 @@ def start(args: argparse.Namespace) -> dict:
                 [_bin("dask"), "worker", dask_address, "--host", host, "--nthreads", str(args.threads),
                  "--name", f"worker-{i}", "--memory-limit", args.memory_limit,
                  "--local-directory", str(state.root / "dask"), "--dashboard-address", f"{host}:0"],
-                env,
+                dict(env, **NO_WORKER_PROFILER),
             )
         _wait(lambda: _n_workers(dask_address) >= args.workers, f"{args.workers} Dask worker(s)",
               args.timeout, state.logs / "dask-worker-0.log")

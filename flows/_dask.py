@@ -60,7 +60,13 @@ def dask_client() -> Iterator[Any]:
         return
     from distributed import Client, LocalCluster
 
+    import dask
+
     threads = max(1, os.cpu_count() or 1)
-    with LocalCluster(n_workers=1, threads_per_worker=threads, processes=False, **LOOPBACK) as cluster:
+    # No statistical profiler (``sys._current_frames`` every 10 ms from the worker's event loop): in this
+    # process, on Python 3.11, it deadlocked against the training's compiled kernels (every thread waiting
+    # for the GIL, the profiler holding it while waiting for the interpreter's thread-list lock).
+    with dask.config.set({"distributed.worker.profile.enabled": False}), \
+            LocalCluster(n_workers=1, threads_per_worker=threads, processes=False, **LOOPBACK) as cluster:
         with Client(cluster) as client:
             yield client

@@ -1,0 +1,115 @@
+"""The learned codes against their input and against scikit-learn's dictionary learning, on a store.
+
+For a pipeline configuration whose stages a ``sae run`` (or ``sae experiment``) has computed, prints,
+under the configuration's classification (pooling, classifier, protocol and the store's groups):
+
+- the baseline: the preprocessed frames themselves (``preprocess/<key>``);
+- the codes of the trained model (``model/<key>``);
+- the codes of scikit-learn's ``MiniBatchDictionaryLearning`` with the same number of atoms and the
+  same objective without graph and encoder terms (``alpha = lambda_z / lambda_d``: sklearn minimises
+  ``1/2 ||x - z D||^2 + alpha ||z||_1`` per frame, atoms of unit norm), fitted on the same frames
+  (``--fit-rows`` of them at most, taken evenly) and encoded by lasso (coordinate descent);
+
+with each one's accuracy (mean ± std over the folds), fitting time, the objective
+``lambda_d/2 ||X - Z C||^2 + lambda_z ||Z||_1`` of its codes and dictionary, and the peak RSS.
+
+    sae run --data sae-devset/manifest.csv --store dev.zarr --set train.model.lambda_g=0
+    python bench/bench_features.py --data sae-devset/manifest.csv --store dev.zarr --set train.model.lambda_g=0
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+import warnings
+
+import numpy as np
+from sklearn.decomposition import MiniBatchDictionaryLearning
+from sklearn.exceptions import ConvergenceWarning
+
+from flows.classify import open_rows
+from flows.cli import build_config
+from flows.pipeline import resolve_paths, stage_keys
+from sae.classify import aggregate_clips, aggregate_options, cross_validate
+from sae.distributed import open_model
+from sae.preprocess import open_preprocessed
+
+
+def reconstruction_objective(X: np.ndarray, Z: np.ndarray, C: np.ndarray, lambda_d: float, lambda_z: float) -> float:
+    """``lambda_d/2 ||X - Z C||_F^2 + lambda_z ||Z||_1`` in float64, by chunks of rows."""
+    total = 0.0
+    for start in range(0, X.shape[0], 65536):
+        x = X[start : start + 65536].astype(np.float64)
+        z = Z[start : start + 65536].astype(np.float64)
+        total += 0.5 * lambda_d * float(np.sum((x - z @ C) ** 2)) + lambda_z * float(np.abs(z).sum())
+    return total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", "-c", default=None, help="YAML/TOML configuration, as for sae run")
+    parser.add_argument("--data", default=None)
+    parser.add_argument("--store", default=None)
+    parser.add_argument("--set", "-s", action="append", default=[], dest="overrides")
+    parser.add_argument("--preset", default=None)
+    parser.add_argument("--fit-rows", type=int, default=200_000, help="frames MiniBatchDictionaryLearning is fitted on")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--epochs", type=int, default=3, help="passes of MiniBatchDictionaryLearning over its rows")
+    args = parser.parse_args()
+
+    config = resolve_paths(build_config(args.config, args.overrides, data=args.data, store=args.store,
+                                        preset=args.preset))
+    store, keys, model_config = config.ingest.store, stage_keys(config), config.train.model
+    X = open_preprocessed(store, keys["preprocess"])["X"][:]
+    model = open_model(store, keys["model"])
+    if not model["complete"]:
+        raise SystemExit(f"model/{keys['model']} is not complete in {store}: run sae run with this configuration")
+    row_clips, clip_labels, _, clip_groups = open_rows(store, keys["preprocess"])
+    print(f"store {store}: {X.shape[0]} frames x {X.shape[1]} features, {np.unique(row_clips).size} clips, "
+          f"{np.unique(clip_groups[np.unique(row_clips)]).size} groups; m = {model_config.n_atoms}, "
+          f"lambda_d = {model_config.lambda_d}, lambda_z = {model_config.lambda_z}, lambda_g = {model_config.lambda_g}")
+
+    alpha = model_config.lambda_z / model_config.lambda_d
+    step = max(1, X.shape[0] // args.fit_rows)
+    fit_rows = X[::step]
+    peer = MiniBatchDictionaryLearning(
+        n_components=model_config.n_atoms, alpha=alpha, batch_size=args.batch_size,
+        max_iter=args.epochs, transform_algorithm="lasso_cd", transform_alpha=alpha, random_state=0,
+    )
+    # scikit-learn's lasso warns for every batch whose float32 duality gap misses its (tiny) tolerance: counted.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        start = time.perf_counter()
+        peer.fit(fit_rows)
+        peer_fit = time.perf_counter() - start
+        start = time.perf_counter()
+        peer_codes = peer.transform(X).astype(np.float32)
+        peer_encode = time.perf_counter() - start
+    n_unconverged = sum(issubclass(w.category, ConvergenceWarning) for w in caught)
+
+    ours_seconds = float(sum(record.get("seconds", 0.0) for record in model["history"]))
+    rows = {
+        "baseline (preprocessed input)": (X, None, None),
+        f"sae codes (model/{keys['model']})": (model["codes"][:], model["components"], ours_seconds),
+        "MiniBatchDictionaryLearning codes": (peer_codes, peer.components_, peer_fit + peer_encode),
+    }
+    print(f"MiniBatchDictionaryLearning: fit {peer_fit:.1f} s on {fit_rows.shape[0]} rows, encode {peer_encode:.1f} s "
+          f"({n_unconverged} lasso calls stopped short of scikit-learn's tolerance)")
+    print(f"\n| features | accuracy % ({config.classify.protocol}) | objective (no graph) | seconds |")
+    print("|---|---|---|---|")
+    for name, (features, components, seconds) in rows.items():
+        aggregated = aggregate_clips(features, row_clips, clip_labels=clip_labels, **aggregate_options(config.classify))
+        summary = cross_validate(aggregated, config.classify, clip_groups=clip_groups)
+        objective = (
+            f"{reconstruction_objective(X, features, components, model_config.lambda_d, model_config.lambda_z):.6g}"
+            if components is not None else "-"
+        )
+        print(f"| {name} | {100 * summary['accuracy_mean']:.1f} ± {100 * summary['accuracy_std']:.1f} "
+              f"(grouped by {summary['grouping']}) | {objective} | {'-' if seconds is None else f'{seconds:.1f}'} |")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"\npeak RSS of this process: {peak:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()
