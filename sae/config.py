@@ -262,10 +262,10 @@ class GraphConfig(_Config):
         "queries (max(this, n_neighbors) is used); more is slower and more accurate.",
     )
     search_epsilon: float = Field(0.1, ge=0, description="Approximate: pynndescent query search width (epsilon).")
-    hnsw_m: int = Field(32, ge=2, description="faiss: links per frame of the HNSW graph (M); memory N x 8 M bytes.")
+    hnsw_m: int = Field(16, ge=2, description="faiss: links per frame of the HNSW graph (M); memory N x 8 M bytes.")
     hnsw_ef_construction: int = Field(64, ge=1, description="faiss: candidate list width of the HNSW build.")
     hnsw_ef_search: int = Field(
-        64, ge=1, description="faiss: candidate list width of the HNSW search (raised to n_neighbors + 1 if lower)."
+        40, ge=1, description="faiss: candidate list width of the HNSW search (raised to n_neighbors + 1 if lower)."
     )
     recall_sample: int = Field(2000, ge=0, description="Queries used to measure recall against exact kNN.")
     random_state: int = Field(0, ge=0, description="Seed of the approximate search and of the recall sample.")

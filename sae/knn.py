@@ -57,7 +57,7 @@ faiss HNSW (``method="faiss"``, optional: ``pip install 'sae[faiss]'``)
     (README, Benchmarks).  The price: the index, i.e. every frame in float32
     plus a graph of about ``2 hnsw_m`` int32 links per frame, lives in one
     process, ``N (4 n_features + 8 hnsw_m)`` bytes (1.29M frames x 96 bins,
-    M = 32: 0.8 GB), besides the results; nothing else is held twice (a
+    M = 16: 0.66 GB), besides the results; nothing else is held twice (a
     block is dropped once added).  faiss runs ``n_jobs`` OpenMP threads
     (`faiss_threads`; None: every core this process may use, since the
     search is then the only work of the cluster): set fewer when other work
@@ -110,13 +110,13 @@ _QUERY_LOCKS_GUARD = threading.Lock()
 TILE_ENTRIES = 1 << 22
 """Most distance entries (float64) held at once by an exact tile task (32 MiB)."""
 
-HNSW_M = 32
+HNSW_M = 16
 """faiss method: links per frame of the HNSW graph (``GraphConfig.hnsw_m``)."""
 
 HNSW_EF_CONSTRUCTION = 64
 """faiss method: candidate list width of the HNSW build (``GraphConfig.hnsw_ef_construction``)."""
 
-HNSW_EF_SEARCH = 64
+HNSW_EF_SEARCH = 40
 """faiss method: candidate list width of the HNSW search, raised to K + 1 if lower (``GraphConfig.hnsw_ef_search``)."""
 
 

@@ -231,3 +231,12 @@ def test_faiss_errors_name_the_parameter(data):
         nearest_neighbors(data, 97, method="faiss")
     with pytest.raises(ValueError, match="n_jobs must be >= 1 or None"):
         nearest_neighbors(data, 3, method="faiss", n_jobs=0)
+
+
+def test_graph_config_defaults_are_the_documented_constants():
+    from sae.config import GraphConfig
+    from sae.knn import HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M
+
+    config = GraphConfig(method="faiss")
+    assert (config.hnsw_m, config.hnsw_ef_construction, config.hnsw_ef_search) == (
+        HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH)
