@@ -40,12 +40,17 @@ Approximate (``method="approximate"``): blocked pynndescent
     process).  The blockwise scheme is the one whose tasks stay bounded.
 
 faiss HNSW (``method="faiss"``, optional: ``pip install 'sae[faiss]'``)
-    One `faiss.IndexHNSWFlat` over all N frames in the calling process: the
-    B blocks are read one at a time (Dask tasks when X is a dask array) and
-    added to the index, then every block, read back from the index's own
-    copy of the frames, is searched for its K + 1 nearest frames; self is
-    removed by index (else the (K + 1)-th is dropped) and the K left are
-    sorted by distance, then index, as the other methods.  faiss returns
+    One `faiss.IndexHNSWFlat` over the distinct frames in the calling
+    process: the B blocks are read one at a time (Dask tasks when X is a
+    dask array) and their rows not seen before are added to the index
+    (identical rows, e.g. silence, form a group represented by its first
+    frame: many copies of one point would crowd the HNSW graph's links and
+    cut paths through it).  Every distinct frame, read back from the index's
+    own copy, is searched for its K + 1 nearest, itself removed by position
+    (else the (K + 1)-th dropped); a frame's neighbours are then the other
+    frames of its group at distance 0 and the frames of the groups its
+    representative found, the K nearest kept, sorted by distance, then
+    index, as the other methods.  faiss returns
     squared euclidean distances (float32, computed as sums of squared
     differences): their square roots are returned.  For the cosine metric
     the rows are scaled to unit norm and the index ranks by inner product,
@@ -56,9 +61,10 @@ faiss HNSW (``method="faiss"``, optional: ``pip install 'sae[faiss]'``)
     search: the defaults reach recall@10 >= 0.99 on CQT-like frames
     (README, Benchmarks).  The price: the index, i.e. every frame in float32
     plus a graph of about ``2 hnsw_m`` int32 links per frame, lives in one
-    process, ``N (4 n_features + 8 hnsw_m)`` bytes (1.29M frames x 96 bins,
-    M = 16: 0.66 GB), besides the results; nothing else is held twice (a
-    block is dropped once added).  faiss runs ``n_jobs`` OpenMP threads
+    process, ``U (4 n_features + 8 hnsw_m)`` bytes for U distinct frames
+    (1.29M frames x 96 bins, M = 16: at most 0.66 GB), plus the groups
+    (3 x 8 bytes per frame), the neighbours of the distinct frames and the
+    results; no block is held twice (a block is dropped once added).  faiss runs ``n_jobs`` OpenMP threads
     (`faiss_threads`; None: every core this process may use, since the
     search is then the only work of the cluster): set fewer when other work
     shares the machine.  The levels of the frames in the graph are drawn
@@ -527,6 +533,110 @@ def _prepare_float32(block: Any, metric: str) -> np.ndarray:
     return np.ascontiguousarray(block, dtype=np.float32)
 
 
+
+class _DuplicateGroups:
+    """Frames grouped by identical rows (bit for bit), found block by block, for `faiss_neighbors`.
+
+    Each group's *representative* is its first frame; only representatives
+    enter the index, at positions 0, 1, ... in frame order.  Rows are matched
+    by a 64-bit hash of their bits (a random linear form modulo 2^64); every
+    match is then checked against the stored row (`check_block`).  Memory:
+    three int64 / uint64 arrays of N.
+    """
+
+    def __init__(self, n_samples: int, n_features: int, random_state: int) -> None:
+        rng = np.random.default_rng([random_state, 0x5AE])
+        self._weights = rng.integers(1, np.iinfo(np.int64).max, size=n_features, dtype=np.uint64) | np.uint64(1)
+        self.position = np.empty(n_samples, dtype=np.int64)  # index position of every frame's representative
+        self._seen_hashes = np.empty(0, dtype=np.uint64)  # sorted hashes of the representatives so far
+        self._seen_positions = np.empty(0, dtype=np.int64)
+        self.n_unique = 0
+
+    def _hash(self, block: np.ndarray) -> np.ndarray:
+        bits = np.ascontiguousarray(block, dtype=np.float32).view(np.uint32).astype(np.uint64)
+        with np.errstate(over="ignore"):
+            return (bits * self._weights).sum(axis=1, dtype=np.uint64)
+
+    def add_block(self, block: np.ndarray, offset: int) -> np.ndarray:
+        """Group the rows of ``block`` (frames ``offset + i``); the mask of the rows that are new representatives."""
+        hashes = self._hash(block)
+        distinct, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
+        where = np.searchsorted(self._seen_hashes, distinct)
+        seen = where < self._seen_hashes.size
+        seen[seen] = self._seen_hashes[where[seen]] == distinct[seen]
+        positions = np.empty(distinct.size, dtype=np.int64)
+        positions[seen] = self._seen_positions[where[seen]]
+        new_first = np.sort(first[~seen])  # new representatives in frame order
+        positions_new = self.n_unique + np.arange(new_first.size)
+        order_new = np.argsort(first[~seen], kind="stable")
+        new_slots = np.flatnonzero(~seen)[order_new]
+        positions[new_slots] = positions_new
+        self.n_unique += new_first.size
+        self.position[offset : offset + len(block)] = positions[inverse.ravel()]
+        merged_h = np.concatenate([self._seen_hashes, distinct[new_slots]])
+        merged_p = np.concatenate([self._seen_positions, positions_new])
+        order = np.argsort(merged_h, kind="stable")
+        self._seen_hashes, self._seen_positions = merged_h[order], merged_p[order]
+        mask = np.zeros(len(block), dtype=bool)
+        mask[new_first] = True
+        return mask
+
+    def check_block(self, block: np.ndarray, offset: int, index: Any) -> None:
+        """Every row of ``block`` equals its representative's row in ``index`` (no hash collision)."""
+        positions = self.position[offset : offset + len(block)]
+        stored = index.reconstruct_batch(positions)
+        if not np.array_equal(stored.view(np.uint32), np.ascontiguousarray(block, dtype=np.float32).view(np.uint32)):
+            raise RuntimeError("faiss kNN: two different frames share a 64-bit row hash; change random_state")
+
+    def expand(
+        self, start: int, stop: int, unique_i: np.ndarray, unique_d: np.ndarray, self_d: np.ndarray, n_neighbors: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The K nearest other frames of frames ``start:stop`` from the neighbours of their representatives.
+
+        Candidates of frame f: the other frames of its group (at ``self_d``
+        of its representative: 0, or 1 between zero rows for the cosine metric),
+        and the first K frames of each group its representative found, at
+        that representative's distance; `_merge` keeps the top K, ties by index.
+        """
+        frames = np.arange(start, stop, dtype=np.int64)
+        own = self.position[start:stop]
+        if self.n_unique == len(self.position):  # no duplicates: positions are frame ids
+            neighbors = unique_i[own]
+            distances = unique_d[own].astype(np.float64)
+            missing = neighbors < 0
+            return _merge([(np.where(missing, -1, neighbors), np.where(missing, np.inf, distances))], n_neighbors)
+        members, counts, first_member = self._members()
+        candidates = []
+        own_members = self._first_members(own, n_neighbors + 1, members, counts, first_member)
+        own_members[own_members == frames[:, None]] = -1
+        candidates.append((own_members, np.broadcast_to(self_d[own][:, None], own_members.shape)))
+        found = unique_i[own]
+        for column in range(found.shape[1]):
+            positions = found[:, column]
+            ids = self._first_members(positions, n_neighbors, members, counts, first_member)
+            dist = np.broadcast_to(unique_d[own, column].astype(np.float64)[:, None], ids.shape)
+            candidates.append((ids, dist))
+        return _merge(candidates, n_neighbors)
+
+    def _members(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if getattr(self, "_cache", None) is None:
+            members = np.argsort(self.position, kind="stable")  # by group, frames ascending within
+            counts = np.bincount(self.position, minlength=self.n_unique)
+            first_member = np.concatenate([[0], np.cumsum(counts)[:-1]])
+            self._cache = (members, counts, first_member)
+        return self._cache
+
+    @staticmethod
+    def _first_members(positions, width, members, counts, first_member) -> np.ndarray:
+        """(n, width) the first ``width`` frames of the groups at ``positions`` (-1 padded, -1 for position -1)."""
+        out = np.full((len(positions), width), -1, dtype=np.int64)
+        valid = positions >= 0
+        safe = np.where(valid, positions, 0)
+        for j in range(width):
+            has = valid & (j < counts[safe])
+            out[has, j] = members[first_member[safe[has]] + j]
+        return out
+
 def faiss_neighbors(
     X: Any,
     n_neighbors: int = 10,
@@ -543,8 +653,9 @@ def faiss_neighbors(
     """Approximate K nearest neighbours of every row of X with one faiss HNSW index, self excluded.
 
     Scheme, memory and threads: see the module docstring (one
-    ``faiss.IndexHNSWFlat`` of all N frames in this process, blocks added
-    then searched for K + 1, self removed by index).  Euclidean distances
+    ``faiss.IndexHNSWFlat`` of the distinct frames in this process, blocks
+    added then searched for K + 1, self removed by index, identical frames
+    each other's neighbours at distance 0).  Euclidean distances
     are ``sqrt`` of faiss's squared distances; cosine distances
     ``1 - q.r`` of unit rows.
 
@@ -602,39 +713,54 @@ def faiss_neighbors(
         index.hnsw.rng = faiss.RandomGenerator(int(random_state))
         if progress is not None:
             progress(0, total)
+        groups = _DuplicateGroups(n_samples, n_features, random_state)
         for done, start in enumerate(starts, start=1):
             stop = min(start + block_size, n_samples)
-            block = arr[start:stop].compute() if arr is not None else dense[start:stop]
-            index.add(_prepare_float32(block, metric))
+            block = _prepare_float32(arr[start:stop].compute() if arr is not None else dense[start:stop], metric)
+            new = groups.add_block(block, start)
+            index.add(np.ascontiguousarray(block[new]))
+            groups.check_block(block, start, index)
             del block
             if progress is not None:
                 progress(done, total)
-        k = n_neighbors + 1
+        n_unique = index.ntotal
+        k = min(n_neighbors + 1, n_unique)
         index.hnsw.efSearch = max(int(ef_search), k)
-        out_i = np.empty((n_samples, n_neighbors), dtype=np.int64)
-        out_d = np.empty((n_samples, n_neighbors), dtype=np.float32)
-        for done, start in enumerate(starts, start=len(starts) + 1):
-            stop = min(start + block_size, n_samples)
-            found_d, found_i = index.search(index.reconstruct_n(start, stop - start), k)
+        # neighbours of every distinct frame among the distinct frames, self (by position) removed
+        unique_i = np.empty((n_unique, max(k - 1, 0)), dtype=np.int64)
+        unique_d = np.empty((n_unique, max(k - 1, 0)), dtype=np.float32)
+        # distance between two copies of a frame: 0, but 1 between zero rows for the cosine metric
+        self_d = np.zeros(n_unique, dtype=np.float64)
+        for first in range(0, n_unique, block_size):
+            last = min(first + block_size, n_unique)
+            queries = index.reconstruct_n(first, last - first)
+            if metric == "cosine":
+                self_d[first:last] = np.clip(1.0 - np.einsum("ij,ij->i", queries, queries, dtype=np.float64), 0.0, 2.0)
+            found_d, found_i = index.search(queries, k)
             found_i = found_i.astype(np.int64)
             found_d = found_d.astype(np.float64)
             if metric == "cosine":
                 found_d = np.clip(1.0 - found_d, 0.0, 2.0)
             else:
                 found_d = np.sqrt(np.maximum(found_d, 0.0))
-            own = found_i == np.arange(start, stop)[:, None]
-            missing = (found_i < 0) | own
-            found_i[missing] = -1
-            found_d[missing] = np.inf
-            out_i[start:stop], out_d[start:stop] = _merge([(found_i, found_d)], n_neighbors)
+            own = found_i == np.arange(first, last)[:, None]
+            own[~own.any(axis=1), -1] = True  # self not found: drop the farthest
+            keep = ~own
+            unique_i[first:last] = found_i[keep].reshape(last - first, k - 1)
+            unique_d[first:last] = found_d[keep].reshape(last - first, k - 1)
+        out_i = np.empty((n_samples, n_neighbors), dtype=np.int64)
+        out_d = np.empty((n_samples, n_neighbors), dtype=np.float32)
+        for done, start in enumerate(starts, start=len(starts) + 1):
+            stop = min(start + block_size, n_samples)
+            out_i[start:stop], out_d[start:stop] = groups.expand(start, stop, unique_i, unique_d, self_d, n_neighbors)
             if progress is not None:
                 progress(done, total)
     finally:
         faiss.omp_set_num_threads(previous)
     logger.info(
-        "faiss HNSW kNN: N=%d, K=%d, M=%d, efConstruction=%d, efSearch=%d, %d threads, index ~%.0f MB",
-        n_samples, n_neighbors, hnsw_m, ef_construction, max(ef_search, k), threads,
-        n_samples * (4 * n_features + 8 * hnsw_m) / 2**20,
+        "faiss HNSW kNN: N=%d (%d distinct), K=%d, M=%d, efConstruction=%d, efSearch=%d, %d threads, index ~%.0f MB",
+        n_samples, n_unique, n_neighbors, hnsw_m, ef_construction, max(ef_search, k), threads,
+        n_unique * (4 * n_features + 8 * hnsw_m) / 2**20,
     )
     return out_i, out_d
 

@@ -188,10 +188,16 @@ def test_faiss_against_sklearn_on_clustered_frames(rng, block_size):
 def test_faiss_many_duplicates_exclude_self_by_index(rng):
     X = rng.random((300, 6))
     X[100:160] = X[100]  # sixty identical frames: more than K + 1
+    X[[205, 250, 251]] = X[5]  # four identical frames in different blocks
     indices, distances = nearest_neighbors(X, 8, method="faiss", block_size=128)
     assert not np.any(indices == np.arange(300)[:, None])
     assert np.all(distances[100:160] == 0)
-    assert all(set(indices[i]) <= set(range(100, 160)) - {i} for i in range(100, 160))
+    # ties by index: the sixty list the first others of the group
+    assert all(list(indices[i]) == [j for j in range(100, 160) if j != i][:8] for i in range(100, 160))
+    group = [5, 205, 250, 251]
+    for i in group:
+        assert list(indices[i, :3]) == [j for j in group if j != i] and np.all(distances[i, :3] == 0)
+    np.testing.assert_allclose(distances, _true_distances(X, indices), rtol=1e-4, atol=1e-6)
     ref_i, ref_d = _reference(X, 8)
     assert recall_at_k(indices, ref_i, found_distances=distances, true_distances=ref_d) >= 0.99
 
