@@ -172,11 +172,12 @@ def best_sklearn_seconds(rows) -> float:
     return min(seconds for _, seconds, _ in rows)
 
 
-def bench_codes(X: np.ndarray, n_atoms: int, repeats: int, slow_repeats: int, fista_dtypes, pyunlocbox: bool):
+def bench_codes(X: np.ndarray, n_atoms: int, repeats: int, slow_repeats: int, fista_dtypes, pyunlocbox: bool,
+                algorithms=("lasso_cd", "lasso_lars")):
     C = dictionary_from(X, n_atoms, seed=1)
     print(f"\n== Z step: N={len(X)}, n={X.shape[1]}, m={n_atoms}, lambda_d={LAMBDA_D}, lambda_z={LAMBDA_Z} ==")
     rows = []
-    for algorithm in ("lasso_cd", "lasso_lars"):
+    for algorithm in algorithms:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # lasso_cd's convergence warnings on a few frames
             seconds, Z = timed(lambda: sparse_encode(X, C, algorithm=algorithm, alpha=ALPHA, n_jobs=1), repeats)
@@ -283,6 +284,8 @@ def main() -> None:
     parser.add_argument("--fista-dtypes", nargs="*", default=["float32"], choices=["float32", "float64"],
                         help="dtypes of our FISTA peer rows (none: skip them)")
     parser.add_argument("--skip-pyunlocbox", action="store_true")
+    parser.add_argument("--sklearn-algorithms", nargs="+", default=["lasso_cd", "lasso_lars"],
+                        choices=["lasso_cd", "lasso_lars"], help="sparse_encode peers of the Z step")
     parser.add_argument("--skip-codes", action="store_true")
     parser.add_argument("--skip-fit", action="store_true")
     args = parser.parse_args()
@@ -290,7 +293,8 @@ def main() -> None:
     X = make_data(args.n_samples, args.n_features, seed=0)
     fista_dtypes = [np.dtype(name).type for name in args.fista_dtypes]
     for n_atoms in [] if args.skip_codes else args.atoms:
-        bench_codes(X, n_atoms, args.repeats, args.slow_repeats, fista_dtypes, not args.skip_pyunlocbox)
+        bench_codes(X, n_atoms, args.repeats, args.slow_repeats, fista_dtypes, not args.skip_pyunlocbox,
+                    args.sklearn_algorithms)
     if not args.skip_fit:
         bench_fit(X, args.fit_atoms, 1, args.fit_max_iter)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
