@@ -40,37 +40,36 @@ Approximate (``method="approximate"``): blocked pynndescent
     process).  The blockwise scheme is the one whose tasks stay bounded.
 
 faiss HNSW (``method="faiss"``, optional: ``pip install 'sae[faiss]'``)
-    One `faiss.IndexHNSWFlat` over the distinct frames in the calling
-    process: the B blocks are read one at a time (Dask tasks when X is a
-    dask array) and their rows not seen before are added to the index
-    (identical rows, e.g. silence, form a group represented by its first
-    frame: many copies of one point would crowd the HNSW graph's links and
-    cut paths through it).  Every distinct frame, read back from the index's
-    own copy, is searched for its K + 1 nearest, itself removed by position
-    (else the (K + 1)-th dropped); a frame's neighbours are then the other
-    frames of its group at distance 0 and the frames of the groups its
-    representative found, the K nearest kept, sorted by distance, then
-    index, as the other methods.  faiss returns
-    squared euclidean distances (float32, computed as sums of squared
-    differences): their square roots are returned.  For the cosine metric
-    the rows are scaled to unit norm and the index ranks by inner product,
-    distance ``1 - q.r`` (zero rows at distance 1 of everything, as the
-    exact method).  Parameters: ``hnsw_m`` links per frame (`HNSW_M`),
+    One `faiss.IndexHNSWFlat` over the distinct frames in the calling process:
+    the B blocks are read one at a time (Dask tasks when X is a dask array)
+    and their rows not seen before are added to the index (identical rows,
+    e.g. silence, form a group represented by its first frame: many copies of
+    one point would crowd the HNSW graph's links and cut paths through it).
+    Every distinct frame, read back from the index's own copy, is searched for
+    its K + 1 nearest, itself removed by position (else the (K + 1)-th
+    dropped); a frame's neighbours are then the other frames of its group at
+    distance 0 and the frames of the groups its representative found, the K
+    nearest kept, sorted by distance, then index, as the other methods. faiss
+    returns squared euclidean distances (float32, computed as sums of squared
+    differences): their square roots are returned. For the cosine metric the
+    rows are scaled to unit norm and the index ranks by inner product,
+    distance ``1 - q.r`` (zero rows at distance 1 of everything, as the exact
+    method). Parameters: ``hnsw_m`` links per frame (`HNSW_M`),
     ``ef_construction`` (`HNSW_EF_CONSTRUCTION`) and ``ef_search``
     (`HNSW_EF_SEARCH`), widths of the candidate lists of the build and of the
-    search: the defaults reach recall@10 >= 0.99 on CQT-like frames
-    (README, Benchmarks).  The price: the index, i.e. every frame in float32
-    plus a graph of about ``2 hnsw_m`` int32 links per frame, lives in one
-    process, ``U (4 n_features + 8 hnsw_m)`` bytes for U distinct frames
-    (1.29M frames x 96 bins, M = 16: at most 0.66 GB), plus the groups
-    (3 x 8 bytes per frame), the neighbours of the distinct frames and the
-    results; no block is held twice (a block is dropped once added).  faiss runs ``n_jobs`` OpenMP threads
-    (`faiss_threads`; None: every core this process may use, since the
+    search: the defaults reach recall@10 >= 0.99 on CQT-like frames (README,
+    Benchmarks). The price: the index, i.e. every frame in float32 plus a
+    graph of about ``2 hnsw_m`` int32 links per frame, lives in one process,
+    ``U (4 n_features + 8 hnsw_m)`` bytes for U distinct frames (1.29M frames
+    x 96 bins, M = 16: at most 0.66 GB), plus the groups (3 x 8 bytes per
+    frame), the neighbours of the distinct frames and the results; no block is
+    held twice (a block is dropped once added). faiss runs ``n_jobs`` OpenMP
+    threads (`faiss_threads`; None: every core this process may use, since the
     search is then the only work of the cluster): set fewer when other work
-    shares the machine.  The levels of the frames in the graph are drawn
-    with ``random_state``; with more than one thread the graph also depends
-    on the threads' timing, so results may differ in a few neighbours from
-    run to run.  Not installed: `missing_backend` says how to get it.
+    shares the machine. The levels of the frames in the graph are drawn with
+    ``random_state``; with more than one thread the graph also depends on the
+    threads' timing, so results may differ in a few neighbours from run to
+    run. Not installed: `missing_backend` says how to get it.
 
 pynndescent compiles its numba kernels on first use in every process (one to
 several minutes on a loaded 2-core machine; they are not cached on disk), so
