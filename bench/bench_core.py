@@ -6,6 +6,13 @@ objective, and the ratios.  "Same objective" means: a peer runs with its usual
 settings; its solution is scored with *our* objective in float64; then we time our
 solver stopped at the first iteration whose objective is at least as good.  The same
 is done for pyunlocbox's FISTA (the original implementation's solver) on the Z step.
+SPAMS's ``lasso`` (LARS homotopy, an exact solver: package spams-bin, row skipped if
+``spams`` does not import) is a peer of the Z step: it minimises, per frame x (a column
+of its (n, N) Fortran-ordered float64 input, dictionary D = C^T (n, m)),
+``1/2 ||x - D z||^2 + lambda1 ||z||_1`` (mode 2), which is our objective divided by
+lambda_d: lambda1 = lambda_z / lambda_d, as scikit-learn's alpha.  The target objective
+is the best of all peers (scikit-learn and SPAMS), so every solver is timed to the
+same tolerance.
 Our coordinate-descent Z step (`sae.coordinate`, the default when lambda_g = 0) stops on
 a per-frame duality gap: it is timed with the loosest rtol of 1e-2, 1e-3, ... whose
 objective is at least as good as the target; our FISTA stays as a peer row.
@@ -13,6 +20,7 @@ objective is at least as good as the target; our FISTA stays as a peer row.
     python bench/bench_core.py                    # N = 20,000, n = 96, m = 128 and 512
     python bench/bench_core.py --n-samples 5000 --atoms 64 --repeats 1   # quick
     python bench/bench_core.py --fista-dtypes --skip-pyunlocbox           # without the slow FISTA rows
+    python bench/bench_core.py --fista-dtypes --skip-pyunlocbox --skip-fit  # the Z step against sklearn and SPAMS
 
 Medians over --repeats runs (FISTA and pyunlocbox: --slow-repeats, they take minutes);
 peak RSS of the process at the end.  Targets: Z step >= 5x faster than scikit-learn's
@@ -137,22 +145,47 @@ def pyunlocbox_to_target(X, C, target, repeats):
     return seconds, n_iter
 
 
+def spams_lasso(X: np.ndarray, C: np.ndarray, n_threads: int) -> np.ndarray:
+    """SPAMS's lasso (LARS, mode 2: 1/2 ||x - D z||^2 + lambda1 ||z||_1 per frame) as codes (N, m)."""
+    import spams
+
+    codes = spams.lasso(np.asfortranarray(X.T, dtype=np.float64), D=np.asfortranarray(C.T, dtype=np.float64),
+                        lambda1=ALPHA, mode=2, numThreads=n_threads)
+    return codes.T.toarray()
+
+
+def spams_rows(X: np.ndarray, C: np.ndarray, repeats: int) -> list[tuple[str, float, float]]:
+    """SPAMS lasso with all threads and with one, if spams imports."""
+    try:
+        import spams  # noqa: F401
+    except ImportError:
+        print("  (SPAMS not installed: pip install spams-bin; its rows are skipped)")
+        return []
+    rows = []
+    for n_threads, label in ((-1, "all threads"), (1, "1 thread")):
+        seconds, Z = timed(lambda n_threads=n_threads: spams_lasso(X, C, n_threads), repeats)
+        rows.append((f"SPAMS lasso (LARS) {label}", seconds, codes_objective(X, C, Z)))
+    return rows
+
+
 def best_sklearn_seconds(rows) -> float:
     return min(seconds for _, seconds, _ in rows)
 
 
-def bench_codes(X: np.ndarray, n_atoms: int, repeats: int, slow_repeats: int, fista_dtypes, pyunlocbox: bool):
+def bench_codes(X: np.ndarray, n_atoms: int, repeats: int, slow_repeats: int, fista_dtypes, pyunlocbox: bool,
+                algorithms=("lasso_cd", "lasso_lars")):
     C = dictionary_from(X, n_atoms, seed=1)
     print(f"\n== Z step: N={len(X)}, n={X.shape[1]}, m={n_atoms}, lambda_d={LAMBDA_D}, lambda_z={LAMBDA_Z} ==")
     rows = []
-    for algorithm in ("lasso_cd", "lasso_lars"):
+    for algorithm in algorithms:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # lasso_cd's convergence warnings on a few frames
             seconds, Z = timed(lambda: sparse_encode(X, C, algorithm=algorithm, alpha=ALPHA, n_jobs=1), repeats)
         rows.append((f"sklearn sparse_encode {algorithm}", seconds, codes_objective(X, C, Z)))
-    target = min(objective for _, _, objective in rows)
-    print(f"target objective (best scikit-learn): {target:.6e}")
-    for name, seconds, objective in rows:
+    spams = spams_rows(X, C, repeats)
+    target = min(objective for _, _, objective in rows + spams)
+    print(f"target objective (best of scikit-learn and SPAMS): {target:.6e}")
+    for name, seconds, objective in rows + spams:
         print(f"  {name:<38} {seconds:8.3f} s   objective {objective:.6e}")
     ours = {}
     for dtype in (np.float32, np.float64):
@@ -185,9 +218,14 @@ def bench_codes(X: np.ndarray, n_atoms: int, repeats: int, slow_repeats: int, fi
         line = f"  speed-up of {name:<30}: {ratios}"
         if pyunlocbox:
             line += f", {seconds_ub / seconds:6.1f}x vs pyunlocbox"
+        for peer, peer_seconds, _ in spams:
+            line += f", {peer_seconds / seconds:6.1f}x vs SPAMS {peer.split(')')[-1].strip()}"
         print(line)
     default = ours["sae cd float32 all threads"]
     print(f"  -> default Z step (cd float32) vs best sparse_encode: {best_sklearn / default:.1f}x (target >= 5x)")
+    if spams:
+        print(f"  -> default Z step (cd float32, all threads) vs SPAMS lasso all threads: "
+              f"{spams[0][1] / default:.1f}x")
 
 
 def bench_fit(X: np.ndarray, n_atoms: int, repeats: int, max_iter: int) -> None:
@@ -246,6 +284,8 @@ def main() -> None:
     parser.add_argument("--fista-dtypes", nargs="*", default=["float32"], choices=["float32", "float64"],
                         help="dtypes of our FISTA peer rows (none: skip them)")
     parser.add_argument("--skip-pyunlocbox", action="store_true")
+    parser.add_argument("--sklearn-algorithms", nargs="+", default=["lasso_cd", "lasso_lars"],
+                        choices=["lasso_cd", "lasso_lars"], help="sparse_encode peers of the Z step")
     parser.add_argument("--skip-codes", action="store_true")
     parser.add_argument("--skip-fit", action="store_true")
     args = parser.parse_args()
@@ -253,7 +293,8 @@ def main() -> None:
     X = make_data(args.n_samples, args.n_features, seed=0)
     fista_dtypes = [np.dtype(name).type for name in args.fista_dtypes]
     for n_atoms in [] if args.skip_codes else args.atoms:
-        bench_codes(X, n_atoms, args.repeats, args.slow_repeats, fista_dtypes, not args.skip_pyunlocbox)
+        bench_codes(X, n_atoms, args.repeats, args.slow_repeats, fista_dtypes, not args.skip_pyunlocbox,
+                    args.sklearn_algorithms)
     if not args.skip_fit:
         bench_fit(X, args.fit_atoms, 1, args.fit_max_iter)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,15 +1,27 @@
-"""Blocked pynndescent kNN vs scikit-learn exact brute force, on CQT-like synthetic frames.
+"""kNN graph build: ours (blocked pynndescent, blocked exact, the faiss method) against faiss, in one run.
 
-For each N: exact kNN with ``sklearn.neighbors.NearestNeighbors(algorithm="brute")``
-(in this process, 1 repeat), then `sae.knn.approximate_neighbors` on a
-LocalCluster of 1 and of 2 worker processes (1 thread each; pynndescent
-compiled on every worker before timing, see `sae.knn.warm_up`), with recall@10
-on 2000 seeded queries against the exact result.  Prints medians of the
-repeats, the speed-up over exact, and the peak resident memory of this process
-plus its children (the workers) during each measurement.
+On CQT-like synthetic frames (N x 96, float32), for each N of --sizes:
 
-    python bench/bench_knn.py                    # N = 100,000 and 200,000
+- ``sae exact (blocked)``: `sae.knn.exact_neighbors` on a LocalCluster of 2
+  single-threaded worker processes (N <= --exact-max only: its cost grows as N^2);
+- ``sae approximate (blocked pynndescent)``: `sae.knn.approximate_neighbors`,
+  same cluster (pynndescent compiled on every worker before timing, untimed);
+- ``sae faiss (graph.method=faiss)``: `sae.knn.faiss_neighbors` in this
+  process (all cores), self removed, ties by index;
+- peers, raw faiss in this process with all cores: ``faiss HNSW``
+  (``IndexHNSWFlat`` with the same M / efConstruction / efSearch as our
+  faiss method, search of K + 1) and ``faiss exact`` (``IndexFlatL2``,
+  search of K + 1).
+
+Every row: median wall time of --repeats, recall@10 on 2000 seeded queries
+against their exact neighbours (`sae.knn.exact_neighbors_of`, float64;
+tie-aware, self excluded by index), peak resident
+memory of this process plus its children (the workers) during the runs, and
+the time relative to faiss HNSW.
+
+    python bench/bench_knn.py                           # N = 50,000 and 200,000, 3 repeats
     python bench/bench_knn.py --sizes 20000 --repeats 1
+    python bench/bench_knn.py --exact-max 200000        # the exact rows at 200k too (tens of minutes)
 """
 
 from __future__ import annotations
@@ -21,10 +33,20 @@ import time
 import numpy as np
 import psutil
 from distributed import Client, LocalCluster
-from sklearn.neighbors import NearestNeighbors
 
 from flows._dask import LOOPBACK
-from sae.knn import approximate_neighbors, recall_at_k, warm_up
+from sae.knn import (
+    HNSW_EF_CONSTRUCTION,
+    HNSW_EF_SEARCH,
+    HNSW_M,
+    approximate_neighbors,
+    exact_neighbors,
+    exact_neighbors_of,
+    faiss_neighbors,
+    faiss_threads,
+    recall_at_k,
+    warm_up,
+)
 
 
 def cqt_like(n: int, n_bins: int = 96, rank: int = 12, n_clusters: int = 60, seed: int = 0) -> np.ndarray:
@@ -66,49 +88,96 @@ class PeakMemory:
         self._thread.join()
 
 
+def without_self(indices: np.ndarray, distances: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """faiss's K + 1 results of every frame searched against all frames: self removed by index, else the last."""
+    own = indices == np.arange(len(indices))[:, None]
+    own[~own.any(axis=1), -1] = True
+    keep = ~own
+    return indices[keep].reshape(len(indices), k), np.sqrt(np.maximum(distances[keep], 0)).reshape(len(indices), k)
+
+
+def faiss_hnsw(X: np.ndarray, k: int, m: int, ef_construction: int, ef_search: int) -> tuple[np.ndarray, np.ndarray]:
+    import faiss
+
+    index = faiss.IndexHNSWFlat(X.shape[1], m)
+    index.hnsw.efConstruction = ef_construction
+    index.add(X)
+    index.hnsw.efSearch = max(ef_search, k + 1)
+    distances, indices = index.search(X, k + 1)
+    return without_self(indices.astype(np.int64), distances, k)
+
+
+def faiss_flat(X: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    import faiss
+
+    index = faiss.IndexFlatL2(X.shape[1])
+    index.add(X)
+    distances, indices = index.search(X, k + 1)
+    return without_self(indices.astype(np.int64), distances, k)
+
+
+def measure(run, repeats: int) -> tuple[list[float], int, tuple[np.ndarray, np.ndarray]]:
+    """Wall times of ``repeats`` calls, the peak memory over them, the last result."""
+    times, result = [], None
+    with PeakMemory() as mem:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            result = run()
+            times.append(time.perf_counter() - start)
+    return times, mem.peak, result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 200_000])
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[50_000, 200_000])
+    parser.add_argument("--workers", type=int, default=2, help="worker processes (1 thread each) of our blocked methods")
     parser.add_argument("--block-size", type=int, default=50_000)
+    parser.add_argument("--exact-block-size", type=int, default=4096)
     parser.add_argument("--n-neighbors-build", type=int, default=30)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--hnsw-m", type=int, default=HNSW_M)
+    parser.add_argument("--ef-construction", type=int, default=HNSW_EF_CONSTRUCTION)
+    parser.add_argument("--ef-search", type=int, default=HNSW_EF_SEARCH)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--exact-max", type=int, default=50_000, help="largest N of the two exact rows")
     parser.add_argument("--queries", type=int, default=2000)
     args = parser.parse_args()
     k = 10
+    print(f"{psutil.cpu_count()} cores, load average {', '.join(f'{v:.1f}' for v in psutil.getloadavg())}; "
+          f"faiss threads {faiss_threads(None)}; HNSW M={args.hnsw_m}, efConstruction={args.ef_construction}, "
+          f"efSearch={args.ef_search}", flush=True)
     for n in args.sizes:
         X = cqt_like(n)
-        with PeakMemory() as mem:
-            start = time.perf_counter()
-            exact_d, exact_i = NearestNeighbors(n_neighbors=k, algorithm="brute").fit(X).kneighbors()
-            exact_s = time.perf_counter() - start
-        print(f"N={n}: sklearn brute exact {exact_s:.1f} s, peak {mem.peak / 2**30:.2f} GiB", flush=True)
         sample = np.sort(np.random.default_rng(1).choice(n, size=min(args.queries, n), replace=False))
-        for n_workers in args.workers:
-            with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                              memory_limit=None, **LOOPBACK) as cluster, Client(cluster) as client:
-                start = time.perf_counter()
-                client.run(warm_up)
-                compile_s = time.perf_counter() - start
-                times, recalls, peaks = [], [], []
-                for _ in range(args.repeats):
-                    with PeakMemory() as mem:
-                        start = time.perf_counter()
-                        indices, distances = approximate_neighbors(
-                            X, k, block_size=args.block_size, n_neighbors_build=args.n_neighbors_build, random_state=0
-                        )
-                        times.append(time.perf_counter() - start)
-                    peaks.append(mem.peak)
-                    recalls.append(recall_at_k(indices[sample], exact_i[sample],
-                                               found_distances=distances[sample], true_distances=exact_d[sample]))
+        rows = []
+        with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                          memory_limit=None, **LOOPBACK) as cluster, Client(cluster) as client:
+            start = time.perf_counter()
+            client.run(warm_up)
+            compile_s = time.perf_counter() - start
+            if n <= args.exact_max:
+                rows.append(("sae exact (blocked)", *measure(
+                    lambda: exact_neighbors(X, k, block_size=args.exact_block_size), args.repeats)))
+            rows.append((f"sae approximate (blocked pynndescent, build K {args.n_neighbors_build})", *measure(
+                lambda: approximate_neighbors(X, k, block_size=args.block_size,
+                                              n_neighbors_build=args.n_neighbors_build, random_state=0),
+                args.repeats)))
+        rows.append(("sae faiss (graph.method=faiss)", *measure(
+            lambda: faiss_neighbors(X, k, block_size=args.block_size, hnsw_m=args.hnsw_m,
+                                    ef_construction=args.ef_construction, ef_search=args.ef_search), args.repeats)))
+        rows.append(("faiss HNSW (IndexHNSWFlat)", *measure(
+            lambda: faiss_hnsw(X, k, args.hnsw_m, args.ef_construction, args.ef_search), args.repeats)))
+        if n <= args.exact_max:
+            rows.append(("faiss exact (IndexFlatL2)", *measure(lambda: faiss_flat(X, k), args.repeats)))
+        true_i, true_d = exact_neighbors_of(X, sample, k, block_size=args.exact_block_size)
+        hnsw_s = float(np.median(next(times for name, times, _, _ in rows if name.startswith("faiss HNSW"))))
+        print(f"\nN={n} x {X.shape[1]}, K={k}, recall@{k} on {len(sample)} queries against exact search; "
+              f"pynndescent compile on the workers {compile_s:.0f} s (untimed)")
+        print(f"  {'method':<58} {'median s':>9} {'recall':>7} {'peak GiB':>9} {'/ faiss HNSW':>13}  runs")
+        for name, times, peak, (indices, distances) in rows:
+            recall = recall_at_k(indices[sample], true_i, found_distances=distances[sample], true_distances=true_d)
             median = float(np.median(times))
-            print(
-                f"N={n}: blocked pynndescent, {n_workers} worker(s), block {args.block_size}, build K "
-                f"{args.n_neighbors_build}: median {median:.1f} s of {len(times)} ({', '.join(f'{t:.1f}' for t in times)}), "
-                f"recall@{k} {np.median(recalls):.4f} on {len(sample)} queries, {exact_s / median:.1f}x faster than exact, "
-                f"peak {max(peaks) / 2**30:.2f} GiB (compile on workers {compile_s:.0f} s, untimed)",
-                flush=True,
-            )
+            print(f"  {name:<58} {median:9.1f} {recall:7.4f} {peak / 2**30:9.2f} {median / hnsw_s:12.2f}x  "
+                  f"({', '.join(f'{t:.1f}' for t in times)})", flush=True)
 
 
 if __name__ == "__main__":

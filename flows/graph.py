@@ -4,8 +4,9 @@ Two coarse Prefect tasks, each calling one ``sae`` function and returning
 metadata only:
 
 1. ``preprocess`` -> `sae.preprocess.run_preprocess` (skipped when complete);
-2. ``graph`` -> `sae.graph.run_graph`: blocked kNN as plain Dask tasks, recall
-   against exact search on a sample, W and L written as CSR (skipped when
+2. ``graph`` -> `sae.graph.run_graph`: blocked kNN as plain Dask tasks (or,
+   with ``method="faiss"``, one faiss HNSW index in the task's own process,
+   on all its cores), recall against exact search on a sample, W and L written as CSR (skipped when
    complete); the kNN search's progress in query blocks is a progress
    artifact of the task run (`flows._progress`).
 

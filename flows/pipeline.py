@@ -164,7 +164,8 @@ def check_cluster(address: str, timeout: float = 10.0) -> int:
 def preflight(stage: str, config: PipelineConfig) -> None:
     """Check, before any work, what ``stage`` ("run", "sweep" or one stage) needs from ``config``.
 
-    The Dask scheduler (if any) answers; the store can be created or written
+    The kNN package of ``graph.method`` imports (faiss is optional, see
+    `sae.knn.missing_backend`); the Dask scheduler (if any) answers; the store can be created or written
     (not a file, not read-only); for a single stage, its inputs are complete.
 
     Raises
@@ -173,6 +174,12 @@ def preflight(stage: str, config: PipelineConfig) -> None:
         With one message saying what is missing and how to get it.
     """
     check_frames(config)
+    if stage in ("run", "sweep", "experiment", "graph"):
+        from sae.knn import missing_backend
+
+        missing = missing_backend(config.graph.method)
+        if missing is not None:
+            raise PreflightError(missing)
     address = dask_address(config)
     if address is not None:
         check_cluster(address)

@@ -250,8 +250,10 @@ class GraphConfig(_Config):
     sigma_factor: float = Field(1.0, gt=0, description="sigma = factor x mean distance to the K-th neighbour.")
     self_loops: bool = Field(True, description="Keep self-loops (weight 1).")
     laplacian: Literal["normalized", "combinatorial"] = Field("normalized", description="Laplacian kind.")
-    method: Literal["approximate", "exact"] = Field(
-        "approximate", description="pynndescent (approximate) or blocked brute force (exact)."
+    method: Literal["approximate", "exact", "faiss"] = Field(
+        "approximate",
+        description="pynndescent (approximate), blocked brute force (exact) or one faiss HNSW index over all "
+        "frames in one process (faiss, optional: pip install 'sae[faiss]').",
     )
     block_size: int = Field(50_000, ge=16, description="Frames per block of the blocked kNN.")
     n_neighbors_build: int = Field(
@@ -261,6 +263,11 @@ class GraphConfig(_Config):
         "queries (max(this, n_neighbors) is used); more is slower and more accurate.",
     )
     search_epsilon: float = Field(0.1, ge=0, description="Approximate: pynndescent query search width (epsilon).")
+    hnsw_m: int = Field(16, ge=2, description="faiss: links per frame of the HNSW graph (M); memory N x 8 M bytes.")
+    hnsw_ef_construction: int = Field(64, ge=1, description="faiss: candidate list width of the HNSW build.")
+    hnsw_ef_search: int = Field(
+        40, ge=1, description="faiss: candidate list width of the HNSW search (raised to n_neighbors + 1 if lower)."
+    )
     recall_sample: int = Field(2000, ge=0, description="Queries used to measure recall against exact kNN.")
     random_state: int = Field(0, ge=0, description="Seed of the approximate search and of the recall sample.")
 

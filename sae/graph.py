@@ -336,7 +336,7 @@ def run_graph(
     Reads X (N, n_bins) of ``preprocess/<preprocess_key>`` (`sae.preprocess`),
     runs `sae.knn.nearest_neighbors` with the options of ``config`` (a
     `sae.config.GraphConfig`), measures recall@K of an approximate search
-    against exact search on ``config.recall_sample`` random frames, builds W
+    ("approximate" or "faiss") against exact search on ``config.recall_sample`` random frames, builds W
     and L (`adjacency_matrix`, `laplacian_matrix`) and writes, in the stage
     group ``graph/<graph_key(preprocess_key, config)>``:
 
@@ -349,6 +349,8 @@ def run_graph(
     Skipped when the group is complete (unless ``overwrite``).  Dask work runs
     on the active client, else the threaded scheduler.  ``progress(done, B)``
     is called as the kNN search completes its B query blocks (`sae.progress`).
+    The "faiss" method holds its index of all N frames in this process and
+    runs on all its cores (`sae.knn.faiss_neighbors`).
 
     Returns
     -------
@@ -378,11 +380,15 @@ def run_graph(
         n_neighbors_build=max(config.n_neighbors_build, config.n_neighbors),
         search_epsilon=config.search_epsilon,
         random_state=config.random_state,
+        n_jobs=None if config.method == "faiss" else 1,
+        hnsw_m=config.hnsw_m,
+        hnsw_ef_construction=config.hnsw_ef_construction,
+        hnsw_ef_search=config.hnsw_ef_search,
         progress=progress,
     )
     knn_seconds = time.perf_counter() - start
     recall, recall_queries = None, 0
-    if config.method == "approximate" and config.recall_sample > 0:
+    if config.method != "exact" and config.recall_sample > 0:
         measured = sample_recall(
             X, indices, distances, n_queries=config.recall_sample, metric=config.metric,
             block_size=min(config.block_size, 8192), random_state=config.random_state,

@@ -105,3 +105,29 @@ def test_approximate_on_dask_task_runner(store_path):
     np.testing.assert_allclose(distances, true, rtol=1e-4, atol=1e-5)
     exact = _in_memory_laplacian(X, graph)
     assert abs(L - exact).max() < 0.5  # close to the exact graph's Laplacian
+
+
+def test_faiss_graph_stage_stores_the_laplacian_of_its_neighbours(store_path):
+    pytest.importorskip("faiss")
+    preprocess = PreprocessConfig(frames_per_clip=20)
+    graph = GraphConfig(method="faiss", block_size=64, recall_sample=60)  # 4 blocks added, then searched
+    out = run_graph_flow(store_path, preprocess, graph)
+    group = open_graph(store_path, out["graph"]["key"])
+    assert group.attrs["config"]["method"] == "faiss"
+    assert group.attrs["recall_queries"] == 60
+    assert out["graph"]["recall"] == group.attrs["recall"] >= 0.99
+    X = open_preprocessed(store_path, out["preprocess"]["key"])["X"][:].astype(np.float64)
+    indices, distances = group["indices"][:], group["distances"][:]
+    assert indices.shape == (220, graph.n_neighbors)
+    assert not np.any(indices == np.arange(220)[:, None])
+    np.testing.assert_allclose(distances, np.linalg.norm(X[:, None, :] - X[indices], axis=-1), rtol=1e-4, atol=1e-5)
+    # the stored Laplacian is the one built in memory from the same neighbours
+    L = store.read_sparse(group, "laplacian")
+    expected = laplacian_from_neighbors(indices, distances, **{name: getattr(graph, name) for name in
+                                                               ("kernel", "sigma_factor", "self_loops", "laplacian")})
+    assert L.shape == (220, 220) and L.dtype == np.float32
+    assert abs(sp.csr_array(L) - expected).max() < 1e-6
+    # at this size HNSW finds the exact neighbours: the exact graph's Laplacian
+    np.testing.assert_allclose(L.toarray(), _in_memory_laplacian(X, graph).toarray(), atol=1e-5)
+    again = run_graph_flow(store_path, preprocess, graph)
+    assert again["graph"]["skipped"]

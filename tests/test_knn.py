@@ -138,3 +138,111 @@ def test_approximate_blocked_recall(rng):
     assert recall >= 0.95
     # the silent frames find each other at distance 0, self excluded
     assert np.all(distances[:25] == 0)
+
+
+# --------------------------------------------------------------------------- faiss HNSW (optional backend)
+
+
+def test_faiss_missing_message_says_how_to_install():
+    from sae.knn import faiss_missing_message, missing_backend
+
+    message = faiss_missing_message(ImportError("No module named 'faiss'"))
+    assert "graph.method 'faiss'" in message
+    assert "pip install 'sae[faiss]'" in message and "faiss-cpu" in message
+    assert "No module named 'faiss'" in message and "'approximate'" in message
+    assert missing_backend("approximate") is None and missing_backend("exact") is None
+    with pytest.raises(ValueError, match="method must be one of"):
+        missing_backend("annoy")
+
+
+faiss = pytest.importorskip("faiss")
+
+
+def _true_distances(X, indices):
+    return np.linalg.norm(X[:, None, :].astype(np.float64) - X[indices].astype(np.float64), axis=-1)
+
+
+@pytest.mark.parametrize("block_size", [3000, 700])
+def test_faiss_against_sklearn_on_clustered_frames(rng, block_size):
+    X = _clustered(rng, 3000)
+    k = 10
+    indices, distances = nearest_neighbors(X, k, method="faiss", block_size=block_size, random_state=0)
+    assert indices.shape == (3000, k) and indices.dtype == np.int64
+    assert distances.shape == (3000, k) and distances.dtype == np.float32
+    assert not np.any(indices == np.arange(3000)[:, None])  # self never a neighbour
+    assert np.all(indices >= 0)
+    assert np.all(np.diff(distances, axis=1) >= 0)  # sorted ascending
+    # ties by index: equal distances come in increasing index order
+    tied = np.diff(distances, axis=1) == 0
+    assert np.all(np.diff(indices, axis=1)[tied] > 0)
+    # the distances are the euclidean distances of the returned pairs
+    np.testing.assert_allclose(distances, _true_distances(X, indices), rtol=1e-4, atol=1e-5)
+    ref_i, ref_d = _reference(X.astype(np.float64), k)
+    recall = recall_at_k(indices, ref_i, found_distances=distances, true_distances=ref_d)
+    assert recall >= 0.99
+    # the 25 duplicated silent frames find each other at distance 0, self excluded
+    assert np.all(distances[:25] == 0)
+    assert all(set(indices[i]) <= set(range(25)) - {i} for i in range(25))
+
+
+def test_faiss_many_duplicates_exclude_self_by_index(rng):
+    X = rng.random((300, 6))
+    X[100:160] = X[100]  # sixty identical frames: more than K + 1
+    X[[205, 250, 251]] = X[5]  # four identical frames in different blocks
+    indices, distances = nearest_neighbors(X, 8, method="faiss", block_size=128)
+    assert not np.any(indices == np.arange(300)[:, None])
+    assert np.all(distances[100:160] == 0)
+    # ties by index: the sixty list the first others of the group
+    assert all(list(indices[i]) == [j for j in range(100, 160) if j != i][:8] for i in range(100, 160))
+    group = [5, 205, 250, 251]
+    for i in group:
+        assert list(indices[i, :3]) == [j for j in group if j != i] and np.all(distances[i, :3] == 0)
+    np.testing.assert_allclose(distances, _true_distances(X, indices), rtol=1e-4, atol=1e-6)
+    ref_i, ref_d = _reference(X, 8)
+    assert recall_at_k(indices, ref_i, found_distances=distances, true_distances=ref_d) >= 0.99
+
+
+@pytest.mark.parametrize("chunks", [500, 170, 64])
+def test_faiss_dask_input_equals_numpy_input(rng, chunks):
+    X = _clustered(rng, 500, n_features=8)
+    expected = nearest_neighbors(X, 6, method="faiss", block_size=200, n_jobs=1)
+    got = nearest_neighbors(da.from_array(X, chunks=(chunks, -1)), 6, method="faiss", block_size=200, n_jobs=1)
+    np.testing.assert_array_equal(got[0], expected[0])
+    np.testing.assert_array_equal(got[1], expected[1])
+
+
+def test_faiss_cosine_against_exact(rng):
+    X = _clustered(rng, 800, n_features=8)
+    indices, distances = nearest_neighbors(X, 5, method="faiss", metric="cosine", block_size=300)
+    ref_i, ref_d = exact_neighbors(X, 5, metric="cosine")
+    assert not np.any(indices == np.arange(800)[:, None])
+    assert recall_at_k(indices, ref_i, found_distances=distances, true_distances=ref_d) >= 0.99
+    # the zero (silent) frames are at distance 1 of everything, as in the exact method
+    np.testing.assert_allclose(distances[:25], 1.0, atol=1e-6)
+
+
+def test_faiss_threads_are_restored_and_sample_recall_works(rng):
+    X = _clustered(rng, 600, n_features=8)
+    before = faiss.omp_get_max_threads()
+    indices, distances = nearest_neighbors(X, 4, method="faiss", block_size=250, n_jobs=1)
+    assert faiss.omp_get_max_threads() == before
+    out = sample_recall(X, indices, distances, n_queries=100, block_size=128, random_state=2)
+    assert out["n_queries"] == 100 and out["recall"] >= 0.99
+
+
+def test_faiss_errors_name_the_parameter(data):
+    with pytest.raises(ValueError, match="hnsw_m must be >= 2"):
+        nearest_neighbors(data, 3, method="faiss", hnsw_m=1)
+    with pytest.raises(ValueError, match=r"n_neighbors must be in \[1, n_samples - 1\]"):
+        nearest_neighbors(data, 97, method="faiss")
+    with pytest.raises(ValueError, match="n_jobs must be >= 1 or None"):
+        nearest_neighbors(data, 3, method="faiss", n_jobs=0)
+
+
+def test_graph_config_defaults_are_the_documented_constants():
+    from sae.config import GraphConfig
+    from sae.knn import HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M
+
+    config = GraphConfig(method="faiss")
+    assert (config.hnsw_m, config.hnsw_ef_construction, config.hnsw_ef_search) == (
+        HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH)
