@@ -298,16 +298,12 @@ def _running(store: str, no_wait: bool, address: str | None = None) -> Iterator[
                 prefect_api(), terminal_display(address, store=store) as display:
             try:
                 yield
-            except KeyboardInterrupt:  # here, not below: leaving the blocks above would wait for the server's stop
-                _stop_now("interrupted", 130, display)
-            except (TerminationSignal, _Terminated):
-                _stop_now("terminated", 143, display)
+            except (KeyboardInterrupt, TerminationSignal, _Terminated) as stop:
+                _stop_now(stop, display)  # here, not below: leaving the blocks above would wait for the server
     except typer.Exit:
         raise
-    except KeyboardInterrupt:
-        _stop_now("interrupted", 130)
-    except (TerminationSignal, _Terminated):
-        _stop_now("terminated", 143)
+    except (KeyboardInterrupt, TerminationSignal, _Terminated) as stop:
+        _stop_now(stop)
     except Exception as error:  # noqa: BLE001 - the command's boundary: one line, no traceback
         raise _fail(error, 1) from None
 
@@ -331,8 +327,8 @@ def _terminated_as_exception() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _stop_now(what: str, code: int, display: Any = None) -> None:
-    """End the command at once after Ctrl-C or SIGTERM.
+def _stop_now(stop: BaseException, display: Any = None) -> None:
+    """End the command at once after Ctrl-C (``stop`` a KeyboardInterrupt: exit 130) or SIGTERM (143).
 
     The work runs in threads (task runners, an in-process Dask cluster) that do
     not stop on request: an ordinary exit would wait for them, i.e. for the
@@ -341,6 +337,7 @@ def _stop_now(what: str, code: int, display: Any = None) -> None:
     system's (released with the process), the temporary Prefect server stops
     when its input closes, and a cluster drops the tasks of a client that left.
     """
+    what, code = ("interrupted", 130) if isinstance(stop, KeyboardInterrupt) else ("terminated", 143)
     if display is not None:
         display.__exit__(None, None, None)  # the terminal back as it was (the progress bars hide the cursor)
     typer.echo(f"{what}: the store keeps every completed stage; run again to resume", err=True)

@@ -204,22 +204,29 @@ def _cmdline(process: psutil.Process) -> str:
         return ""
 
 
+def _run_into_its_work(root: Path, services: dict[str, str], store: str) -> tuple[psutil.Popen, list]:
+    """`sae run` on the tiny configuration with its temporary Prefect server, 3 s into the work; the process and
+    its descendants then."""
+    env = {key: value for key, value in services.items() if key != "PREFECT_API_URL"}
+    process = psutil.Popen(sae_command("run", "-c", "tiny.yaml", "--data", "data", "--store", store),
+                           cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    started = False
+    while time.monotonic() < deadline and process.poll() is None and not started:
+        started = any("uvicorn" in _cmdline(child) for child in process.children(recursive=True))
+        time.sleep(0.2)
+    assert started, "the run started no temporary Prefect server"
+    time.sleep(3)  # into the work
+    assert process.poll() is None, "the run ended before it could be stopped"
+    return process, process.children(recursive=True)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_sigterm_or_ctrl_c_ends_a_run_at_once_with_a_message(workdir, services, signum):
     """`kill` (or Ctrl-C) stops the command within seconds, though its stage runs in threads that cannot be told
     to stop; nothing is left running and the store is free."""
     root, _ = workdir
-    env = {key: value for key, value in services.items() if key != "PREFECT_API_URL"}
-    process = psutil.Popen(sae_command("run", "-c", "tiny.yaml", "--data", "data", "--store", "stopped.zarr"),
-                           cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None:
-        if any("uvicorn" in _cmdline(child) for child in process.children(recursive=True)):
-            break  # the temporary Prefect server is up: the flow starts
-        time.sleep(0.2)
-    time.sleep(3)  # into the work
-    assert process.poll() is None, "the run ended before the signal"
-    descendants = process.children(recursive=True)
+    process, descendants = _run_into_its_work(root, services, "stopped.zarr")
     sent = time.monotonic()
     process.send_signal(signum)
     code = process.wait(30)
@@ -239,19 +246,7 @@ def test_sigterm_or_ctrl_c_ends_a_run_at_once_with_a_message(workdir, services, 
 
 def test_sigkill_of_a_run_leaves_no_process_behind(workdir, services):
     root, _ = workdir
-    env = {key: value for key, value in services.items() if key != "PREFECT_API_URL"}
-    process = psutil.Popen(sae_command("run", "-c", "tiny.yaml", "--data", "data", "--store", "killed.zarr"),
-                           cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    descendants: list[psutil.Process] = []
-    while time.monotonic() < deadline and process.poll() is None:
-        descendants = process.children(recursive=True)
-        if any("uvicorn" in _cmdline(child) for child in descendants):
-            break  # the temporary Prefect server is up
-        time.sleep(0.2)
-    assert descendants, "the run started no child process"
-    time.sleep(3)  # into the work
-    descendants = process.children(recursive=True)
+    process, descendants = _run_into_its_work(root, services, "killed.zarr")
     os.kill(process.pid, signal.SIGKILL)
     process.wait(30)
     gone, alive = psutil.wait_procs(descendants, timeout=30)
