@@ -1,7 +1,7 @@
 """Benchmark of the classification stage: aggregation and cross-validation, serial vs Dask.
 
 Prints medians over --repeats runs of
-- the aggregation of per-frame features into window vectors (`sae.classify.aggregate_clips`)
+- the aggregation of per-frame features into window vectors (`sae.pooling.aggregate_clips`)
   from numpy and from a chunked Zarr array (streamed by clip chunks), against a one-shot
   reshape of the whole array in memory (the thesis's way) as the peer;
 - the cross-validation (grouped protocol, SVC) serially and on a local Dask cluster of
@@ -23,8 +23,9 @@ import zarr
 from _timing import timed
 
 from flows._dask import LOOPBACK
-from sae.classify import aggregate_clips, cross_validate
+from sae.classify import cross_validate
 from sae.config import ClassifyConfig
+from sae.pooling import aggregate_clips
 
 
 def make_data(n_clips: int, n_frames: int, n_features: int, n_classes: int, seed: int):

@@ -31,8 +31,9 @@ from sklearn.exceptions import ConvergenceWarning
 from flows.classify import open_rows
 from flows.cli import build_config
 from flows.pipeline import resolve_paths, stage_keys
-from sae.classify import aggregate_clips, aggregate_options, cross_validate
+from sae.classify import cross_validate
 from sae.distributed import open_model
+from sae.pooling import aggregate_clips, aggregate_options
 from sae.preprocess import open_preprocessed
 
 

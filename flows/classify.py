@@ -47,8 +47,10 @@ from flows._dask import cluster_client
 from flows._progress import Progress
 from flows._runs import run_namer
 from sae import store as sae_store
-from sae.classify import aggregate_clips, aggregate_options, cross_validate, inductive_cross_validate
+from sae.classify import cross_validate
 from sae.config import ClassifyConfig
+from sae.inductive import inductive_cross_validate
+from sae.pooling import aggregate_clips, aggregate_options
 from sae.report import inline_images, plot_results, report_folder, results_markdown
 
 STAGE = "results"

@@ -400,7 +400,7 @@ def export_model(
     the weights trained with, the training graph's frames, codes and degrees
     when ``lambda_g > 0`` and ``graph`` (N x (n_bins + n_atoms + 1) numbers:
     without them the folder is small and has no method "exact_graph"), and a classifier (`sae.classify.fit_classifier`)
-    fitted on the window vectors (`sae.classify.aggregate_config`) of the
+    fitted on the window vectors (`sae.pooling.aggregate_config`) of the
     stored codes of every training clip, with the ``ClassifyConfig`` of the
     store's classification of this model (``results_key``, default: the latest
     complete one; none: the defaults, and no accuracy).  ``model_key`` may be
@@ -415,9 +415,10 @@ def export_model(
         ``accuracy`` and ``bytes`` (the folder's size).
     """
     from sae import store as sae_store
-    from sae.classify import aggregate_config, fit_classifier
+    from sae.classify import fit_classifier
     from sae.distributed import open_model
     from sae.graph import degree_vector
+    from sae.pooling import aggregate_config
     from sae.preprocess import open_preprocessed
 
     out = Path(out)

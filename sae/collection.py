@@ -8,7 +8,7 @@ method (``key``: `encode_key`)::
     encode/<key>/
       codes         float32 (n_clips * n_rows, n_atoms)  rows [i n_rows, (i+1) n_rows) of clip i
       vectors       float32 (n_clips * V, n_atoms * P)   its window vectors, P pooling statistics
-                                                         (`sae.classify.aggregate_config`)
+                                                         (`sae.pooling.aggregate_config`)
       scores        float32 (n_clips, n_classes)         vote shares of the classes (`sae.classify.vote_shares`)
       label_index   int32   (n_clips,)                   predicted class, index into attrs classes; -1 if not ok
       attrs         model (folder, manifest digest), method, classes, n_rows, vectors_per_clip,

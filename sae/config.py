@@ -307,8 +307,8 @@ class ClassifyConfig(_Config):
     """Genre classification of per-frame features (defaults: the thesis's, but the protocol).
 
     Frames of a clip are aggregated into ``n_windows`` window vectors (plus as
-    many shifted by half a window), each classified on its own
-    (`sae.classify`).  ``protocol`` is how the vectors are split into training
+    many shifted by half a window, `sae.pooling`), each classified on its own
+    (`sae.classify`; the inductive protocol: `sae.inductive`).  ``protocol`` is how the vectors are split into training
     and test sets:
 
     - "thesis": ``ShuffleSplit(n_splits, test_size)`` over vectors, repeated
@@ -337,7 +337,7 @@ class ClassifyConfig(_Config):
     pooling: tuple[Literal["sum_abs", "sum", "mean", "mean_abs", "std", "max", "max_abs", "mean_pos", "mean_neg"],
                    ...] = Field(
         ("sum_abs",), min_length=1,
-        description="Statistics of a window's frames, concatenated (sae.classify.POOLINGS): sum_abs = sum of "
+        description="Statistics of a window's frames, concatenated (sae.pooling.POOLINGS): sum_abs = sum of "
         "|x| (the thesis), mean, std, max, ... ",
     )
     classifier: Literal["svc", "linear_svc", "logistic_regression", "ridge"] = Field(

@@ -31,7 +31,7 @@ A new clip meets the model as the training clips did: its CQT frames
 (`sae.audio.clip_cqt`, the store's CQT configuration), then
 `sae.preprocess.clip_transform` and ``(F - offset) / scale`` with the
 training statistics (no noise), then an encoding method, then the aggregation
-of `sae.classify` (`sae.classify.aggregate_config`) and the classifier fitted
+of `sae.pooling` (`sae.pooling.aggregate_config`) and the classifier fitted
 on the training clips.  `TrainedModel` does all of it (load one with
 `sae.load_model`).
 """
@@ -424,8 +424,8 @@ class TrainedModel:
         return np.concatenate(codes)
 
     def vectors(self, codes: np.ndarray, n_clips: int) -> np.ndarray:
-        """Window vectors (n_clips * V, n_atoms * P) of the codes of ``n_clips`` clips (`sae.classify.aggregate_config`)."""
-        from sae.classify import aggregate_config
+        """Window vectors (n_clips * V, n_atoms * P) of the codes of ``n_clips`` clips (`sae.pooling.aggregate_config`)."""
+        from sae.pooling import aggregate_config
 
         codes = np.asarray(codes)
         if n_clips < 1 or codes.shape[0] % n_clips:

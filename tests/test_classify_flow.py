@@ -10,9 +10,11 @@ from prefect_dask import DaskTaskRunner
 from flows._dask import LOOPBACK
 from flows.classify import feature_key, parse_source, results_key, run_classify
 from sae import store
-from sae.classify import aggregate_clips, cross_validate, inductive_cross_validate
+from sae.classify import cross_validate
 from sae.config import ClassifyConfig, CQTConfig, ModelConfig, PreprocessConfig, TrainConfig
 from sae.distributed import open_model, train_model
+from sae.inductive import inductive_cross_validate
+from sae.pooling import aggregate_clips
 from sae.preprocess import open_preprocessed, run_preprocess
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")

@@ -24,11 +24,12 @@ from flows.pipeline import pipeline_flow, resolve_paths, stage_keys
 from sae import load_model
 from sae import store as sae_store
 from sae.artifact import MANIFEST, ModelFolderError, classifier_types
-from sae.classify import aggregate_clips, aggregate_options, choose_C, make_classifier
+from sae.classify import choose_C, make_classifier
 from sae.config import BuiltinDatasetConfig, PipelineConfig
 from sae.datasets import make_builtin_dataset
 from sae.distributed import open_model
 from sae.model import encode_direct, solve_codes
+from sae.pooling import aggregate_clips, aggregate_options
 from sae.preprocess import open_preprocessed
 
 N_GENRES, CLIPS, SECONDS = 2, 10, 4.0

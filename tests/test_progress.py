@@ -14,9 +14,10 @@ from distributed import Client, LocalCluster
 
 from flows._dask import LOOPBACK
 from flows._progress import ARTIFACT_SECONDS, PROGRESS_RECORD, TOPIC, Progress, TerminalDisplay, artifact_key
-from sae.classify import aggregate_clips, cross_validate
+from sae.classify import cross_validate
 from sae.config import ClassifyConfig
 from sae.knn import exact_neighbors
+from sae.pooling import aggregate_clips
 from sae.progress import compute
 
 
