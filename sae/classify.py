@@ -452,7 +452,6 @@ def cross_validate(
     return summary
 
 
-
 def fit_classifier(features: AggregatedFeatures, config: ClassifyConfig, groups: np.ndarray | None = None) -> Any:
     """The classifier of ``config`` (`make_classifier`) fitted on every vector of ``features`` (with labels).
 
