@@ -50,7 +50,7 @@ import numpy as np
 from sklearn.utils.metaestimators import available_if
 
 from sae.config import ClassifyConfig, CQTConfig, GraphConfig, ModelConfig, PreprocessConfig
-from sae.terms import CodeEncoderFit, CodeReconstruction, L1Norm, QuadraticTerm
+from sae.terms import L1Norm, QuadraticTerm
 
 __all__ = [
     "METHODS",
@@ -211,14 +211,8 @@ def available_methods(config: ModelConfig, has_graph: bool) -> tuple[str, ...]:
     )
 
 
-def encode_frames(
-    X: np.ndarray,
-    components: np.ndarray,
-    encoder: np.ndarray | None,
-    config: ModelConfig,
-    method: str = "exact",
-    graph: TrainingGraph | None = None,
-) -> np.ndarray:
+def encode_frames(X: np.ndarray, components: np.ndarray, encoder: np.ndarray | None, config: ModelConfig,
+                  method: str = "exact", graph: TrainingGraph | None = None) -> np.ndarray:
     """Codes ``Z`` (N', m) of new frames ``X`` (N', n) by one of `METHODS` (module docstring), in ``config.dtype``.
 
     ``config`` holds the weights the model was trained with; the Z step runs
@@ -231,7 +225,8 @@ def encode_frames(
     >>> encode_frames(np.array([[3.0, 0.05]]), C, None, ModelConfig(n_atoms=2, lambda_d=1.0, lambda_z=0.1))
     array([[2.9, 0. ]], dtype=float32)
     """
-    from sae.model import encode_direct, solve_codes
+    from sae.model import code_terms, encode_direct, solve_codes
+    from sae.outer import inner_options
     from sae.solvers import fista
 
     if method not in METHODS:
@@ -246,8 +241,7 @@ def encode_frames(
             raise ValueError(f"method 'encoder' needs an encoder, learned only when lambda_e > 0 (got {config.lambda_e})")
         return encode_direct(X, encoder, config.lambda_z, config.lambda_e)
     zeros = np.zeros((X.shape[0], components.shape[0]), dtype=dtype)
-    tolerance = dict(rtol=config.inner_tolerance, atol=config.atol, max_iter=config.max_inner,
-                     restart=config.fista_restart)
+    tolerance = inner_options(config)
     if method == "exact":
         return solve_codes(
             X, components, encoder if config.lambda_e > 0 else None, None, zeros, lambda_d=config.lambda_d,
@@ -258,11 +252,7 @@ def encode_frames(
         raise ValueError(
             f"method 'exact_graph' needs lambda_g > 0 (got {config.lambda_g}) and the training graph (got {graph})"
         )
-    terms: list[QuadraticTerm] = [graph.term(X, config.lambda_g)]
-    if config.lambda_d > 0:
-        terms.append(CodeReconstruction(X, components, config.lambda_d))
-    if config.lambda_e > 0:
-        terms.append(CodeEncoderFit(X, np.asarray(encoder, dtype=dtype), config.lambda_e))
+    terms = [graph.term(X, config.lambda_g), *code_terms(X, components, encoder, config.lambda_d, config.lambda_e)]
     return fista(terms, L1Norm(config.lambda_z), zeros, **tolerance).solution
 
 

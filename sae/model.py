@@ -52,6 +52,7 @@ from sae.outer import (
     FitState,
     alternate,
     balanced_weights,
+    inner_options,
     log_outer,
     rebalance,
     relative_change,
@@ -65,6 +66,7 @@ from sae.terms import (
     CodeReconstruction,
     GraphDirichlet,
     L1Norm,
+    QuadraticTerm,
     inner,
     soft_threshold,
 )
@@ -83,6 +85,7 @@ __all__ = [
     "check_laplacian",
     "code_lipschitz",
     "code_step_options",
+    "code_terms",
     "TERM_NAMES",
     "TERM_WEIGHTS",
     "weigh_terms",
@@ -218,9 +221,26 @@ def code_step_options(config: ModelConfig) -> dict[str, Any]:
     """The keyword arguments of :func:`solve_codes` that ``config`` sets (weights, tolerances, solver, rule)."""
     return dict(
         lambda_d=config.lambda_d, lambda_z=config.lambda_z, lambda_g=config.lambda_g, lambda_e=config.lambda_e,
-        rtol=config.inner_tolerance, atol=config.atol, max_iter=config.max_inner, restart=config.fista_restart,
-        method=config.z_solver, stop=config.z_stop,
+        **inner_options(config), method=config.z_solver, stop=config.z_stop,
     )
+
+
+def code_terms(
+    X: np.ndarray, components: np.ndarray, encoder: np.ndarray | None, lambda_d: float, lambda_e: float
+) -> list[QuadraticTerm]:
+    """The Z step's smooth terms but the graph's, in ``X``'s dtype.
+
+    ``lambda_d/2 ||X - Z C||^2`` (`CodeReconstruction`) when ``lambda_d > 0``,
+    then ``lambda_e/2 ||Z - X E^T||^2`` (`CodeEncoderFit`) when ``lambda_e > 0``.
+    """
+    terms: list[QuadraticTerm] = []
+    if lambda_d > 0:
+        terms.append(CodeReconstruction(X, components, lambda_d))
+    if lambda_e > 0:
+        if encoder is None:
+            raise ValueError(f"encoder is required when lambda_e > 0, got encoder=None and lambda_e={lambda_e!r}")
+        terms.append(CodeEncoderFit(X, np.asarray(encoder, dtype=X.dtype), lambda_e))
+    return terms
 
 
 def solve_codes(
@@ -296,13 +316,7 @@ def solve_codes(
     if Z0.shape != (X.shape[0], components.shape[0]):
         expected = (X.shape[0], components.shape[0])
         raise ValueError(f"Z0 must have shape (n_samples, n_atoms) = {expected}, got {Z0.shape}")
-    terms: list = []
-    if lambda_d > 0:
-        terms.append(CodeReconstruction(X, components, lambda_d))
-    if lambda_e > 0:
-        if encoder is None:
-            raise ValueError(f"encoder is required when lambda_e > 0, got encoder=None and lambda_e={lambda_e!r}")
-        terms.append(CodeEncoderFit(X, np.asarray(encoder, dtype=dtype), lambda_e))
+    terms = code_terms(X, components, encoder, lambda_d, lambda_e)
     laplacian = _as_laplacian(laplacian, X.shape[0], lambda_g, dtype)
     if laplacian is not None:
         laplacian_norm = spectral_norm(laplacian) if laplacian_norm is None else laplacian_norm

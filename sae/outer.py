@@ -48,6 +48,7 @@ __all__ = [
     "rebalance",
     "relative_change",
     "log_outer",
+    "inner_options",
     "solve_dictionary",
     "solve_encoder",
 ]
@@ -65,18 +66,23 @@ TERM_WEIGHTS = {"reconstruction": ("lambda_d", 0.5), "sparsity": ("lambda_z", 1.
 # --------------------------------------------------------------------------- D and E steps
 
 
-def solve_dictionary(
-    ZtZ: np.ndarray,
-    ZtX: np.ndarray,
-    C0: np.ndarray,
-    *,
-    lambda_d: float,
-    rtol: float = 1e-5,
-    atol: float = 0.0,
-    max_iter: int = 500,
-    data_sq_norm: float = 0.0,
-    restart: bool = True,
-) -> SolverResult:
+def inner_options(config: ModelConfig) -> dict[str, Any]:
+    """The stopping options of the inner FISTA steps (Z, D and E) that ``config`` sets.
+
+    >>> inner_options(ModelConfig(rtol=1e-4, max_inner=50))
+    {'rtol': 0.0001, 'atol': 0.0, 'max_iter': 50, 'restart': True}
+    """
+    return dict(rtol=config.inner_tolerance, atol=config.atol, max_iter=config.max_inner, restart=config.fista_restart)
+
+
+def _unit_rows_step(term: DictionaryFit | EncoderFit, start: np.ndarray, rtol: float, atol: float, max_iter: int,
+                    restart: bool) -> SolverResult:
+    """FISTA on a statistics term over ``{W: ||w_i|| <= 1 for every row i}``, warm-started from ``start``."""
+    return fista([term], RowNormBall(1.0), start, rtol=rtol, atol=atol, max_iter=max_iter, restart=restart)
+
+
+def solve_dictionary(ZtZ: np.ndarray, ZtX: np.ndarray, C0: np.ndarray, *, lambda_d: float, data_sq_norm: float = 0.0,
+                     rtol: float = 1e-5, atol: float = 0.0, max_iter: int = 500, restart: bool = True) -> SolverResult:
     """D step from sufficient statistics: ``argmin_{||c_i|| <= 1} lambda_d/2 ||X - Z C||_F^2``.
 
     ``ZtZ = Z^T Z`` (m, m) and ``ZtX = Z^T X`` (m, n) are sums over samples
@@ -87,24 +93,13 @@ def solve_dictionary(
     itself.  Runs in ``C0``'s dtype.
     """
     C0 = np.asarray(C0)
-    dtype = C0.dtype
-    term = DictionaryFit(np.asarray(ZtZ, dtype=dtype), np.asarray(ZtX, dtype=dtype), lambda_d,
+    term = DictionaryFit(np.asarray(ZtZ, dtype=C0.dtype), np.asarray(ZtX, dtype=C0.dtype), lambda_d,
                          data_sq_norm=data_sq_norm)
-    return fista([term], RowNormBall(1.0), C0, rtol=rtol, atol=atol, max_iter=max_iter, restart=restart)
+    return _unit_rows_step(term, C0, rtol, atol, max_iter, restart)
 
 
-def solve_encoder(
-    XtX: np.ndarray,
-    ZtX: np.ndarray,
-    E0: np.ndarray,
-    *,
-    lambda_e: float,
-    rtol: float = 1e-5,
-    atol: float = 0.0,
-    max_iter: int = 500,
-    codes_sq_norm: float = 0.0,
-    restart: bool = True,
-) -> SolverResult:
+def solve_encoder(XtX: np.ndarray, ZtX: np.ndarray, E0: np.ndarray, *, lambda_e: float, codes_sq_norm: float = 0.0,
+                  rtol: float = 1e-5, atol: float = 0.0, max_iter: int = 500, restart: bool = True) -> SolverResult:
     """E step from sufficient statistics: ``argmin_{||e_k|| <= 1} lambda_e/2 ||Z - X E^T||_F^2``.
 
     ``XtX = X^T X`` (n, n), ``ZtX = Z^T X`` (m, n), ``E0`` (m, n) warm start.
@@ -113,10 +108,9 @@ def solve_encoder(
     only shifts the recorded objective.  Runs in ``E0``'s dtype.
     """
     E0 = np.asarray(E0)
-    dtype = E0.dtype
-    term = EncoderFit(np.asarray(XtX, dtype=dtype), np.asarray(ZtX, dtype=dtype), lambda_e,
+    term = EncoderFit(np.asarray(XtX, dtype=E0.dtype), np.asarray(ZtX, dtype=E0.dtype), lambda_e,
                       codes_sq_norm=codes_sq_norm)
-    return fista([term], RowNormBall(1.0), E0, rtol=rtol, atol=atol, max_iter=max_iter, restart=restart)
+    return _unit_rows_step(term, E0, rtol, atol, max_iter, restart)
 
 
 # --------------------------------------------------------------------------- the history record
@@ -380,8 +374,7 @@ def alternate(
         history = [history_record(0, config, backend.terms(Z, C, E, None, None), size, None, {})]
         history[0]["seconds"] = 0.0
     data = backend.data_statistics() if (config.lambda_d > 0 or E is not None) else None
-    inner_kw = dict(rtol=config.inner_tolerance, atol=config.atol, max_iter=config.max_inner,
-                    restart=config.fista_restart)
+    inner_kw = inner_options(config)
     stop_reason = "max_outer"
     iteration = start = history[-1]["iteration"]
     for iteration in range(start + 1, config.max_outer + 1):

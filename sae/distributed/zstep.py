@@ -341,14 +341,9 @@ def halo_pack(state: CodeState, plan: dict[int, np.ndarray]) -> dict[int, Any]:
     return pack
 
 
-def solve_block_codes(
-    X_block: np.ndarray,
-    components: np.ndarray,
-    encoder: np.ndarray | None,
-    Z0: Any,
-    options: dict[str, Any],
-    sparse_density: float = SPARSE_STATE_DENSITY,
-) -> tuple[Any, dict[str, Any]]:
+def solve_block_codes(X_block: np.ndarray, components: np.ndarray, encoder: np.ndarray | None, Z0: Any,
+                      options: dict[str, Any],
+                      sparse_density: float = SPARSE_STATE_DENSITY) -> tuple[Any, dict[str, Any]]:
     """The whole Z step of one block when blocks are independent (``lambda_g = 0``): its codes and record.
 
     ``options``: the keyword arguments of :func:`sae.model.solve_codes`
