@@ -254,7 +254,7 @@ def experiment_paths(store: str | os.PathLike, tag: str) -> tuple[Path, Path]:
 
 
 def prediction_paths(store: str | os.PathLike, key: str) -> tuple[Path, Path]:
-    """CSV and markdown of the predictions of ``encode/<key>``, in ``<store>-reports/`` beside the collection's store."""
+    """CSV and markdown of the predictions of ``encode/<key>``, in ``<store>-reports/`` beside the collection."""
     folder = report_folder(store)
     return folder / f"predict-{key}.csv", folder / f"predict-{key}.md"
 
