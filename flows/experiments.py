@@ -92,7 +92,8 @@ def noise_experiment_flow(
         key, reused, summaries = submit_classification(store, pre["key"], features, classify)
         table[float(noise_std)] = summaries
         keys[float(noise_std)] = {"preprocess": pre["key"], "graph": graph_out["key"], "results": key,
-                                  **{name: parse_source(source)[1] for name, source in features.items() if name != "baseline"}}
+                                  **{name: parse_source(source)[1] for name, source in features.items()
+                                     if name != "baseline"}}
         log.info(
             "noise %g: %s%s", noise_std,
             ", ".join(f"{n} {100 * s['accuracy_mean']:.1f} ± {100 * s['accuracy_std']:.1f}" for n, s in summaries.items()),
