@@ -28,13 +28,14 @@ import numpy as np
 from sklearn.decomposition import MiniBatchDictionaryLearning
 from sklearn.exceptions import ConvergenceWarning
 
-from flows.classify import open_rows
 from flows.cli import build_config
-from flows.pipeline import resolve_paths, stage_keys
+from flows.pipeline import resolve_paths
 from sae.classify import cross_validate
 from sae.distributed import open_model
 from sae.pooling import aggregate_clips, aggregate_options
 from sae.preprocess import open_preprocessed
+from sae.stages.results import open_rows
+from sae.store.keys import stage_keys
 
 
 def reconstruction_objective(X: np.ndarray, Z: np.ndarray, C: np.ndarray, lambda_d: float, lambda_z: float) -> float:

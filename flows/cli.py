@@ -658,7 +658,8 @@ def export(
     every clip of the store, and the cross-validated accuracy; `sae predict` and `sae encode` use it.
     """
     from sae import store as sae_store
-    from sae.artifact import ModelFolderError, default_model_path, export_model, resolve_model_key
+    from sae.artifact import ModelFolderError, export_model, resolve_model_key
+    from sae.store.keys import default_model_path
 
     try:
         sae_store.open_store(store)

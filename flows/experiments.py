@@ -27,7 +27,6 @@ published figures in brackets, `sae.report.noise_table_markdown`) and a plot
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -35,20 +34,16 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.context import FlowRunContext
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.classify import brief, submit_classification
+from flows.classify import submit_classification
 from flows.graph import graph_task, preprocess_task
 from flows.train import train_task
 from sae.config import ClassifyConfig, GraphConfig, PipelineConfig, PreprocessConfig, TrainConfig
-from sae.report import PUBLISHED_NOISE_TABLE, inline_images, noise_table_markdown, plot_noise_experiment, report_folder
+from sae.report import PUBLISHED_NOISE_TABLE, inline_images, noise_table_markdown, plot_noise_experiment
+from sae.stages.results import brief
+from sae.store.keys import MODEL, PREPROCESS, experiment_paths, experiment_tag, group_name, parse_source
 
 COLUMNS = ("baseline", "lambda_g_off", "lambda_g_on")
 """Feature sets of the table, named as `sae.report.PUBLISHED_NOISE_TABLE`."""
-
-
-def experiment_paths(store: str, tag: str) -> tuple[Path, Path]:
-    """Markdown and PNG of a noise experiment, in ``<store>-reports/`` beside the store."""
-    folder = report_folder(store)
-    return folder / f"noise-{tag}.md", folder / f"noise-{tag}.png"
 
 
 @flow(name="noise-experiment", task_runner=ThreadPoolTaskRunner(max_workers=2))
@@ -92,18 +87,19 @@ def noise_experiment_flow(
                 train.model_copy(update={"model": train.model.model_copy(update={"lambda_g": float(lambda_g)})}),
             ),
         }
-        features = {"baseline": f"preprocess/{pre['key']}"}
-        features.update({name: f"model/{future.result()['key']}" for name, future in models.items()})
+        features = {"baseline": group_name(PREPROCESS, pre["key"])}
+        features.update({name: group_name(MODEL, future.result()["key"]) for name, future in models.items()})
         key, reused, summaries = submit_classification(store, pre["key"], features, classify)
         table[float(noise_std)] = summaries
         keys[float(noise_std)] = {"preprocess": pre["key"], "graph": graph_out["key"], "results": key,
-                                  **{name: source.split("/")[1] for name, source in features.items() if name != "baseline"}}
+                                  **{name: parse_source(source)[1] for name, source in features.items()
+                                     if name != "baseline"}}
         log.info(
             "noise %g: %s%s", noise_std,
             ", ".join(f"{n} {100 * s['accuracy_mean']:.1f} ± {100 * s['accuracy_std']:.1f}" for n, s in summaries.items()),
             " (reused)" if reused else "",
         )
-    tag = "-".join(keys[float(s)]["results"] for s in noise_stds)[:64]
+    tag = experiment_tag([keys[float(s)]["results"] for s in noise_stds])
     markdown_path, png_path = experiment_paths(store, tag)
     # The thesis's figures were measured with its own (leaky) protocol on GTZAN: shown beside that protocol only.
     published = PUBLISHED_NOISE_TABLE if classify.protocol == "thesis" else None

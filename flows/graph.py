@@ -37,8 +37,9 @@ from flows._dask import cluster_client
 from flows._progress import Progress
 from flows._runs import run_namer
 from sae.config import GraphConfig, PreprocessConfig
-from sae.graph import graph_key, run_graph
-from sae.preprocess import preprocess_key, run_preprocess
+from sae.graph import run_graph
+from sae.preprocess import run_preprocess
+from sae.store.keys import graph_key, preprocess_key
 
 
 @contextmanager

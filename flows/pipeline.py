@@ -27,13 +27,15 @@ stage flow runs with ``prefect_dask.DaskTaskRunner(address=...)``::
                                            cluster="tcp://127.0.0.1:8786"))
     print(summary["table"])
 
-The ``run_*_stage`` functions run one stage (with the same skipping) outside or
-inside a flow; the ``sae`` command calls them, and `stage_flow` runs one of them
-as a flow (the per-stage deployments of ``deploy/prefect.yaml``).
+The ``run_*_stage`` functions run one stage (with the same skipping: the plain
+stage functions of `sae.stages`, given the stage's flow to run) outside or inside
+a flow; the ``sae`` command calls them, and `stage_flow` runs one of them as a
+flow (the per-stage deployments of ``deploy/prefect.yaml``).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -46,17 +48,15 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from flows._runs import run_namer, stage_tags
 from sae import store as sae_store
-from sae.config import IngestConfig, PipelineConfig
+from sae.config import PipelineConfig
 from sae.report import inline_images
+from sae.stages import classify_stage, export_stage, graph_stage, ingest_stage, train_stage
+from sae.stages.inputs import require_frames
+from sae.stages.train import model_complete, train_inputs
+from sae.store.keys import stage_keys
 
 DASK_ADDRESS_VARIABLE = "SAE_DASK_ADDRESS"
 """Environment variable naming the Dask scheduler when ``config.cluster`` is None."""
-
-INGEST_STAGE = "ingest"
-"""Stage group recording a complete ingestion (its configuration and clip counts)."""
-
-STAGES = ("ingest", "graph", "train", "classify")
-"""The stages, in order."""
 
 _library_logger = logging.getLogger(__name__)
 
@@ -196,132 +196,20 @@ def preflight(stage: str, config: PipelineConfig) -> None:
         raise PreflightError(str(error)) from None
     keys = stage_keys(config)
     try:
-        _require_frames(config)
+        require_frames(store)
         if stage in ("train", "classify"):
-            _require(store, "preprocess", keys["preprocess"], "graph")
-            if config.train.model.lambda_g > 0:
-                _require(store, "graph", keys["graph"], "graph")
+            train_inputs(config)
         if stage == "classify" and not model_complete(store, keys["model"], config.train.model.max_outer):
             raise RuntimeError(f"store {store!r} has no complete model/{keys['model']}: run the train stage first")
     except RuntimeError as error:
         raise PreflightError(str(error)) from None
 
 
-# --------------------------------------------------------------------------- stage keys and completeness
-
-
-def ingest_key(config: IngestConfig) -> str:
-    """Key of ``ingest/<key>``: what the frames depend on (data, CQT, chunking, built-in dataset).
-
-    >>> ingest_key(IngestConfig(strict=True)) == ingest_key(IngestConfig(retries=0))
-    True
-    """
-    return config.model_copy(update={"store": "", "strict": False, "retries": 0, "overwrite": False}).fingerprint()
-
-
-def stage_keys(config: PipelineConfig) -> dict[str, str]:
-    """The store keys of every stage's result for ``config`` (no store needed).
-
-    Returns
-    -------
-    dict
-        ``ingest``, ``preprocess``, ``graph``, ``model`` and ``results``.
-    """
-    from flows.classify import results_key
-    from sae.distributed import model_key
-    from sae.graph import graph_key
-    from sae.preprocess import preprocess_key
-
-    pre = preprocess_key(config.preprocess)
-    graph = graph_key(pre, config.graph)
-    model = model_key(config.train, pre, graph if config.train.model.lambda_g > 0 else None)
-    return {
-        "ingest": ingest_key(config.ingest),
-        "preprocess": pre,
-        "graph": graph,
-        "model": model,
-        "results": results_key(pre, feature_sources(pre, model), config.classify),
-    }
-
-
-def feature_sources(preprocess_key: str, model_key: str) -> dict[str, str]:
-    """The feature sets classified: the scaled CQT frames (baseline) and the codes of the model."""
-    return {"baseline": f"preprocess/{preprocess_key}", "sae": f"model/{model_key}"}
-
-
-def _store_exists(store: str) -> bool:
-    return Path(store).exists()
-
-
-def ingest_complete(config: IngestConfig) -> bool:
-    """Whether the store holds a complete ingestion for this configuration (no clip pending)."""
-    if not _store_exists(config.store) or not sae_store.is_complete(config.store, INGEST_STAGE, ingest_key(config)):
-        return False
-    status = sae_store.clip_table(sae_store.open_store(config.store))["status"]
-    return not bool((status == "pending").any())
-
-
-def model_complete(store: str, key: str, max_outer: int) -> bool:
-    """Whether ``model/<key>`` is complete: converged (rtol), or trained for at least ``max_outer`` iterations."""
-    from sae.distributed import read_checkpoint
-
-    if not sae_store.is_complete(store, "model", key):
-        return False
-    try:
-        state = read_checkpoint(sae_store.stage_group(store, "model", key, mode="r"))
-    except sae_store.StoreDamaged:
-        return False
-    return state is not None and (state["stop_reason"] == "rtol" or state["iteration"] >= max_outer)
-
-
-def _named(clip_ids: list[str], limit: int = 10) -> str:
-    shown = ", ".join(clip_ids[:limit])
-    return shown + (f" and {len(clip_ids) - limit} more" if len(clip_ids) > limit else "")
-
-
-def repair_frames(store: str) -> dict[str, str]:
-    """Find the ok clips of ``store`` whose frames are missing or damaged and queue them for re-ingestion.
-
-    Returns
-    -------
-    dict
-        clip_id -> what was found (empty when the frames are intact).
-    """
-    root = sae_store.open_store(store, mode="r+")
-    problems = sae_store.frames_problems(root)
-    if not problems:
-        return {}
-    clip_ids = sae_store.clip_table(root)["clip_id"]
-    found = {str(clip_ids[i]): reason for i, reason in sorted(problems.items())}
-    _logger().warning("store %s: the frames of %d clip(s) are missing or damaged (%s): %s; they are ingested "
-                      "again", store, len(found), next(iter(found.values())), _named(list(found)))
-    sae_store.mark_damaged(root, problems)
-    return found
-
-
-def check_ingestion(summary: dict[str, Any], strict: bool) -> None:
-    """Report the labels without valid audio; with ``strict``, fail if any clip of the clip table is in error."""
-    log = _logger()
-    for label in summary.get("empty_labels", []):
-        log.warning("label %r has no valid audio file: it is not a label of this dataset (not counted among the "
-                    "labels, the chance level or the folds)", label)
-    if strict and summary["counts"]["error"]:
-        kinds = sorted({error["kind"] for error in summary["errors"]})
-        raise RuntimeError(
-            f"strict ingestion: {summary['counts']['error']} clip(s) in error (kinds: {', '.join(kinds)}): "
-            f"{_named([error['clip_id'] for error in summary['errors']])}; see `sae verify --store {summary['store']}`"
-        )
-
-
 # --------------------------------------------------------------------------- the stages
 
 
 def run_ingest_stage(config: PipelineConfig, address: str | None = None) -> dict[str, Any]:
-    """Ingestion, skipped when complete; with ``config.force`` the store is created anew.
-
-    Clips whose frames are missing or damaged in the store are ingested again
-    first (`repair_frames`); ``ingest.strict`` judges the clip table as it
-    stands, whether or not ingestion ran.
+    """`sae.stages.ingest_stage`, the ingestion running as `flows.ingest.ingest_flow` (on ``address``'s Dask if any).
 
     Returns
     -------
@@ -331,67 +219,25 @@ def run_ingest_stage(config: PipelineConfig, address: str | None = None) -> dict
     """
     from flows.ingest import ingest_flow
 
-    log = _logger()
-    ingest = config.ingest.model_copy(update={"overwrite": config.ingest.overwrite or config.force})
-    key = ingest_key(ingest)
-    with sae_store.store_lock(ingest.store):
-        repaired = repair_frames(ingest.store) if not ingest.overwrite and _store_exists(ingest.store) else {}
-        skipped = not ingest.overwrite and ingest_complete(ingest)
-        if skipped:
-            summary = sae_store.ingest_summary(sae_store.open_store(ingest.store))
-            log.info("ingest: %s holds every clip (%s): skipped", ingest.store, summary["counts"])
-        else:
-            summary = _run_stage_flow("ingest", ingest_flow, address, config=ingest)
-            group = sae_store.stage_group(ingest.store, INGEST_STAGE, key, config=ingest.model_dump(mode="json"),
-                                          mode="w")
-            group.attrs.update({"counts": summary["counts"]})
-            sae_store.mark_complete(group)
-    check_ingestion(summary, ingest.strict)
-    return {"skipped": skipped, "key": key, "repaired": repaired, **summary}
+    return ingest_stage(config, functools.partial(_run_stage_flow, "ingest", ingest_flow, address), log=_logger())
 
 
 def run_graph_stage(config: PipelineConfig, address: str | None = None) -> dict[str, Any]:
-    """Preprocessing and graph, skipped when both are complete and current; returns their keys and ``skipped``."""
+    """`sae.stages.graph_stage`, running `flows.graph.graph_flow`; returns the keys and ``skipped``."""
     from flows.graph import graph_flow
-    from sae.preprocess import preprocess_current
 
-    log = _logger()
-    store, keys = config.ingest.store, stage_keys(config)
-    with sae_store.store_lock(store):
-        _require_frames(config)
-        if preprocess_current(store, config.preprocess) and sae_store.is_complete(store, "graph", keys["graph"]):
-            log.info("graph: preprocess/%s and graph/%s are complete: skipped", keys["preprocess"], keys["graph"])
-            return {"skipped": True, "preprocess": {"key": keys["preprocess"]}, "graph": {"key": keys["graph"]}}
-        out = _run_stage_flow("graph", graph_flow, address, store=store, preprocess=config.preprocess,
-                              graph=config.graph)
-    return {"skipped": False, **out}
+    return graph_stage(config, functools.partial(_run_stage_flow, "graph", graph_flow, address), log=_logger())
 
 
 def run_train_stage(config: PipelineConfig, address: str | None = None) -> dict[str, Any]:
-    """Training, skipped when ``model/<key>`` is complete for this ``max_outer``."""
+    """`sae.stages.train_stage`, running `flows.train.train_flow`: skipped when ``model/<key>`` is complete."""
     from flows.train import train_flow
 
-    log = _logger()
-    store, keys = config.ingest.store, stage_keys(config)
-    with sae_store.store_lock(store):
-        _require(store, "preprocess", keys["preprocess"], "graph")
-        graph = keys["graph"] if config.train.model.lambda_g > 0 else None
-        if graph is not None:
-            _require(store, "graph", graph, "graph")
-        if model_complete(store, keys["model"], config.train.model.max_outer):
-            log.info("train: model/%s is complete: skipped", keys["model"])
-            return {"skipped": True, "key": keys["model"]}
-        out = _run_stage_flow("train", train_flow, address, store=store, preprocess_key=keys["preprocess"],
-                              train=config.train, graph_key=graph)
-    return {**out, "skipped": False}
+    return train_stage(config, functools.partial(_run_stage_flow, "train", train_flow, address), log=_logger())
 
 
 def run_classify_stage(config: PipelineConfig, address: str | None = None) -> dict[str, Any]:
-    """Classification of the baseline and the codes, skipped when ``results/<key>`` is current and its report exists.
-
-    Results are current when their inputs are unchanged: a model trained
-    further under the same key (a larger ``max_outer``) makes them stale, and
-    they are computed again.
+    """`sae.stages.classify_stage`, running `flows.classify.classify_flow`: skipped when current, report there.
 
     Returns
     -------
@@ -399,69 +245,15 @@ def run_classify_stage(config: PipelineConfig, address: str | None = None) -> di
         ``skipped``, ``key``, ``results`` (feature set -> accuracy_mean,
         accuracy_std, chance, n_scores), ``markdown`` and ``png`` (paths).
     """
-    from flows.classify import brief, classify_flow, read_summaries, report_paths, results_current
+    from flows.classify import classify_flow
 
-    log = _logger()
-    store, keys = config.ingest.store, stage_keys(config)
-    with sae_store.store_lock(store):
-        _require(store, "preprocess", keys["preprocess"], "graph")
-        if not model_complete(store, keys["model"], config.train.model.max_outer):
-            raise RuntimeError(f"store {store!r} has no complete model/{keys['model']}: run the train stage first")
-        markdown, png = report_paths(store, keys["results"])
-        if results_current(store, keys["results"]) and markdown.exists() and png.exists():
-            summaries = read_summaries(store, keys["results"])
-            log.info("classify: results/%s is complete: skipped", keys["results"])
-            return {"skipped": True, "store": store, "key": keys["results"], "results": brief(summaries),
-                    "markdown": str(markdown), "png": str(png)}
-        out = _run_stage_flow(
-            "classify", classify_flow, address, store=store, preprocess_key=keys["preprocess"],
-            features=feature_sources(keys["preprocess"], keys["model"]), config=config.classify,
-        )
-    return {**out, "skipped": False}
+    return classify_stage(config, functools.partial(_run_stage_flow, "classify", classify_flow, address),
+                          log=_logger())
 
 
 def run_export_stage(config: PipelineConfig) -> dict[str, Any]:
-    """The trained model as a model folder, ``<store>-models/<model key>`` (`sae.artifact.export_model`).
-
-    Skipped when the folder is intact and was exported from the same model and
-    classification (their versions in the store); exported again otherwise.
-
-    Returns
-    -------
-    dict
-        ``skipped`` and ``path``.
-    """
-    from sae.artifact import default_model_path, export_model, exported_source
-
-    store, keys = config.ingest.store, stage_keys(config)
-    path = default_model_path(store, keys["model"])
-    root = sae_store.open_store(store)
-    current = {
-        "model_key": keys["model"],
-        "model_version": sae_store.stage_group(root, "model", keys["model"], mode="r").attrs.get("version"),
-        "results_key": keys["results"],
-        "results_version": sae_store.stage_group(root, "results", keys["results"], mode="r").attrs.get("version"),
-    }
-    source = exported_source(path) or {}
-    if all(source.get(name) == value for name, value in current.items()):
-        _logger().info("export: %s is the model of model/%s and results/%s: skipped", path, keys["model"],
-                       keys["results"])
-        return {"skipped": True, "path": str(path)}
-    export_model(store, path, model_key=keys["model"], results_key=keys["results"], overwrite=True)
-    _logger().info("export: model/%s -> %s", keys["model"], path)
-    return {"skipped": False, "path": str(path)}
-
-
-def _require_frames(config: PipelineConfig) -> None:
-    store = config.ingest.store
-    status = sae_store.clip_table(sae_store.open_store(store))["status"] if _store_exists(store) else None
-    if status is None or (status == "pending").any() or not (status == "ok").any():
-        raise RuntimeError(f"store {store!r} holds no complete ingestion: run the ingest stage first")
-
-
-def _require(store: str, stage: str, key: str, producer: str) -> None:
-    if not _store_exists(store) or not sae_store.is_complete(store, stage, key):
-        raise RuntimeError(f"store {store!r} has no complete {stage}/{key}: run the {producer} stage first")
+    """`sae.stages.export_stage`: the model folder ``<store>-models/<model key>``, logged in the flow run."""
+    return export_stage(config, log=_logger())
 
 
 # --------------------------------------------------------------------------- the flow

@@ -2,7 +2,7 @@
 
 `sweep_flow` runs the pipeline for every point of the grid of
 `sae.sweep.sweep_points`, each stage **once per distinct configuration**: the
-points' stage keys (`flows.pipeline.stage_keys`) are grouped, so
+points' stage keys (`sae.store.keys.stage_keys`) are grouped, so
 
 1. the ingestion (the CQT of every clip) runs once, as in ``sae run``;
 2. ``preprocess`` and ``graph`` tasks (`flows.graph`) run once per distinct
@@ -49,40 +49,24 @@ from prefect.context import FlowRunContext
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows._runs import run_namer, stage_tags
-from flows.classify import brief, submit_classification
+from flows.classify import submit_classification
 from flows.graph import graph_task, preprocess_task
 from flows.pipeline import (
     check_frames,
     dask_address,
-    feature_sources,
     make_task_runner,
     resolve_paths,
     run_ingest_stage,
     show_library_logs,
-    stage_keys,
 )
 from flows.train import train_task
 from sae import store as sae_store
 from sae.config import PipelineConfig
 from sae.distributed import open_model
-from sae.report import inline_images, plot_atoms, plot_convergence, plot_sweep_metrics, report_folder
-from sae.sweep import point_row, resolve_parameter, sweep_key, sweep_points, write_csv
-
-STAGE = "sweep"
-"""Stage group of sweep results in a store: ``sweep/<key>`` with the attribute ``rows``."""
-
-
-def sweep_paths(store: str, key: str) -> dict[str, Path]:
-    """Where a sweep's files go: ``<store>-reports/sweep-<key>{.csv,.md,-metrics.png,-atoms.png,-convergence.png}``."""
-    folder = report_folder(store)
-    stem = f"sweep-{key}"
-    return {
-        "csv": folder / f"{stem}.csv",
-        "markdown": folder / f"{stem}.md",
-        "metrics_png": folder / f"{stem}-metrics.png",
-        "atoms_png": folder / f"{stem}-atoms.png",
-        "convergence_png": folder / f"{stem}-convergence.png",
-    }
+from sae.report import inline_images, plot_atoms, plot_convergence, plot_sweep_metrics
+from sae.stages.results import brief
+from sae.store.keys import SWEEP, feature_sources, stage_keys, sweep_key, sweep_paths
+from sae.sweep import point_row, resolve_parameter, sweep_grid, sweep_points, write_csv
 
 
 def summary_rows(rows: list[dict[str, Any]], parameters: list[str]) -> list[dict[str, Any]]:
@@ -244,7 +228,7 @@ def sweep_flow(
     points = sweep_points(config, parameters)
     if parallel is not None and parallel < 1:
         raise ValueError(f"parallel must be >= 1, got {parallel!r}")
-    key = sweep_key(config, parameters)
+    key = sweep_key(config, sweep_grid(parameters))
     paths = list(points[0].values)
     store = config.ingest.store
     log.info("sweep %s: %d points over %s, on %s", key, len(points), ", ".join(paths), address or "local threads")
@@ -326,7 +310,7 @@ def _write_outputs(
     )
     files["markdown"].write_text(markdown)
     group = sae_store.stage_group(
-        store, STAGE, key, mode="w",
+        store, SWEEP, key, mode="w",
         config={"base": config.model_dump(mode="json", exclude={"cluster", "force"}),
                 "parameters": {p: list(values) for p, values in parameters.items()}},
     )

@@ -29,7 +29,6 @@ an in-process ``distributed.LocalCluster`` of threads::
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -42,8 +41,9 @@ from flows._dask import dask_client
 from flows._progress import Progress
 from flows._runs import run_namer
 from sae.config import TrainConfig
-from sae.distributed import model_key, open_model, train_model
-from sae.report import history_markdown, inline_images, plot_atoms, plot_convergence, report_folder
+from sae.distributed import open_model, train_model
+from sae.report import history_markdown, inline_images, plot_atoms, plot_convergence
+from sae.store.keys import model_key, model_report_paths
 
 
 def _log_record(logger: Any, record: dict[str, Any]) -> None:
@@ -83,13 +83,6 @@ def train_task(store: str, preprocess_key: str, graph_key: str | None, train: Tr
     else:
         progress.finish(f"objective {out['objective']:.4g}, stopped: {out['stop_reason']}")
     return out
-
-
-def model_report_paths(store: str, key: str) -> dict[str, Path]:
-    """The report of ``model/<key>`` beside the store: ``model-<key>.md``, ``-convergence.png``, ``-atoms.png``."""
-    folder = report_folder(store)
-    return {"markdown": folder / f"model-{key}.md", "convergence_png": folder / f"model-{key}-convergence.png",
-            "atoms_png": folder / f"model-{key}-atoms.png"}
 
 
 def publish_model(store: str, key: str) -> dict[str, str]:

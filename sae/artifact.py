@@ -66,7 +66,6 @@ __all__ = [
     "classifier_types",
     "model_keys",
     "resolve_model_key",
-    "default_model_path",
     "exported_source",
 ]
 
@@ -286,9 +285,10 @@ def cached_model(path: str | os.PathLike) -> TrainedModel:
 def model_keys(store: str | os.PathLike) -> list[str]:
     """Keys of the complete trained models of a store (``model/<key>``)."""
     from sae import store as sae_store
+    from sae.store.keys import MODEL
 
     root = sae_store.open_store(store)
-    return [key for key in sae_store.stages(root).get("model", []) if sae_store.is_complete(root, "model", key)]
+    return [key for key in sae_store.stages(root).get(MODEL, []) if sae_store.is_complete(root, MODEL, key)]
 
 
 def resolve_model_key(store: str | os.PathLike, model_key: str | None = None) -> str:
@@ -310,11 +310,6 @@ def resolve_model_key(store: str | os.PathLike, model_key: str | None = None) ->
     return model_key
 
 
-def default_model_path(store: str | os.PathLike, model_key: str) -> Path:
-    """Where the pipeline exports ``model/<key>`` of a store: ``<store>-models/<key>`` beside it."""
-    return Path(f"{str(store).rstrip('/')}-models") / model_key
-
-
 def _results_for(root: Any, model_key: str, results_key: str | None) -> tuple[str | None, dict | None]:
     """The complete ``results/<key>`` that classified ``model/<model_key>``: the one named, else the latest.
 
@@ -323,17 +318,18 @@ def _results_for(root: Any, model_key: str, results_key: str | None) -> tuple[st
     ``features``: feature set -> results key) is preferred, for its summaries.
     """
     from sae import store as sae_store
+    from sae.store.keys import MODEL, RESULTS
 
     if results_key is not None:
-        if not sae_store.is_complete(root, "results", results_key):
+        if not sae_store.is_complete(root, RESULTS, results_key):
             raise ModelFolderError(f"the store has no complete results/{results_key}")
-        return results_key, dict(sae_store.stage_group(root, "results", results_key, mode="r").attrs)
+        return results_key, dict(sae_store.stage_group(root, RESULTS, results_key, mode="r").attrs)
     complete = {}
-    for key in sae_store.stages(root).get("results", []):
-        if sae_store.is_complete(root, "results", key):
-            complete[key] = dict(sae_store.stage_group(root, "results", key, mode="r").attrs)
+    for key in sae_store.stages(root).get(RESULTS, []):
+        if sae_store.is_complete(root, RESULTS, key):
+            complete[key] = dict(sae_store.stage_group(root, RESULTS, key, mode="r").attrs)
     own = {key for key, attrs in complete.items()
-           if str((attrs.get("config") or {}).get("source", "")).split("/")[:2] == ["model", model_key]}
+           if str((attrs.get("config") or {}).get("source", "")).split("/")[:2] == [MODEL, model_key]}
     tables = [key for key, attrs in complete.items()
               if own & set(((attrs.get("config") or {}).get("features") or {}).values())]
     found = tables or sorted(own)
@@ -420,13 +416,14 @@ def export_model(
     from sae.graph import degree_vector
     from sae.pooling import aggregate_config
     from sae.preprocess import open_preprocessed
+    from sae.store.keys import GRAPH, MODEL
 
     out = Path(out)
     if out.exists() and not overwrite:
         raise ModelFolderError(f"{str(out)!r} already exists: choose another --out or pass --force to replace it")
     root = sae_store.open_store(store)
     model_key = resolve_model_key(store, model_key)
-    group = sae_store.stage_group(root, "model", model_key, mode="r")
+    group = sae_store.stage_group(root, MODEL, model_key, mode="r")
     state = open_model(root, model_key)
     train, model = _trained_config(group, state)
     preprocess_key, graph_key = group.attrs["config"]["preprocess"], group.attrs["config"]["graph"]
@@ -451,7 +448,7 @@ def export_model(
                               "components": state["components"], "encoder": state["encoder"]}
     graph_config, sigma = None, None
     if graph and model.lambda_g > 0 and graph_key is not None:
-        group_graph = sae_store.stage_group(root, "graph", graph_key, mode="r")
+        group_graph = sae_store.stage_group(root, GRAPH, graph_key, mode="r")
         graph_config = GraphConfig.model_validate(group_graph.attrs["config"])
         sigma = float(group_graph.attrs["sigma"])
         arrays.update(train_frames=pre["X"][:], train_codes=state["codes"][:],

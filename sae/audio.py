@@ -364,11 +364,11 @@ def prepare_ingest(config: IngestConfig) -> str:
         The store path.
     """
     from sae import datasets as _datasets
+    from sae.store.keys import builtin_data_folder
 
     store = Path(config.store)
     if config.data is None:
-        root = store.parent / f"{store.name.removesuffix('.zarr')}-data"
-        clips = _datasets.make_builtin_dataset(root, config.dataset)
+        clips = _datasets.make_builtin_dataset(builtin_data_folder(store), config.dataset)
     else:
         clips = _datasets.resolve_clips(config.data)
     return create_or_resume_store(store, config.cqt, clips, config.chunk_clips, overwrite=config.overwrite)

@@ -3,7 +3,7 @@
 The collection's store is an ordinary store (`sae.store`: ``frames``, the clip
 table, chunks of ``chunk_clips`` clips) made from the model's CQT
 configuration, plus one stage group ``encode/<key>`` per model and encoding
-method (``key``: `encode_key`)::
+method (``key``: `sae.store.keys.encode_key`)::
 
     encode/<key>/
       codes         float32 (n_clips * n_rows, n_atoms)  rows [i n_rows, (i+1) n_rows) of clip i
@@ -26,7 +26,6 @@ an interrupted run resumes.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -34,18 +33,10 @@ from typing import Any
 import numpy as np
 
 from sae import store as sae_store
+from sae.store.keys import ENCODE, encode_key, prediction_paths
 
-STAGE = "encode"
-"""Stage name of the encoded collection in its store."""
-
-__all__ = ["STAGE", "encode_key", "prepare_encoding", "pending_chunks", "encode_chunk", "record_chunk",
+__all__ = ["prepare_encoding", "pending_chunks", "encode_chunk", "record_chunk",
            "finish_encoding", "predictions", "write_predictions"]
-
-
-def encode_key(model: Any, method: str) -> str:
-    """Key of ``encode/<key>``: a fingerprint of the model folder's manifest and the method."""
-    blob = json.dumps({"model": model.info["digest"], "method": method}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 def prepare_encoding(out: str, model: Any, method: str) -> str:
@@ -53,9 +44,9 @@ def prepare_encoding(out: str, model: Any, method: str) -> str:
     root = sae_store.open_store(out, mode="r+")
     key = encode_key(model, method)
     config = {"model": model.info["digest"], "method": method}
-    if key in sae_store.stages(root).get(STAGE, []):
+    if key in sae_store.stages(root).get(ENCODE, []):
         return key
-    group = sae_store.stage_group(root, STAGE, key, config=config, mode="w")
+    group = sae_store.stage_group(root, ENCODE, key, config=config, mode="w")
     n_clips, chunk_clips = int(root.attrs["n_clips"]), int(root.attrs["chunk_clips"])
     n_rows, m = model.n_rows, model.model.n_atoms
     n_vectors, width = model.vectors(np.zeros((n_rows, m)), 1).shape  # width: n_atoms x the pooling statistics
@@ -78,7 +69,7 @@ def pending_chunks(out: str, key: str) -> list[tuple[int, list[int]]]:
     """The work of a run: ``(chunk, clips not ok)`` for every chunk not encoded yet or with clips not ok
     (clips in error are tried again, as ingestion does)."""
     root = sae_store.open_store(out)
-    done = set(sae_store.stage_group(root, STAGE, key, mode="r").attrs["encoded_chunks"])
+    done = set(sae_store.stage_group(root, ENCODE, key, mode="r").attrs["encoded_chunks"])
     todo = dict(sae_store.pending_batches(root))
     return [(chunk, todo.get(chunk, [])) for chunk in range(sae_store.n_chunks(root)) if chunk in todo or chunk not in done]
 
@@ -91,7 +82,7 @@ def encode_chunk(out: str, key: str, chunk_index: int, model: Any, records: list
     number of clips encoded.
     """
     root = sae_store.open_store(out, mode="r+")
-    group = sae_store.stage_group(root, STAGE, key, mode="r")
+    group = sae_store.stage_group(root, ENCODE, key, mode="r")
     method, n_rows = group.attrs["method"], int(group.attrs["n_rows"])
     clips = sae_store.chunk_clips_range(root, chunk_index)
     status = {i: str(s) for i, s in zip(clips, sae_store.clip_table(root)["status"][clips.start : clips.stop])}
@@ -124,14 +115,14 @@ def record_chunk(out: str, key: str, chunk_index: int, records: list[dict[str, A
     """The run's process records a batch: its clips' outcomes in the clip table, its chunk as encoded."""
     root = sae_store.open_store(out, mode="r+")
     sae_store.update_clips(root, records)
-    group = sae_store.stage_group(root, STAGE, key, mode="a")
+    group = sae_store.stage_group(root, ENCODE, key, mode="a")
     group.attrs["encoded_chunks"] = sorted({*group.attrs["encoded_chunks"], int(chunk_index)})
 
 
 def finish_encoding(out: str, key: str) -> bool:
     """Mark ``encode/<key>`` complete when every chunk is encoded and no clip is pending; returns whether it is."""
     root = sae_store.open_store(out, mode="r+")
-    group = sae_store.stage_group(root, STAGE, key, mode="a")
+    group = sae_store.stage_group(root, ENCODE, key, mode="a")
     status = sae_store.clip_table(root)["status"]
     if len(group.attrs["encoded_chunks"]) < sae_store.n_chunks(root) or (status == "pending").any():
         return False
@@ -143,7 +134,7 @@ def predictions(out: str, key: str) -> list[dict[str, Any]]:
     """One row per clip: ``clip_id``, ``path``, ``label`` (given), ``status``, ``predicted`` and ``score``
     (vote share), ``scores`` (class -> share, best first) when ok, ``error_kind`` and ``error`` otherwise."""
     root = sae_store.open_store(out)
-    group = sae_store.stage_group(root, STAGE, key, mode="r")
+    group = sae_store.stage_group(root, ENCODE, key, mode="r")
     table = sae_store.clip_table(root)
     classes = list(group.attrs["classes"])
     scores, label_index = group["scores"][:], group["label_index"][:]
@@ -163,9 +154,8 @@ def predictions(out: str, key: str) -> list[dict[str, Any]]:
 
 def write_predictions(out: str, key: str, rows: list[dict[str, Any]], *, top: int = 3) -> tuple[Path, Path, str]:
     """The predictions as a CSV and a markdown table in ``<store>-reports/``; returns both paths and the markdown."""
-    folder = Path(f"{str(out).rstrip('/')}-reports")
-    folder.mkdir(parents=True, exist_ok=True)
-    csv_path, markdown_path = folder / f"predict-{key}.csv", folder / f"predict-{key}.md"
+    csv_path, markdown_path = prediction_paths(out, key)
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
     with open(csv_path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["clip_id", "path", "label", "status", "predicted", "score", "scores", "error_kind", "error"])

@@ -314,14 +314,6 @@ def laplacian_from_neighbors(
 
 # --------------------------------------------------------------------------- the graph stage in a store
 
-STAGE = "graph"
-"""Stage name of the graphs in a store."""
-
-
-def graph_key(preprocess_key: str, config: Any) -> str:
-    """Stage group key of a graph: ``<preprocess key>-<GraphConfig fingerprint>``."""
-    return f"{preprocess_key}-{config.fingerprint()}"
-
 
 def run_graph(
     store_path: Any,
@@ -338,7 +330,7 @@ def run_graph(
     `sae.config.GraphConfig`), measures recall@K of an approximate search
     ("approximate" or "faiss") against exact search on ``config.recall_sample`` random frames, builds W
     and L (`adjacency_matrix`, `laplacian_matrix`) and writes, in the stage
-    group ``graph/<graph_key(preprocess_key, config)>``:
+    group ``graph/<key>`` (`sae.store.keys.graph_key`):
 
     - ``laplacian`` and ``adjacency``: CSR (N, N) float32 (`sae.store.write_sparse`);
     - ``indices`` int32 (N, K) and ``distances`` float32 (N, K): the neighbour lists;
@@ -361,12 +353,13 @@ def run_graph(
 
     from sae import store
     from sae.knn import nearest_neighbors, sample_recall
+    from sae.store.keys import GRAPH, PREPROCESS, graph_key
     from sae.preprocess import preprocessed_frames
 
     key = graph_key(preprocess_key, config)
     root = store.open_store(store_path, mode="r+")
-    if store.is_complete(root, STAGE, key) and not overwrite:
-        attrs = dict(store.stage_group(root, STAGE, key, mode="r").attrs)
+    if store.is_complete(root, GRAPH, key) and not overwrite:
+        attrs = dict(store.stage_group(root, GRAPH, key, mode="r").attrs)
         logger.info("graph %s: complete, skipped", key)
         return {"key": key, "skipped": True, **{name: attrs.get(name) for name in ("n_rows", "nnz", "recall", "recall_queries")}}
     X = preprocessed_frames(root, preprocess_key)
@@ -399,7 +392,7 @@ def run_graph(
         self_loops=config.self_loops, dtype=np.float64,
     )
     L = laplacian_matrix(W, laplacian=config.laplacian)
-    group = store.stage_group(root, STAGE, key, config=config, mode="w")
+    group = store.stage_group(root, GRAPH, key, config=config, mode="w")
     store.write_sparse(group, "laplacian", L)
     store.write_sparse(group, "adjacency", W.astype(np.float32))
     for name, values in (("indices", indices.astype(np.int32)), ("distances", distances.astype(np.float32))):
@@ -416,7 +409,7 @@ def run_graph(
         "knn_seconds": round(knn_seconds, 3),
     }
     group.attrs.update(info)
-    store.mark_complete(group, inputs=[store.stage_group(root, "preprocess", preprocess_key, mode="r")])
+    store.mark_complete(group, inputs=[store.stage_group(root, PREPROCESS, preprocess_key, mode="r")])
     logger.info("graph %s: N=%d, nnz(L)=%d, recall=%s, kNN %.1f s", key, info["n_rows"], info["nnz"], recall, knn_seconds)
     return {"key": key, "skipped": False, **{name: info[name] for name in ("n_rows", "nnz", "recall", "recall_queries")}}
 
@@ -424,7 +417,8 @@ def run_graph(
 def open_graph(store_path: Any, key: str) -> Any:
     """The complete stage group ``graph/<key>``; read L with ``sae.store.read_sparse(group, "laplacian")``."""
     from sae import store
+    from sae.store.keys import GRAPH
 
-    if not store.is_complete(store_path, STAGE, key):
+    if not store.is_complete(store_path, GRAPH, key):
         raise ValueError(f"the store has no complete graph for key {key!r}: run run_graph first")
-    return store.stage_group(store_path, STAGE, key, mode="r")
+    return store.stage_group(store_path, GRAPH, key, mode="r")

@@ -52,11 +52,9 @@ import numpy as np
 import zarr
 
 from sae.config import PreprocessConfig
+from sae.store.keys import PREPROCESS, preprocess_key
 
 logger = logging.getLogger(__name__)
-
-STAGE = "preprocess"
-"""Stage name of the preprocessed frames in a store."""
 
 NOISE_BLOCK_ROWS = 8192
 """Rows per noise block: the fixed unit from which the noise of a row is drawn."""
@@ -331,11 +329,6 @@ def transform_clips(frames: da.Array, config: PreprocessConfig, frames_per_clip:
 # --------------------------------------------------------------------------- the stage in a store
 
 
-def preprocess_key(config: PreprocessConfig) -> str:
-    """The stage group key of a configuration (its fingerprint)."""
-    return config.fingerprint()
-
-
 def select_rows(group: zarr.Group, config: PreprocessConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows of ``frames`` that a configuration keeps, with their clip and frame indices.
 
@@ -381,10 +374,10 @@ def preprocess_current(store_path: str | Path | zarr.Group, config: PreprocessCo
 
     root = store.open_store(store_path) if not isinstance(store_path, zarr.Group) else store_path
     key = preprocess_key(config)
-    if not store.is_complete(root, STAGE, key):
+    if not store.is_complete(root, PREPROCESS, key):
         return False
     _, clip_index, _ = select_rows(root, config)
-    return store.stage_group(root, STAGE, key, mode="r").attrs.get("version") == _version(root, key, clip_index)
+    return store.stage_group(root, PREPROCESS, key, mode="r").attrs.get("version") == _version(root, key, clip_index)
 
 
 def run_preprocess(
@@ -422,8 +415,8 @@ def run_preprocess(
     if rows.size == 0:
         raise ValueError(f"the configuration selects no frames (no ok clip with labels {config.labels})")
     version = _version(root, key, clip_index)
-    if store.is_complete(root, STAGE, key) and not overwrite:
-        out = store.stage_group(root, STAGE, key, mode="r")
+    if store.is_complete(root, PREPROCESS, key) and not overwrite:
+        out = store.stage_group(root, PREPROCESS, key, mode="r")
         if out.attrs.get("version") == version:
             logger.info("preprocess %s: complete, skipped", key)
             return {"key": key, "n_rows": int(out.attrs["n_rows"]), "n_bins": int(out.attrs["n_bins"]),
@@ -434,7 +427,7 @@ def run_preprocess(
     selected = transform_clips(frames[rows].rechunk((chunk_rows, -1)), config, kept)
     X, offset, scale = preprocess_frames(selected, config)
     n_rows, n_bins = X.shape
-    group = store.stage_group(root, STAGE, key, config=config, mode="w")
+    group = store.stage_group(root, PREPROCESS, key, config=config, mode="w")
     target = store.create_array(group, "X", shape=(n_rows, n_bins), chunks=(min(chunk_rows, n_rows), n_bins),
                                 dtype="float32", dimension_names=("frame", "bin"))
     da.store(X.rechunk((chunk_rows, -1)), target, lock=False)
@@ -458,9 +451,9 @@ def open_preprocessed(store_path: str | Path | zarr.Group, key: str) -> zarr.Gro
     """The complete stage group ``preprocess/<key>`` (arrays X, clip_index, frame_index, offset, scale)."""
     from sae import store
 
-    if not store.is_complete(store_path, STAGE, key):
+    if not store.is_complete(store_path, PREPROCESS, key):
         raise ValueError(f"the store has no complete preprocessed frames for key {key!r}: run run_preprocess first")
-    return store.stage_group(store_path, STAGE, key, mode="r")
+    return store.stage_group(store_path, PREPROCESS, key, mode="r")
 
 
 def preprocessed_frames(store_path: str | Path | zarr.Group, key: str) -> da.Array:

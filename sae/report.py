@@ -26,7 +26,6 @@ from typing import Any
 import numpy as np
 
 __all__ = [
-    "report_folder",
     "inline_images",
     "history_markdown",
     "PUBLISHED_NOISE_TABLE",
@@ -47,15 +46,6 @@ PUBLISHED_NOISE_TABLE: dict[float, dict[str, float]] = {
 }
 """The thesis's accuracies (%) by noise std: CQT baseline, lambda_g off, lambda_g = 100
 (5 genres x 100 clips x 149 frames, m = 128, lambda_z = 1, lambda_d = 10, K = 10)."""
-
-
-def report_folder(store: str | os.PathLike) -> Path:
-    """Where the reports of a store go: ``<store>-reports/`` beside it.
-
-    >>> report_folder("/data/gtzan.zarr/").as_posix()
-    '/data/gtzan.zarr-reports'
-    """
-    return Path(f"{os.fspath(store).rstrip('/')}-reports")
 
 
 _IMAGE_LINK = re.compile(r"!\[([^\]]*)\]\(([^)\s]+\.png)\)")

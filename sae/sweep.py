@@ -15,7 +15,7 @@ lists).  This module holds the plain parts, with no Prefect:
   trained model's history and its classification summary; `write_csv` writes
   the rows.
 
-The stages a point needs are found by their store keys (`flows.pipeline.stage_keys`),
+The stages a point needs are found by their store keys (`sae.store.keys.stage_keys`),
 so points sharing a stage's configuration share its result: a sweep over a
 model weight computes the CQT, the preprocessing and the graph once.
 
@@ -30,7 +30,6 @@ model weight computes the CQT, the preprocessing and the graph once.
 from __future__ import annotations
 
 import csv
-import hashlib
 import itertools
 import json
 import math
@@ -51,7 +50,7 @@ __all__ = [
     "resolve_parameter",
     "parse_values",
     "sweep_points",
-    "sweep_key",
+    "sweep_grid",
     "point_row",
     "write_csv",
 ]
@@ -221,13 +220,13 @@ def sweep_points(base: PipelineConfig, parameters: Mapping[str, Sequence[Any]]) 
     return points
 
 
-def sweep_key(base: PipelineConfig, parameters: Mapping[str, Sequence[Any]]) -> str:
-    """Key of ``sweep/<key>``: a fingerprint of the base configuration (but where it runs) and the grid."""
-    grid = {resolve_parameter(name): parse_values(values) for name, values in parameters.items()}
-    config = base.model_dump(mode="json", exclude={"cluster", "force"})
-    config["ingest"].pop("store", None)
-    blob = json.dumps({"base": config, "grid": grid}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+def sweep_grid(parameters: Mapping[str, Sequence[Any]]) -> dict[str, list[Any]]:
+    """The grid of a sweep: the dotted path of every parameter -> its values (`sae.store.keys.sweep_key` digests it).
+
+    >>> sweep_grid({"lambda_g": "0,100"})
+    {'train.model.lambda_g': [0, 100]}
+    """
+    return {resolve_parameter(name): parse_values(values) for name, values in parameters.items()}
 
 
 def point_row(

@@ -8,7 +8,7 @@ import pytest
 from prefect_dask import DaskTaskRunner
 
 from flows._dask import LOOPBACK
-from flows.classify import feature_key, parse_source, results_key, run_classify
+from flows.classify import run_classify
 from sae import store
 from sae.classify import cross_validate
 from sae.config import ClassifyConfig, CQTConfig, ModelConfig, PreprocessConfig, TrainConfig
@@ -16,6 +16,8 @@ from sae.distributed import open_model, train_model
 from sae.inductive import inductive_cross_validate
 from sae.pooling import aggregate_clips
 from sae.preprocess import open_preprocessed, run_preprocess
+from sae.stages.results import classify_sources, results_current
+from sae.store.keys import feature_key, parse_source, results_key
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -122,6 +124,22 @@ def test_flow_equals_in_memory_pipeline_and_is_reused(prepared):
         assert summaries["sae"]["grouping"] == "group" and summaries["sae"]["n_groups"] < np.unique(row_clips).size
     finally:
         store.update_groups(root, table["group"])  # the store is shared with the next tests
+
+
+@pytest.mark.slow
+def test_classify_sources_runs_in_process_without_a_flow(prepared):
+    """The plain stage function, its feature sets computed here (no Prefect task): the in-memory results."""
+    path, preprocess_key, model_key, codes = prepared
+    features = {"baseline": f"preprocess/{preprocess_key}", "sae": f"model/{model_key}"}
+    config = ClassifyConfig(n_windows=3, n_splits=2, n_repeats=1)
+    key, reused, summaries = classify_sources(path, preprocess_key, features, config)
+    assert key == results_key(preprocess_key, features, config) and not reused and results_current(path, key)
+    group = open_preprocessed(path, preprocess_key)
+    labels = store.clip_table(store.open_store(path))["label_index"]
+    for name, X in (("baseline", group["X"][:]), ("sae", codes)):
+        aggregated = aggregate_clips(X, group["clip_index"][:], clip_labels=labels, n_windows=3)
+        assert summaries[name]["accuracy_mean"] == cross_validate(aggregated, config)["accuracy_mean"]
+    assert classify_sources(path, preprocess_key, features, config) == (key, True, summaries)
 
 
 @pytest.mark.slow

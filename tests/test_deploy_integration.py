@@ -28,10 +28,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.pipeline import STAGES, stage_keys
 from sae import store as sae_store
 from sae.config import PipelineConfig
 from sae.preprocess import open_preprocessed
+from sae.stages import STAGES
+from sae.store.keys import stage_keys
 from sae.sweep import sweep_points
 
 REPOSITORY = Path(__file__).resolve().parents[1]

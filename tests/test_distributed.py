@@ -483,7 +483,7 @@ def test_a_block_iteration_is_the_same_with_the_previous_iterate_on_disk(lambda_
 
 def test_previous_iterates_on_disk_give_the_same_fit(thread_client, small):
     from sae.config import TrainConfig
-    from sae.distributed import model_key
+    from sae.store.keys import model_key
 
     X, L = small
     config = ModelConfig(n_atoms=8, lambda_g=5.0, lambda_e=1.0, max_outer=2, max_inner=10, random_state=0)

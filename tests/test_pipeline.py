@@ -7,19 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flows.pipeline import (
-    dask_address,
-    ingest_complete,
-    pipeline_flow,
-    resolve_paths,
-    run_ingest_stage,
-    stage_keys,
-)
+from flows.pipeline import dask_address, pipeline_flow, resolve_paths, run_ingest_stage
 from sae import load_model
 from sae import store as sae_store
 from sae.config import PipelineConfig
 from sae.distributed import open_model
 from sae.preprocess import open_preprocessed
+from sae.stages import ingest_complete
+from sae.store.keys import stage_keys
 
 N_GENRES, CLIPS_PER_GENRE = 3, 4
 

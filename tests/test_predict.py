@@ -20,7 +20,7 @@ import soundfile
 from typer.testing import CliRunner
 
 from flows.cli import USAGE_ERROR, app
-from flows.pipeline import pipeline_flow, resolve_paths, stage_keys
+from flows.pipeline import pipeline_flow, resolve_paths
 from sae import load_model
 from sae import store as sae_store
 from sae.artifact import MANIFEST, ModelFolderError, classifier_types
@@ -31,6 +31,7 @@ from sae.distributed import open_model
 from sae.model import encode_direct, solve_codes
 from sae.pooling import aggregate_clips, aggregate_options
 from sae.preprocess import open_preprocessed
+from sae.store.keys import stage_keys
 
 N_GENRES, CLIPS, SECONDS = 2, 10, 4.0
 SAMPLE_RATE = 22050

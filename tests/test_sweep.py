@@ -13,12 +13,13 @@ from matplotlib.image import imread
 from typer.testing import CliRunner
 
 from flows.cli import USAGE_ERROR, app
-from flows.pipeline import resolve_paths, stage_keys
+from flows.pipeline import resolve_paths
 from sae import store as sae_store
 from sae.config import ModelConfig, PipelineConfig
 from sae.distributed import open_model
 from sae.model import fit_sae
 from sae.report import plot_atoms, plot_convergence, plot_sweep_metrics
+from sae.store.keys import stage_keys
 from sae.sweep import ROW_COLUMNS, parse_values, point_row, resolve_parameter, sweep_points
 from test_pipeline import N_GENRES, tiny_config
 

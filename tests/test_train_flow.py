@@ -11,8 +11,9 @@ from distributed import Client, LocalCluster
 from flows._dask import LOOPBACK
 from sae import store
 from sae.config import CQTConfig, ModelConfig, TrainConfig
-from sae.distributed import model_key, open_model, train_model
+from sae.distributed import open_model, train_model
 from sae.model import fit_sae
+from sae.store.keys import model_key
 from tests.test_distributed import make_data
 
 

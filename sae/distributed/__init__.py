@@ -22,7 +22,8 @@ Modules, in the order they build on each other:
 - `checkpoints`: the checkpoint slots of a ``model/<key>`` group;
 - `trainer`: the outer loop's backend on a cluster (`ClusterBackend`),
   `fit_distributed`, the work-stealing pause;
-- `stage`: the training stage in a store (`train_model`, `model_key`, `open_model`).
+- `stage`: the training stage in a store (`train_model`, `open_model`; its key is
+  `sae.store.keys.model_key`).
 
 Measured (``bench/bench_train.py``, GTZAN scale: 1,288,000 x 96, m = 512,
 lambda_g = 100, 15 outer x 20 inner iterations, 2 single-threaded workers on
@@ -37,13 +38,11 @@ GEMM throughput), 8.2 GB summed peak RSS (two dense generations of iterates:
 
 from sae.distributed.blocks import LaplacianRef, block_bounds
 from sae.distributed.checkpoints import checkpoint_arrays, read_checkpoint
-from sae.distributed.stage import STAGE, model_key, open_model, train_model
+from sae.distributed.stage import open_model, train_model
 from sae.distributed.trainer import DistributedFit, fit_distributed
 from sae.distributed.zstep import Tuning
 
 __all__ = [
-    "STAGE",
-    "model_key",
     "train_model",
     "open_model",
     "LaplacianRef",

@@ -6,13 +6,12 @@ checkpointing into the stage group (:mod:`sae.distributed.checkpoints`) after
 every outer iteration; a rerun resumes from the last checkpoint (the key does
 not include ``max_outer``, so a run with a larger ``max_outer`` continues),
 and returns at once when the group is complete.  `open_model` reads a trained
-model back.
+model back.  The key and the configuration recorded in the group are
+`sae.store.keys.model_key` and `sae.store.keys.model_identity`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -24,35 +23,11 @@ from sae.config import TrainConfig
 from sae.distributed.blocks import LaplacianRef
 from sae.distributed.checkpoints import checkpoint_arrays, read_checkpoint
 from sae.distributed.trainer import fit_distributed
+from sae.store.keys import MODEL, model_identity, model_key
 
-__all__ = ["STAGE", "model_key", "train_model", "open_model"]
+__all__ = ["train_model", "open_model"]
 
 logger = logging.getLogger("sae.distributed")
-
-STAGE = "model"
-"""Stage name of trained models in a store."""
-
-
-def _stage_config(train: TrainConfig, preprocess_key: str, graph_key: str | None) -> dict[str, Any]:
-    """What identifies a training run: everything but ``max_outer`` (so a longer rerun resumes) and how it runs."""
-    config = train.model_dump(mode="json")
-    config["model"].pop("max_outer")
-    config.pop("lookahead")
-    config.pop("offload_previous")
-    config.pop("checkpoint")
-    return {"train": config, "preprocess": preprocess_key, "graph": graph_key if train.model.lambda_g > 0 else None}
-
-
-def model_key(train: TrainConfig, preprocess_key: str, graph_key: str | None = None) -> str:
-    """Stage group key of a training run: a fingerprint of the configuration (but ``max_outer``) and its inputs.
-
-    >>> from sae.config import ModelConfig, TrainConfig
-    >>> a = model_key(TrainConfig(model=ModelConfig(max_outer=2)), "p")
-    >>> a == model_key(TrainConfig(model=ModelConfig(max_outer=9)), "p"), a == model_key(TrainConfig(), "q")
-    (True, False)
-    """
-    blob = json.dumps(_stage_config(train, preprocess_key, graph_key), sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 def train_model(
@@ -97,15 +72,15 @@ def train_model(
         inputs.append(open_graph(root, graph_key))
         kind = (inputs[-1].attrs.get("config") or {}).get("laplacian")
         laplacian = LaplacianRef(inputs[-1], "laplacian", kind=kind)
-    stage_config = _stage_config(train, preprocess_key, graph_key)
-    group = store.stage_group(root, STAGE, key, config=stage_config, mode="w" if overwrite else "a")
+    stage_config = model_identity(train, preprocess_key, graph_key)
+    group = store.stage_group(root, MODEL, key, config=stage_config, mode="w" if overwrite else "a")
     try:
         done = None if overwrite else read_checkpoint(group)
     except store.StoreDamaged as error:
         logger.warning("%s: training again from the start", error)
-        group = store.stage_group(root, STAGE, key, config=stage_config, mode="w")
+        group = store.stage_group(root, MODEL, key, config=stage_config, mode="w")
         done = None
-    if done is not None and store.is_complete(root, STAGE, key) and (
+    if done is not None and store.is_complete(root, MODEL, key) and (
         done["stop_reason"] == "rtol" or done["iteration"] >= config.max_outer
     ):
         logger.info("model %s: complete at outer iteration %d (%s), skipped", key, done["iteration"], done["stop_reason"])
@@ -136,9 +111,9 @@ def open_model(store_path: Any, key: str) -> dict[str, Any]:
     from sae import store
 
     root = store.open_store(store_path) if not isinstance(store_path, zarr.Group) else store_path
-    group = store.stage_group(root, STAGE, key, mode="r")
+    group = store.stage_group(root, MODEL, key, mode="r")
     state = read_checkpoint(group)
     if state is None:
         raise ValueError(f"model/{key} holds no complete outer iteration yet: run train_model first")
-    state["complete"] = store.is_complete(root, STAGE, key)
+    state["complete"] = store.is_complete(root, MODEL, key)
     return state
