@@ -49,7 +49,7 @@ from flows._runs import run_namer
 from sae import store as sae_store
 from sae.classify import aggregate_clips, aggregate_options, cross_validate, inductive_cross_validate
 from sae.config import ClassifyConfig
-from sae.report import inline_images, plot_results, report_folder, results_markdown
+from sae.report import classification_report, inline_images, plot_results, report_folder
 
 STAGE = "results"
 DEFAULT_ARRAYS = {"preprocess": "X"}
@@ -303,7 +303,7 @@ def publish_results(
     The report links its figure by relative path; the artifact holds the figure itself.
     """
     markdown_path, png_path = report_paths(store, key)
-    markdown = results_markdown(summaries, title=title) + f"\n![Accuracies and confusion matrices]({png_path.name})\n"
+    markdown = classification_report(summaries, title, png_path.name)
     markdown_path.parent.mkdir(parents=True, exist_ok=True)
     markdown_path.write_text(markdown)
     plot_results(summaries, png_path)

@@ -348,6 +348,7 @@ def _stop_now(stop: BaseException, display: Any = None) -> None:
 
 def _run_stage(name: str, config: PipelineConfig, as_json: bool, no_wait: bool = False) -> None:
     from flows import pipeline
+    from sae.report import accuracy_table
 
     runners = {
         "ingest": pipeline.run_ingest_stage,
@@ -362,7 +363,7 @@ def _run_stage(name: str, config: PipelineConfig, as_json: bool, no_wait: bool =
             summary = runners[name](config, pipeline.dask_address(config))
             summary = {"store": config.ingest.store, **summary}
             if name == "classify":
-                summary["table"] = pipeline.accuracy_table(summary["results"])
+                summary["table"] = accuracy_table(summary["results"])
     if name == "ingest":
         summary = {k: v for k, v in summary.items() if k not in ("errors", "computed")} | {
             "n_errors": len(summary.get("errors", []))

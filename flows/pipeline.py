@@ -47,7 +47,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from flows._runs import run_namer, stage_tags
 from sae import store as sae_store
 from sae.config import IngestConfig, PipelineConfig
-from sae.report import inline_images
+from sae.report import accuracy_table, inline_images, pipeline_report
 
 DASK_ADDRESS_VARIABLE = "SAE_DASK_ADDRESS"
 """Environment variable naming the Dask scheduler when ``config.cluster`` is None."""
@@ -467,23 +467,6 @@ def _require(store: str, stage: str, key: str, producer: str) -> None:
 # --------------------------------------------------------------------------- the flow
 
 
-def accuracy_table(results: dict[str, dict[str, float]]) -> str:
-    """A markdown table of accuracies: feature set, mean ± std (%), chance (%), splits.
-
-    >>> print(accuracy_table({"baseline": {"accuracy_mean": 0.5, "accuracy_std": 0.05, "chance": 0.2, "n_scores": 10}}))
-    | features | accuracy (%) | chance (%) | splits |
-    |---|---|---|---|
-    | baseline | 50.0 ± 5.0 | 20.0 | 10 |
-    """
-    lines = ["| features | accuracy (%) | chance (%) | splits |", "|---|---|---|---|"]
-    for name, row in results.items():
-        lines.append(
-            f"| {name} | {100 * row['accuracy_mean']:.1f} ± {100 * row['accuracy_std']:.1f} "
-            f"| {100 * row['chance']:.1f} | {row['n_scores']} |"
-        )
-    return "\n".join(lines)
-
-
 def _store_name(parameters: dict[str, Any]) -> str:
     return Path(PipelineConfig.model_validate(parameters.get("config") or {}).ingest.store).name
 
@@ -528,9 +511,7 @@ def pipeline_flow(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]: 
     if FlowRunContext.get() is not None:
         figure = Path(out["png"])
         create_markdown_artifact(
-            inline_images(f"# Pipeline on `{config.ingest.store}`\n\n{table}\n\n"
-                          f"![Accuracies and confusion matrices]({figure.name})\n\n"
-                          f"Reports in `{figure.parent}`\n", figure.parent),
+            inline_images(pipeline_report(config.ingest.store, out["results"], figure), figure.parent),
             key="pipeline-summary", description=f"Accuracies of the pipeline on {config.ingest.store}",
         )
     return {
