@@ -28,8 +28,8 @@ import numpy as np
 from sklearn.decomposition import MiniBatchDictionaryLearning
 from sklearn.exceptions import ConvergenceWarning
 
+from flows._cli_config import build_config
 from flows.classify import open_rows
-from flows.cli import build_config
 from flows.pipeline import resolve_paths, stage_keys
 from sae.classify import aggregate_clips, aggregate_options, cross_validate
 from sae.distributed import open_model

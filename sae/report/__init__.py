@@ -1,9 +1,11 @@
-"""Every rendering of results: markdown tables and reports, figures (plain functions).
+"""Every rendering of results: markdown tables and reports, terminal text, figures (plain functions).
 
 - `sae.report.markdown`: the markdown tables (classification, noise experiment,
   training history, sweep, ingestion errors, predictions) and the reports built
   from them, written beside a store (`report_folder`) and published by the flows
   as Prefect artifacts (`inline_images` puts their figures inside).
+- `sae.report.text`: what the ``sae`` command prints (summaries, the state of a
+  store, predictions).
 - `sae.report.figures`: the PNG figures (matplotlib, no pyplot state).
 
 Functions take data (summaries, histories, rows) and return a str, or, for a
@@ -36,6 +38,18 @@ from sae.report.markdown import (
     sweep_report,
     sweep_table,
 )
+from sae.report.text import (
+    clips_by_reason,
+    encode_text,
+    experiment_text,
+    export_text,
+    predictions_tally,
+    predictions_text,
+    summary_text,
+    sweep_text,
+    verify_text,
+)
+
 __all__ = [
     "report_folder",
     "inline_images",
@@ -53,6 +67,15 @@ __all__ = [
     "model_report",
     "experiment_report",
     "sweep_report",
+    "clips_by_reason",
+    "summary_text",
+    "verify_text",
+    "sweep_text",
+    "experiment_text",
+    "export_text",
+    "predictions_text",
+    "predictions_tally",
+    "encode_text",
     "plot_results",
     "plot_noise_experiment",
     "SWEEP_METRICS",
