@@ -28,7 +28,7 @@ import numpy as np
 from sklearn.decomposition import MiniBatchDictionaryLearning
 from sklearn.exceptions import ConvergenceWarning
 
-from flows.cli import build_config
+from flows._cli_config import build_config
 from flows.pipeline import resolve_paths
 from sae.classify import cross_validate
 from sae.distributed import open_model

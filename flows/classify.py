@@ -46,7 +46,7 @@ from flows._dask import cluster_client
 from flows._progress import Progress
 from flows._runs import run_namer
 from sae.config import ClassifyConfig
-from sae.report import inline_images, plot_results, results_markdown
+from sae.report import classification_report, inline_images, plot_results
 from sae.stages.results import brief, classify_features, classify_inductive, classify_sources
 from sae.store.keys import PREPROCESS, group_name, report_paths, results_key
 
@@ -94,7 +94,7 @@ def publish_results(
     The report links its figure by relative path; the artifact holds the figure itself.
     """
     markdown_path, png_path = report_paths(store, key)
-    markdown = results_markdown(summaries, title=title) + f"\n![Accuracies and confusion matrices]({png_path.name})\n"
+    markdown = classification_report(summaries, title, png_path.name)
     markdown_path.parent.mkdir(parents=True, exist_ok=True)
     markdown_path.write_text(markdown)
     plot_results(summaries, png_path)

@@ -38,7 +38,13 @@ from flows.classify import submit_classification
 from flows.graph import graph_task, preprocess_task
 from flows.train import train_task
 from sae.config import ClassifyConfig, GraphConfig, PipelineConfig, PreprocessConfig, TrainConfig
-from sae.report import PUBLISHED_NOISE_TABLE, inline_images, noise_table_markdown, plot_noise_experiment
+from sae.report import (
+    PUBLISHED_NOISE_TABLE,
+    experiment_report,
+    inline_images,
+    noise_table_markdown,
+    plot_noise_experiment,
+)
 from sae.stages.results import brief
 from sae.store.keys import MODEL, PREPROCESS, experiment_paths, experiment_tag, group_name, parse_source
 
@@ -103,15 +109,8 @@ def noise_experiment_flow(
     markdown_path, png_path = experiment_paths(store, tag)
     # The thesis's figures were measured with its own (leaky) protocol on GTZAN: shown beside that protocol only.
     published = PUBLISHED_NOISE_TABLE if classify.protocol == "thesis" else None
-    grouping = next(iter(table[float(noise_stds[0])].values())).get("grouping", "clip")
-    markdown = (
-        f"# Noise experiment ({classify.protocol} protocol, lambda_g = {lambda_g:g})\n\n"
-        + ("Accuracy (%), mean ± std over the splits; the thesis's figures (GTZAN, its protocol) in brackets.\n\n"
-           if published else
-           f"Accuracy (%), mean ± std over the splits; folds grouped by {grouping} (no {grouping} on both sides).\n\n")
-        + noise_table_markdown(table, COLUMNS, published=published)
-        + f"\n![Accuracy against noise]({png_path.name})\n"
-    )
+    markdown = experiment_report(table, COLUMNS, protocol=classify.protocol, lambda_g=lambda_g, published=published,
+                                 figure=png_path.name)
     markdown_path.parent.mkdir(parents=True, exist_ok=True)
     markdown_path.write_text(markdown)
     plot_noise_experiment(table, png_path, published=published)

@@ -33,7 +33,8 @@ from flows._progress import Progress
 from flows._runs import run_namer
 from sae.audio import prepare_ingest, process_batch
 from sae.config import IngestConfig
-from sae.store import errors_markdown, ingest_summary, open_store, pending_batches, update_clips
+from sae.report import errors_markdown
+from sae.store import ingest_summary, open_store, pending_batches, update_clips
 
 
 @task(name="prepare-store", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)

@@ -49,7 +49,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from flows._runs import run_namer, stage_tags
 from sae import store as sae_store
 from sae.config import PipelineConfig
-from sae.report import inline_images
+from sae.report import accuracy_table, inline_images, pipeline_report
 from sae.stages import classify_stage, export_stage, graph_stage, ingest_stage, train_stage
 from sae.stages.inputs import require_frames
 from sae.stages.train import model_complete, train_inputs
@@ -259,23 +259,6 @@ def run_export_stage(config: PipelineConfig) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the flow
 
 
-def accuracy_table(results: dict[str, dict[str, float]]) -> str:
-    """A markdown table of accuracies: feature set, mean ± std (%), chance (%), splits.
-
-    >>> print(accuracy_table({"baseline": {"accuracy_mean": 0.5, "accuracy_std": 0.05, "chance": 0.2, "n_scores": 10}}))
-    | features | accuracy (%) | chance (%) | splits |
-    |---|---|---|---|
-    | baseline | 50.0 ± 5.0 | 20.0 | 10 |
-    """
-    lines = ["| features | accuracy (%) | chance (%) | splits |", "|---|---|---|---|"]
-    for name, row in results.items():
-        lines.append(
-            f"| {name} | {100 * row['accuracy_mean']:.1f} ± {100 * row['accuracy_std']:.1f} "
-            f"| {100 * row['chance']:.1f} | {row['n_scores']} |"
-        )
-    return "\n".join(lines)
-
-
 def _store_name(parameters: dict[str, Any]) -> str:
     return Path(PipelineConfig.model_validate(parameters.get("config") or {}).ingest.store).name
 
@@ -320,9 +303,7 @@ def pipeline_flow(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]: 
     if FlowRunContext.get() is not None:
         figure = Path(out["png"])
         create_markdown_artifact(
-            inline_images(f"# Pipeline on `{config.ingest.store}`\n\n{table}\n\n"
-                          f"![Accuracies and confusion matrices]({figure.name})\n\n"
-                          f"Reports in `{figure.parent}`\n", figure.parent),
+            inline_images(pipeline_report(config.ingest.store, out["results"], figure), figure.parent),
             key="pipeline-summary", description=f"Accuracies of the pipeline on {config.ingest.store}",
         )
     return {

@@ -24,7 +24,7 @@ reused.  The flow then writes, beside the store in ``<store>-reports/``:
 ``sweep-<key>-atoms.png`` (the learned dictionaries), ``sweep-<key>-convergence.png``
 (the objective terms against the outer iteration) and ``sweep-<key>.md`` (the table
 and the figures); the rows also go to the store (``sweep/<key>``, attribute
-``rows``), and the table (rounded, `summary_rows`) and the report (figures inline)
+``rows``), and the table (rounded, `sae.report.summary_rows`) and the report (figures inline)
 are published as Prefect artifacts.  Runs are named ``sweep-<parameters>``
 (``sweep-lambda_g``).  The flows are defined here, in an importable module, so
 that the Dask workers that run their tasks can import them too (the deployment's
@@ -63,67 +63,18 @@ from flows.train import train_task
 from sae import store as sae_store
 from sae.config import PipelineConfig
 from sae.distributed import open_model
-from sae.report import inline_images, plot_atoms, plot_convergence, plot_sweep_metrics
+from sae.report import (
+    inline_images,
+    plot_atoms,
+    plot_convergence,
+    plot_sweep_metrics,
+    summary_rows,
+    sweep_report,
+    sweep_table,
+)
 from sae.stages.results import brief
 from sae.store.keys import SWEEP, feature_sources, stage_keys, sweep_key, sweep_paths
 from sae.sweep import point_row, resolve_parameter, sweep_grid, sweep_points, write_csv
-
-
-def summary_rows(rows: list[dict[str, Any]], parameters: list[str]) -> list[dict[str, Any]]:
-    """The headline columns of a sweep's rows, rounded to what is worth reading (the CSV keeps every digit).
-
-    >>> row = {"train.model.lambda_g": 100, "accuracy_mean": 0.6250000000000001, "accuracy_std": 0.05,
-    ...        "baseline_mean": 0.7, "baseline_std": 0.04, "chance": 0.2, "sparsity_percent": 4.7123,
-    ...        "train_seconds": 12.34, "outer_iterations": 7, "inner_codes": 300, "total": 1234.5678}
-    >>> summary_rows([row], ["train.model.lambda_g"])[0]  # doctest: +NORMALIZE_WHITESPACE
-    {'lambda_g': 100, 'accuracy (%)': 62.5, 'accuracy std (%)': 5.0, 'baseline (%)': 70.0,
-     'baseline std (%)': 4.0, 'chance (%)': 20.0, 'non-zeros (%)': 4.71, 'objective': 1234.57,
-     'train (s)': 12.3, 'outer': 7, 'inner Z': 300}
-    """
-    out = []
-    for row in rows:
-        item: dict[str, Any] = {p.rsplit(".", 1)[-1]: row[p] for p in parameters}
-        for name in ("accuracy", "baseline"):
-            item[f"{name} (%)"] = round(100 * row[f"{name}_mean"], 1)
-            item[f"{name} std (%)"] = round(100 * row[f"{name}_std"], 1)
-        item.update({
-            "chance (%)": round(100 * row["chance"], 1),
-            "non-zeros (%)": round(row["sparsity_percent"], 2),
-            "objective": float(f"{row['total']:.6g}"),
-            "train (s)": round(row["train_seconds"], 1),
-            "outer": row["outer_iterations"],
-            "inner Z": row["inner_codes"],
-        })
-        out.append(item)
-    return out
-
-
-def sweep_table(rows: list[dict[str, Any]], parameters: list[str]) -> str:
-    """Markdown table of a sweep: the swept values, accuracy ± std, baseline, chance, non-zeros, time, iterations.
-
-    >>> row = {"train.model.lambda_g": 100, "accuracy_mean": 0.8, "accuracy_std": 0.05, "baseline_mean": 0.7,
-    ...        "baseline_std": 0.04, "chance": 0.2, "sparsity_percent": 4.71, "train_seconds": 12.3,
-    ...        "outer_iterations": 7, "inner_codes": 300, "total": 1234.5}
-    >>> print(sweep_table([row], ["train.model.lambda_g"]).splitlines()[2])
-    | 100 | 80.0 ± 5.0 | 70.0 ± 4.0 | 20.0 | 4.71 | 1234.5 | 12.3 | 7 / 300 |
-    """
-    names = [p.rsplit(".", 1)[-1] for p in parameters]
-    header = names + [
-        "accuracy (%)", "baseline (%)", "chance (%)", "non-zeros (%)", "objective", "train (s)", "outer / inner Z",
-    ]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for item in summary_rows(rows, parameters):
-        cells = [str(item[name]) for name in names] + [
-            f"{item['accuracy (%)']:.1f} ± {item['accuracy std (%)']:.1f}",
-            f"{item['baseline (%)']:.1f} ± {item['baseline std (%)']:.1f}",
-            f"{item['chance (%)']:.1f}",
-            f"{item['non-zeros (%)']:.2f}",
-            f"{item['objective']:.6g}",
-            f"{item['train (s)']:.1f}",
-            f"{item['outer']} / {item['inner Z']}",
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def _parameter_names(parameters: dict[str, Any]) -> str:
@@ -298,16 +249,9 @@ def _write_outputs(
     plot_sweep_metrics(rows, paths[0], files["metrics_png"])
     plot_atoms(atoms, files["atoms_png"])
     plot_convergence(histories, files["convergence_png"])
-    markdown = (
-        f"# Sweep over {', '.join(paths)}\n\n"
-        f"Store `{store}`; accuracy of the codes and of the scaled CQT (baseline), mean ± std over the "
-        f"splits ({config.classify.protocol} protocol); objective at the end of training.\n\n"
-        + sweep_table(rows, paths)
-        + f"\n\nEvery column of every point: `{files['csv'].resolve()}`\n\n"
-        + f"![Metrics against {paths[0]}]({files['metrics_png'].name})\n\n"
-        + f"![Convergence of each weighted term]({files['convergence_png'].name})\n\n"
-        + f"![Learned atoms, sorted by peak frequency bin]({files['atoms_png'].name})\n"
-    )
+    markdown = sweep_report(rows, paths, store=store, protocol=config.classify.protocol, csv=files["csv"].resolve(),
+                            metrics_png=files["metrics_png"].name, convergence_png=files["convergence_png"].name,
+                            atoms_png=files["atoms_png"].name)
     files["markdown"].write_text(markdown)
     group = sae_store.stage_group(
         store, SWEEP, key, mode="w",

@@ -42,7 +42,7 @@ from flows._progress import Progress
 from flows._runs import run_namer
 from sae.config import TrainConfig
 from sae.distributed import open_model, train_model
-from sae.report import history_markdown, inline_images, plot_atoms, plot_convergence
+from sae.report import inline_images, model_report, plot_atoms, plot_convergence
 from sae.store.keys import model_key, model_report_paths
 
 
@@ -95,13 +95,8 @@ def publish_model(store: str, key: str) -> dict[str, str]:
     paths["markdown"].parent.mkdir(parents=True, exist_ok=True)
     plot_convergence({key: model["history"]}, paths["convergence_png"])
     plot_atoms({key: model["components"]}, paths["atoms_png"])
-    markdown = (
-        f"# Model {key}\n\nStore `{store}`: {model['iteration']} outer iterations "
-        f"({model['stop_reason'] or 'not finished'}).\n\n"
-        + history_markdown(model["history"])
-        + f"\n![Convergence of each weighted term]({paths['convergence_png'].name})\n"
-        + f"\n![Learned atoms, sorted by peak frequency bin]({paths['atoms_png'].name})\n"
-    )
+    markdown = model_report(key, store, model, convergence_png=paths["convergence_png"].name,
+                            atoms_png=paths["atoms_png"].name)
     paths["markdown"].write_text(markdown)
     if FlowRunContext.get() is not None:
         create_markdown_artifact(inline_images(markdown, paths["markdown"].parent), key=f"model-{key}",

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from sae import store as sae_store
+from sae.report import predictions_markdown
 from sae.store.keys import ENCODE, encode_key, prediction_paths
 
 __all__ = ["prepare_encoding", "pending_chunks", "encode_chunk", "record_chunk",
@@ -163,18 +164,7 @@ def write_predictions(out: str, key: str, rows: list[dict[str, Any]], *, top: in
             writer.writerow([row["clip_id"], row["path"], row["label"], row["status"], row.get("predicted", ""),
                              row.get("score", ""), json.dumps(row.get("scores", {})), row.get("error_kind", ""),
                              row.get("error", "")])
-    ok = [row for row in rows if "predicted" in row]
-    lines = [f"# Predictions of `{out}`", "", f"{len(ok)} of {len(rows)} clips classified.", "",
-             "| clip | given label | predicted | top scores |", "|---|---|---|---|"]
-    for row in rows:
-        if "predicted" in row:
-            best = ", ".join(f"{name} {share:.2f}" for name, share in list(row["scores"].items())[:top])
-            lines.append(f"| `{row['clip_id']}` | {row['label']} | **{row['predicted']}** | {best} |")
-        else:
-            message = row["error"].replace("|", "\\|").replace("\n", " ")
-            lines.append(f"| `{row['clip_id']}` | {row['label']} | error: {row['error_kind'] or row['status']} "
-                         f"| {message} |")
-    markdown = "\n".join(lines) + "\n"
+    markdown = predictions_markdown(out, rows, top=top)
     markdown_path.write_text(markdown)
     return csv_path, markdown_path, markdown
 

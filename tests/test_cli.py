@@ -9,7 +9,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from flows.cli import USAGE_ERROR, app, build_config
+from flows._cli_config import build_config
+from flows.cli import USAGE_ERROR, app
 from sae.config import PIPELINE_DEFAULTS, ModelConfig, PipelineConfig
 
 COMMANDS = ("run", "ingest", "graph", "train", "classify")

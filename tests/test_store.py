@@ -11,6 +11,7 @@ import zarr
 from sae import store
 from sae.audio import frames_per_clip
 from sae.config import CQTConfig
+from sae.report import errors_markdown
 
 CQT = CQTConfig(clip_samples=22050)
 CLIPS = [(f"{lab}/c{i}", f"/nowhere/{lab}/c{i}.wav", lab) for i, lab in enumerate("abcabcab")]
@@ -125,7 +126,7 @@ def test_update_clips_ok_clips_and_frame_rows(group):
     summary = store.ingest_summary(group)
     assert summary["counts"] == {"pending": 5, "ok": 2, "error": 1}
     assert summary["errors"][0]["kind"] == "silent"
-    assert "| `b/c4` | silent | quiet |" in store.errors_markdown(summary)
+    assert "| `b/c4` | silent | quiet |" in errors_markdown(summary)
 
 
 def test_chunk_writes_are_aligned_and_concurrent_writes_match_serial(group, tmp_path, rng):

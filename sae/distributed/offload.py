@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from dask.sizeof import sizeof
 
-from sae.distributed.memory import DIRECT_ALIGN, ArrayPool, aligned, pool, pooled_empty, sizeof_fields
+from sae.distributed.memory import ArrayPool, aligned, pool, pooled_empty, sizeof_fields
 
 logger = logging.getLogger(__name__)
 
@@ -214,8 +214,6 @@ class OffloadFiles:
     def _transfer(self, slot: FileSlot, arrays: Sequence[np.ndarray], write: bool, offset: int = 0) -> None:
         """Move ``arrays`` to or from the file: straight from their memory when they are pooled (page-aligned,
         `direct_extent`), else through this thread's page-aligned buffer."""
-        import os
-
         for array in arrays:
             if not write and not array.flags.c_contiguous:
                 raise ValueError("offloaded arrays are read into C-contiguous arrays")

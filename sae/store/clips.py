@@ -245,24 +245,3 @@ def ingest_summary(group: zarr.Group) -> dict[str, Any]:
     return {"store": store_path(group), "n_clips": len(table["status"]), "counts": counts,
             "ok_per_label": labels, "empty_labels": sorted(name for name, n in labels.items() if n == 0),
             "errors": errors}
-
-
-def errors_markdown(summary: Mapping[str, Any]) -> str:
-    """A markdown report of an `ingest_summary`: counts, then one table row per error."""
-    counts = summary["counts"]
-    lines = [
-        f"# Ingestion of `{summary['store']}`",
-        "",
-        ", ".join(f"{name}: {counts[name]}" for name in STATUSES) + f" (of {summary['n_clips']} clips)",
-        "",
-    ]
-    for label in summary.get("empty_labels", []):
-        lines += [f"Label `{label}` has no valid audio file: it is not a label of this dataset.", ""]
-    if summary["errors"]:
-        lines += ["| clip | kind | message |", "|---|---|---|"]
-        for err in summary["errors"]:
-            message = err["message"].replace("|", "\\|").replace("\n", " ")
-            lines.append(f"| `{err['clip_id']}` | {err['kind']} | {message} |")
-    else:
-        lines.append("No errors.")
-    return "\n".join(lines) + "\n"

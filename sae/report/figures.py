@@ -1,37 +1,22 @@
-"""Markdown tables and figures of classification results (plain functions, matplotlib Agg).
+"""Figures of results (plain functions, matplotlib Agg): each drawn on a `matplotlib.figure.Figure`
+(no pyplot state, no display) and saved as PNG; each returns the path written.
 
-The inputs are the summaries of `sae.classify.cross_validate` (dicts with
-``accuracy_mean``, ``accuracy_std``, ``chance``, ``classes``,
-``per_class_accuracy``, ``confusion``, optionally ``class_names`` and
-``voting``), keyed by feature set name.  Figures are drawn on a
-`matplotlib.figure.Figure` (no pyplot state, no display) and saved as PNG.
-
->>> summary = {"accuracy_mean": 0.8, "accuracy_std": 0.05, "chance": 0.5, "n_scores": 10,
-...            "protocol": "grouped", "classes": [0, 1], "class_names": ["blues", "disco"],
-...            "per_class_accuracy": [0.9, 0.7], "confusion": [[9, 1], [3, 7]]}
->>> print(results_markdown({"cqt": summary}).splitlines()[4])
-| cqt | grouped | 80.0 ± 5.0 | 50.0 | 10 |
+The classification summaries are those of `sae.classify.cross_validate`, keyed
+by feature set name (see `sae.report.markdown`).
 """
 
 from __future__ import annotations
 
-import base64
-import math
 import os
-import re
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from sae.report.markdown import PUBLISHED_NOISE_TABLE, class_names
+
 __all__ = [
-    "inline_images",
-    "history_markdown",
-    "PUBLISHED_NOISE_TABLE",
-    "results_markdown",
     "plot_results",
-    "noise_table_markdown",
     "plot_noise_experiment",
     "SWEEP_METRICS",
     "plot_sweep_metrics",
@@ -39,135 +24,12 @@ __all__ = [
     "plot_convergence",
 ]
 
-PUBLISHED_NOISE_TABLE: dict[float, dict[str, float]] = {
-    0.0: {"baseline": 69.7, "lambda_g_off": 75.9, "lambda_g_on": 78.0},
-    0.1: {"baseline": 58.7, "lambda_g_off": 57.1, "lambda_g_on": 65.9},
-    0.2: {"baseline": 46.9, "lambda_g_off": 42.6, "lambda_g_on": 51.6},
-}
-"""The thesis's accuracies (%) by noise std: CQT baseline, lambda_g off, lambda_g = 100
-(5 genres x 100 clips x 149 frames, m = 128, lambda_z = 1, lambda_d = 10, K = 10)."""
-
-
-_IMAGE_LINK = re.compile(r"!\[([^\]]*)\]\(([^)\s]+\.png)\)")
-
-INLINE_MAX_BYTES = 4_000_000
-"""Largest PNG `inline_images` embeds (larger ones stay links)."""
-
-
-def inline_images(markdown: str, folder: str | os.PathLike, max_bytes: int = INLINE_MAX_BYTES) -> str:
-    """``markdown`` with every image link to a PNG file of ``folder`` replaced by the image itself (a data URI).
-
-    A report written beside the store links its figures by relative path
-    (``![confusion](classify-abc.png)``), which any markdown viewer of the
-    folder shows; a copy with the images inline shows them anywhere else (a
-    Prefect artifact in the UI).  Links to missing files, to other kinds of
-    file, or to PNGs above ``max_bytes`` are left as they are.
-
-    >>> inline_images("![none](missing.png) and text", ".")
-    '![none](missing.png) and text'
-    """
-    folder = Path(folder)
-
-    def embed(match: re.Match) -> str:
-        path = folder / match.group(2)
-        if not path.is_file() or path.stat().st_size > max_bytes:
-            return match.group(0)
-        data = base64.b64encode(path.read_bytes()).decode("ascii")
-        return f"![{match.group(1)}](data:image/png;base64,{data})"
-
-    return _IMAGE_LINK.sub(embed, markdown)
-
-
-def _number(value: Any, spec: str) -> str:
-    """``value`` formatted with ``spec``, or an empty cell when it is missing or not finite."""
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return ""
-    return format(value, spec)
-
-
-def history_markdown(history: Sequence[Mapping[str, Any]]) -> str:
-    """A markdown table of a training history (`sae.model.FitResult.history`), one row per outer iteration.
-
-    >>> record = {"iteration": 1, "total": 1234.56789, "relative_change": 0.01234, "sparsity_percent": 4.567,
-    ...           "inner_codes": 30, "inner_dictionary": 12, "inner_encoder": 0, "seconds": 1.234}
-    >>> print(history_markdown([record]).splitlines()[2])
-    | 1 | 1234.57 | 1.23e-02 | 4.57 | 30 / 12 / 0 | 1.2 |
-    """
-    lines = ["| outer | objective | relative change | non-zeros (%) | inner Z / D / E | time (s) |",
-             "|---|---|---|---|---|---|"]
-    for record in history:
-        inner = " / ".join(str(record.get(f"inner_{step}", 0)) for step in ("codes", "dictionary", "encoder"))
-        lines.append(
-            f"| {record['iteration']} | {_number(record.get('total'), '.6g')} "
-            f"| {_number(record.get('relative_change'), '.2e')} | {_number(record.get('sparsity_percent'), '.2f')} "
-            f"| {inner} | {_number(record.get('seconds'), '.1f')} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def _percent(value: float) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
-
 
 def _save_png(fig: Any, path: str | os.PathLike, dpi: int = 100) -> str:
     """Save a figure as PNG at ``path``; returns the path as a string."""
     path = os.fspath(path)
     fig.savefig(path, dpi=dpi)
     return path
-
-
-def _class_names(summary: Mapping[str, Any]) -> list[str]:
-    return [str(name) for name in summary.get("class_names") or summary["classes"]]
-
-
-def _protocol_cell(summary: Mapping[str, Any]) -> str:
-    """The protocol and what its folds keep together: "grouped (141 groups)", "thesis (leaky)".
-
-    >>> _protocol_cell({"protocol": "grouped", "grouping": "group", "n_groups": 141})
-    'grouped (141 groups)'
-    >>> _protocol_cell({"protocol": "thesis", "grouping": "none"})
-    'thesis (vectors, leaky)'
-    """
-    protocol, grouping = str(summary.get("protocol", "")), summary.get("grouping")
-    if grouping == "none":
-        return f"{protocol} (vectors, leaky)"
-    if grouping in ("group", "clip") and summary.get("n_groups"):
-        return f"{protocol} ({summary['n_groups']} {grouping}s)"
-    return protocol
-
-
-def results_markdown(results: Mapping[str, Mapping[str, Any]], title: str = "Genre classification") -> str:
-    """A markdown report: accuracy per feature set, then per-class accuracy.
-
-    Accuracies in percent, ``mean ± std`` over the splits; chance is the share
-    of the majority class.  With voting, a column of whole-clip accuracy.
-    """
-    voting = any("voting" in summary for summary in results.values())
-    header = ["features", "protocol", "accuracy (%)", "chance (%)", "splits"]
-    if voting:
-        header.append("clip accuracy, voting (%)")
-    lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name, summary in results.items():
-        row = [
-            name,
-            _protocol_cell(summary),
-            f"{_percent(summary['accuracy_mean'])} ± {_percent(summary['accuracy_std'])}",
-            _percent(summary["chance"]),
-            str(summary.get("n_scores", len(summary.get("scores", [])))),
-        ]
-        if voting:
-            vote = summary.get("voting")
-            row.append(f"{_percent(vote['accuracy_mean'])} ± {_percent(vote['accuracy_std'])}" if vote else "")
-        lines.append("| " + " | ".join(row) + " |")
-    if results:
-        first = next(iter(results.values()))
-        names = _class_names(first)
-        lines += ["", "Per-class accuracy (%, recall over all splits pooled):", ""]
-        lines += ["| class | " + " | ".join(results) + " |", "|---|" + "---|" * len(results)]
-        for k, class_name in enumerate(names):
-            cells = [_percent(summary["per_class_accuracy"][k]) for summary in results.values()]
-            lines.append(f"| {class_name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def plot_results(results: Mapping[str, Mapping[str, Any]], path: str | os.PathLike) -> str:
@@ -198,7 +60,7 @@ def plot_results(results: Mapping[str, Mapping[str, Any]], path: str | os.PathLi
         support = confusion.sum(axis=1, keepdims=True)
         normalised = np.divide(confusion, support, out=np.zeros_like(confusion), where=support > 0)
         image = ax.imshow(normalised, vmin=0, vmax=1, cmap="Blues")
-        labels = _class_names(results[name])
+        labels = class_names(results[name])
         ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
         ax.set_yticks(range(len(labels)), labels)
         ax.set_xlabel("predicted")
@@ -206,41 +68,6 @@ def plot_results(results: Mapping[str, Mapping[str, Any]], path: str | os.PathLi
         ax.set_title(f"{name}: confusion (row share)")
         fig.colorbar(image, ax=ax, shrink=0.8)
     return _save_png(fig, path, dpi=100)
-
-
-def noise_table_markdown(
-    table: Mapping[float, Mapping[str, Mapping[str, Any]]],
-    columns: Sequence[str] | None = None,
-    *,
-    published: Mapping[float, Mapping[str, float]] | None = PUBLISHED_NOISE_TABLE,
-) -> str:
-    """The thesis's noise table: accuracy (%) per noise std (rows) and feature set (columns).
-
-    ``table[noise_std][feature]`` is a summary of `sae.classify.cross_validate`;
-    ``columns`` fixes the column order (default: first appearance).  With
-    ``published``, each cell whose noise std and column name are in it shows
-    the thesis's figure in brackets.
-
-    >>> cell = {"accuracy_mean": 0.7, "accuracy_std": 0.02}
-    >>> print(noise_table_markdown({0.0: {"baseline": cell}}).splitlines()[2])
-    | 0 | 70.0 ± 2.0 (69.7) |
-    """
-    if columns is None:
-        columns = list(dict.fromkeys(name for row in table.values() for name in row))
-    lines = ["| noise std | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
-    for noise_std in sorted(table):
-        cells = []
-        for name in columns:
-            summary = table[noise_std].get(name)
-            cell = (
-                f"{_percent(summary['accuracy_mean'])} ± {_percent(summary['accuracy_std'])}" if summary else "—"
-            )
-            reference = (published or {}).get(float(noise_std), {}).get(name)
-            if reference is not None:
-                cell += f" ({reference:.1f})"
-            cells.append(cell)
-        lines.append(f"| {noise_std:g} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def plot_noise_experiment(
