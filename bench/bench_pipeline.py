@@ -222,9 +222,11 @@ def run_stages(config: PipelineConfig, address: str, stages: set[str],
 
 def warm_up(args: argparse.Namespace, root: Path, cluster: Cluster) -> float:
     """The whole pipeline on 4 clips of 10 s on a fresh cluster, so that the workers compile (or load) their
-    numba kernels (pynndescent's, the training's) before the measured runs; returns its wall time."""
+    numba kernels (pynndescent's, the training's) before the measured runs; returns its wall time.  Blocks of
+    256 frames for the kNN graph, so that every worker builds one and compiles."""
     tiny = argparse.Namespace(**{**vars(args), "n_genres": 2, "duration": 10.0, "chunk_clips": 0, "block_size": 0,
-                                 "max_outer": 1, "set": [*args.set, "classify.n_splits=2", "classify.n_repeats=1"]})
+                                 "max_outer": 1, "set": [*args.set, "classify.n_splits=2", "classify.n_repeats=1",
+                                                         "graph.block_size=256"]})
     data = audio_folder(root, dataset_config(tiny, 2))
     store = root / "runs" / f"warm-up-w{cluster.n_workers}.zarr"
     remove_store(store)
