@@ -44,7 +44,6 @@ import logging
 import multiprocessing
 import statistics
 import tempfile
-import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 
@@ -55,6 +54,7 @@ import scipy.sparse as sp
 import zarr
 from distributed import Client, LocalCluster
 
+from _timing import PeakMemory
 from flows._dask import LOOPBACK
 from sae.config import ModelConfig
 from sae.distributed import LaplacianRef, Tuning, fit_distributed
@@ -156,40 +156,6 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
             a @ b
             times.append(time.perf_counter() - tic)
     return 2 * n**3 / statistics.median(times) / 1e9
-
-
-class PeakMemory:
-    """Samples the resident memory of this process and its children every 0.2 s; keeps the peak per pid,
-    and the CPU time (user + system) each had used at its last sample."""
-
-    def __init__(self) -> None:
-        self.peaks: dict[int, tuple[str, int]] = {}
-        self.cpu: dict[int, float] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        me = psutil.Process()
-        while not self._stop.is_set():
-            for process in [me] + me.children(recursive=True):
-                try:
-                    rss = process.memory_info().rss
-                    name = "client" if process.pid == me.pid else " ".join(process.cmdline()[-2:])[:40]
-                    times = process.cpu_times()
-                except psutil.Error:
-                    continue
-                self.cpu[process.pid] = times.user + times.system
-                if rss > self.peaks.get(process.pid, ("", 0))[1]:
-                    self.peaks[process.pid] = (name, rss)
-            self._stop.wait(0.2)
-
-    def __enter__(self) -> "PeakMemory":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def main() -> None:
