@@ -64,11 +64,12 @@ from typing import Any
 from _timing import PeakMemory, Usage
 from flows import pipeline
 from flows._server import prefect_api
-from flows.cli import apply_override
+from flows._cli_config import apply_override
 from sae import store as sae_store
 from sae.audio import frames_per_clip
 from sae.config import BuiltinDatasetConfig, CQTConfig, PipelineConfig
 from sae.distributed import open_model
+from sae.store import keys
 
 STAGES = ("ingest", "preprocess", "graph", "train", "classify")
 """Measured stages; preprocess and graph are the two tasks of the pipeline's graph stage."""
@@ -153,7 +154,7 @@ def pipeline_config(args: argparse.Namespace, data: Path, store: Path, address: 
 
 def reference_frames(root: Path, config: PipelineConfig) -> Path:
     """Where the first ingestion of this configuration's clips is kept for the next runs."""
-    return root / f"frames-{pipeline.ingest_key(config.ingest)}.zarr"
+    return root / f"frames-{keys.ingest_key(config.ingest)}.zarr"
 
 
 def copy_store(source: Path, target: Path) -> None:
@@ -163,7 +164,7 @@ def copy_store(source: Path, target: Path) -> None:
 
 def remove_store(store: Path) -> None:
     """A store and what the pipeline writes beside it (reports, model folder, lock)."""
-    for path in (store, *store.parent.glob(f"{store.name}-*"), sae_store.lock_path(store)):
+    for path in (store, *store.parent.glob(f"{store.name}-*"), keys.lock_path(store)):
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
         else:
@@ -191,7 +192,7 @@ def train_detail(store: str, key: str) -> str:
 def run_stages(config: PipelineConfig, address: str, stages: set[str],
                reference: Path | None) -> tuple[dict[str, tuple[float, float]], dict[str, str]]:
     """Every stage of the pipeline on ``config``'s store; returns each measured stage's (start, stop) and details."""
-    store, keys = config.ingest.store, pipeline.stage_keys(config)
+    store, stage_keys = config.ingest.store, keys.stage_keys(config)
     marks: dict[str, tuple[float, float]] = {}
     details: dict[str, str] = {}
     if "ingest" in stages:
@@ -204,14 +205,14 @@ def run_stages(config: PipelineConfig, address: str, stages: set[str],
     tic, wall = time.perf_counter(), time.time()
     out = pipeline.run_graph_stage(config, address)
     toc = time.perf_counter()
-    split = min(max(tic + preprocess_completed(store, keys["preprocess"]) - wall, tic), toc)
+    split = min(max(tic + preprocess_completed(store, stage_keys["preprocess"]) - wall, tic), toc)
     marks["preprocess"], marks["graph"] = (tic, split), (split, toc)
     graph = out.get("graph", {})
     details["graph"] = f"{config.graph.method}, nnz(L) = {graph.get('nnz')}, recall {graph.get('recall')}"
     tic = time.perf_counter()
     pipeline.run_train_stage(config, address)
     marks["train"] = (tic, time.perf_counter())
-    details["train"] = train_detail(store, keys["model"])
+    details["train"] = train_detail(store, stage_keys["model"])
     tic = time.perf_counter()
     out = pipeline.run_classify_stage(config, address)
     marks["classify"] = (tic, time.perf_counter())
