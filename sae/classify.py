@@ -210,11 +210,35 @@ def cv_splits(
             n_groups = np.unique(groups).size
             if n_splits > n_groups:
                 raise ValueError(f"n_splits must be <= the number of groups ({n_groups}), got {n_splits}")
+            check_groups_per_label(labels, groups)
             splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
             folds = splitter.split(placeholder, labels, groups)
         for fold, (_, test) in enumerate(folds):
             splits.append(Split(repeat, fold, np.asarray(test, dtype=np.int64)))
     return splits
+
+
+def check_groups_per_label(labels: np.ndarray, groups: np.ndarray, names: Sequence[str] | None = None) -> None:
+    """Refuse grouped folds in which a label could never be both trained and tested.
+
+    A label whose vectors (or clips) all belong to one group lands in one test
+    fold with nothing of it left to train on: its accuracy would be 0 by
+    construction.  ``names``: the label names, when ``labels`` are their indices.
+
+    >>> check_groups_per_label(np.array([0, 0, 1, 1]), np.array([0, 1, 2, 2]))
+    Traceback (most recent call last):
+    ...
+    ValueError: grouped folds need at least 2 groups (clips, or the manifest's groups) per label; label 1 has only 1: add clips of it, drop it, or use protocol 'thesis'
+    """
+    labels, groups = np.asarray(labels), np.asarray(groups)
+    lonely = [label for label in np.unique(labels) if np.unique(groups[labels == label]).size < 2]
+    if lonely:
+        shown = ", ".join(repr(names[int(label)]) if names is not None else str(label) for label in lonely[:10])
+        shown += ", ..." if len(lonely) > 10 else ""
+        raise ValueError(
+            "grouped folds need at least 2 groups (clips, or the manifest's groups) per label; "
+            f"label {shown} has only 1: add clips of it, drop it, or use protocol 'thesis'"
+        )
 
 
 def _votes(predictions: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -10,7 +10,16 @@ from sklearn.metrics import confusion_matrix
 from sklearn.svm import SVC
 
 from flows._dask import LOOPBACK
-from sae.classify import Split, chance_level, choose_C, cross_validate, cv_splits, evaluate_split, split_groups
+from sae.classify import (
+    Split,
+    chance_level,
+    check_groups_per_label,
+    choose_C,
+    cross_validate,
+    cv_splits,
+    evaluate_split,
+    split_groups,
+)
 from sae.config import ClassifyConfig, ModelConfig
 from sae.estimator import StructuredAutoEncoder
 from sae.inductive import inductive_cross_validate, inductive_fold
@@ -47,6 +56,18 @@ def test_grouped_folds_never_share_a_clip():
     first = [frozenset(groups[s.test]) for s in splits if s.repeat == 0]
     second = [frozenset(groups[s.test]) for s in splits if s.repeat == 1]
     assert set(first) != set(second)
+
+
+def test_grouped_folds_refuse_a_label_held_by_one_group():
+    labels = np.repeat([0, 1, 2], 6)
+    groups = np.r_[np.arange(12), np.full(6, 12)]  # label 2: all six vectors in group 12
+    with pytest.raises(ValueError, match="label 2 has only 1"):
+        cv_splits(labels, groups, protocol="grouped", n_splits=3, n_repeats=1)
+    with pytest.raises(ValueError, match="label 'jazz' has only 1"):
+        check_groups_per_label(labels, groups, names=["rock", "pop", "jazz"])
+    assert len(cv_splits(labels, groups, protocol="thesis", n_splits=3, n_repeats=1)) == 3
+    groups[-1] = 13
+    assert len(cv_splits(labels, groups, protocol="grouped", n_splits=3, n_repeats=1)) == 3
 
 
 def test_grouped_folds_never_split_a_group(rng):

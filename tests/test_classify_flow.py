@@ -142,6 +142,28 @@ def test_classify_sources_runs_in_process_without_a_flow(prepared):
     assert classify_sources(path, preprocess_key, features, config) == (key, True, summaries)
 
 
+def test_a_label_with_one_group_is_refused_before_any_work(prepared, tmp_path):
+    """Grouped folds could never train on a label held by one group: a clear message naming it, nothing written."""
+    import shutil
+
+    path, preprocess_key, model_key, _ = prepared
+    copy = str(tmp_path / "one-group.zarr")
+    shutil.copytree(path, copy)
+    root = store.open_store(copy, mode="r+")
+    table = store.clip_table(root)
+    first = store.store_labels(root)[0]
+    groups = ["one" if label == 0 else clip for clip, label in zip(table["clip_id"], table["label_index"])]
+    store.update_groups(root, groups)
+    features = {"baseline": f"preprocess/{preprocess_key}", "sae": f"model/{model_key}"}
+    config = ClassifyConfig(n_windows=3, n_splits=2, n_repeats=1)
+    with pytest.raises(ValueError, match=f"label '{first}' has only 1"):
+        classify_sources(copy, preprocess_key, features, config)
+    assert "results" not in store.stages(copy)
+    # The thesis's protocol splits vectors, not groups: it runs.
+    key, _, summaries = classify_sources(copy, preprocess_key, features, config.model_copy(update={"protocol": "thesis"}))
+    assert set(summaries) == {"baseline", "sae"}
+
+
 @pytest.mark.slow
 def test_flow_on_dask_cluster_with_inductive_protocol(prepared):
     path, preprocess_key, _, _ = prepared

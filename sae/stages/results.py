@@ -130,6 +130,17 @@ def _complete(store: str, group: Any, summaries: dict[str, dict[str, Any]], sour
     sae_store.mark_complete(group, inputs=[root[path] for path in sorted(set(sources))])
 
 
+def check_folds(config: ClassifyConfig, row_clips: np.ndarray, clip_labels: np.ndarray, clip_groups: np.ndarray,
+                class_names: list[str]) -> None:
+    """Refuse, before any work, grouped folds that could not train and test every label (named in the message)."""
+    from sae.classify import check_groups_per_label
+
+    if config.protocol == "thesis":
+        return
+    clips = np.unique(row_clips)
+    check_groups_per_label(clip_labels[clips], clip_groups[clips], names=class_names)
+
+
 def classify_features(
     store: str, preprocess_key: str, name: str, source: str, config: ClassifyConfig, key: str, *,
     client: Any = None, progress: ProgressCallback | None = None,
@@ -143,6 +154,7 @@ def classify_features(
     from sae.pooling import aggregate_clips, aggregate_options
 
     row_clips, clip_labels, class_names, clip_groups = open_rows(store, preprocess_key)
+    check_folds(config, row_clips, clip_labels, clip_groups, class_names)
     array = open_source(store, source)
     if array.shape[0] != row_clips.shape[0]:
         raise ValueError(
@@ -169,6 +181,7 @@ def classify_inductive(
     from sae.preprocess import open_preprocessed
 
     row_clips, clip_labels, class_names, clip_groups = open_rows(store, preprocess_key)
+    check_folds(config, row_clips, clip_labels, clip_groups, class_names)
     frames = open_preprocessed(store, preprocess_key)["X"]
     group = _new_results_group(store, key, {"preprocess_key": preprocess_key, "source": INDUCTIVE_SOURCE,
                                             "classify": config.model_dump(mode="json")})
