@@ -53,8 +53,11 @@ def prefect_api(timeout: float = STARTUP_SECONDS) -> Iterator[str]:
         return
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    # No analytics from the temporary server whatever imported this module (the telemetry
+    # service otherwise logs an ERROR per attempt on a machine without internet).
+    env = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", **os.environ}
     guard = subprocess.Popen(
-        [sys.executable, "-m", "flows._server"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        [sys.executable, "-m", "flows._server"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
     )
     try:
         url = _read_url(guard, timeout)

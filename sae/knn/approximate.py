@@ -6,10 +6,15 @@
    (``index.neighbor_graph``: no query needed);
 3. off-diagonal pairs query the other block's index with the query block,
    ``k = n_neighbors_build``, ``epsilon = search_epsilon`` (B (B - 1) tasks);
-4. a merge per query block as for the exact method (B tasks, `sae.knn.exact.merge_top_k`).
+4. each query block's K nearest so far folded with every new candidate list as
+   soon as it is found (`sae.knn.exact.merge_top_k`, by distance then index: the
+   same K as one merge of all candidates), so that a query block holds one
+   (block_size, K) list at a time, not its B candidate lists of
+   n_neighbors_build each (at 1.29M frames in blocks of 50,000, the B^2 lists
+   of 30 would be ~16 GB).
 
 Cost: B builds of ~block_size log(block_size) work each and B (B - 1)
-queries of block_size frames, i.e. query work ~ B N log(block_size):
+queries of block_size frames (each followed by its fold), i.e. query work ~ B N log(block_size):
 bigger blocks mean fewer, better-balanced tasks, and the query cost grows
 linearly with B.  The scheduler runs every query task where its index
 lives.  A task holds at most one index (its block plus a graph of
@@ -99,6 +104,14 @@ def _query_index(
     return np.where(indices < 0, -1, indices + offset), distances
 
 
+def _query_and_fold(
+    index: Any, queries: np.ndarray, offset: int, n_reference: int, k: int, epsilon: float,
+    nearest: tuple[np.ndarray, np.ndarray], n_neighbors: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Query one index (`_query_index`) and fold its candidates into ``nearest``, the K nearest so far."""
+    return merge_top_k([nearest, _query_index(index, queries, offset, n_reference, k, epsilon)], n_neighbors)
+
+
 def block_seeds(random_state: int, n_blocks: int) -> list[int]:
     """Independent 31-bit seeds, one per block, derived from ``(random_state, block)``.
 
@@ -123,7 +136,7 @@ def approximate_neighbors(
     """Approximate K nearest neighbours of every row of X with blocked pynndescent.
 
     Scheme and cost: see the module docstring (B builds, B (B - 1) queries,
-    B merges, B = ceil(N / block_size)).
+    B (B - 1) folds, B = ceil(N / block_size)).
 
     Parameters
     ----------
@@ -167,19 +180,16 @@ def approximate_neighbors(
         raise ValueError(f"every block needs at least 2 rows: lower or raise block_size (got {block_size} for N={n_samples})")
     seeds = block_seeds(random_state, len(blocks))
     build = dask.delayed(_build_index, pure=True)
-    own = dask.delayed(_index_own_neighbors, pure=True, nout=2)
-    query = dask.delayed(_query_index, pure=True, nout=2)
-    merge = dask.delayed(merge_top_k, pure=True, nout=2)
+    own = dask.delayed(_index_own_neighbors, pure=True)
+    fold = dask.delayed(_query_and_fold, pure=True)
     indexes = [build(block, n_neighbors_build, metric, seed, n_jobs) for block, seed in zip(blocks, seeds)]
     merged = []
     for q, (q_block, q_off) in enumerate(zip(blocks, offsets)):
-        candidates = []
+        nearest = own(indexes[q], q_off, n_neighbors)
         for r, (index, r_off) in enumerate(zip(indexes, offsets)):
-            if r == q:
-                candidates.append(own(index, q_off, n_neighbors))
-            else:
-                candidates.append(query(index, q_block, r_off, sizes[r], n_neighbors_build, search_epsilon))
-        merged.append(merge(candidates, n_neighbors))
+            if r != q:
+                nearest = fold(index, q_block, r_off, sizes[r], n_neighbors_build, search_epsilon, nearest, n_neighbors)
+        merged.append(nearest)
     logger.info(
         "approximate kNN: N=%d, K=%d (built with %d), %d blocks: %d builds, %d queries",
         n_samples, n_neighbors, n_neighbors_build, len(blocks), len(blocks), len(blocks) * (len(blocks) - 1),
