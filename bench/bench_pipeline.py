@@ -176,7 +176,7 @@ def remove_store(store: Path) -> None:
 
 def preprocess_completed(store: str, key: str) -> float:
     """When ``preprocess/<key>`` was completed (epoch seconds, to the second): the graph task starts then."""
-    completed = sae_store.stage_group(store, "preprocess", key, mode="r").attrs["completed"]
+    completed = sae_store.stage_group(store, keys.PREPROCESS, key, mode="r").attrs["completed"]
     return datetime.fromisoformat(completed).timestamp()
 
 

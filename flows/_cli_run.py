@@ -19,6 +19,7 @@ import typer
 from flows._cli_config import USAGE_ERROR
 from sae.config import PipelineConfig
 
+
 def fail(error: BaseException, code: int) -> typer.Exit:
     """Print ``error`` as one ``error:`` line (its traceback too when $SAE_TRACEBACK is set); the exit to raise."""
     if os.environ.get("SAE_TRACEBACK"):

@@ -45,7 +45,7 @@ from sae.report import (
     noise_table_markdown,
     plot_noise_experiment,
 )
-from sae.stages.results import brief
+from sae.stages.results import brief, check_folds
 from sae.store.keys import MODEL, PREPROCESS, experiment_paths, experiment_tag, group_name, parse_source
 
 COLUMNS = ("baseline", "lambda_g_off", "lambda_g_on")
@@ -145,6 +145,7 @@ def run_experiment(config: PipelineConfig, noise_stds: tuple[float, ...], lambda
     address = dask_address(config)
     with sae_store.store_lock(config.ingest.store):
         run_ingest_stage(config, address)
+        check_folds(config.ingest.store, config.classify)  # before any training
         runnable = noise_experiment_flow
         if address is not None:
             runnable = runnable.with_options(task_runner=make_task_runner(address))

@@ -52,7 +52,8 @@ from sae.config import PipelineConfig
 from sae.report import accuracy_table, inline_images, pipeline_report
 from sae.stages import classify_stage, export_stage, graph_stage, ingest_stage, train_stage
 from sae.stages.inputs import require_frames
-from sae.stages.train import model_complete, train_inputs
+from sae.stages.results import check_folds
+from sae.stages.train import require_model, train_inputs
 from sae.store.keys import stage_keys
 
 DASK_ADDRESS_VARIABLE = "SAE_DASK_ADDRESS"
@@ -199,8 +200,8 @@ def preflight(stage: str, config: PipelineConfig) -> None:
         require_frames(store)
         if stage in ("train", "classify"):
             train_inputs(config)
-        if stage == "classify" and not model_complete(store, keys["model"], config.train.model.max_outer):
-            raise RuntimeError(f"store {store!r} has no complete model/{keys['model']}: run the train stage first")
+        if stage == "classify":
+            require_model(store, keys["model"], config.train.model.max_outer)
     except RuntimeError as error:
         raise PreflightError(str(error)) from None
 
@@ -292,6 +293,7 @@ def pipeline_flow(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]: 
     with sae_store.store_lock(config.ingest.store):  # one run writes a store at a time
         ingest = run_ingest_stage(config, address)
         skipped["ingest"] = ingest["skipped"]
+        check_folds(config.ingest.store, config.classify)
         for stage, run in (("graph", run_graph_stage), ("train", run_train_stage)):
             skipped[stage] = run(config, address)["skipped"]
         out = run_classify_stage(config, address)

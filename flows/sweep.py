@@ -72,7 +72,7 @@ from sae.report import (
     sweep_report,
     sweep_table,
 )
-from sae.stages.results import brief
+from sae.stages.results import brief, check_folds
 from sae.store.keys import SWEEP, feature_sources, stage_keys, sweep_key, sweep_paths
 from sae.sweep import point_row, resolve_parameter, sweep_grid, sweep_points, write_csv
 
@@ -186,6 +186,8 @@ def sweep_flow(
 
     with sae_store.store_lock(store):  # one run writes a store at a time
         ingest = run_ingest_stage(points[0].config, address)  # shared by every point
+        for point in points:  # before any training (a sweep may vary the protocol)
+            check_folds(store, point.config.classify)
         stages = sweep_stages_flow
         if address is not None:
             stages = stages.with_options(task_runner=make_task_runner(address))

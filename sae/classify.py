@@ -200,6 +200,11 @@ def cv_splits(
         raise ValueError(f"n_splits must be >= 2, got {n_splits}")
     if n_repeats < 1:
         raise ValueError(f"n_repeats must be >= 1, got {n_repeats}")
+    if protocol != "thesis":
+        n_groups = np.unique(groups).size
+        if n_splits > n_groups:
+            raise ValueError(f"n_splits must be <= the number of groups ({n_groups}), got {n_splits}")
+        check_groups_per_label(labels, groups)
     placeholder = np.zeros((labels.size, 1))
     splits = []
     for repeat, seed in enumerate(_repeat_seeds(random_state, n_repeats)):
@@ -207,10 +212,6 @@ def cv_splits(
             splitter = ShuffleSplit(n_splits=n_splits, test_size=test_size, random_state=seed)
             folds = splitter.split(placeholder)
         else:
-            n_groups = np.unique(groups).size
-            if n_splits > n_groups:
-                raise ValueError(f"n_splits must be <= the number of groups ({n_groups}), got {n_splits}")
-            check_groups_per_label(labels, groups)
             splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
             folds = splitter.split(placeholder, labels, groups)
         for fold, (_, test) in enumerate(folds):

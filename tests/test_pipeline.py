@@ -141,3 +141,14 @@ def test_resolve_paths_makes_paths_absolute(tmp_path, monkeypatch):
     assert config.ingest.store == str(tmp_path / "rel.zarr")
     with_data = PipelineConfig(ingest={"data": "music", "store": "x.zarr"})
     assert resolve_paths(with_data).ingest.data == str(tmp_path / "music")
+
+
+def test_a_label_held_by_one_clip_is_refused_before_training(prefect_harness, tmp_path):
+    """Grouped folds could not train on a genre of one clip: refused once the clips are in, before any training."""
+    config = tiny_config(tmp_path / "lonely.zarr")
+    config = config.model_copy(update={"ingest": config.ingest.model_copy(
+        update={"dataset": config.ingest.dataset.model_copy(update={"clips_per_genre": 1})})})
+    with pytest.raises(ValueError, match="label 'blues', 'classical', 'country' has only 1"):
+        pipeline_flow(config)
+    store = str((tmp_path / "lonely.zarr").resolve())
+    assert sorted(sae_store.stages(store)) == ["ingest"]  # the ingestion is kept; nothing was trained

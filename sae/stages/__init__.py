@@ -12,7 +12,7 @@ Modules
 - `sae.stages.inputs`: what a stage needs (a complete ingestion, complete groups);
 - `sae.stages.ingest`: ``ingest/<key>``; `ingest_complete`, `repair_frames`, `check_ingestion`;
 - `sae.stages.graph`: ``preprocess/<key>`` and ``graph/<key>``; `graph_current`;
-- `sae.stages.train`: ``model/<key>``; `model_complete`;
+- `sae.stages.train`: ``model/<key>``; `model_complete`, `require_model`;
 - `sae.stages.results`: ``results/<key>``; `results_current`, `classify_features`,
   `classify_inductive`, `classify_sources`;
 - `sae.stages.export`: the model folder ``<store>-models/<model key>``.
@@ -24,6 +24,7 @@ from sae.stages.ingest import check_ingestion, ingest_complete, ingest_stage, re
 from sae.stages.inputs import require, require_frames
 from sae.stages.results import (
     brief,
+    check_folds,
     classify_features,
     classify_inductive,
     classify_sources,
@@ -33,7 +34,7 @@ from sae.stages.results import (
     read_summaries,
     results_current,
 )
-from sae.stages.train import model_complete, train_inputs, train_stage
+from sae.stages.train import model_complete, require_model, train_inputs, train_stage
 
 STAGES = ("ingest", "graph", "train", "classify")
 """The stages of a pipeline, in order (the model folder's export follows them)."""
@@ -43,8 +44,8 @@ __all__ = [
     "require", "require_frames",
     "ingest_stage", "ingest_complete", "repair_frames", "check_ingestion", "record_ingestion",
     "graph_stage", "graph_current",
-    "train_stage", "model_complete", "train_inputs",
-    "classify_stage", "results_current", "read_summaries", "brief", "open_rows", "open_source",
+    "train_stage", "model_complete", "require_model", "train_inputs",
+    "classify_stage", "check_folds", "results_current", "read_summaries", "brief", "open_rows", "open_source",
     "classify_features", "classify_inductive", "classify_sources",
     "export_stage",
 ]

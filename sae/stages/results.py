@@ -29,7 +29,7 @@ from sae import store as sae_store
 from sae.config import ClassifyConfig, PipelineConfig
 from sae.progress import ProgressCallback
 from sae.stages.inputs import require
-from sae.stages.train import model_complete
+from sae.stages.train import require_model
 from sae.store.keys import (
     INDUCTIVE_SOURCE,
     MODEL,
@@ -130,15 +130,21 @@ def _complete(store: str, group: Any, summaries: dict[str, dict[str, Any]], sour
     sae_store.mark_complete(group, inputs=[root[path] for path in sorted(set(sources))])
 
 
-def check_folds(config: ClassifyConfig, row_clips: np.ndarray, clip_labels: np.ndarray, clip_groups: np.ndarray,
-                class_names: list[str]) -> None:
-    """Refuse, before any work, grouped folds that could not train and test every label (named in the message)."""
+def check_folds(store: str, config: ClassifyConfig) -> None:
+    """Refuse grouped folds that could not train and test every label of the store's ok clips (named).
+
+    Run by the pipeline as soon as the clips are ingested (before hours of
+    training) and by `classify_sources`; `sae.classify.cv_splits` refuses them
+    too, by label index, once the vectors are built.
+    """
     from sae.classify import check_groups_per_label
 
     if config.protocol == "thesis":
         return
-    clips = np.unique(row_clips)
-    check_groups_per_label(clip_labels[clips], clip_groups[clips], names=class_names)
+    root = sae_store.open_store(store)
+    clips = sae_store.ok_clips(root)
+    check_groups_per_label(sae_store.clip_table(root)["label_index"][clips], sae_store.clip_group_index(root)[clips],
+                           names=sae_store.store_labels(root))
 
 
 def classify_features(
@@ -154,7 +160,6 @@ def classify_features(
     from sae.pooling import aggregate_clips, aggregate_options
 
     row_clips, clip_labels, class_names, clip_groups = open_rows(store, preprocess_key)
-    check_folds(config, row_clips, clip_labels, clip_groups, class_names)
     array = open_source(store, source)
     if array.shape[0] != row_clips.shape[0]:
         raise ValueError(
@@ -181,7 +186,6 @@ def classify_inductive(
     from sae.preprocess import open_preprocessed
 
     row_clips, clip_labels, class_names, clip_groups = open_rows(store, preprocess_key)
-    check_folds(config, row_clips, clip_labels, clip_groups, class_names)
     frames = open_preprocessed(store, preprocess_key)["X"]
     group = _new_results_group(store, key, {"preprocess_key": preprocess_key, "source": INDUCTIVE_SOURCE,
                                             "classify": config.model_dump(mode="json")})
@@ -242,6 +246,7 @@ def classify_sources(
     key = results_key(preprocess_key, features, config)
     if results_current(store, key):
         return key, True, read_summaries(store, key)
+    check_folds(store, config)
     keys = feature_keys(preprocess_key, features, config)
     summaries: dict[str, dict[str, Any]] = {}
     futures = {}
@@ -284,8 +289,7 @@ def classify_stage(config: PipelineConfig, run: Callable[..., dict[str, Any]], *
     store, keys = config.ingest.store, stage_keys(config)
     with sae_store.store_lock(store):
         require(store, PREPROCESS, keys["preprocess"], "graph")
-        if not model_complete(store, keys["model"], config.train.model.max_outer):
-            raise RuntimeError(f"store {store!r} has no complete model/{keys['model']}: run the train stage first")
+        require_model(store, keys["model"], config.train.model.max_outer)
         markdown, png = report_paths(store, keys["results"])
         if results_current(store, keys["results"]) and markdown.exists() and png.exists():
             summaries = read_summaries(store, keys["results"])

@@ -31,6 +31,12 @@ def model_complete(store: str, key: str, max_outer: int) -> bool:
     return state is not None and (state["stop_reason"] == "rtol" or state["iteration"] >= max_outer)
 
 
+def require_model(store: str, key: str, max_outer: int) -> None:
+    """Fail unless ``model/<key>`` is complete for ``max_outer`` (`model_complete`), saying to train first."""
+    if not model_complete(store, key, max_outer):
+        raise RuntimeError(f"store {store!r} has no complete model/{key}: run the train stage first")
+
+
 def train_inputs(config: PipelineConfig) -> str | None:
     """Check that the inputs of the training of ``config`` are complete; returns its graph key (None without graph).
 

@@ -216,9 +216,14 @@ def experiment_tag(results_keys: Sequence[str]) -> str:
 # --------------------------------------------------------------------------- paths beside a store
 
 
+def _beside(store: str | os.PathLike, suffix: str) -> Path:
+    """``<store><suffix>``: a name beside the store's own (a trailing slash of ``store`` ignored)."""
+    return Path(f"{os.fspath(store).rstrip('/')}{suffix}")
+
+
 def report_folder(store: str | os.PathLike) -> Path:
     """Where the reports of a store go: ``<store>-reports/`` beside it."""
-    return Path(f"{os.fspath(store).rstrip('/')}-reports")
+    return _beside(store, "-reports")
 
 
 def report_paths(store: str | os.PathLike, key: str) -> tuple[Path, Path]:
@@ -261,7 +266,7 @@ def prediction_paths(store: str | os.PathLike, key: str) -> tuple[Path, Path]:
 
 def default_model_path(store: str | os.PathLike, model_key: str) -> Path:
     """Where the pipeline exports ``model/<key>`` of a store: ``<store>-models/<key>`` beside it."""
-    return Path(f"{str(store).rstrip('/')}-models") / model_key
+    return _beside(store, "-models") / model_key
 
 
 def builtin_data_folder(store: str | os.PathLike) -> Path:
