@@ -1,7 +1,7 @@
 """What a user sees of the long steps while they run: Prefect progress artifacts, the terminal, the log.
 
 A `Progress` follows one step of a run (ingestion in clips, the kNN search in
-query blocks, a training in outer iterations, a cross-validation in splits);
+steps (builds, queries, merges), a training in outer iterations, a cross-validation in splits);
 it is a progress callback of `sae.progress` (``progress(done, total)``), and:
 
 - inside a Prefect flow or task run, it creates a progress artifact (key
@@ -82,7 +82,7 @@ class Progress:
         Parts of the step; None: given by the first update (the artifact is
         created then), as `sae.progress` callbacks do with ``progress(0, total)``.
     unit : str
-        What a part is (``"clips"``, ``"blocks"``, ``"outer iterations"``, ``"splits"``).
+        What a part is (``"clips"``, ``"steps"``, ``"outer iterations"``, ``"splits"``).
     store : str, optional
         The store the step works on: the terminal display of a command shows
         the steps of its own store only.

@@ -7,7 +7,7 @@ metadata only:
 2. ``graph`` -> `sae.graph.run_graph`: blocked kNN as plain Dask tasks (or,
    with ``method="faiss"``, one faiss HNSW index in the task's own process,
    on all its cores), recall against exact search on a sample, W and L written as CSR (skipped when
-   complete); the kNN search's progress in query blocks is a progress
+   complete); the kNN search's progress in steps (builds, queries, merges) is a progress
    artifact of the task run (`flows._progress`).
 
 Inside a task the Dask work goes to the cluster of a ``DaskTaskRunner``
@@ -65,7 +65,7 @@ def graph_task(store: str, preprocess_key: str, config: GraphConfig) -> dict[str
     """kNN, recall, W and L written to ``graph/<key>``."""
     with dask_scheduler() as where:
         get_run_logger().info("kNN (%s, %s) on %s", config.method, config.metric, where)
-        progress = Progress("knn", None, "blocks", store=store, log_seconds=10.0)
+        progress = Progress("knn", None, "steps", store=store, log_seconds=10.0)
         return run_graph(store, preprocess_key, config, progress=progress)
 
 

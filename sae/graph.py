@@ -339,8 +339,9 @@ def run_graph(
       or ``recall_sample = 0``), ``recall_queries``, ``knn_seconds``.
 
     Skipped when the group is complete (unless ``overwrite``).  Dask work runs
-    on the active client, else the threaded scheduler.  ``progress(done, B)``
-    is called as the kNN search completes its B query blocks (`sae.progress`).
+    on the active client, else the threaded scheduler.  ``progress(done, total)``
+    is called as the kNN search completes its steps (each block's build, its
+    queries and merges: `sae.knn`; `sae.progress`).
     The "faiss" method holds its index of all N frames in this process and
     runs on all its cores (`sae.knn.faiss_neighbors`).
 

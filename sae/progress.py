@@ -61,26 +61,45 @@ def _distributed_client() -> Any:
     return owner if isinstance(owner, Client) else None
 
 
-def compute(*objects: Any, progress: ProgressCallback | None = None) -> tuple:
-    """``dask.compute(*objects)``, calling ``progress(done, len(objects))`` as each object is computed.
+def compute(*objects: Any, progress: ProgressCallback | None = None, parts: Sequence[Any] | None = None) -> tuple:
+    """``dask.compute(*objects)``, calling ``progress(done, total)`` as each part is computed.
 
-    On a distributed client the objects become futures, waited for as they
-    complete; on a local scheduler a callback counts the tasks that produce
-    them.  The results are those of ``dask.compute``.
+    The parts are ``objects`` themselves by default; ``parts`` (delayed
+    objects of the same graph, ``objects`` among them or not) counts finer
+    steps instead, e.g. every build and query of a blocked search, whose
+    outputs only complete at its end.  On a distributed client the parts become
+    futures, waited for as they complete (one that is not an output is
+    released as soon as it is counted, so it is not held longer than its
+    dependents need it); on a local scheduler a callback counts the tasks that
+    produce them.  The results are those of ``dask.compute``.
     """
     if progress is None:
         return dask.compute(*objects)
+    counted = list(objects) if parts is None else list(parts)
     client = _distributed_client()
     if client is not None:
-        futures = client.compute(list(objects))
+        from distributed import as_completed
+
+        counted_keys = {getattr(part, "key", None) for part in counted} - {None}
+        output_keys = {getattr(obj, "key", None) for obj in objects}
+        extra = [part for part in counted if getattr(part, "key", None) not in output_keys]
+        futures = client.compute(list(objects) + extra)
+        outputs, others = futures[:len(objects)], futures[len(objects):]
+        watched = [f for f in outputs if f.key in counted_keys] + others
+        released = {f.key for f in others}
         try:
-            return tuple(gather(client, futures, progress))
+            progress(0, len(watched))
+            for done, future in enumerate(as_completed(watched), start=1):
+                progress(done, len(watched))
+                if future.key in released:
+                    future.release()
+            return tuple(client.gather(outputs))
         finally:
-            client.cancel(futures)
+            client.cancel(outputs)
     from dask.callbacks import Callback
 
-    total = len(objects)
-    wanted = {getattr(obj, "key", None) for obj in objects} - {None}
+    total = len(counted)
+    wanted = {getattr(obj, "key", None) for obj in counted} - {None}
     finished: set = set()
 
     def count(key: Any, *_: Any) -> None:
@@ -91,6 +110,6 @@ def compute(*objects: Any, progress: ProgressCallback | None = None) -> tuple:
     progress(0, total)
     with Callback(posttask=count):
         results = dask.compute(*objects)
-    if len(finished) < total:  # objects that were not tasks of the graph (constants, renamed keys)
+    if len(finished) < total:  # parts that were not tasks of the graph (constants, renamed keys)
         progress(total, total)
     return results

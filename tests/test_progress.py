@@ -16,7 +16,7 @@ from flows._dask import LOOPBACK
 from flows._progress import ARTIFACT_SECONDS, PROGRESS_RECORD, TOPIC, Progress, TerminalDisplay, artifact_key
 from sae.classify import cross_validate
 from sae.config import ClassifyConfig
-from sae.knn import exact_neighbors
+from sae.knn import approximate_neighbors, exact_neighbors
 from sae.pooling import aggregate_clips
 from sae.progress import compute
 
@@ -55,14 +55,31 @@ def test_compute_reports_each_object_locally_and_on_a_cluster(client):
         check_calls(calls, 5)
 
 
-def test_the_knn_search_reports_its_query_blocks_with_the_same_result(rng, client):
-    X = rng.random((90, 4))
-    reference = exact_neighbors(X, 3, block_size=40)
-    calls = Calls()
+def test_the_knn_search_reports_every_step_with_the_same_result(rng, client):
+    """Exact search: B^2 tiles and B merges; approximate: B builds, B own lists, B (B - 1) folds; locally and on
+    a cluster, the same neighbours as without progress."""
+    X = rng.random((90, 4)).astype(np.float32)
+    B = 3  # ceil(90 / 40)
+    for search, options in ((exact_neighbors, {}), (approximate_neighbors, {"n_neighbors_build": 5})):
+        reference = search(X, 3, block_size=40, **options)
+        for scheduler in ("threads", client.get):
+            calls = Calls()
+            with dask.config.set(scheduler=scheduler):
+                found = search(X, 3, block_size=40, progress=calls, **options)
+            check_calls(calls, B * (B + 1))
+            np.testing.assert_array_equal(found[0], reference[0])
+            np.testing.assert_array_equal(found[1], reference[1])
+
+
+def test_compute_counts_intermediate_parts_and_releases_them(client):
+    """``parts``: every intermediate counted once; the outputs' values unchanged; nothing left on the cluster."""
+    first = [dask.delayed(abs)(-i) for i in range(4)]
+    second = [dask.delayed(sum)([a, 1]) for a in first]
     with dask.config.set(scheduler=client.get):
-        found = exact_neighbors(X, 3, block_size=40, progress=calls)
-    check_calls(calls, 3)  # ceil(90 / 40) query blocks
-    np.testing.assert_array_equal(found[0], reference[0])
+        calls = Calls()
+        assert compute(*second, progress=calls, parts=first + second) == (1, 2, 3, 4)
+    check_calls(calls, 8)
+    assert not any(key in client.futures for key in [d.key for d in first + second])
 
 
 def test_cross_validation_reports_its_splits_serially_and_on_a_cluster(rng, client):

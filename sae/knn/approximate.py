@@ -159,7 +159,8 @@ def approximate_neighbors(
         Threads of each pynndescent build (None: all cores).  Dask already
         runs one task per worker thread: keep 1 there.
     progress : callable, optional
-        ``progress(done, B)`` as the query blocks are complete (`sae.progress`).
+        ``progress(done, B (B + 1))`` as the B builds, the B own-block lists and
+        the B (B - 1) query folds complete (`sae.progress`).
 
     Returns
     -------
@@ -183,18 +184,20 @@ def approximate_neighbors(
     own = dask.delayed(_index_own_neighbors, pure=True)
     fold = dask.delayed(_query_and_fold, pure=True)
     indexes = [build(block, n_neighbors_build, metric, seed, n_jobs) for block, seed in zip(blocks, seeds)]
-    merged = []
+    merged, steps = [], list(indexes)
     for q, (q_block, q_off) in enumerate(zip(blocks, offsets)):
         nearest = own(indexes[q], q_off, n_neighbors)
+        steps.append(nearest)
         for r, (index, r_off) in enumerate(zip(indexes, offsets)):
             if r != q:
                 nearest = fold(index, q_block, r_off, sizes[r], n_neighbors_build, search_epsilon, nearest, n_neighbors)
+                steps.append(nearest)
         merged.append(nearest)
     logger.info(
         "approximate kNN: N=%d, K=%d (built with %d), %d blocks: %d builds, %d queries",
         n_samples, n_neighbors, n_neighbors_build, len(blocks), len(blocks), len(blocks) * (len(blocks) - 1),
     )
-    results = compute(*merged, progress=progress)
+    results = compute(*merged, progress=progress, parts=steps)
     return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
 
 

@@ -133,7 +133,7 @@ def exact_neighbors(
     block_size : int
         Rows per block: B = ceil(N / block_size) and B^2 tile tasks.
     progress : callable, optional
-        ``progress(done, B)`` as the query blocks are complete (`sae.progress`).
+        ``progress(done, B (B + 1))`` as the B^2 tiles and the B merges complete (`sae.progress`).
 
     Returns
     -------
@@ -147,12 +147,13 @@ def exact_neighbors(
     check_sizes(n_samples, n_neighbors, block_size)
     pair = dask.delayed(_exact_pair, pure=True, nout=2)
     merge = dask.delayed(merge_top_k, pure=True, nout=2)
-    merged = []
+    merged, steps = [], []
     for q_block, q_off in zip(blocks, offsets):
         candidates = [pair(q_block, q_off, r_block, r_off, n_neighbors, metric) for r_block, r_off in zip(blocks, offsets)]
         merged.append(merge(candidates, n_neighbors))
+        steps += candidates + [merged[-1]]
     logger.info("exact kNN: N=%d, K=%d, %d blocks, %d tile tasks", n_samples, n_neighbors, len(blocks), len(blocks) ** 2)
-    results = compute(*merged, progress=progress)
+    results = compute(*merged, progress=progress, parts=steps)
     return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
 
 
