@@ -1,7 +1,8 @@
 """The thesis's noise experiment as one flow: accuracy against the noise added to the scaled CQT.
 
 For every noise std (default 0, 0.1, 0.2) the flow runs, as coarse Prefect tasks of
-the other stages' flows, each skipped when its stage group is already complete:
+the other stages' flows, each skipped when its stage group is already complete, the
+stages configured by `sae.stages.noise_stages`:
 
 1. ``preprocess`` (`flows.graph`): the scaled frames plus noise of that std (the graph,
    the models and the baseline all see the same noisy frames);
@@ -12,7 +13,8 @@ the other stages' flows, each skipped when its stage group is already complete:
 
 It returns and publishes the thesis's table (noise std x feature set, with the
 published figures in brackets, `sae.report.noise_table_markdown`) and a plot
-(`sae.report.plot_noise_experiment`) written beside the store::
+(`sae.report.plot_noise_experiment`) written beside the store
+(`sae.stages.write_experiment_outputs`)::
 
     from prefect_dask import DaskTaskRunner
     from flows.experiments import noise_experiment_flow
@@ -27,6 +29,7 @@ published figures in brackets, `sae.report.noise_table_markdown`) and a plot
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -38,18 +41,11 @@ from flows.classify import submit_classification
 from flows.graph import graph_task, preprocess_task
 from flows.train import train_task
 from sae.config import ClassifyConfig, GraphConfig, PipelineConfig, PreprocessConfig, TrainConfig
-from sae.report import (
-    PUBLISHED_NOISE_TABLE,
-    experiment_report,
-    inline_images,
-    noise_table_markdown,
-    plot_noise_experiment,
-)
+from sae.report import inline_images
+from sae.stages.experiment import COLUMNS, noise_features, noise_keys, noise_stages, write_experiment_outputs
 from sae.stages.results import brief, check_folds
-from sae.store.keys import MODEL, PREPROCESS, experiment_paths, experiment_tag, group_name, parse_source
 
-COLUMNS = ("baseline", "lambda_g_off", "lambda_g_on")
-"""Feature sets of the table, named as `sae.report.PUBLISHED_NOISE_TABLE`."""
+__all__ = ["COLUMNS", "noise_experiment_flow", "run_experiment"]
 
 
 @flow(name="noise-experiment", task_runner=ThreadPoolTaskRunner(max_workers=2))
@@ -74,58 +70,36 @@ def noise_experiment_flow(
         n_scores), ``keys`` (noise std -> the stage keys used), ``markdown``, ``png``.
     """
     log = get_run_logger()
-    if lambda_g <= 0:
-        raise ValueError(f"lambda_g must be > 0 (the graph-regularised column), got {lambda_g}")
-    if not noise_stds or any(s < 0 for s in noise_stds):
-        raise ValueError(f"noise_stds must be a non-empty list of values >= 0, got {noise_stds}")
+    stages = noise_stages(noise_stds, lambda_g, preprocess, train)
     table: dict[float, dict[str, dict[str, Any]]] = {}
     keys: dict[float, dict[str, str]] = {}
-    for noise_std in noise_stds:
-        pre = preprocess_task.submit(store, preprocess.model_copy(update={"noise_std": float(noise_std)})).result()
+    for noise in stages:
+        pre = preprocess_task.submit(store, noise.preprocess).result()
         graph_out = graph_task.submit(store, pre["key"], graph).result()
-        models = {
-            "lambda_g_off": train_task.submit(
-                store, pre["key"], None,
-                train.model_copy(update={"model": train.model.model_copy(update={"lambda_g": 0.0})}),
-            ),
-            "lambda_g_on": train_task.submit(
-                store, pre["key"], graph_out["key"],
-                train.model_copy(update={"model": train.model.model_copy(update={"lambda_g": float(lambda_g)})}),
-            ),
-        }
-        features = {"baseline": group_name(PREPROCESS, pre["key"])}
-        features.update({name: group_name(MODEL, future.result()["key"]) for name, future in models.items()})
+        models = {name: train_task.submit(store, pre["key"], graph_key, config)
+                  for name, (graph_key, config) in noise.models(graph_out["key"]).items()}
+        features = noise_features(pre["key"], {name: future.result()["key"] for name, future in models.items()})
         key, reused, summaries = submit_classification(store, pre["key"], features, classify)
-        table[float(noise_std)] = summaries
-        keys[float(noise_std)] = {"preprocess": pre["key"], "graph": graph_out["key"], "results": key,
-                                  **{name: parse_source(source)[1] for name, source in features.items()
-                                     if name != "baseline"}}
+        table[noise.noise_std] = summaries
+        keys[noise.noise_std] = noise_keys(pre["key"], graph_out["key"], key, features)
         log.info(
-            "noise %g: %s%s", noise_std,
+            "noise %g: %s%s", noise.noise_std,
             ", ".join(f"{n} {100 * s['accuracy_mean']:.1f} ± {100 * s['accuracy_std']:.1f}" for n, s in summaries.items()),
             " (reused)" if reused else "",
         )
-    tag = experiment_tag([keys[float(s)]["results"] for s in noise_stds])
-    markdown_path, png_path = experiment_paths(store, tag)
-    # The thesis's figures were measured with its own (leaky) protocol on GTZAN: shown beside that protocol only.
-    published = PUBLISHED_NOISE_TABLE if classify.protocol == "thesis" else None
-    markdown = experiment_report(table, COLUMNS, protocol=classify.protocol, lambda_g=lambda_g, published=published,
-                                 figure=png_path.name)
-    markdown_path.parent.mkdir(parents=True, exist_ok=True)
-    markdown_path.write_text(markdown)
-    plot_noise_experiment(table, png_path, published=published)
+    outputs = write_experiment_outputs(store, noise_stds, table, keys, lambda_g=lambda_g, protocol=classify.protocol)
     if FlowRunContext.get() is not None:
         create_markdown_artifact(
-            inline_images(markdown, png_path.parent), key="noise-experiment",
+            inline_images(outputs["report"], Path(outputs["png"]).parent), key="noise-experiment",
             description=f"Noise experiment on {store}",
         )
     return {
         "store": store,
         "table": {noise_std: brief(summaries) for noise_std, summaries in table.items()},
         "keys": keys,
-        "markdown": str(markdown_path),
-        "png": str(png_path),
-        "text": noise_table_markdown(table, COLUMNS, published=published),
+        "markdown": outputs["markdown"],
+        "png": outputs["png"],
+        "text": outputs["text"],
     }
 
 

@@ -2,7 +2,7 @@
 
 `sweep_flow` runs the pipeline for every point of the grid of
 `sae.sweep.sweep_points`, each stage **once per distinct configuration**: the
-points' stage keys (`sae.store.keys.stage_keys`) are grouped, so
+points' stage keys (`sae.store.keys.stage_keys`) are grouped (`sae.stages.sweep_plan`), so
 
 1. the ingestion (the CQT of every clip) runs once, as in ``sae run``;
 2. ``preprocess`` and ``graph`` tasks (`flows.graph`) run once per distinct
@@ -18,7 +18,8 @@ Steps 2-4 run in the sub-flow `sweep_stages_flow`, whose task runner is the
 cluster's (``config.cluster``, else ``$SAE_DASK_ADDRESS``: a
 ``prefect_dask.DaskTaskRunner``), also when the sweep runs from a deployment.
 A stage already complete in the store (from an earlier run or sweep) is
-reused.  The flow then writes, beside the store in ``<store>-reports/``:
+reused.  The flow then writes (`sae.stages.sweep_rows`, `sae.stages.write_sweep_outputs`),
+beside the store in ``<store>-reports/``:
 ``sweep-<key>.csv`` (one row per point, `sae.sweep.point_row`),
 ``sweep-<key>-metrics.png`` (each metric against the first swept parameter),
 ``sweep-<key>-atoms.png`` (the learned dictionaries), ``sweep-<key>-convergence.png``
@@ -62,19 +63,11 @@ from flows.pipeline import (
 from flows.train import train_task
 from sae import store as sae_store
 from sae.config import PipelineConfig
-from sae.distributed import open_model
-from sae.report import (
-    inline_images,
-    plot_atoms,
-    plot_convergence,
-    plot_sweep_metrics,
-    summary_rows,
-    sweep_report,
-    sweep_table,
-)
+from sae.report import inline_images, summary_rows, sweep_table
 from sae.stages.results import brief, check_folds
-from sae.store.keys import SWEEP, feature_sources, stage_keys, sweep_key, sweep_paths
-from sae.sweep import point_row, resolve_parameter, sweep_grid, sweep_points, write_csv
+from sae.stages.sweep import sweep_plan, sweep_rows, write_sweep_outputs
+from sae.store.keys import sweep_key
+from sae.sweep import resolve_parameter, sweep_grid, sweep_points
 
 
 def _parameter_names(parameters: dict[str, Any]) -> str:
@@ -82,62 +75,45 @@ def _parameter_names(parameters: dict[str, Any]) -> str:
     return "-".join(resolve_parameter(name).rsplit(".", 1)[-1] for name in parameters)
 
 
-def _unique(items: list[tuple[str, Any]]) -> dict[str, Any]:
-    """First item per key, in order."""
-    out: dict[str, Any] = {}
-    for key, item in items:
-        out.setdefault(key, item)
-    return out
-
-
 @flow(name="sweep-stages", flow_run_name=run_namer("sweep-stages", lambda p: _parameter_names(p["parameters"])),
       task_runner=ThreadPoolTaskRunner(max_workers=8))
 def sweep_stages_flow(config: PipelineConfig, parameters: dict[str, list[Any]], parallel: int) -> dict[str, Any]:
     """Steps 2-4 of the module docstring for the points of a sweep whose ingestion is complete.
 
-    Runs on the task runner it is given (`sweep_flow` passes the cluster's);
-    ``config`` has absolute paths.  Returns ``computed`` (stage -> keys
-    computed here) and ``results`` (results key -> feature set -> accuracy_mean,
-    accuracy_std, chance, n_scores).
+    Submits the work of `sae.stages.sweep_plan`, in its order, on the task
+    runner it is given (`sweep_flow` passes the cluster's); ``config`` has
+    absolute paths.  Returns ``computed`` (stage -> keys computed here) and
+    ``results`` (results key -> feature set -> accuracy_mean, accuracy_std,
+    chance, n_scores).
     """
-    points = sweep_points(config, parameters)
+    plan = sweep_plan(sweep_points(config, parameters))
     store = config.ingest.store
-    keys = [stage_keys(point.config) for point in points]
     computed: dict[str, list[str]] = {"preprocess": [], "graph": [], "model": [], "results": []}
 
     # preprocessing and graphs, once per distinct configuration
-    for pre_key, point in _unique([(k["preprocess"], p) for k, p in zip(keys, points)]).items():
-        if not preprocess_task.submit(store, point.config.preprocess).result()["skipped"]:
+    for pre_key, preprocess in plan.preprocess.items():
+        if not preprocess_task.submit(store, preprocess).result()["skipped"]:
             computed["preprocess"].append(pre_key)
-    needs_graph = [((k["preprocess"], k["graph"]), p) for k, p in zip(keys, points)
-                   if p.config.train.model.lambda_g > 0]
-    for (pre_key, graph_key), point in _unique(needs_graph).items():
-        if not graph_task.submit(store, pre_key, point.config.graph).result()["skipped"]:
+    for graph_key, graph in plan.graphs.items():
+        if not graph_task.submit(store, graph.preprocess_key, graph.config).result()["skipped"]:
             computed["graph"].append(graph_key)
 
     # trainings, once per distinct model, `parallel` at a time
-    pending = list(_unique([(k["model"], (k, p)) for k, p in zip(keys, points)]).items())
-    while pending:
-        wave, pending = pending[:parallel], pending[parallel:]
-        futures = {
-            model_key: train_task.submit(
-                store, k["preprocess"], k["graph"] if p.config.train.model.lambda_g > 0 else None, p.config.train
-            )
-            for model_key, (k, p) in wave
-        }
+    for wave in plan.model_waves(parallel):
+        futures = {model_key: train_task.submit(store, model.preprocess_key, model.graph_key, model.train)
+                   for model_key, model in wave}
         for model_key, future in futures.items():
             if not future.result()["skipped"]:
                 computed["model"].append(model_key)
 
     # classification of the baseline and the codes, once per distinct model and classifier
     results: dict[str, dict[str, Any]] = {}
-    for k, point in zip(keys, points):
-        if k["results"] not in results:
-            features = feature_sources(k["preprocess"], k["model"])
-            _, reused, summaries = submit_classification(store, k["preprocess"], features, point.config.classify)
-            results[k["results"]] = brief(summaries)
-            if not reused:
-                computed["results"].append(k["results"])
+    for results_key, classification in plan.classifications.items():
+        _, reused, summaries = submit_classification(store, classification.preprocess_key, classification.features,
+                                                     classification.config)
+        results[results_key] = brief(summaries)
+        if not reused:
+            computed["results"].append(results_key)
     return {"computed": computed, "results": results}
 
 
@@ -203,20 +179,9 @@ def _sweep_outputs(log: Any, config: PipelineConfig, parameters: dict[str, list[
     """The rows of a sweep whose stages are complete, its files and artifacts; the summary of `sweep_flow`."""
     paths = list(points[0].values)
     store = config.ingest.store
-    rows, histories, atoms = [], {}, {}
-    for point in points:
-        k = stage_keys(point.config)
-        model = open_model(store, k["model"])
-        row = point_row(point, model["history"], results[k["results"]], k, stop_reason=model["stop_reason"])
-        rows.append(row)
-        histories[point.label] = model["history"]
-        atoms[point.label] = model["components"]
-        log.info(
-            "%s: accuracy %.1f ± %.1f %% (baseline %.1f), non-zeros %.2f %%, %d outer iterations, %.1f s",
-            point.label, 100 * row["accuracy_mean"], 100 * row["accuracy_std"], 100 * row["baseline_mean"],
-            row["sparsity_percent"], row["outer_iterations"], row["train_seconds"],
-        )
-    files = _write_outputs(store, key, config, parameters, paths, rows, histories, atoms)
+    swept = sweep_rows(store, points, results, log=log)
+    files = write_sweep_outputs(config, parameters, key, paths, swept)
+    rows = swept.rows
     table = sweep_table(rows, paths)
     log.info("sweep %s (%s):\n%s", key, files["csv"], table)
     if FlowRunContext.get() is not None:
@@ -232,38 +197,6 @@ def _sweep_outputs(log: Any, config: PipelineConfig, parameters: dict[str, list[
         )
     return {"key": key, "store": store, "cluster": address, "rows": rows, "table": table, "computed": computed,
             **files}
-
-
-def _write_outputs(
-    store: str,
-    key: str,
-    config: PipelineConfig,
-    parameters: dict[str, list[Any]],
-    paths: list[str],
-    rows: list[dict[str, Any]],
-    histories: dict[str, list[dict[str, Any]]],
-    atoms: dict[str, Any],
-) -> dict[str, str]:
-    """The CSV, the three figures, the markdown report and the ``sweep/<key>`` group; returns the file paths."""
-    files = sweep_paths(store, key)
-    files["csv"].parent.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, files["csv"])
-    plot_sweep_metrics(rows, paths[0], files["metrics_png"])
-    plot_atoms(atoms, files["atoms_png"])
-    plot_convergence(histories, files["convergence_png"])
-    markdown = sweep_report(rows, paths, store=store, protocol=config.classify.protocol, csv=files["csv"].resolve(),
-                            metrics_png=files["metrics_png"].name, convergence_png=files["convergence_png"].name,
-                            atoms_png=files["atoms_png"].name)
-    files["markdown"].write_text(markdown)
-    group = sae_store.stage_group(
-        store, SWEEP, key, mode="w",
-        config={"base": config.model_dump(mode="json", exclude={"cluster", "force"}),
-                "parameters": {p: list(values) for p, values in parameters.items()}},
-    )
-    group.attrs.update({"rows": sae_store.json_safe(rows),
-                        "files": {name: str(path) for name, path in files.items()}})
-    sae_store.mark_complete(group)
-    return {name: str(path) for name, path in files.items()}
 
 
 def run_sweep(config: PipelineConfig, parameters: dict[str, list[Any]], parallel: int | None = None) -> dict[str, Any]:

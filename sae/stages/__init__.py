@@ -15,9 +15,21 @@ Modules
 - `sae.stages.train`: ``model/<key>``; `model_complete`, `require_model`;
 - `sae.stages.results`: ``results/<key>``; `results_current`, `classify_features`,
   `classify_inductive`, `classify_sources`;
-- `sae.stages.export`: the model folder ``<store>-models/<model key>``.
+- `sae.stages.export`: the model folder ``<store>-models/<model key>``;
+- `sae.stages.sweep`: a sweep's distinct work over its points, `sweep_plan`; its rows
+  (`sweep_rows`), files and ``sweep/<key>`` (`write_sweep_outputs`);
+- `sae.stages.experiment`: the noise experiment's stage configurations per noise std
+  (`noise_stages`), the names of its results (`noise_features`, `noise_keys`), its report
+  and plot (`write_experiment_outputs`).
 """
 
+from sae.stages.experiment import (
+    NoiseStages,
+    noise_features,
+    noise_keys,
+    noise_stages,
+    write_experiment_outputs,
+)
 from sae.stages.export import export_stage
 from sae.stages.graph import graph_current, graph_stage
 from sae.stages.ingest import check_ingestion, ingest_complete, ingest_stage, record_ingestion, repair_frames
@@ -34,6 +46,16 @@ from sae.stages.results import (
     read_summaries,
     results_current,
 )
+from sae.stages.sweep import (
+    PlannedClassification,
+    PlannedGraph,
+    PlannedModel,
+    SweepPlan,
+    SweepRows,
+    sweep_plan,
+    sweep_rows,
+    write_sweep_outputs,
+)
 from sae.stages.train import model_complete, require_model, train_inputs, train_stage
 
 STAGES = ("ingest", "graph", "train", "classify")
@@ -48,4 +70,7 @@ __all__ = [
     "classify_stage", "check_folds", "results_current", "read_summaries", "brief", "open_rows", "open_source",
     "classify_features", "classify_inductive", "classify_sources",
     "export_stage",
+    "SweepPlan", "PlannedGraph", "PlannedModel", "PlannedClassification", "SweepRows",
+    "sweep_plan", "sweep_rows", "write_sweep_outputs",
+    "NoiseStages", "noise_stages", "noise_features", "noise_keys", "write_experiment_outputs",
 ]
