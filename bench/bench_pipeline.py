@@ -52,6 +52,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -369,6 +370,8 @@ def plot(results: list[dict[str, Any]], path: str) -> None:
 
 
 def main() -> None:
+    # a kill (SIGTERM) unwinds like Ctrl-C, so every cluster this run started is stopped on the way out
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n-genres", type=int, default=10)
     parser.add_argument("--clips-per-genre", type=int, default=100)
