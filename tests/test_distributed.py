@@ -24,7 +24,7 @@ from sklearn.neighbors import kneighbors_graph
 from flows._dask import LOOPBACK
 from sae.config import ModelConfig
 from sae.distributed import LaplacianRef, Tuning, block_bounds, fit_distributed, read_checkpoint
-from sae.distributed import blocks, memory, offload, zstep
+from sae.distributed import blocks, kernel, memory, offload, zstep
 from sae.distributed.trainer import ClusterBackend, without_work_stealing
 from sae.model import code_step_options, fit_sae, init_dictionary, init_encoder, solve_codes
 from sae.solvers import GAP_EVERY
@@ -367,6 +367,26 @@ def test_a_block_iteration_is_the_same_from_csr_and_dense_iterates():
     np.testing.assert_array_equal(csr.x, dense.x)
     np.testing.assert_array_equal(csr.P, dense.P)
     assert csr.scalars == pytest.approx(dense.scalars, rel=1e-6)
+
+
+def test_a_graph_row_is_the_row_of_the_sparse_products():
+    """`kernel.graph_row` (neighbour rows added four at a time, then the rest) against scipy's L_own x + L_halo h,
+    for rows of 0 to 9 or more entries in each part."""
+    rng = np.random.default_rng(3)
+    n_rows, n_halo, m = 48, 20, 37
+    own = sp.csr_array(sp.random(n_rows, n_rows, density=0.12, random_state=4, dtype=np.float32))
+    halo_part = sp.csr_array(sp.random(n_rows, n_halo, density=0.2, random_state=5, dtype=np.float32))
+    lengths = np.concatenate([np.diff(own.indptr), np.diff(halo_part.indptr)])
+    assert lengths.min() == 0 and lengths.max() >= 9  # empty rows, the four-at-a-time loop and remainders
+    x = rng.standard_normal((n_rows, m), dtype=np.float32)
+    halo = rng.standard_normal((n_halo, m), dtype=np.float32)
+    rows = kernel.GraphRows(own.data, own.indices, own.indptr, halo_part.data, halo_part.indices,
+                            halo_part.indptr, halo, halo)
+    expected = own @ x + halo_part @ halo
+    out = np.empty(m, dtype=np.float32)
+    for i in range(n_rows):
+        kernel.graph_row(rows, i, x, halo, out)
+        np.testing.assert_allclose(out, expected[i], rtol=1e-5, atol=1e-5)
 
 
 def test_dask_counts_the_memory_of_block_states():
