@@ -26,11 +26,16 @@ Modules, in the order they build on each other:
   `sae.store.keys.model_key`).
 
 Measured (``bench/bench_train.py``, GTZAN scale: 1,288,000 x 96, m = 512,
-lambda_g = 100, 15 outer x 20 inner iterations, 2 single-threaded workers on
-2 cores): 20 min, 3.5 s per FISTA iteration (24% of the two cores' float32
-GEMM throughput), 8.2 GB summed peak RSS (two dense generations of iterates:
-~7 GB is the floor of this FISTA in memory); 1 -> 2 workers 1.81-1.95x.  With
-``offload_previous``: 24 min (4.2 s per FISTA iteration), 5.5 GiB.
+lambda_g = 100, 8 blocks, 15 outer x 20 inner iterations, 2 single-threaded
+workers on 2 cores): 18 min 56 s, 3.21 s per FISTA iteration (38 % of the two
+cores' float32 GEMM throughput), 10.25 GiB summed peak RSS (while the codes
+are dense: per worker two generations of its blocks' iterates, the one being
+written and the pool's spares); 1 -> 2 workers 1.81-1.95x.  What the systems
+code earns, per FISTA iteration at full scale: the array pool 20-23 % of the
+time against ``np.empty``; the work-stealing pause 5-8 % when the blocks do
+not divide evenly among the workers (nothing when they do); ``offload_previous``
+1.7 GiB (17 %) of memory for 13-20 % more time, where Dask's spilling saves
+2.3 GiB for 2.7x the time.  (README, "Benchmarks".)
 
 >>> block_bounds(10, 4)
 [(0, 4), (4, 8), (8, 10)]
