@@ -311,7 +311,8 @@ def check_pipeline_run(runs: Runs, config: PipelineConfig, dask_address: str) ->
         f"train {keys['model']}: 2/2 outer iterations (objective ")
     n_rows = open_preprocessed(store, keys["preprocess"])["X"].shape[0]
     n_blocks = -(-n_rows // config.graph.block_size)
-    assert n_blocks > 1 and progress["progress-knn"].description == f"knn: {n_blocks}/{n_blocks} blocks"
+    n_steps = n_blocks * (n_blocks + 1)  # blocked search: B builds (or B^2 tiles), B own lists (or merges), B(B-1) folds
+    assert n_blocks > 1 and progress["progress-knn"].description == f"knn: {n_steps}/{n_steps} steps"
     assert progress["progress-classify-sae"].description == "classify sae: 2/2 splits"
     for key in ("progress-knn", f"progress-train-{keys['model']}", "progress-classify-sae"):
         assert progress[key].task_run_id is not None  # written by the task, on its Dask worker
