@@ -65,7 +65,7 @@ from sae import store as sae_store
 from sae.config import PipelineConfig
 from sae.report import inline_images, summary_rows, sweep_table
 from sae.stages.results import brief, check_folds
-from sae.stages.sweep import sweep_plan, sweep_rows, write_sweep_outputs
+from sae.stages.sweep import SweepPlan, sweep_plan, sweep_rows, write_sweep_outputs
 from sae.store.keys import sweep_key
 from sae.sweep import resolve_parameter, sweep_grid, sweep_points
 
@@ -152,7 +152,8 @@ def sweep_flow(
     check_frames(config)
     config = resolve_paths(config)
     address = dask_address(config)
-    points = sweep_points(config, parameters)
+    plan = sweep_plan(sweep_points(config, parameters))
+    points = plan.points
     if parallel is not None and parallel < 1:
         raise ValueError(f"parallel must be >= 1, got {parallel!r}")
     key = sweep_key(config, sweep_grid(parameters))
@@ -162,8 +163,9 @@ def sweep_flow(
 
     with sae_store.store_lock(store):  # one run writes a store at a time
         ingest = run_ingest_stage(points[0].config, address)  # shared by every point
-        for point in points:  # before any training (a sweep may vary the protocol)
-            check_folds(store, point.config.classify)
+        # before any training, once per distinct classifier setting (a sweep may vary the protocol)
+        for classify in dict.fromkeys(c.config for c in plan.classifications.values()):
+            check_folds(store, classify)
         stages = sweep_stages_flow
         if address is not None:
             stages = stages.with_options(task_runner=make_task_runner(address))
@@ -171,15 +173,15 @@ def sweep_flow(
             out = stages(config=config, parameters=parameters,
                          parallel=parallel or (len(points) if address is not None else 1))
         computed = {"ingest": [] if ingest["skipped"] else [ingest["key"]], **out["computed"]}
-        return _sweep_outputs(log, config, parameters, points, key, out["results"], computed, address)
+        return _sweep_outputs(log, config, parameters, plan, key, out["results"], computed, address)
 
 
-def _sweep_outputs(log: Any, config: PipelineConfig, parameters: dict[str, list[Any]], points: list, key: str,
+def _sweep_outputs(log: Any, config: PipelineConfig, parameters: dict[str, list[Any]], plan: SweepPlan, key: str,
                    results: dict[str, Any], computed: dict[str, list[str]], address: str | None) -> dict[str, Any]:
     """The rows of a sweep whose stages are complete, its files and artifacts; the summary of `sweep_flow`."""
-    paths = list(points[0].values)
+    paths = list(plan.points[0].values)
     store = config.ingest.store
-    swept = sweep_rows(store, points, results, log=log)
+    swept = sweep_rows(plan, results, log=log)
     files = write_sweep_outputs(config, parameters, key, paths, swept)
     rows = swept.rows
     table = sweep_table(rows, paths)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from flows.pipeline import dask_address, pipeline_flow, resolve_paths, run_ingest_stage
+from flows.sweep import sweep_flow
 from sae import load_model
 from sae import store as sae_store
 from sae.config import PipelineConfig
@@ -152,3 +153,6 @@ def test_a_label_held_by_one_clip_is_refused_before_training(prefect_harness, tm
         pipeline_flow(config)
     store = str((tmp_path / "lonely.zarr").resolve())
     assert sorted(sae_store.stages(store)) == ["ingest"]  # the ingestion is kept; nothing was trained
+    with pytest.raises(ValueError, match="has only 1"):  # a sweep too, whatever its points
+        sweep_flow(config, {"lambda_g": [0.0, 100.0]})
+    assert sorted(sae_store.stages(store)) == ["ingest"]

@@ -131,8 +131,7 @@ class SweepRows(NamedTuple):
 
 
 def sweep_rows(
-    store: str,
-    points: Sequence[SweepPoint],
+    plan: SweepPlan,
     results: Mapping[str, Mapping[str, Mapping[str, Any]]],
     *,
     log: Any = logger,
@@ -141,8 +140,8 @@ def sweep_rows(
 
     Parameters
     ----------
-    store : str
-    points : list of SweepPoint
+    plan : SweepPlan
+        The sweep's `sweep_plan` (its points, their stage keys and store).
     results : dict
         Results key -> feature set -> accuracy_mean, accuracy_std, chance, ...
         (`sae.stages.results.brief` of each classification).
@@ -153,9 +152,8 @@ def sweep_rows(
     from sae.sweep import point_row
 
     rows, histories, atoms = [], {}, {}
-    for point in points:
-        k = stage_keys(point.config)
-        model = open_model(store, k["model"])
+    for point, k in zip(plan.points, plan.keys):
+        model = open_model(plan.store, k["model"])
         row = point_row(point, model["history"], results[k["results"]], k, stop_reason=model["stop_reason"])
         rows.append(row)
         histories[point.label] = model["history"]
