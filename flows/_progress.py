@@ -102,6 +102,7 @@ class Progress:
         self.log_seconds = log_seconds
         self.id = f"{step}-{uuid.uuid4().hex[:8]}"
         self._artifact: Any = None
+        self._create_failures = 0
         self._lock = threading.Lock()
         self._timer: threading.Timer | None = None
         self._started = False
@@ -114,14 +115,28 @@ class Progress:
         """Create the artifact and show the step, once its total is known."""
         self._started = True
         if self._run_logger is not None:
-            from prefect.artifacts import create_progress_artifact
-
-            try:
-                self._artifact = create_progress_artifact(self.percent, key=artifact_key(self.step),
-                                                          description=self.text())
-            except Exception as error:  # noqa: BLE001 - progress never fails the work
-                _logger.warning("%s: no progress artifact (%s)", self.step, error)
+            with self._lock:
+                self._create()
         _publish(self.message())
+
+    def _create(self) -> None:
+        """Create the artifact with the state of now (the caller holds the lock).
+
+        A failure (the API busy or out of reach for a moment) is logged, and
+        the next update tries again, no sooner than `ARTIFACT_SECONDS` (the
+        last update at once): a step's artifact is not lost to one failed request.
+        """
+        from prefect.artifacts import create_progress_artifact
+
+        self._artifact_at = time.monotonic()
+        try:
+            self._artifact = create_progress_artifact(self.percent, key=artifact_key(self.step),
+                                                      description=self.text())
+        except Exception as error:  # noqa: BLE001 - progress never fails the work
+            self._create_failures += 1
+            if self._create_failures == 1:
+                _logger.warning("%s: progress artifact not created yet (%s); trying again with the next update",
+                                self.step, error)
 
     @property
     def percent(self) -> float:
@@ -150,7 +165,14 @@ class Progress:
                 return
         finished = self.finished = self.done >= self.total
         now = time.monotonic()
-        if self._artifact is not None:
+        if self._artifact is None and self._run_logger is not None:
+            with self._lock:
+                if self._artifact is None and (finished or now - self._artifact_at >= ARTIFACT_SECONDS):
+                    self._create()
+                    if self._artifact is None and finished:
+                        self._run_logger.warning("%s: no progress artifact (%d requests failed, see the "
+                                                 "worker's log)", self.step, self._create_failures)
+        elif self._artifact is not None:
             with self._lock:
                 wait = ARTIFACT_SECONDS - (now - self._artifact_at)
                 if finished or wait <= 0:

@@ -303,7 +303,8 @@ def check_pipeline_run(runs: Runs, config: PipelineConfig, dask_address: str) ->
     # Progress: every step reached 100 %; the kNN, the training and the splits ran on Dask workers.
     progress = {key: artifact for key, artifact in artifacts.items() if artifact.type == "progress"}
     assert set(progress) == {"progress-ingest", "progress-knn", f"progress-train-{keys['model']}",
-                             "progress-classify-baseline", "progress-classify-sae"}
+                             "progress-classify-baseline", "progress-classify-sae"}, [
+        line for line in logs.splitlines() if "progress artifact" in line]  # why one is missing, if one is
     for key, artifact in progress.items():
         assert float(artifact.data) == 100.0, (key, artifact.data, artifact.description)
     assert progress["progress-ingest"].description.startswith("ingest: 8/8 clips (batch ")

@@ -130,6 +130,43 @@ def test_a_step_in_a_flow_run_is_a_progress_artifact_at_100_percent_when_it_ends
     assert float(knn.data) == pytest.approx(100 * 2 / 3) and knn.description == "knn: 2/3 blocks"
 
 
+def test_an_artifact_whose_creation_fails_once_is_created_by_a_later_update(prefect_harness, monkeypatch):
+    """One failed request (a busy API) does not lose the step's artifact: the next update creates it."""
+    import prefect.artifacts
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+
+    create = prefect.artifacts.create_progress_artifact
+    calls = []
+
+    def busy_once(*args, **kwargs):
+        calls.append(kwargs["key"])
+        if len(calls) == 1:
+            raise RuntimeError("database is locked")
+        return create(*args, **kwargs)
+
+    monkeypatch.setattr(prefect.artifacts, "create_progress_artifact", busy_once)
+
+    @flow(name="progress-retry")
+    def steps() -> list[str]:
+        first = Progress("classify sae", None, "splits")
+        first(0, 4)  # the creation fails here
+        first(1, 4)  # too soon to try again
+        assert first._artifact is None
+        first(4, 4)  # the last update tries at once
+        second = Progress("classify baseline", 4, "splits")
+        second(4)
+        return [str(first._artifact), str(second._artifact)]
+
+    ids = steps()
+    assert calls == ["progress-classify-sae"] * 2 + ["progress-classify-baseline"]
+    with get_client(sync_client=True) as client:
+        artifacts = {str(a.id): a for a in client.read_artifacts() if a.type == "progress"}
+    assert [(artifacts[i].key, float(artifacts[i].data), artifacts[i].description) for i in ids] == [
+        ("progress-classify-sae", 100.0, "classify sae: 4/4 splits"),
+        ("progress-classify-baseline", 100.0, "classify baseline: 4/4 splits")]
+
+
 def test_a_step_outside_runs_only_feeds_the_display():
     stream = io.StringIO()
     with TerminalDisplay(stream, live=True) as display:
