@@ -85,17 +85,29 @@ class _Terminated(BaseException):
 
 @contextmanager
 def _terminated_as_exception() -> Iterator[None]:
-    """SIGTERM raises `_Terminated` in the main thread while the work runs, as Ctrl-C raises KeyboardInterrupt."""
+    """SIGTERM raises `_Terminated` in the main thread while the work runs, and Ctrl-C KeyboardInterrupt.
+
+    Ctrl-C gets a handler of ours too, though Python's raises the same
+    exception: while Python's default handler is installed, an event loop run
+    in the main thread (``asyncio.run``, as libraries' synchronous wrappers do)
+    replaces it by one that cancels the loop's task, and a task that absorbs
+    its cancellation loses the Ctrl-C: the command would run on to the end.
+    """
     import signal
 
-    def handler(signum: int, frame: Any) -> None:
+    def terminated(signum: int, frame: Any) -> None:
         raise _Terminated
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    def interrupted(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = {signum: signal.signal(signum, handler)
+                for signum, handler in ((signal.SIGTERM, terminated), (signal.SIGINT, interrupted))}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _stop_now(stop: BaseException, display: Any = None) -> None:

@@ -253,3 +253,24 @@ def test_sigkill_of_a_run_leaves_no_process_behind(workdir, services):
     assert not alive, [p.cmdline() for p in alive]
     with sae_store.store_lock(root / "killed.zarr", wait=5):  # and the store is free again
         pass
+
+
+def test_ctrl_c_inside_an_event_loop_that_absorbs_cancellation_still_stops_the_command():
+    """While the default handler is installed, asyncio.run turns Ctrl-C into a cancellation of its task; a task
+    that absorbs it would let the command run on. Under the command's handlers, Ctrl-C is KeyboardInterrupt."""
+    import asyncio
+
+    from flows._cli_run import _terminated_as_exception
+
+    async def absorbing() -> str:
+        os.kill(os.getpid(), signal.SIGINT)
+        try:
+            await asyncio.sleep(5)
+        except asyncio.CancelledError:
+            return "absorbed"
+        return "slept"
+
+    assert asyncio.run(absorbing()) == "absorbed"  # what Python's default handler allows: the Ctrl-C is lost
+    with pytest.raises(KeyboardInterrupt), _terminated_as_exception():
+        asyncio.run(absorbing())
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
