@@ -165,31 +165,35 @@ class Progress:
                 return
         finished = self.finished = self.done >= self.total
         now = time.monotonic()
-        if self._artifact is None and self._run_logger is not None:
+        if self._run_logger is not None:
             with self._lock:
-                if self._artifact is None and (finished or now - self._artifact_at >= ARTIFACT_SECONDS):
-                    self._create()
-                    if self._artifact is None and finished:
-                        self._run_logger.warning("%s: no progress artifact (%d requests failed, see the "
-                                                 "worker's log)", self.step, self._create_failures)
-        elif self._artifact is not None:
-            with self._lock:
-                wait = ARTIFACT_SECONDS - (now - self._artifact_at)
-                if finished or wait <= 0:
-                    if self._timer is not None:
-                        self._timer.cancel()
-                        self._timer = None
-                    self._write()
-                elif self._timer is None:  # written later, with the state of then
-                    self._timer = threading.Timer(wait, contextvars.copy_context().run, args=(self._write_later,))
-                    self._timer.daemon = True
-                    self._timer.start()
+                self._update_artifact(finished, now)
         if self.log_seconds is not None and self._run_logger is not None and (
             finished or now - self._log_at >= self.log_seconds
         ):
             self._log_at = now
             self._run_logger.info("%s", self.text(), extra={PROGRESS_RECORD: True})
         _publish(self.message())
+
+    def _update_artifact(self, finished: bool, now: float) -> None:
+        """The artifact follows the step: written (created, if an earlier request failed) at most every
+        `ARTIFACT_SECONDS`, the last update at once (the caller holds the lock)."""
+        wait = ARTIFACT_SECONDS - (now - self._artifact_at)
+        if self._artifact is None:
+            if finished or wait <= 0:
+                self._create()
+                if self._artifact is None and finished:
+                    self._run_logger.warning("%s: no progress artifact (%d requests failed, see the log of the "
+                                             "process that ran the step)", self.step, self._create_failures)
+        elif finished or wait <= 0:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._write()
+        elif self._timer is None:  # written later, with the state of then
+            self._timer = threading.Timer(wait, contextvars.copy_context().run, args=(self._write_later,))
+            self._timer.daemon = True
+            self._timer.start()
 
     def _write(self) -> None:
         """Write the artifact (the caller holds the lock)."""

@@ -408,8 +408,9 @@ PRESETS: dict[str, dict[str, dict]] = {
 """Named recipes (``PipelineConfig.preset``), merged under whatever is given.
 
 "default" is the best recipe measured (README, "What each option does"): log-compressed CQT,
-512 atoms (the thesis's size for its full-dataset runs; on the built-in data 6 points above 64
-and 128 atoms, on the development set level with 128), pooling of every window by mean, std and max, standardised vectors and a ridge classifier
+512 atoms (the thesis's size for its full-dataset runs; on the built-in data 10 and 6 points
+above 64 and 128 atoms, on the development set level with 128), pooling of every window by mean,
+std and max, standardised vectors and a ridge classifier
 whose C is chosen by nested grouped cross-validation (10 folds x 5 repeats); the same preprocessing, pooling and
 classifier serve the baseline, so that the gap measures what the auto-encoder learns.
 "thesis" reproduces the 2015 settings (REFERENCE: magnitude CQT, min-max scaling, the first 298
