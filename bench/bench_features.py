@@ -23,6 +23,7 @@ import argparse
 import resource
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 from sklearn.decomposition import MiniBatchDictionaryLearning
@@ -50,7 +51,7 @@ def reconstruction_objective(X: np.ndarray, Z: np.ndarray, C: np.ndarray, lambda
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", "-c", default=None, help="YAML/TOML configuration, as for sae run")
+    parser.add_argument("--config", "-c", type=Path, default=None, help="YAML/TOML configuration, as for sae run")
     parser.add_argument("--data", default=None)
     parser.add_argument("--store", default=None)
     parser.add_argument("--set", "-s", action="append", default=[], dest="overrides")

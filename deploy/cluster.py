@@ -141,6 +141,11 @@ NO_WORKER_PROFILER = {"DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED": "False"}
 Python 3.11 that call was seen to deadlock against the training's compiled kernels, so it is off (distributed
 already turns its event-loop profiler off on 3.11); the dashboard's Profile page stays empty."""
 
+NO_SPILLING = {"DASK_DISTRIBUTED__WORKER__MEMORY__TARGET": "False", "DASK_DISTRIBUTED__WORKER__MEMORY__SPILL": "False"}
+"""``--no-spill``: the workers keep every result in memory (Dask's pause at 80 % and the nanny's kill at 95 % of
+the limit stay).  A training bounds its own memory (`sae.distributed.budget`); with spilling on it must stay under
+60 % of the limit, because block states that spill can stall it."""
+
 
 def _bin(name: str) -> str:
     """The console script ``name`` next to this Python, or on PATH."""
@@ -198,7 +203,7 @@ def start(args: argparse.Namespace) -> dict:
                 [_bin("dask"), "worker", dask_address, "--host", host, "--nthreads", str(args.threads),
                  "--name", f"worker-{i}", "--memory-limit", args.memory_limit,
                  "--local-directory", str(state.root / "dask"), "--dashboard-address", f"{host}:0"],
-                dict(env, **NO_WORKER_PROFILER),
+                dict(env, **NO_WORKER_PROFILER, **(NO_SPILLING if args.no_spill else {})),
             )
         _wait(lambda: _n_workers(dask_address) >= args.workers, f"{args.workers} Dask worker(s)",
               args.timeout, state.logs / "dask-worker-0.log")
@@ -279,6 +284,9 @@ def main(argv: list[str] | None = None) -> None:
     begin.add_argument("--workers", type=int, default=2, help="Dask worker processes (0: no Dask cluster)")
     begin.add_argument("--threads", type=int, default=1, help="threads per Dask worker")
     begin.add_argument("--memory-limit", default="auto", help="memory limit per Dask worker, e.g. 4GB")
+    begin.add_argument("--no-spill", action="store_true",
+                       help="workers never spill results to disk (they still pause at 80%% of their limit): a "
+                       "training may then use up to the pause threshold instead of 60%% (train.memory_check)")
     begin.add_argument("--no-prefect", action="store_true", help="do not start a Prefect server")
     begin.add_argument("--prefect-worker", action="store_true", help="start a Prefect process worker")
     begin.add_argument("--pool", default="sae-process", help="work pool of the Prefect worker")

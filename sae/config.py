@@ -300,6 +300,18 @@ class TrainConfig(_Config):
         "workers' local disks (direct I/O) instead of their memory: one generation of codes in memory instead of "
         "two, the same result, ~20% more time per iteration (2 workers, one disk).",
     )
+    order: Literal["cluster", "stored"] = Field(
+        "cluster",
+        description="Order of the frames in the blocks of a graph training: 'cluster' groups them by k-means cluster "
+        "of their features, so most kNN neighbours share a block (half the halo rows on a real graph of 1.29M "
+        "frames); 'stored' keeps the store's order. Codes are stored in the store's order either way.",
+    )
+    memory_check: Literal["refuse", "warn"] = Field(
+        "refuse",
+        description="Before training, estimate what each worker will hold (halo plan, iterates, packs) and refuse "
+        "when it exceeds what the worker can give before Dask spills or pauses; during training, stop as soon as "
+        "a worker nears that threshold, spills or pauses. 'warn': log both and go on.",
+    )
     checkpoint: bool = Field(True, description="Write a checkpoint to the store after every outer iteration.")
 
 

@@ -16,7 +16,10 @@ Modules, in the order they build on each other:
 - `kernel`: the compiled pass of one block iteration (tiles, named arguments);
 - `memory`: the workers' array pool for dense iterates, and the sizes Dask
   counts for block states; `offload`: previous iterates in worker-local files
-  (``offload_previous``);
+  (``offload_previous``); `budget`: what a training holds on each worker,
+  checked against Dask's thresholds before and during the training;
+- `order`: the frames grouped by k-means cluster into blocks (a smaller halo),
+  and the moves of rows between the store's chunks and the blocks;
 - `zstep`: the block problem and state, the block FISTA iteration task, the
   client's loop of the global FISTA and its stopping rules;
 - `checkpoints`: the checkpoint slots of a ``model/<key>`` group;

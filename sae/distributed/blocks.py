@@ -152,9 +152,11 @@ def _narrow_indices(matrix: sp.sparray) -> sp.csr_array:
     return matrix
 
 
-def graph_neighbours(block: GraphBlock) -> tuple[tuple[int, ...], float]:
-    """The blocks whose rows ``block`` needs, and its largest absolute row sum."""
-    return block.neighbours, block.abs_row_sum_max
+def graph_summary(block: GraphBlock) -> dict[str, Any]:
+    """What the client needs of a graph block: ``neighbours`` (the blocks whose rows it needs), ``bound`` (its
+    largest absolute row sum), ``nnz``, ``halo_rows`` and ``requests`` (``{neighbour: rows wanted}``)."""
+    return {"neighbours": block.neighbours, "bound": block.abs_row_sum_max, "nnz": block.own.nnz + block.halo.nnz,
+            "halo_rows": block.halo.shape[1], "requests": {c: int(r.size) for c, r in block.requests.items()}}
 
 
 def graph_request(block: GraphBlock, source: int) -> np.ndarray:

@@ -3,7 +3,8 @@
 Two slots, ``checkpoint_0/`` and ``checkpoint_1/``, each holding ``codes``
 (N, m), ``components`` (m, n) and ``encoder`` (m, n, absent when
 ``lambda_e = 0``).  Outer iteration ``k`` writes slot ``k % 2`` (the codes
-block by block, on the workers: one chunk per block, so no lock), then the
+chunk by chunk, on the workers, in the store's order of the frames whatever
+the order of the blocks: one task per chunk, so no lock), then the
 attributes ``history`` (the records of :class:`sae.outer.FitResult`),
 ``stop_reason`` ("" while running) and last ``checkpoint_slot`` and
 ``last_complete_outer = k``: a crash at any point leaves the previous

@@ -93,6 +93,7 @@ def train_model(
     fit = fit_distributed(
         X, config, client=client, laplacian=laplacian, block_size=train.block_size,
         laplacian_norm=train.laplacian_norm, lookahead=train.lookahead, offload_previous=train.offload_previous,
+        memory_check=train.memory_check, order=train.order,
         checkpoint=group, checkpoint_final_only=not train.checkpoint, callback=callback,
     )
     store.mark_complete(group, inputs=inputs, arrays=checkpoint_arrays(group))

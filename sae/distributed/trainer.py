@@ -7,7 +7,9 @@ block by block on the workers, runs the Z step as block tasks
 order** on the client (float64), so the result does not depend on the number
 of workers nor on the order in which tasks finish, and writes checkpoints
 (:mod:`sae.distributed.checkpoints`).  The client holds futures and (m, m),
-(m, n), (n, n) matrices, never an array of size N.
+(m, n), (n, n) matrices, never an (N, m) or (N, n) array; with the frames in
+cluster order (:mod:`sae.distributed.order`) it holds the N-long index maps
+between the store's chunks and the blocks (4 bytes per frame each).
 
 Each block's tasks run on a home worker (block ``b`` on worker ``b mod W``,
 a loose restriction: a lost worker's blocks go elsewhere), so its state stays
@@ -37,14 +39,15 @@ import zarr
 
 from sae.config import ModelConfig
 from sae.distributed.blocks import (
+    LaplacianRef,
     block_bounds,
     block_data_statistics,
     block_residuals,
     block_statistics,
     densify,
     graph_block,
-    graph_neighbours,
     graph_request,
+    graph_summary,
     laplacian_power_norm,
     read_block,
     read_code_block,
@@ -54,8 +57,10 @@ from sae.distributed.blocks import (
     write_block,
     zeros,
 )
+from sae.distributed.budget import BlockPlan, MemoryGuard, check_estimate, training_estimate, worker_budgets
 from sae.distributed.checkpoints import checkpoint_slot, read_checkpoint
 from sae.distributed.memory import release_pool, start_pool_trimming
+from sae.distributed.order import Ordering, cluster_order, laplacian_rows, move_rows
 from sae.distributed.zstep import CodeState, Tuning, block_fista, code_problem, solve_block_codes, state_solution
 from sae.graph import laplacian_norm_bound
 from sae.model import check_laplacian, code_lipschitz, code_step_options, init_dictionary, init_encoder
@@ -156,7 +161,9 @@ class ClusterBackend:
 
     def __init__(self, client: Any, X: Any, laplacian: Any, config: ModelConfig, block_size: int,
                  laplacian_norm: float | str, lookahead: int, offload_previous: bool = False,
-                 tuning: Tuning | None = None) -> None:
+                 tuning: Tuning | None = None, memory_check: str | None = "refuse", order: str = "stored") -> None:
+        # what the workers can give, before this training puts anything on them
+        budgets = worker_budgets(client) if memory_check else {}
         self.client = client
         self.dtype = config.dtype
         self.n_samples, self.n_features = (int(s) for s in X.shape)
@@ -170,16 +177,58 @@ class ClusterBackend:
         self.checkpoint: zarr.Group | None = None
         self.checkpoint_final_only = False
         self.refresh_homes()
-        self.X_blocks = [
-            client.submit(read_block, *row_source(X, start, stop), self.dtype, key=f"sae-X-{self.token}-{b}",
-                          **self._home(b))
-            for b, (start, stop) in enumerate(self.bounds)
-        ]
+        self.ordering = self._order(X, config, order)
+        chunks = [client.submit(read_block, *row_source(X, start, stop), self.dtype, key=f"sae-X-{self.token}-{b}",
+                                **({} if not self.ordering.identity else self._home(b)))
+                  for b, (start, stop) in enumerate(self.bounds)]
+        self.X_blocks = (chunks if self.ordering.identity
+                         else self._to_blocks(chunks, self.n_features, None, f"sae-Xb-{self.token}"))
         self.graph = None
         self.laplacian_norm = None
         check_laplacian(laplacian, self.n_samples, config.lambda_g)
+        self.plans = [BlockPlan(rows=stop - start) for start, stop in self.bounds]
         if config.lambda_g > 0:
             self._setup_graph(laplacian, laplacian_norm)
+        self.guard: MemoryGuard | None = None
+        if memory_check:
+            estimate = training_estimate(
+                self.plans, self.homes, n_features=self.n_features, n_atoms=config.n_atoms,
+                itemsize=np.dtype(self.dtype).itemsize, encoder=config.lambda_e > 0, graph=self.graph is not None,
+                lookahead=lookahead, offload_previous=offload_previous,
+                nthreads={w: b.nthreads for w, b in budgets.items()})
+            check_estimate(estimate, budgets, f"the training ({self.n_samples} frames, m = {config.n_atoms}, "
+                           f"{len(self.bounds)} blocks)", refuse=memory_check == "refuse")
+            self.guard = MemoryGuard(client, budgets, estimate, refuse=memory_check == "refuse")
+
+    # -- the order of the frames in the blocks (sae.distributed.order)
+    def _order(self, X: Any, config: ModelConfig, order: str) -> Ordering:
+        if order not in ("stored", "cluster"):
+            raise ValueError(f"order must be 'stored' or 'cluster', got {order!r}")
+        if order == "stored" or config.lambda_g == 0 or len(self.bounds) < 2:
+            return Ordering(self.n_samples, self.block_size)
+        started = time.perf_counter()
+        ordering = Ordering(self.n_samples, self.block_size,
+                            cluster_order(X, len(self.bounds), random_state=config.random_state))
+        logger.info("frames ordered by k-means cluster for %d blocks in %.1f s", len(self.bounds),
+                    time.perf_counter() - started)
+        # natural row -> block and row in it, -> chunk and row in it, -> row in the blocks' order
+        self.to_blocks_maps = self.client.scatter([ordering.block_of, ordering.position], broadcast=True)
+        self.to_chunks_maps = self.client.scatter(list(ordering.chunk_maps()), broadcast=True)
+        self.relabel_local = ordering.relabel()
+        self.relabel = self.client.scatter(self.relabel_local, broadcast=True)
+        return ordering
+
+    def _to_blocks(self, chunks: list, n_cols: int, density: float | None, key: str) -> list:
+        """Futures of the blocks' rows from futures of the natural chunks' (`move_rows`)."""
+        return move_rows(self.client, chunks, [np.arange(start, stop) for start, stop in self.bounds],
+                         self.ordering.members, self.ordering.block_of, self.to_blocks_maps, n_cols,
+                         self.dtype, density=density, key=key, home=self._home)
+
+    def _to_chunks(self, blocks: list, n_cols: int, key: str) -> list:
+        """Futures of the natural chunks' rows (dense) from futures of the blocks' (`move_rows`)."""
+        return move_rows(self.client, blocks, self.ordering.members,
+                         [np.arange(start, stop) for start, stop in self.bounds], self.ordering.chunk_maps()[0],
+                         self.to_chunks_maps, n_cols, self.dtype, density=None, key=key)
 
     # -- graph
     def _setup_graph(self, laplacian: Any, laplacian_norm: float | str) -> None:
@@ -189,13 +238,26 @@ class ClusterBackend:
         self.graph = []
         row_blocks = []  # released after the norm: only the split blocks stay for the training
         for b, (start, stop) in enumerate(bounds):
-            rows = client.submit(read_laplacian_rows, *row_source(laplacian, start, stop), self.dtype,
-                                 key=f"sae-Lrows-{self.token}-{b}", **self._home(b))
+            if self.ordering.identity:
+                rows = client.submit(read_laplacian_rows, *row_source(laplacian, start, stop), self.dtype,
+                                     key=f"sae-Lrows-{self.token}-{b}", **self._home(b))
+            elif isinstance(laplacian, LaplacianRef):
+                rows = client.submit(laplacian_rows, laplacian, self.ordering.members[b], self.relabel, self.dtype,
+                                     key=f"sae-Lrows-{self.token}-{b}", **self._home(b))
+            else:  # in memory: the block's rows travel inside the task graph (small problems only)
+                block = laplacian_rows(laplacian, self.ordering.members[b], self.relabel_local, self.dtype)
+                rows = client.submit(read_laplacian_rows, block, None, None, self.dtype,
+                                     key=f"sae-Lrows-{self.token}-{b}", **self._home(b))
             row_blocks.append(rows)
             self.graph.append(client.submit(graph_block, rows, bounds, b, key=f"sae-graph-{self.token}-{b}",
                                             **self._home(b)))
-        info = client.gather([client.submit(graph_neighbours, g) for g in self.graph])
-        self.neighbours = [neighbours for neighbours, _ in info]
+        info = client.gather([client.submit(graph_summary, g) for g in self.graph])
+        self.neighbours = [summary["neighbours"] for summary in info]
+        self.plans = [BlockPlan(rows=stop - start, graph_nnz=summary["nnz"], requests=summary["requests"])
+                      for (start, stop), summary in zip(bounds, info)]
+        logger.info("halo: %d rows received per iteration in all (median block %d, largest %d) for %d frames",
+                    sum(p.halo_rows for p in self.plans), int(np.median([p.halo_rows for p in self.plans])),
+                    max(p.halo_rows for p in self.plans), self.n_samples)
         # send_plans[c] = {b: indices of block c's rows that b needs}, built on the workers
         requests = {
             (b, c): client.submit(graph_request, self.graph[b], c, key=f"sae-request-{self.token}-{b}-{c}")
@@ -209,7 +271,8 @@ class ClusterBackend:
         if isinstance(laplacian_norm, (int, float)):
             self.laplacian_norm = float(laplacian_norm)
         elif laplacian_norm == "bound":
-            self.laplacian_norm = laplacian_norm_bound(max(bound for _, bound in info), getattr(laplacian, "kind", None))
+            self.laplacian_norm = laplacian_norm_bound(max(summary["bound"] for summary in info),
+                                                       getattr(laplacian, "kind", None))
         elif laplacian_norm == "power":
             self.laplacian_norm = client.submit(laplacian_power_norm, *row_blocks).result()
         else:
@@ -257,7 +320,8 @@ class ClusterBackend:
         Z_blocks.clear()  # the client lets go of the starting codes (held by the states while needed)
         final, step = block_fista(client, self._home, problems, states, self.neighbours, self.send_plans, config,
                                   tag=tag, outer=outer, lookahead=self.lookahead,
-                                  progress_seconds=self.tuning.progress_seconds, n_codes=self.n_samples * C.shape[0])
+                                  progress_seconds=self.tuning.progress_seconds, n_codes=self.n_samples * C.shape[0],
+                                  guard=self.guard, local_states=not self.offload_previous)
         if final is None:  # the start is better than the last iterate
             return (start if reload is None else reload()), step
         return [client.submit(state_solution, s, key=f"sae-Z-{tag}-{b}", **self._home(b))
@@ -274,6 +338,8 @@ class ClusterBackend:
         ]
         new_blocks = [client.submit(itemgetter(0), r, key=f"sae-Z-{self.token}-{outer}-{b}", **self._home(b))
                       for b, r in enumerate(results)]
+        if self.guard is not None:
+            self.guard.wait(results, f"outer iteration {outer}, Z step")
         infos = client.gather([client.submit(itemgetter(1), r) for r in results])
         n_iter = max(info["n_iter"] for info in infos)
         reasons = sorted({info["stop_reason"] for info in infos})
@@ -341,6 +407,13 @@ class ClusterBackend:
         ]
 
     def read_codes(self, array: zarr.Array, outer: int) -> list:
+        """Futures of the code blocks from the stored codes (natural order: chunk b = rows of block b, or moved)."""
+        if not self.ordering.identity:
+            chunks = [self.client.submit(read_block, array, start, stop, self.dtype,
+                                         key=f"sae-Zchunk-{self.token}-{outer}-{j}")
+                      for j, (start, stop) in enumerate(self.bounds)]
+            return self._to_blocks(chunks, int(array.shape[1]), self.tuning.sparse_density,
+                                   f"sae-Zread-{self.token}-{outer}")
         return [
             self.client.submit(read_code_block, array, start, stop, self.dtype, self.tuning.sparse_density,
                                key=f"sae-Zread-{self.token}-{outer}-{b}", **self._home(b))
@@ -348,14 +421,26 @@ class ClusterBackend:
         ]
 
     def write_codes(self, array: zarr.Array, Z_blocks: list) -> None:
-        written = [
-            self.client.submit(write_block, array, start, stop, Z, pure=False, **self._home(b))
-            for b, ((start, stop), Z) in enumerate(zip(self.bounds, Z_blocks))
-        ]
+        """Write the code blocks to the stored codes in natural order, one chunk per task (no lock)."""
+        if self.ordering.identity:
+            written = [
+                self.client.submit(write_block, array, start, stop, Z, pure=False, **self._home(b))
+                for b, ((start, stop), Z) in enumerate(zip(self.bounds, Z_blocks))
+            ]
+        else:
+            chunks = self._to_chunks(Z_blocks, int(array.shape[1]), f"sae-Zwrite-{uuid.uuid4().hex[:8]}")
+            written = [self.client.submit(write_block, array, start, stop, chunk, pure=False)
+                       for (start, stop), chunk in zip(self.bounds, chunks)]
         self.client.gather(written)
 
     def gather_codes(self, Z_blocks: list) -> np.ndarray:
-        return np.concatenate([densify(Z) for Z in self.client.gather(Z_blocks)], axis=0)
+        blocks = [densify(Z) for Z in self.client.gather(Z_blocks)]
+        if self.ordering.identity:
+            return np.concatenate(blocks, axis=0)
+        out = np.empty((self.n_samples, blocks[0].shape[1]), dtype=blocks[0].dtype)
+        for rows, block in zip(self.ordering.members, blocks):
+            out[rows] = block
+        return out
 
 
 # --------------------------------------------------------------------------- the fit
@@ -371,6 +456,8 @@ def fit_distributed(
     laplacian_norm: float | Literal["power", "bound"] = "power",
     lookahead: int = 2,
     offload_previous: bool = False,
+    memory_check: Literal["refuse", "warn"] | None = "refuse",
+    order: Literal["cluster", "stored"] = "cluster",
     checkpoint: zarr.Group | None = None,
     checkpoint_final_only: bool = False,
     return_codes: bool = False,
@@ -411,6 +498,19 @@ def fit_distributed(
         ``x_k C`` in a file of its worker (:mod:`sae.distributed.offload`)
         instead of its memory: one generation of iterates in memory, not two.
         Same iterates, to the bit.
+    memory_check : "refuse", "warn" or None
+        Estimate what each worker will hold and compare it with what it can
+        give before Dask spills or pauses (:mod:`sae.distributed.budget`);
+        watch the workers' memory during the Z steps.  "refuse": raise
+        `sae.distributed.budget.TrainingDoesNotFit` before training when the
+        estimate exceeds it, and during training as soon as a worker nears its
+        threshold, spills or pauses; "warn": log instead; None: neither.
+    order : "cluster" or "stored"
+        The order of the frames in the blocks of a Z step with the graph term
+        (:mod:`sae.distributed.order`): "cluster" groups them by k-means
+        cluster, so that most of a frame's neighbours are in its block (a
+        smaller halo); "stored" keeps the store's order.  The codes are
+        stored in the store's order either way.
     checkpoint : zarr.Group, optional
         A ``model/<key>`` group: a checkpoint is written after every outer
         iteration and the fit resumes from the last complete one found there.
@@ -439,7 +539,7 @@ def fit_distributed(
         with without_work_stealing(client) if tuning.pause_work_stealing else _nothing():
             return _fit_distributed(X, config, client, laplacian, block_size, laplacian_norm, lookahead,
                                     offload_previous, checkpoint, checkpoint_final_only, return_codes, callback,
-                                    tuning)
+                                    tuning, memory_check, order)
     finally:
         try:
             if tuning.array_pool:
@@ -456,15 +556,18 @@ def _nothing() -> Iterator[None]:
 def _fit_distributed(X: Any, config: ModelConfig, client: Any, laplacian: Any, block_size: int,
                      laplacian_norm: float | str, lookahead: int, offload_previous: bool,
                      checkpoint: zarr.Group | None, checkpoint_final_only: bool, return_codes: bool,
-                     callback: Callable[[dict[str, Any]], None] | None, tuning: Tuning) -> DistributedFit:
+                     callback: Callable[[dict[str, Any]], None] | None, tuning: Tuning,
+                     memory_check: str | None, order: str) -> DistributedFit:
     started = time.perf_counter()
     dtype = config.dtype
     if len(getattr(X, "shape", ())) != 2:
         raise ValueError(f"X must be a 2-D array (n_samples, n_features), got shape {getattr(X, 'shape', None)}")
     if lookahead < 1:
         raise ValueError(f"lookahead must be >= 1, got {lookahead!r}")
+    if memory_check not in ("refuse", "warn", None):
+        raise ValueError(f"memory_check must be 'refuse', 'warn' or None, got {memory_check!r}")
     backend = ClusterBackend(client, X, laplacian, config, block_size, laplacian_norm, lookahead, offload_previous,
-                             tuning)
+                             tuning, memory_check, order)
     backend.checkpoint, backend.checkpoint_final_only = checkpoint, checkpoint_final_only
     m, use_encoder = config.n_atoms, config.lambda_e > 0
     state = read_checkpoint(checkpoint) if checkpoint is not None else None

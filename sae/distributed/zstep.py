@@ -22,8 +22,9 @@ extrapolated from ``P_k = x_k C`` and ``P_{k-1}`` kept in the block's state
 parts of ``F(x_k)`` (``||P_k - X_b||^2``, ``<x_k, (L x_k)_b>``, ...), of the
 adaptive restart test ``<y_k - x_{k+1}, x_{k+1} - x_k> > 0`` and, for the
 gap rule, of the dual point at ``y_k``.  Small tasks cut the halo rows of
-``x_{k+1}`` each neighbour wants (`halo_pack`: one pack per block, moved once
-per worker) and decide the momentum of the next iteration from the summed
+``x_{k+1}`` the neighbours on other workers want (`halo_pack`: one pack per
+block and receiving worker, moved once; a neighbour on the same worker reads
+the rows from the block's state itself) and decide the momentum of the next iteration from the summed
 restart test, in block order (`next_momentum`), on the cluster.  Every
 operation is row-wise but ``L Z``, which the halo makes exact, and the
 restart test, summed globally: the iterates **are** those of the in-memory
@@ -184,9 +185,21 @@ def code_problem(
     )
 
 
-def _stacked_halo(packs: Sequence[dict] | None, index: int, n_cols: int, dtype: Any) -> np.ndarray:
-    """The halo rows a block receives, stacked in neighbour order (dense, C-contiguous)."""
-    rows = [densify(pack[index]) for pack in packs or ()]
+def _stacked_halo(sources: Sequence[Any] | None, index: int, n_cols: int, dtype: Any,
+                  previous: bool = False) -> np.ndarray:
+    """The halo rows block ``index`` receives, stacked in neighbour order (dense, C-contiguous).
+
+    A source is a neighbour's pack (`halo_pack`: ``{receiver: rows}``) or, for
+    a neighbour on the same worker, ``(state, plan)``: its `CodeState` and
+    `send_plan`, whose rows are cut here, from ``x_prev`` when ``previous``.
+    """
+    rows = []
+    for source in sources or ():
+        if isinstance(source, tuple):
+            state, plan = source
+            rows.append(densify((state.x_prev if previous else state.x)[plan[index]]))
+        else:
+            rows.append(densify(source[index]))
     return np.ascontiguousarray(np.vstack(rows), dtype=dtype) if rows else np.zeros((0, n_cols), dtype=dtype)
 
 
@@ -201,7 +214,8 @@ def code_iterate(
     """One FISTA iteration on one block (module docstring): the next `CodeState`.
 
     ``packs`` and ``previous_packs``: the halo rows of ``x_k`` and ``x_{k-1}``
-    from the neighbours; ``momentum``: ``(t_k, alpha_k)``; ``gap``: also the
+    from the neighbours (`_stacked_halo`'s sources: for a neighbour on the same
+    worker, its state, read for both); ``momentum``: ``(t_k, alpha_k)``; ``gap``: also the
     block's parts of the dual point at ``y_k``.  Everything after
     densifying ``x_k`` and ``x_{k-1}`` is one compiled pass,
     :func:`sae.distributed.kernel.block_iterate`: no (N_b, m) temporary but the
@@ -246,7 +260,7 @@ def code_iterate(
     if graph is not None:
         own, halo_part = graph.own, graph.halo
         halo = _stacked_halo(packs, problem.index, m, x.dtype)
-        halo_prev = _stacked_halo(previous_packs, problem.index, m, x.dtype) if used else halo
+        halo_prev = _stacked_halo(previous_packs, problem.index, m, x.dtype, previous=True) if used else halo
         rows = GraphRows(own.data, own.indices, own.indptr, halo_part.data, halo_part.indices, halo_part.indptr,
                          halo, halo_prev)
     else:
@@ -330,10 +344,14 @@ def state_solution(state: CodeState) -> Any:
     return state.x_prev
 
 
-def halo_pack(state: CodeState, plan: dict[int, np.ndarray]) -> dict[int, Any]:
-    """The rows of ``x_k`` every neighbour wants: ``{receiver: rows}`` (CSR when sparse enough)."""
+def halo_pack(state: CodeState, plan: dict[int, np.ndarray],
+              receivers: Sequence[int] | None = None) -> dict[int, Any]:
+    """The rows of ``x_k`` each of ``receivers`` (default: every neighbour) wants: ``{receiver: rows}`` (CSR when
+    sparse enough)."""
     pack = {}
     for receiver, wanted in plan.items():
+        if receivers is not None and receiver not in receivers:
+            continue
         rows = state.x[wanted]
         if not sp.issparse(rows) and rows.size and np.count_nonzero(rows) <= SPARSE_HALO_DENSITY * rows.size:
             rows = sp.csr_array(rows)
@@ -369,13 +387,19 @@ def block_fista(
     lookahead: int,
     progress_seconds: float,
     n_codes: int,
+    guard: Any = None,
+    local_states: bool = True,
 ) -> tuple[list | None, dict[str, Any]]:
     """The client's loop of the global FISTA (module docstring), from the block ``states`` (futures).
 
     ``home(b)``: the ``submit`` keywords of block ``b``'s tasks; ``problems``:
     futures of the `CodeProblem` of every block; ``neighbours[b]``: the blocks
     whose rows ``b`` needs; ``send_plans[c]``: future of `send_plan` of block
-    ``c``; ``n_codes``: N m.  Empties ``states`` once its first iteration is
+    ``c``; ``n_codes``: N m; ``guard``: a `sae.distributed.budget.MemoryGuard`
+    that watches the workers' memory while the client waits; ``local_states``:
+    a block reads the halo rows of a neighbour on its own worker from the
+    neighbour's state (``x_k`` and ``x_{k-1}``) instead of a pack (not with
+    ``offload_previous``: ``x_{k-1}`` is then in a file).  Empties ``states`` once its first iteration is
     submitted.  Returns the final states (None when the start is better than
     the last iterate) and the step's record: ``n_iter``, ``stop_reason``,
     ``gap`` (the last duality gap evaluated, NaN with the change rule) and
@@ -386,13 +410,33 @@ def block_fista(
     # The halo rows, scalars and momentum (instant tasks) have priority over the block iterations: a worker
     # runs its blocks one after the other, and without it the halo rows the *other* worker waits for were cut
     # only after all of this worker's blocks (one worker idle for up to half an iteration).
+    def worker(b: int) -> str | None:
+        return (home(b).get("workers") or [None])[0]
+
+    receivers = [[b for b in range(n_blocks) if c in neighbours[b]] for c in range(n_blocks)]
+
     def submit_iteration(k: int, current: list, previous: list | None, momentum: Any) -> tuple[list, list, list, Any]:
-        packs = [client.submit(halo_pack, current[c], send_plans[c], key=f"sae-halo-{tag}-{k}-{c}", priority=1,
-                               **home(c))
-                 for c in range(n_blocks)]
+        # sources[b][i]: where block b gets the rows of x_k of its i-th neighbour c: a pack cut for the
+        # receivers on b's worker (moved once per worker), or c's state itself when it lives on b's worker
+        sources: list[list[Any]] = [[None] * len(neighbours[b]) for b in range(n_blocks)]
+        for c in range(n_blocks):
+            by_worker: dict[str | None, list[int]] = {}
+            for b in receivers[c]:
+                by_worker.setdefault(worker(b), []).append(b)
+            for i, (w, receiving) in enumerate(by_worker.items()):
+                if local_states and w is not None and w == worker(c):
+                    source: Any = (current[c], send_plans[c])
+                else:
+                    source = client.submit(halo_pack, current[c], send_plans[c], tuple(receiving),
+                                           key=f"sae-halo-{tag}-{k}-{c}-{i}", priority=1, **home(c))
+                for b in receiving:
+                    sources[b][neighbours[b].index(c)] = source
+        # x_{k-1}'s rows: the packs of the last iteration, or the same state (its x_prev)
+        previous_sources = None if previous is None else [
+            [s if isinstance(s, tuple) else p for s, p in zip(sources[b], previous[b])] for b in range(n_blocks)]
         new = [
-            client.submit(code_iterate, problems[b], current[b], [packs[c] for c in neighbours[b]],
-                          None if previous is None else [previous[c] for c in neighbours[b]], momentum,
+            client.submit(code_iterate, problems[b], current[b], sources[b],
+                          None if previous_sources is None else previous_sources[b], momentum,
                           by_gap and gap_due(k, max_iter), key=f"sae-ziter-{tag}-{k}-{b}", **home(b))
             for b in range(n_blocks)
         ]
@@ -402,6 +446,8 @@ def block_fista(
         # so iterations can be submitted ahead of the client's stopping test
         following = client.submit(block_momentum, momentum, scalars, config.fista_restart,
                                   key=f"sae-momentum-{tag}-{k}", priority=1)
+        # kept for the next iteration: the packs only (holding the states would keep a generation more alive)
+        packs = [[None if isinstance(s, tuple) else s for s in sources[b]] for b in range(n_blocks)]
         return new, scalars, packs, following
 
     by_gap = config.z_stop == "gap" and config.lambda_z > 0
@@ -427,6 +473,8 @@ def block_fista(
             # soon as the block's next state exists (two generations of iterates alive per block, not three)
             final_states = None
         k, new, scalars = pending.popleft()
+        if guard is not None:
+            guard.wait(scalars, f"outer iteration {outer}, Z step iteration {k}")
         parts = client.gather(scalars)
         value = sum(p["smooth"] for p in parts) + config.lambda_z * sum(p["l1"] for p in parts)
         history.append(value)

@@ -103,6 +103,7 @@ def model_identity(train: TrainConfig, preprocess_key: str, graph_key: str | Non
     config["model"].pop("max_outer")
     config.pop("lookahead")
     config.pop("offload_previous")
+    config.pop("memory_check")
     config.pop("checkpoint")
     return {"train": config, "preprocess": preprocess_key, "graph": graph_key if train.model.lambda_g > 0 else None}
 

@@ -1,0 +1,140 @@
+"""The order of the frames in the blocks of a graph training (`sae.distributed.order`), on real Dask clusters."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import zarr
+from distributed import Client, LocalCluster
+
+from flows._dask import LOOPBACK
+from sae.config import ModelConfig
+from sae.distributed import LaplacianRef, fit_distributed, read_checkpoint
+from sae.distributed.blocks import graph_block, graph_summary
+from sae.distributed.order import Ordering, cluster_order, laplacian_rows, move_rows
+from sae.model import fit_sae
+from sae.store import write_sparse
+from tests.test_distributed import make_data
+
+
+@pytest.fixture(scope="module")
+def thread_client():
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, **LOOPBACK) as cluster, \
+            Client(cluster) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def shuffled():
+    """Frames whose stored order says nothing of their neighbours (as clips of different music), with their
+    normalised kNN Laplacian."""
+    X, L = make_data(600, seed=3)
+    perm = np.random.default_rng(0).permutation(600)
+    return X[perm], sp.csr_array(L[perm][:, perm])
+
+
+def _halo_rows(L, ordering):
+    """Halo rows of the blocks as the trainer would build them from ``ordering``."""
+    relabel = ordering.relabel()
+    bounds = list(zip(np.cumsum([0] + ordering.sizes[:-1]), np.cumsum(ordering.sizes)))
+    return sum(graph_summary(graph_block(laplacian_rows(L, rows, relabel, "float32"), bounds, b))["halo_rows"]
+               for b, rows in enumerate(ordering.members))
+
+
+def test_cluster_order_puts_neighbours_in_the_same_block(shuffled):
+    X, L = shuffled
+    order = cluster_order(X, 4, random_state=0)
+    assert np.array_equal(np.sort(order), np.arange(len(X)))
+    stored, clustered = Ordering(len(X), 150), Ordering(len(X), 150, order)
+    assert [len(rows) for rows in clustered.members] == [150] * 4
+    # a random order keeps ~1/4 of the links in their block; the clusters keep most of them
+    assert stored.in_block_share(L) < 0.35
+    assert clustered.in_block_share(L) > 0.6
+    assert _halo_rows(L, clustered) < 0.6 * _halo_rows(L, stored)
+
+
+def test_the_maps_of_an_ordering_agree_with_its_blocks():
+    order = np.random.default_rng(1).permutation(23)
+    ordering = Ordering(23, 5, order)
+    assert [rows.tolist() for rows in ordering.members] == [sorted(order[s:s + 5].tolist()) for s in range(0, 23, 5)]
+    relabel = ordering.relabel()
+    blocked = np.concatenate(ordering.members)
+    assert np.array_equal(relabel[blocked], np.arange(23))  # natural row -> its row in the blocks' order
+    chunk, position = ordering.chunk_maps()
+    assert np.array_equal(chunk * 5 + position, np.arange(23))
+    with pytest.raises(ValueError, match="permutation"):
+        Ordering(23, 5, np.zeros(23, dtype=int))
+
+
+def test_the_rows_of_the_laplacian_in_the_blocks_order_are_those_of_p_l_pt(shuffled, tmp_path):
+    _, L = shuffled
+    ordering = Ordering(600, 150, cluster_order(shuffled[0], 4, random_state=0))
+    blocked = np.concatenate(ordering.members)
+    permuted = sp.csr_array(L[blocked][:, blocked], dtype=np.float32)  # P L P^T, directly
+    group = zarr.open_group(str(tmp_path / "graph.zarr"), mode="w")
+    write_sparse(group, "laplacian", L)
+    relabel = ordering.relabel()
+    for source in (L, LaplacianRef(group, "laplacian")):
+        rows = sp.vstack([laplacian_rows(source, members, relabel, "float32") for members in ordering.members])
+        assert abs(rows - permuted).max() == 0
+
+
+def test_rows_moved_between_chunks_and_blocks_land_where_numpy_puts_them(thread_client):
+    rng = np.random.default_rng(2)
+    values = rng.random((23, 4)).astype(np.float32)
+    ordering = Ordering(23, 5, rng.permutation(23))
+    chunks_rows = [np.arange(s, min(s + 5, 23)) for s in range(0, 23, 5)]
+    chunks = [thread_client.scatter(values[rows]) for rows in chunks_rows]
+    to_blocks = thread_client.scatter([ordering.block_of, ordering.position], broadcast=True)
+    blocks = move_rows(thread_client, chunks, chunks_rows, ordering.members, ordering.block_of, to_blocks, 4,
+                       "float32", density=None, key="test-blocks")
+    for rows, block in zip(ordering.members, thread_client.gather(blocks)):
+        np.testing.assert_array_equal(block, values[rows])
+    back = move_rows(thread_client, blocks, ordering.members, chunks_rows, ordering.chunk_maps()[0],
+                     thread_client.scatter(list(ordering.chunk_maps()), broadcast=True), 4, "float32", density=1.0,
+                     key="test-chunks")
+    np.testing.assert_array_equal(np.vstack([b.toarray() for b in thread_client.gather(back)]), values)
+
+
+def test_a_fit_in_cluster_order_is_the_fit_in_stored_order(thread_client, shuffled, tmp_path, caplog):
+    """Same objective as in memory and in the stored order; codes checkpointed and resumed in the store's order."""
+    X, L = shuffled
+    stored_X = zarr.open_group(str(tmp_path / "data.zarr"), mode="w").create_array(
+        "X", shape=X.shape, chunks=(150, X.shape[1]), dtype=X.dtype)
+    stored_X[:] = X
+    graph = zarr.open_group(str(tmp_path / "graph.zarr"), mode="w")
+    write_sparse(graph, "laplacian", L)
+    laplacian = LaplacianRef(graph, "laplacian", kind="normalized")
+    config = ModelConfig(n_atoms=8, lambda_g=5.0, lambda_e=1.0, max_outer=3, max_inner=30, rtol=1e-9, random_state=0)
+    reference = fit_sae(X, config, L)
+    with caplog.at_level(logging.INFO, logger="sae.distributed"):
+        clustered = fit_distributed(stored_X, config, client=thread_client, laplacian=laplacian, block_size=150,
+                                    laplacian_norm="power", return_codes=True)
+    assert "frames ordered by k-means cluster for 4 blocks" in caplog.text
+    halo = [int(r.getMessage().split()[1]) for r in caplog.records if r.getMessage().startswith("halo:")]
+    stored = fit_distributed(stored_X, config, client=thread_client, laplacian=laplacian, block_size=150,
+                             laplacian_norm="power", order="stored", return_codes=True)
+    for fit in (clustered, stored):
+        np.testing.assert_allclose([r["total"] for r in fit.history], [r["total"] for r in reference.history],
+                                   rtol=1e-4)
+    np.testing.assert_allclose(clustered.codes, reference.codes, atol=1e-3)  # natural order
+    np.testing.assert_allclose(clustered.codes, stored.codes, atol=1e-4)
+
+    group = zarr.open_group(str(tmp_path / "model.zarr"), mode="w")
+    fit_distributed(stored_X, config.model_copy(update={"max_outer": 2}), client=thread_client, laplacian=laplacian,
+                    block_size=150, laplacian_norm="power", checkpoint=group)
+    resumed = fit_distributed(stored_X, config, client=thread_client, laplacian=laplacian, block_size=150,
+                              laplacian_norm="power", checkpoint=group)
+    assert resumed.resumed_from == 2 and read_checkpoint(group)["iteration"] == 3
+    np.testing.assert_allclose([r["total"] for r in resumed.history], [r["total"] for r in clustered.history],
+                               rtol=1e-6)
+    np.testing.assert_allclose(resumed.codes[:], clustered.codes, atol=1e-5)
+    with caplog.at_level(logging.INFO, logger="sae.distributed"):
+        caplog.clear()
+        fit_distributed(stored_X, config.model_copy(update={"max_outer": 1}), client=thread_client,
+                        laplacian=laplacian, block_size=150, order="stored")
+    halo_stored = [int(r.getMessage().split()[1]) for r in caplog.records if r.getMessage().startswith("halo:")]
+    assert halo[0] < 0.6 * halo_stored[0]
