@@ -4,7 +4,8 @@ One coarse Prefect task, ``train``, calls `sae.distributed.train_model`: the
 Z step as per-block Dask tasks, the D and E steps from reduced statistics, a
 checkpoint in ``model/<key>`` after every outer iteration.  A retry (or a
 rerun of the flow) resumes from the last checkpoint, so ``retries=1`` costs at
-most one outer iteration.  The task logs one line per outer iteration
+most one outer iteration; a training that does not fit in the workers' memory
+(`sae.distributed.budget`) is not retried.  The task logs one line per outer iteration
 (objective terms, relative change, sparsity, time) with ``get_run_logger`` and
 updates a progress artifact (outer iterations, with the objective and the
 inner iterations of the last one: `flows._progress`), so the progress shows
@@ -42,6 +43,7 @@ from flows._progress import Progress
 from flows._runs import run_namer
 from sae.config import TrainConfig
 from sae.distributed import open_model, train_model
+from sae.distributed.budget import TrainingDoesNotFit
 from sae.report import inline_images, model_report, plot_atoms, plot_convergence
 from sae.store.keys import model_key, model_report_paths
 
@@ -64,7 +66,13 @@ def _progress_detail(record: dict[str, Any]) -> str:
             f"inner Z/D/E {record['inner_codes']}/{record['inner_dictionary']}/{record['inner_encoder']}")
 
 
-@task(name="train", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
+def worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry the training (it resumes from its last checkpoint) unless it stopped because it does not fit in the
+    workers' memory: that would stop again."""
+    return not isinstance(state.data, TrainingDoesNotFit)
+
+
+@task(name="train", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2, retry_condition_fn=worth_retrying)
 def train_task(store: str, preprocess_key: str, graph_key: str | None, train: TrainConfig) -> dict[str, Any]:
     """Train (or resume, or skip when complete) and return the run's metadata, never arrays."""
     logger = get_run_logger()

@@ -145,3 +145,14 @@ def test_the_guard_stops_when_a_worker_nears_its_threshold_or_spills(process_cli
 
 def _evict(dask_worker):
     return dask_worker.data.evict()
+
+
+def test_a_training_that_does_not_fit_is_not_retried_by_its_flow():
+    """The train task retries once after a lost worker (it resumes from its checkpoint), not after a refusal."""
+    from prefect.states import Failed
+
+    from flows.train import train_task, worth_retrying
+
+    assert train_task.retry_condition_fn is worth_retrying and train_task.retries == 1
+    assert not worth_retrying(None, None, Failed(data=TrainingDoesNotFit("does not fit")))
+    assert worth_retrying(None, None, Failed(data=OSError("connection lost")))
