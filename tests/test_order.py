@@ -138,3 +138,56 @@ def test_a_fit_in_cluster_order_is_the_fit_in_stored_order(thread_client, shuffl
                         laplacian=laplacian, block_size=150, order="stored")
     halo_stored = [int(r.getMessage().split()[1]) for r in caplog.records if r.getMessage().startswith("halo:")]
     assert halo[0] < 0.6 * halo_stored[0]
+
+
+def test_checkpoints_keep_the_blocks_order_until_the_last_which_is_in_the_frames_order(thread_client, shuffled,
+                                                                                       tmp_path):
+    """No row moves between outer iterations; an interrupted run resumes from them, in any order; the result and
+    `open_model` see the frames' order."""
+    from sae.distributed import open_model
+    from sae.distributed.order import Ordering as _Ordering
+
+    X, L = shuffled
+    config = ModelConfig(n_atoms=8, lambda_g=5.0, max_outer=3, max_inner=30, rtol=1e-9, random_state=0)
+    straight = fit_distributed(X, config, client=thread_client, laplacian=L, block_size=150, laplacian_norm="power",
+                               return_codes=True)
+
+    class Interrupt(RuntimeError):
+        pass
+
+    def interrupt(record):
+        if record["iteration"] == 2:
+            raise Interrupt
+
+    root = zarr.open_group(str(tmp_path / "store.zarr"), mode="w")
+    group = root.require_group("model").require_group("k")
+    with pytest.raises(Interrupt):
+        fit_distributed(X, config, client=thread_client, laplacian=L, block_size=150, laplacian_norm="power",
+                        checkpoint=group, callback=interrupt)
+    state = read_checkpoint(group)
+    assert state["iteration"] == 2 and state["frame_of_row"] is not None
+    members = _Ordering(600, 150, cluster_order(X, 4, random_state=0)).members
+    assert np.array_equal(state["frame_of_row"], np.concatenate(members))
+    # the stored rows are the blocks' rows: row i holds frame frame_of_row[i]
+    codes = state["codes"][:]
+    assert np.abs(codes).sum() > 0
+    assert open_model(root, "k")["codes"] is None  # not in the frames' order: no reader may take them as such
+
+    for order in ("stored", "cluster"):  # resumed in another order (rows move), or in the same (they do not)
+        resumed_group = root["model"].require_group(f"k-{order}")
+        for name, value in group.attrs.items():
+            resumed_group.attrs[name] = value
+        for slot in ("checkpoint_0", "checkpoint_1"):
+            if slot in group:
+                target = resumed_group.require_group(slot)
+                for array in group[slot].array_keys():
+                    source = group[slot][array]
+                    target.create_array(array, shape=source.shape, chunks=source.chunks, dtype=source.dtype)[...] = \
+                        source[...]
+        resumed = fit_distributed(X, config, client=thread_client, laplacian=L, block_size=150,
+                                  laplacian_norm="power", order=order, checkpoint=resumed_group)
+        assert resumed.resumed_from == 2 and resumed.n_iter == 3
+        final = read_checkpoint(resumed_group)
+        assert final["frame_of_row"] is None  # the last one: the frames' order
+        np.testing.assert_allclose(resumed.history[-1]["total"], straight.history[-1]["total"], rtol=1e-5)
+        np.testing.assert_allclose(final["codes"][:], straight.codes, atol=1e-4)

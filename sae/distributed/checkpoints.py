@@ -3,14 +3,20 @@
 Two slots, ``checkpoint_0/`` and ``checkpoint_1/``, each holding ``codes``
 (N, m), ``components`` (m, n) and ``encoder`` (m, n, absent when
 ``lambda_e = 0``).  Outer iteration ``k`` writes slot ``k % 2`` (the codes
-chunk by chunk, on the workers, in the store's order of the frames whatever
-the order of the blocks: one task per chunk, so no lock), then the
+chunk by chunk, on the workers: one task per chunk, so no lock), then the
 attributes ``history`` (the records of :class:`sae.outer.FitResult`),
 ``stop_reason`` ("" while running) and last ``checkpoint_slot`` and
 ``last_complete_outer = k``: a crash at any point leaves the previous
 checkpoint intact.  Codes are stored dense, chunked ``(block_size, m)`` and
 compressed (:func:`sae.store.array_compressors`): zeros compress well and
 readers get a plain (N, m) array.
+
+When the training groups the frames into blocks in an order of its own
+(:mod:`sae.distributed.order`), the checkpoints written while it goes on
+hold block ``b`` in chunk ``b`` (no row moves between outer iterations) and
+the slot's ``frame_of_row`` (N,) says which frame each row holds; the last
+checkpoint is written in the frames' order, without ``frame_of_row``.
+`read_checkpoint` reports which (``frame_of_row`` None: row i is frame i).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from typing import Any
 
 import zarr
 
-__all__ = ["checkpoint_slot", "checkpoint_arrays", "read_checkpoint"]
+__all__ = ["checkpoint_slot", "checkpoint_arrays", "read_checkpoint", "write_frame_of_row"]
 
 
 def checkpoint_slot(
@@ -39,12 +45,23 @@ def checkpoint_slot(
     return sub
 
 
+def write_frame_of_row(slot: zarr.Group, frame_of_row: Any) -> None:
+    """Record in a slot which frame each row of its codes holds (None: row i is frame i, the array is removed)."""
+    from sae.store import create_array
+
+    if "frame_of_row" in slot:
+        del slot["frame_of_row"]
+    if frame_of_row is not None:
+        create_array(slot, "frame_of_row", shape=frame_of_row.shape, dtype="int64", data=frame_of_row)
+
+
 def checkpoint_arrays(group: zarr.Group) -> list[str]:
     """Paths (relative to ``model/<key>``) of the arrays of its last complete checkpoint ([] if none)."""
     if group.attrs.get("last_complete_outer") is None:
         return []
     name = f"checkpoint_{int(group.attrs['checkpoint_slot'])}"
-    return [f"{name}/{array}" for array in ("codes", "components", "encoder") if array in group[name]]
+    return [f"{name}/{array}" for array in ("codes", "components", "encoder", "frame_of_row")
+            if array in group[name]]
 
 
 def _python_record(record: dict[str, Any]) -> dict[str, Any]:
@@ -59,7 +76,9 @@ def read_checkpoint(group: zarr.Group) -> dict[str, Any] | None:
     dict or None
         ``iteration`` (int), ``components`` (m, n), ``encoder`` (m, n) or None,
         ``codes`` (the stored zarr array, (N, m)), ``history`` (list of dict),
-        ``stop_reason`` ("" while running, else "rtol" or "max_outer").
+        ``stop_reason`` ("" while running, else "rtol" or "max_outer"),
+        ``frame_of_row`` (ndarray (N,): the frame each row of ``codes`` holds,
+        or None when row i is frame i).
 
     Raises
     ------
@@ -84,4 +103,5 @@ def read_checkpoint(group: zarr.Group) -> dict[str, Any] | None:
         "codes": sub["codes"] if "codes" in sub else None,
         "history": [_python_record(r) for r in group.attrs["history"]],
         "stop_reason": group.attrs.get("stop_reason", ""),
+        "frame_of_row": sub["frame_of_row"][:] if "frame_of_row" in sub else None,
     }

@@ -106,6 +106,9 @@ def train_model(
 def open_model(store_path: Any, key: str) -> dict[str, Any]:
     """A trained model of a store: ``components``, ``encoder`` (or None), ``codes`` (zarr (N, m)), ``history``.
 
+    ``codes`` is None while an unfinished training's last checkpoint holds
+    them in the order of its blocks (:mod:`sae.distributed.checkpoints`).
+
     Reads the last complete checkpoint of ``model/<key>`` (the final one when
     the group is complete).
     """
@@ -117,4 +120,6 @@ def open_model(store_path: Any, key: str) -> dict[str, Any]:
     if state is None:
         raise ValueError(f"model/{key} holds no complete outer iteration yet: run train_model first")
     state["complete"] = store.is_complete(root, MODEL, key)
+    if state.pop("frame_of_row") is not None:  # an unfinished training's codes, in its blocks' order
+        state["codes"] = None
     return state

@@ -58,7 +58,7 @@ from sae.distributed.blocks import (
     zeros,
 )
 from sae.distributed.budget import BlockPlan, MemoryGuard, check_estimate, training_estimate, worker_budgets
-from sae.distributed.checkpoints import checkpoint_slot, read_checkpoint
+from sae.distributed.checkpoints import checkpoint_slot, read_checkpoint, write_frame_of_row
 from sae.distributed.memory import release_pool, start_pool_trimming
 from sae.distributed.order import Ordering, cluster_order, laplacian_rows, move_rows
 from sae.distributed.zstep import CodeState, Tuning, block_fista, code_problem, solve_block_codes, state_solution
@@ -211,17 +211,23 @@ class ClusterBackend:
                             cluster_order(X, len(self.bounds), random_state=config.random_state))
         logger.info("frames ordered by k-means cluster for %d blocks in %.1f s", len(self.bounds),
                     time.perf_counter() - started)
-        # natural row -> block and row in it, -> chunk and row in it, -> row in the blocks' order
-        self.to_blocks_maps = self.client.scatter([ordering.block_of, ordering.position], broadcast=True)
+        # natural row -> chunk and row in it, -> row in the blocks' order
         self.to_chunks_maps = self.client.scatter(list(ordering.chunk_maps()), broadcast=True)
         self.relabel_local = ordering.relabel()
         self.relabel = self.client.scatter(self.relabel_local, broadcast=True)
         return ordering
 
+    def _maps_to_blocks(self) -> list:
+        """Futures of natural row -> its block and its row in the block, on every worker (scattered once)."""
+        if getattr(self, "to_blocks_maps", None) is None:
+            self.to_blocks_maps = self.client.scatter([self.ordering.block_of, self.ordering.position],
+                                                      broadcast=True)
+        return self.to_blocks_maps
+
     def _to_blocks(self, chunks: list, n_cols: int, density: float | None, key: str) -> list:
         """Futures of the blocks' rows from futures of the natural chunks' (`move_rows`)."""
         return move_rows(self.client, chunks, [np.arange(start, stop) for start, stop in self.bounds],
-                         self.ordering.members, self.ordering.block_of, self.to_blocks_maps, n_cols,
+                         self.ordering.members, self.ordering.block_of, self._maps_to_blocks(), n_cols,
                          self.dtype, density=density, key=key, home=self._home)
 
     def _to_chunks(self, blocks: list, n_cols: int, key: str) -> list:
@@ -389,13 +395,18 @@ class ClusterBackend:
         slot = iteration % 2
         target = checkpoint_slot(self.checkpoint, slot, self.n_samples, C.shape[0], self.n_features, self.block_size,
                                  self.dtype, E is not None)
-        self.write_codes(target["codes"], Z_blocks)
+        # the codes of the blocks in their order while the training goes on (no rows move; the slot records
+        # which frame each row holds), in the frames' order at the end (module sae.distributed.checkpoints)
+        in_blocks = not self.ordering.identity and not last
+        frame_of_row = np.concatenate(self.ordering.members) if in_blocks else None
+        write_frame_of_row(target, frame_of_row)
+        self.write_codes(target["codes"], Z_blocks, in_blocks=in_blocks)
         target["components"][...] = C
         if E is not None:
             target["encoder"][...] = E
         self.checkpoint.attrs.update({"history": json_safe(history), "stop_reason": stop_reason,
                                       "checkpoint_slot": slot, "last_complete_outer": iteration})
-        self.reload = partial(self.read_codes, target["codes"], iteration)
+        self.reload = partial(self.read_codes, target["codes"], iteration, frame_of_row)
         return Z_blocks if last else self.reload()  # after the last iteration nothing reads them
 
     # -- code blocks
@@ -406,23 +417,31 @@ class ClusterBackend:
             for b, (start, stop) in enumerate(self.bounds)
         ]
 
-    def read_codes(self, array: zarr.Array, outer: int) -> list:
-        """Futures of the code blocks from the stored codes (natural order: chunk b = rows of block b, or moved)."""
-        if not self.ordering.identity:
+    def read_codes(self, array: zarr.Array, outer: int, frame_of_row: np.ndarray | None = None) -> list:
+        """Futures of the code blocks from stored codes whose row i holds frame ``frame_of_row[i]`` (None: frame i).
+
+        When the stored chunks are the blocks (same frames, same order) each
+        block reads its chunk; otherwise the rows move from chunks to blocks.
+        """
+        stored = np.arange(self.n_samples) if frame_of_row is None else np.asarray(frame_of_row)
+        if not np.array_equal(stored, np.concatenate(self.ordering.members)):
             chunks = [self.client.submit(read_block, array, start, stop, self.dtype,
                                          key=f"sae-Zchunk-{self.token}-{outer}-{j}")
                       for j, (start, stop) in enumerate(self.bounds)]
-            return self._to_blocks(chunks, int(array.shape[1]), self.tuning.sparse_density,
-                                   f"sae-Zread-{self.token}-{outer}")
+            return move_rows(self.client, chunks, [stored[start:stop] for start, stop in self.bounds],
+                             self.ordering.members, self.ordering.block_of, self._maps_to_blocks(),
+                             int(array.shape[1]), self.dtype, density=self.tuning.sparse_density,
+                             key=f"sae-Zread-{self.token}-{outer}", home=self._home)
         return [
             self.client.submit(read_code_block, array, start, stop, self.dtype, self.tuning.sparse_density,
                                key=f"sae-Zread-{self.token}-{outer}-{b}", **self._home(b))
             for b, (start, stop) in enumerate(self.bounds)
         ]
 
-    def write_codes(self, array: zarr.Array, Z_blocks: list) -> None:
-        """Write the code blocks to the stored codes in natural order, one chunk per task (no lock)."""
-        if self.ordering.identity:
+    def write_codes(self, array: zarr.Array, Z_blocks: list, in_blocks: bool = False) -> None:
+        """Write the code blocks to the stored codes, one chunk per task (no lock): in the frames' order, or with
+        ``in_blocks`` block b to chunk b (the blocks' order)."""
+        if self.ordering.identity or in_blocks:
             written = [
                 self.client.submit(write_block, array, start, stop, Z, pure=False, **self._home(b))
                 for b, ((start, stop), Z) in enumerate(zip(self.bounds, Z_blocks))
@@ -579,7 +598,7 @@ def _fit_distributed(X: Any, config: ModelConfig, client: Any, laplacian: Any, b
         if state["stop_reason"] == "rtol" or start_outer >= config.max_outer:
             return DistributedFit(components=C, encoder=E, codes=state["codes"], history=history, n_iter=start_outer,
                                   stop_reason=state["stop_reason"] or "max_outer", resumed_from=start_outer)
-        backend.reload = partial(backend.read_codes, state["codes"], start_outer)
+        backend.reload = partial(backend.read_codes, state["codes"], start_outer, state["frame_of_row"])
     else:
         rng = np.random.default_rng(config.random_state)
         C = init_dictionary(m, backend.n_features, rng=rng, dtype=dtype)
