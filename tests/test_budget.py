@@ -70,6 +70,7 @@ def test_the_estimate_adds_up_what_each_worker_holds():
     assert "encoder targets X E^T" not in offloaded
     assert offloaded["code iterates"] == 2 * 150 * 8 * 4 and offloaded["products x C"] == 150 * 10 * 4
     assert offloaded["halo packs"] == 2 * (90 + 10) * 8 * 4  # block 0's rows for block 2 are packed too
+    assert offloaded["previous iterates read back"] == 2 * 100 * (8 + 2 * 10) * 4  # this one and the next block's
     independent = training_estimate(plans, homes, n_features=10, n_atoms=8, itemsize=4, encoder=False, graph=False,
                                     lookahead=2, nthreads={"a": 2})["a"]
     assert independent == {"frames X": 150 * 10 * 4, "codes before and after the step": 2 * 150 * 8 * 4,

@@ -18,15 +18,19 @@ a code block is stored as CSR only when that is smaller):
 - the halo rows stacked by each running block task (``x_k``'s and
   ``x_{k-1}``'s), one task per worker thread, and its densified ``x_k`` and
   ``x_{k-1}``; the spare arrays of the pool (:mod:`sae.distributed.memory`);
+  with ``offload_previous``, the previous iterates each running task reads
+  back from its file and the next block's, read ahead;
 - without the graph term: the codes before and after the step, and the
   solver's work arrays of each running task.
 
 It leaves out Dask's own memory and the arrays a task makes and drops: the
 worker's memory at the start of the training is taken off its budget instead.
-Measured on the real kNN graph of 1,288,000 frames (26 blocks of 50,000,
-m = 512, 2 workers): the estimate says 18 GiB per worker, of which 11 GiB
-are halo packs; the workers had reached 11.4 and 11.2 GiB when the system
-killed one of them (README, "Benchmarks").
+Measured against the growth of each worker's memory (README, "Benchmarks"):
+at 300,000 frames of a real kNN graph (m = 512, 6 blocks, 2 workers) the
+estimate is 20 % over it; at 200,000 frames with ``lookahead=1`` and
+``offload_previous``, within 2 % of it; at 1,288,000 frames a worker held up to
+1.4 times the estimate at the start of later Z steps (not explained yet:
+the guard below stops such a training, which then resumes).
 
 **The budget** of a worker (`worker_budgets`) is the memory it can give the
 training before Dask acts: its memory limit times the lowest of Dask's
@@ -153,6 +157,8 @@ def training_estimate(
                 sorted((blocks[b].halo_rows for b in mine), reverse=True)[:threads]) * code_row
             # x_k and x_{k-1} densified by each running task, and the pool's spare arrays of each shape
             items["work arrays of the running tasks"] = 2 * sum(largest) * code_row
+            if offload_previous:  # x_{k-1}, x_{k-1} C and x_k C read back by each running task, and the next
+                items["previous iterates read back"] = 2 * sum(largest) * (code_row + 2 * frame_row)  # read ahead
             items["spare pooled arrays"] = POOL_SPARE * max(largest, default=0) * (code_row + frame_row)
         else:
             items["codes before and after the step"] = 2 * rows * code_row
