@@ -1,4 +1,4 @@
-"""Shared test set-up: offline Prefect settings, seeded generators, markers."""
+"""Shared test set-up: offline Prefect settings, seeded generators, markers, an in-process Dask cluster."""
 
 import os
 
@@ -43,3 +43,18 @@ def _restore_dask_config():
     yield
     dask.config.config.clear()
     dask.config.config.update(saved)
+
+
+@pytest.fixture(scope="module")
+def thread_client():
+    """A Dask cluster of 2 single-threaded in-process workers (one per test module) and its client.
+
+    In-process workers talk over the inproc:// transport: no network address at all.
+    """
+    from distributed import Client, LocalCluster
+
+    from flows._dask import LOOPBACK
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, **LOOPBACK) as cluster, \
+            Client(cluster) as client:
+        yield client

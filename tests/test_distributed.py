@@ -47,14 +47,6 @@ def make_data(n_samples: int, n_features: int = 12, n_true: int = 6, seed: int =
 
 
 @pytest.fixture(scope="module")
-def thread_client():
-    # in-process workers talk over the inproc:// transport: no network address at all
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, **LOOPBACK) as cluster, \
-            Client(cluster) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
 def small():
     return make_data(300)
 

@@ -8,9 +8,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import zarr
-from distributed import Client, LocalCluster
 
-from flows._dask import LOOPBACK
 from sae.config import ModelConfig
 from sae.distributed import LaplacianRef, fit_distributed, read_checkpoint
 from sae.distributed.blocks import graph_block, graph_summary
@@ -18,13 +16,6 @@ from sae.distributed.order import Ordering, cluster_order, laplacian_rows, move_
 from sae.model import fit_sae
 from sae.store import write_sparse
 from tests.test_distributed import make_data
-
-
-@pytest.fixture(scope="module")
-def thread_client():
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, **LOOPBACK) as cluster, \
-            Client(cluster) as client:
-        yield client
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +136,6 @@ def test_checkpoints_keep_the_blocks_order_until_the_last_which_is_in_the_frames
     """No row moves between outer iterations; an interrupted run resumes from them, in any order; the result and
     `open_model` see the frames' order."""
     from sae.distributed import open_model
-    from sae.distributed.order import Ordering as _Ordering
 
     X, L = shuffled
     config = ModelConfig(n_atoms=8, lambda_g=5.0, max_outer=3, max_inner=30, rtol=1e-9, random_state=0)
@@ -166,7 +156,7 @@ def test_checkpoints_keep_the_blocks_order_until_the_last_which_is_in_the_frames
                         checkpoint=group, callback=interrupt)
     state = read_checkpoint(group)
     assert state["iteration"] == 2 and state["frame_of_row"] is not None
-    members = _Ordering(600, 150, cluster_order(X, 4, random_state=0)).members
+    members = Ordering(600, 150, cluster_order(X, 4, random_state=0)).members
     assert np.array_equal(state["frame_of_row"], np.concatenate(members))
     # the stored rows are the blocks' rows: row i holds frame frame_of_row[i]
     codes = state["codes"][:]

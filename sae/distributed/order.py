@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from sae.distributed.blocks import LaplacianRef, compact, densify
+from sae.distributed.blocks import LaplacianRef, block_bounds, compact, densify
 
 logger = logging.getLogger("sae.distributed")
 
@@ -83,16 +83,15 @@ class Ordering:
 
     def __init__(self, n_rows: int, block_size: int, order: np.ndarray | None = None) -> None:
         self.n_rows, self.block_size = n_rows, block_size
-        starts = range(0, n_rows, block_size)
-        self.chunks = [(start, min(start + block_size, n_rows)) for start in starts]
+        chunks = block_bounds(n_rows, block_size)
         self.identity = order is None
         if order is None:
-            self.members = [np.arange(start, stop) for start, stop in self.chunks]
+            self.members = [np.arange(start, stop) for start, stop in chunks]
         else:
             order = np.asarray(order, dtype=np.int64)
             if order.shape != (n_rows,) or not np.array_equal(np.sort(order), np.arange(n_rows)):
                 raise ValueError(f"order must be a permutation of {n_rows} rows")
-            self.members = [np.sort(order[start:stop]) for start, stop in self.chunks]
+            self.members = [np.sort(order[start:stop]) for start, stop in chunks]
         self.block_of = np.empty(n_rows, dtype=np.int32)  # natural row -> its block
         self.position = np.empty(n_rows, dtype=np.int32)  # natural row -> its row in the block
         for b, rows in enumerate(self.members):

@@ -177,6 +177,12 @@ class ClusterBackend:
         self.checkpoint: zarr.Group | None = None
         self.checkpoint_final_only = False
         self.refresh_homes()
+        # with the cluster order, scattered once: natural row -> block and row in it (`_maps_to_blocks`, only when
+        # rows move to blocks), -> chunk and row in it, -> row in the blocks' order (and its copy on the client)
+        self.to_blocks_maps: list | None = None
+        self.to_chunks_maps: list | None = None
+        self.relabel: Any = None
+        self.relabel_local: np.ndarray | None = None
         self.ordering = self._order(X, config, order)
         chunks = [client.submit(read_block, *row_source(X, start, stop), self.dtype, key=f"sae-X-{self.token}-{b}",
                                 **({} if not self.ordering.identity else self._home(b)))
@@ -211,7 +217,6 @@ class ClusterBackend:
                             cluster_order(X, len(self.bounds), random_state=config.random_state))
         logger.info("frames ordered by k-means cluster for %d blocks in %.1f s", len(self.bounds),
                     time.perf_counter() - started)
-        # natural row -> chunk and row in it, -> row in the blocks' order
         self.to_chunks_maps = self.client.scatter(list(ordering.chunk_maps()), broadcast=True)
         self.relabel_local = ordering.relabel()
         self.relabel = self.client.scatter(self.relabel_local, broadcast=True)
@@ -219,7 +224,7 @@ class ClusterBackend:
 
     def _maps_to_blocks(self) -> list:
         """Futures of natural row -> its block and its row in the block, on every worker (scattered once)."""
-        if getattr(self, "to_blocks_maps", None) is None:
+        if self.to_blocks_maps is None:
             self.to_blocks_maps = self.client.scatter([self.ordering.block_of, self.ordering.position],
                                                       broadcast=True)
         return self.to_blocks_maps
