@@ -16,6 +16,13 @@ it is a progress callback of `sae.progress` (``progress(done, total)``), and:
 - with ``log_seconds``, it writes a line to the run's log (the UI and, when
   the run is local, the terminal) at most that often, and at the end.
 
+A task that runs on a Dask worker wraps its work in `worker_logs`: the ``sae``
+library's records of its thread (the training's halo, memory estimate and Z-step
+progress, the kNN's and the classification's lines) reach the run's log in the
+UI and, through the same event topic, the terminal of the command that started
+the run. On a worker the library's logger has neither handlers nor level of its
+own: the lines would be lost.
+
 On a terminal the display draws one progress bar per step (`rich`) and the
 log lines that repeat a bar are left out of the terminal (not out of the UI);
 when the output is not a terminal it prints nothing of its own for local
@@ -27,7 +34,9 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import os
 import re
+import socket
 import sys
 import threading
 import time
@@ -48,8 +57,15 @@ LINE_SECONDS = 10.0
 PROGRESS_RECORD = "sae_progress"
 """Attribute of the log records that repeat a progress bar (the terminal display hides them)."""
 
+LOG_FORMAT = "%(asctime)s.%(msecs)03d | %(levelname)-7s | %(name)s - %(message)s"
+LOG_DATE_FORMAT = "%H:%M:%S"
+"""How a worker's forwarded record prints on the terminal (the format of Prefect's console lines)."""
+
 _logger = logging.getLogger("sae.progress")
 _display: TerminalDisplay | None = None
+_origin = f"{socket.gethostname()}:{os.getpid()}"
+_library_level = {"users": 0, "saved": logging.NOTSET}
+_library_lock = threading.Lock()
 
 
 def artifact_key(step: str) -> str:
@@ -237,6 +253,57 @@ def _publish(message: dict[str, Any]) -> None:
             _logger.debug("progress message not sent", exc_info=True)
 
 
+class _WorkerLogHandler(logging.Handler):
+    """The library's records of one thread (a task's, on a Dask worker): to the run's log through Prefect's
+    API handler when the library's logger has none, and to the terminal display through the event topic."""
+
+    def __init__(self, store: str | None, api: logging.Handler | None) -> None:
+        super().__init__(logging.INFO)
+        self.thread = threading.get_ident()
+        self.store, self.api = store, api
+        self.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATE_FORMAT))
+        self.addFilter(lambda record: record.thread == self.thread)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.api is not None:
+            self.api.handle(record)
+        _publish({"log": self.format(record), "origin": _origin, "store": self.store})
+
+
+@contextmanager
+def worker_logs(store: str | None = None) -> Iterator[None]:
+    """Inside a task on a Dask worker: the ``sae`` library's INFO records of this thread go to the run's log
+    (UI) and to the terminal of the command that started the run; elsewhere, nothing changes.
+
+    The library's level is INFO while a task of the process is inside (unless it was set to another level).
+    """
+    from flows._dask import on_dask_worker
+
+    if not on_dask_worker():
+        yield
+        return
+    from prefect.logging.handlers import APILogHandler
+
+    library = logging.getLogger("sae")
+    has_api = any(isinstance(handler, APILogHandler) for handler in library.handlers)
+    handler = _WorkerLogHandler(store, None if has_api or _run_logger() is None else APILogHandler())
+    with _library_lock:
+        if _library_level["users"] == 0:
+            _library_level["saved"] = library.level
+            if library.level == logging.NOTSET:
+                library.setLevel(logging.INFO)
+        _library_level["users"] += 1
+    library.addHandler(handler)
+    try:
+        yield
+    finally:
+        library.removeHandler(handler)
+        with _library_lock:
+            _library_level["users"] -= 1
+            if _library_level["users"] == 0:
+                library.setLevel(_library_level["saved"])
+
+
 class TerminalDisplay:
     """Progress bars on a terminal, plain log lines elsewhere (see the module docstring).
 
@@ -266,8 +333,12 @@ class TerminalDisplay:
             )
 
     def show(self, message: dict[str, Any], remote: bool = False) -> None:
-        """Draw a progress message (``remote``: it comes from a Dask worker)."""
+        """Draw a progress message, or print a worker's log line (``remote``: it comes from a Dask worker)."""
         if self.store is not None and message.get("store") not in (None, self.store):
+            return
+        if "log" in message:
+            if message.get("origin") != _origin:  # a worker in this process logs here itself
+                self._print(message["log"])
             return
         if self.live:
             with self._lock:
@@ -288,6 +359,12 @@ class TerminalDisplay:
             detail = f" ({message['detail']})" if message["detail"] else ""
             _logger.info("%s: %d/%d %s%s", message["step"], message["done"], message["total"], message["unit"],
                          detail)
+
+    def _print(self, line: str) -> None:
+        if self.live:
+            self.progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
+        else:
+            print(line, file=self.stream, flush=True)
 
     def __enter__(self) -> TerminalDisplay:
         global _display

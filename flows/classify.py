@@ -43,7 +43,7 @@ from prefect.context import FlowRunContext
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from flows._dask import cluster_client
-from flows._progress import Progress
+from flows._progress import Progress, worker_logs
 from flows._runs import run_namer
 from sae.config import ClassifyConfig
 from sae.report import classification_report, inline_images, plot_results
@@ -57,7 +57,7 @@ def classify_features_task(
 ) -> dict[str, Any]:
     """`sae.stages.results.classify_features` as a Prefect task (returns the summary: scores, confusion, ...)."""
     progress = Progress(f"classify {name}", None, "splits", store=store, log_seconds=10.0)
-    with cluster_client() as client:
+    with worker_logs(store), cluster_client() as client:
         return classify_features(store, preprocess_key, name, source, config, key, client=client, progress=progress)
 
 
@@ -65,7 +65,7 @@ def classify_features_task(
 def classify_inductive_task(store: str, preprocess_key: str, config: ClassifyConfig, key: str) -> dict[str, dict]:
     """`sae.stages.results.classify_inductive` as a Prefect task."""
     progress = Progress("classify inductive", None, "folds", store=store, log_seconds=10.0)
-    with cluster_client() as client:
+    with worker_logs(store), cluster_client() as client:
         return classify_inductive(store, preprocess_key, config, key, client=client, progress=progress)
 
 

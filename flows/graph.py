@@ -34,7 +34,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from flows._dask import cluster_client
-from flows._progress import Progress
+from flows._progress import Progress, worker_logs
 from flows._runs import run_namer
 from sae.config import GraphConfig, PreprocessConfig
 from sae.graph import run_graph
@@ -56,14 +56,14 @@ def dask_scheduler() -> Iterator[str]:
 @task(name="preprocess", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
 def preprocess_task(store: str, config: PreprocessConfig) -> dict[str, Any]:
     """Selected, scaled, noisy frames written once to ``preprocess/<key>``."""
-    with dask_scheduler():
+    with worker_logs(store), dask_scheduler():
         return run_preprocess(store, config)
 
 
 @task(name="graph", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
 def graph_task(store: str, preprocess_key: str, config: GraphConfig) -> dict[str, Any]:
     """kNN, recall, W and L written to ``graph/<key>``."""
-    with dask_scheduler() as where:
+    with worker_logs(store), dask_scheduler() as where:
         get_run_logger().info("kNN (%s, %s) on %s", config.method, config.metric, where)
         progress = Progress("knn", None, "steps", store=store, log_seconds=10.0)
         return run_graph(store, preprocess_key, config, progress=progress)

@@ -39,7 +39,7 @@ from prefect.context import FlowRunContext
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from flows._dask import dask_client
-from flows._progress import Progress
+from flows._progress import Progress, worker_logs
 from flows._runs import run_namer
 from sae.config import TrainConfig
 from sae.distributed import open_model, train_model
@@ -83,7 +83,7 @@ def train_task(store: str, preprocess_key: str, graph_key: str | None, train: Tr
         _log_record(logger, record)
         progress(record["iteration"], detail=_progress_detail(record))
 
-    with dask_client() as client:
+    with worker_logs(store), dask_client() as client:
         logger.info("training on %s (%d workers)", client.scheduler.address, len(client.scheduler_info()["workers"]))
         out = train_model(store, preprocess_key, train, client=client, graph_key=graph_key, callback=report)
     if out["skipped"]:

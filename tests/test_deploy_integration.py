@@ -258,6 +258,7 @@ def test_every_deployment_runs_on_the_cluster_and_shows_figures_and_progress(tmp
         for name in ("baseline", "sae"):
             assert f"classify {name}: 3/3 splits" in output, output
         assert output.count("| features |") == 1 and "━" not in output
+        assert "| INFO    | sae.classify - " in output and "protocol (grouped by " in output, output  # from a worker
     finally:
         subprocess.run([sys.executable, "deploy/cluster.py", "stop", "--state", str(state)], cwd=REPOSITORY,
                        env=env, capture_output=True, timeout=120, check=False)
@@ -289,6 +290,8 @@ def check_pipeline_run(runs: Runs, config: PipelineConfig, dask_address: str) ->
     logs = runs.logs("pipeline")
     assert f"kNN (exact, euclidean) on distributed {dask_address}" in logs  # the steps below ran on the workers
     assert f"training on {dask_address}" in logs
+    # The library's own lines from the tasks on the workers: the training's and the classification's.
+    assert "||L||_2 = " in logs and "trained in " in logs and "protocol (grouped by " in logs, logs
 
     artifacts = {artifact.key: artifact for artifact in runs.artifacts("pipeline")}
     # Figures: the classification report holds its figure, whose file is beside the store too.
