@@ -144,6 +144,32 @@ def test_the_guard_stops_when_a_worker_nears_its_threshold_or_spills(process_cli
     del future
 
 
+def test_waiting_under_the_guard_keeps_nothing_of_the_caller_alive(process_client):
+    """The guard's timeouts leave no reference cycle through the caller's frame: what the caller held (a Z step's
+    last iterates, its halo packs and block problems) is freed when it returns, not at some later collection."""
+    import gc
+    import weakref
+
+    workers = sorted(process_client.scheduler_info(n_workers=-1)["workers"])
+    guard = MemoryGuard(process_client, {w: WorkerBudget(2**40, 0.6, "target", 0) for w in workers}, seconds=0.05)
+
+    class Held:
+        pass
+
+    def caller() -> weakref.ref:
+        held = Held()
+        guard.wait([process_client.submit(time.sleep, 0.5, pure=False)], "a Z step")  # several timeouts
+        return weakref.ref(held)
+
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        assert caller()() is None
+    finally:
+        if collecting:
+            gc.enable()
+
+
 def _evict(dask_worker):
     return dask_worker.data.evict()
 

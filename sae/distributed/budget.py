@@ -317,15 +317,23 @@ class MemoryGuard:
             )
 
     def wait(self, futures: Sequence[Any], where: str) -> None:
-        """Wait for ``futures``, looking at the workers' memory every ``seconds`` meanwhile (`check`)."""
+        """Wait for ``futures``, looking at the workers' memory every ``seconds`` meanwhile (`check`).
+
+        The timeout's traceback is dropped at once: distributed's ``wait`` raises
+        it from a frame that refers to it, a reference cycle through every frame
+        up to the caller's. The caller's locals (a Z step's last iterates, halo
+        packs and block problems) would then stay alive on the workers until the
+        next full garbage collection, minutes into the next outer iteration.
+        """
         from distributed import wait
 
         while True:
             try:
                 wait(futures, timeout=self.seconds)
                 return
-            except TimeoutError:
-                self.check(where)
+            except TimeoutError as error:
+                error.__traceback__ = None
+            self.check(where)
 
 
 def _spilled(info: Mapping[str, Any]) -> int:
