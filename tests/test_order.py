@@ -11,8 +11,8 @@ import zarr
 
 from sae.config import ModelConfig
 from sae.distributed import LaplacianRef, fit_distributed, read_checkpoint
-from sae.distributed.blocks import graph_block, graph_summary
-from sae.distributed.order import Ordering, cluster_order, laplacian_rows, move_rows
+from sae.distributed.blocks import graph_block, graph_summary, read_laplacian_rows
+from sae.distributed.order import Ordering, assemble_sparse_rows, cluster_order, laplacian_rows, move_rows
 from sae.model import fit_sae
 from sae.store import write_sparse
 from tests.test_distributed import make_data
@@ -60,17 +60,32 @@ def test_the_maps_of_an_ordering_agree_with_its_blocks():
         Ordering(23, 5, np.zeros(23, dtype=int))
 
 
-def test_the_rows_of_the_laplacian_in_the_blocks_order_are_those_of_p_l_pt(shuffled, tmp_path):
+def test_the_rows_of_the_laplacian_in_the_blocks_order_are_those_of_p_l_pt(thread_client, shuffled, tmp_path):
+    """In memory (`laplacian_rows`) and from the store, read by chunks and moved to the blocks (`move_rows`)."""
     _, L = shuffled
     ordering = Ordering(600, 150, cluster_order(shuffled[0], 4, random_state=0))
     blocked = np.concatenate(ordering.members)
     permuted = sp.csr_array(L[blocked][:, blocked], dtype=np.float32)  # P L P^T, directly
+    relabel = ordering.relabel()
+    in_memory = sp.vstack([laplacian_rows(L, members, relabel, "float32") for members in ordering.members])
+    assert abs(in_memory - permuted).max() == 0
     group = zarr.open_group(str(tmp_path / "graph.zarr"), mode="w")
     write_sparse(group, "laplacian", L)
-    relabel = ordering.relabel()
-    for source in (L, LaplacianRef(group, "laplacian")):
-        rows = sp.vstack([laplacian_rows(source, members, relabel, "float32") for members in ordering.members])
-        assert abs(rows - permuted).max() == 0
+    bounds = [(start, start + 150) for start in range(0, 600, 150)]
+    chunks = [thread_client.submit(read_laplacian_rows, LaplacianRef(group, "laplacian"), start, stop, "float32")
+              for start, stop in bounds]
+    moved = move_rows(thread_client, chunks, [np.arange(start, stop) for start, stop in bounds], ordering.members,
+                      ordering.block_of, thread_client.scatter([ordering.block_of, ordering.position], broadcast=True),
+                      600, "float32", density=None, key="test-L", relabel=thread_client.scatter(relabel))
+    blocks = thread_client.gather(moved)
+    assert all(sp.issparse(block) and block.has_sorted_indices for block in blocks)
+    assert abs(sp.vstack(blocks) - permuted).max() == 0
+    # pieces in any order land at their positions; a missing row is an error, not a row of zeros
+    rows = sp.random_array((5, 6), density=0.5, format="csr", dtype=np.float32, rng=0)
+    pieces = [(np.array([3, 0]), rows[[3, 0]]), (np.array([4, 1, 2]), rows[[4, 1, 2]])]
+    assert abs(assemble_sparse_rows(5, 6, np.arange(6), "float32", *pieces) - rows).max() == 0
+    with pytest.raises(ValueError, match="not the 5 rows"):
+        assemble_sparse_rows(5, 6, np.arange(6), "float32", *pieces[:1])
 
 
 def test_rows_moved_between_chunks_and_blocks_land_where_numpy_puts_them(thread_client):

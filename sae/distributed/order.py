@@ -22,7 +22,8 @@ and written, by natural chunks of ``block_size`` rows (one chunk per task:
 no lock), and rows move between chunks and blocks through Dask
 (`move_rows`: each source splits its rows by target, each target assembles
 its pieces), so no process ever holds more than a block's share of each
-chunk.  The objective, and so the result, is the same in any order; only the
+chunk.  The rows of a stored Laplacian move the same way, sparse, their
+columns renumbered into the blocks' order on arrival (P L P^T).  The objective, and so the result, is the same in any order; only the
 rounding of the block sums differs.
 """
 
@@ -35,11 +36,11 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from sae.distributed.blocks import LaplacianRef, block_bounds, compact, densify
+from sae.distributed.blocks import block_bounds, compact, densify
 
 logger = logging.getLogger("sae.distributed")
 
-__all__ = ["cluster_order", "Ordering", "split_rows", "assemble_rows", "move_rows"]
+__all__ = ["cluster_order", "Ordering", "split_rows", "assemble_rows", "assemble_sparse_rows", "move_rows"]
 
 #: Frames the k-means of `cluster_order` is fitted on (taken evenly).
 ORDER_SAMPLE = 100_000
@@ -125,31 +126,28 @@ def laplacian_rows(source: Any, rows: np.ndarray, relabel: np.ndarray, dtype: st
     """The rows ``rows`` (natural, sorted) of a Laplacian, its columns renumbered by ``relabel`` (natural row ->
     its row in the blocks' order), indices sorted.
 
-    ``source``: a `sae.distributed.blocks.LaplacianRef` (the stored rows from
-    the first to the last of ``rows`` are read) or a sparse matrix.
+    ``source``: a sparse matrix in memory (a stored one moves by chunks: `move_rows` with ``relabel``).
     """
-    if isinstance(source, LaplacianRef):
-        from sae.store import read_sparse
+    return _relabelled(sp.csr_array(source)[rows], relabel, dtype)
 
-        first = int(rows[0]) if len(rows) else 0
-        span = read_sparse(source.group, source.name, rows=slice(first, int(rows[-1]) + 1 if len(rows) else 0))
-        selected = span[rows - first]
-    else:
-        selected = sp.csr_array(source)[rows]
-    selected = sp.csr_array(selected, dtype=dtype)
-    out = sp.csr_array((selected.data, relabel[selected.indices], selected.indptr), shape=selected.shape)
+
+def _relabelled(rows: Any, relabel: np.ndarray, dtype: str) -> sp.csr_array:
+    rows = sp.csr_array(rows, dtype=dtype)
+    out = sp.csr_array((rows.data, relabel[rows.indices], rows.indptr), shape=rows.shape)
     out.sort_indices()
     return out
 
 
-def split_rows(values: Any, rows: np.ndarray, target_of: np.ndarray, position_of: np.ndarray) -> dict[int, tuple]:
-    """``values`` (len(rows), m), whose natural rows are ``rows``, split by target: ``{t: (positions, rows)}``."""
+def split_rows(values: Any, rows: np.ndarray, target_of: np.ndarray, position_of: np.ndarray,
+               sparse: bool = False) -> dict[int, tuple]:
+    """``values`` (len(rows), m), whose natural rows are ``rows``, split by target: ``{t: (positions, rows)}``;
+    the rows dense, or CSR with ``sparse``."""
     targets = target_of[rows]
-    values = densify(values)
+    values = sp.csr_array(values) if sparse else densify(values)
     out = {}
     for target in np.unique(targets).tolist():
-        mask = targets == target
-        out[target] = (position_of[rows[mask]], values[mask])
+        index = np.flatnonzero(targets == target)
+        out[target] = (position_of[rows[index]], values[index])
     return out
 
 
@@ -166,24 +164,43 @@ def assemble_rows(n_rows: int, n_cols: int, dtype: str, density: float | None, *
     return out if density is None else compact(out, density=density)
 
 
+def assemble_sparse_rows(n_rows: int, n_cols: int, relabel: np.ndarray, dtype: str, *pieces: tuple) -> sp.csr_array:
+    """A target's rows (CSR) from its sparse pieces ``(positions, rows)``, columns renumbered by ``relabel``."""
+    if not pieces:
+        return sp.csr_array((n_rows, n_cols), dtype=dtype)
+    positions = np.concatenate([positions for positions, _ in pieces])
+    stacked = sp.vstack([rows for _, rows in pieces], format="csr")
+    if not np.array_equal(np.sort(positions), np.arange(n_rows)):
+        raise ValueError(f"the pieces hold rows {np.sort(positions)[:5]}..., not the {n_rows} rows of the target")
+    return _relabelled(stacked[np.argsort(positions)], relabel, dtype)
+
+
 def move_rows(client: Any, sources: Sequence[Any], source_rows: Sequence[np.ndarray], target_rows: Sequence[np.ndarray],
               target_of: np.ndarray, scattered: tuple[Any, Any], n_cols: int, dtype: str, *,
-              density: float | None, key: str, home: Any = None) -> list:
+              density: float | None, key: str, home: Any = None, relabel: Any = None) -> list:
     """Futures of the targets' rows: target ``t`` holds the natural rows ``target_rows[t]``, gathered from the
     ``sources`` (futures of (len(source_rows[s]), n_cols) arrays, dense or CSR).
 
     ``target_of``: natural row -> its target; ``scattered``: futures of the
     same map and of natural row -> its position in the target, on the
     workers; ``home(t)``: the ``submit`` keywords of target ``t``'s tasks.
+    With ``relabel`` (natural row -> its row in the blocks' order, or its
+    future), the rows stay sparse and their columns are renumbered by it (the rows of L).
     """
     home = home or (lambda t: {})
-    splits = [client.submit(split_rows, source, rows, *scattered, key=f"{key}-split-{s}")
+    sparse = relabel is not None
+    splits = [client.submit(split_rows, source, rows, *scattered, sparse, key=f"{key}-split-{s}")
               for s, (source, rows) in enumerate(zip(sources, source_rows))]
     holds = [set(np.unique(target_of[rows]).tolist()) for rows in source_rows]  # targets each source feeds
     targets = []
     for t, rows in enumerate(target_rows):
         pieces = [client.submit(pick, splits[s], t, key=f"{key}-pick-{s}-{t}", **home(t))
                   for s in range(len(sources)) if t in holds[s]]
-        targets.append(client.submit(assemble_rows, len(rows), n_cols, dtype, density, *pieces,
-                                     key=f"{key}-assemble-{t}", **home(t)))
+        if sparse:
+            target = client.submit(assemble_sparse_rows, len(rows), n_cols, relabel, dtype, *pieces,
+                                   key=f"{key}-assemble-{t}", **home(t))
+        else:
+            target = client.submit(assemble_rows, len(rows), n_cols, dtype, density, *pieces,
+                                   key=f"{key}-assemble-{t}", **home(t))
+        targets.append(target)
     return targets

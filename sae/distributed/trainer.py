@@ -248,13 +248,21 @@ class ClusterBackend:
             laplacian = sp.csr_array(laplacian)
         self.graph = []
         row_blocks = []  # released after the norm: only the split blocks stay for the training
+        moved = None
+        if not self.ordering.identity and isinstance(laplacian, LaplacianRef):  # read by chunks, moved to blocks
+            chunks = [client.submit(read_laplacian_rows, laplacian, start, stop, self.dtype,
+                                    key=f"sae-Lchunk-{self.token}-{j}") for j, (start, stop) in enumerate(bounds)]
+            moved = move_rows(client, chunks, [np.arange(start, stop) for start, stop in bounds],
+                              self.ordering.members, self.ordering.block_of, self._maps_to_blocks(), self.n_samples,
+                              self.dtype, density=None, key=f"sae-Lrows-{self.token}", home=self._home,
+                              relabel=self.relabel)
+            del chunks
         for b, (start, stop) in enumerate(bounds):
             if self.ordering.identity:
                 rows = client.submit(read_laplacian_rows, *row_source(laplacian, start, stop), self.dtype,
                                      key=f"sae-Lrows-{self.token}-{b}", **self._home(b))
-            elif isinstance(laplacian, LaplacianRef):
-                rows = client.submit(laplacian_rows, laplacian, self.ordering.members[b], self.relabel, self.dtype,
-                                     key=f"sae-Lrows-{self.token}-{b}", **self._home(b))
+            elif moved is not None:
+                rows = moved[b]
             else:  # in memory: the block's rows travel inside the task graph (small problems only)
                 block = laplacian_rows(laplacian, self.ordering.members[b], self.relabel_local, self.dtype)
                 rows = client.submit(read_laplacian_rows, block, None, None, self.dtype,
