@@ -63,9 +63,16 @@ LOG_DATE_FORMAT = "%H:%M:%S"
 
 _logger = logging.getLogger("sae.progress")
 _display: TerminalDisplay | None = None
-_origin = f"{socket.gethostname()}:{os.getpid()}"
-_library_level = {"users": 0, "saved": logging.NOTSET}
+_forwarding: contextvars.ContextVar[tuple[str | None, logging.Handler | None] | None] = contextvars.ContextVar(
+    "sae_worker_logs", default=None)
+"""Inside `worker_logs`: the store and the API handler (or None) of the task's records."""
+_library = {"users": 0, "saved": logging.NOTSET, "handler": None}
 _library_lock = threading.Lock()
+
+
+def _origin() -> str:
+    """This process, as a worker's log message names it (the display prints the messages of other processes)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def artifact_key(step: str) -> str:
@@ -254,28 +261,35 @@ def _publish(message: dict[str, Any]) -> None:
 
 
 class _WorkerLogHandler(logging.Handler):
-    """The library's records of one thread (a task's, on a Dask worker): to the run's log through Prefect's
-    API handler when the library's logger has none, and to the terminal display through the event topic."""
+    """On the ``sae`` logger of a worker process while a task is inside `worker_logs`: the records logged in
+    such a task's context (its thread, and threads started with a copy of its context) go to the run's log
+    through Prefect's API handler when the library's logger has none, and to the terminal display through
+    the event topic; the records of other tasks are left alone."""
 
-    def __init__(self, store: str | None, api: logging.Handler | None) -> None:
+    def __init__(self) -> None:
         super().__init__(logging.INFO)
-        self.thread = threading.get_ident()
-        self.store, self.api = store, api
         self.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATE_FORMAT))
-        self.addFilter(lambda record: record.thread == self.thread)
 
     def emit(self, record: logging.LogRecord) -> None:
-        if self.api is not None:
-            self.api.handle(record)
-        _publish({"log": self.format(record), "origin": _origin, "store": self.store})
+        forwarding = _forwarding.get()
+        if forwarding is None:
+            return
+        store, api = forwarding
+        try:
+            if api is not None:
+                api.handle(record)
+            _publish({"log": self.format(record), "origin": _origin(), "store": store})
+        except Exception:  # noqa: BLE001 - a line that cannot be forwarded never fails the task
+            self.handleError(record)
 
 
 @contextmanager
 def worker_logs(store: str | None = None) -> Iterator[None]:
-    """Inside a task on a Dask worker: the ``sae`` library's INFO records of this thread go to the run's log
+    """Inside a task on a Dask worker: the ``sae`` library's INFO records of the task go to the run's log
     (UI) and to the terminal of the command that started the run; elsewhere, nothing changes.
 
-    The library's level is INFO while a task of the process is inside (unless it was set to another level).
+    While a task of the process is inside, the library's logger has one forwarding handler and the level
+    INFO (unless it was set to another level); both are given back when the last task leaves.
     """
     from flows._dask import on_dask_worker
 
@@ -286,22 +300,25 @@ def worker_logs(store: str | None = None) -> Iterator[None]:
 
     library = logging.getLogger("sae")
     has_api = any(isinstance(handler, APILogHandler) for handler in library.handlers)
-    handler = _WorkerLogHandler(store, None if has_api or _run_logger() is None else APILogHandler())
     with _library_lock:
-        if _library_level["users"] == 0:
-            _library_level["saved"] = library.level
+        if _library["users"] == 0:
+            _library["saved"] = library.level
             if library.level == logging.NOTSET:
                 library.setLevel(logging.INFO)
-        _library_level["users"] += 1
-    library.addHandler(handler)
+            _library["handler"] = _WorkerLogHandler()
+            library.addHandler(_library["handler"])
+        _library["users"] += 1
+    token = _forwarding.set((store, None if has_api or _run_logger() is None else APILogHandler()))
     try:
         yield
     finally:
-        library.removeHandler(handler)
+        _forwarding.reset(token)
         with _library_lock:
-            _library_level["users"] -= 1
-            if _library_level["users"] == 0:
-                library.setLevel(_library_level["saved"])
+            _library["users"] -= 1
+            if _library["users"] == 0:
+                library.removeHandler(_library["handler"])
+                _library["handler"] = None
+                library.setLevel(_library["saved"])
 
 
 class TerminalDisplay:
@@ -337,7 +354,7 @@ class TerminalDisplay:
         if self.store is not None and message.get("store") not in (None, self.store):
             return
         if "log" in message:
-            if message.get("origin") != _origin:  # a worker in this process logs here itself
+            if message.get("origin") != _origin():  # a worker in this process logs here itself
                 self._print(message["log"])
             return
         if self.live:

@@ -86,6 +86,9 @@ def test_the_rows_of_the_laplacian_in_the_blocks_order_are_those_of_p_l_pt(threa
     assert abs(assemble_sparse_rows(5, 6, np.arange(6), "float32", *pieces) - rows).max() == 0
     with pytest.raises(ValueError, match="not the 5 rows"):
         assemble_sparse_rows(5, 6, np.arange(6), "float32", *pieces[:1])
+    with pytest.raises(ValueError, match="not the 5 rows"):
+        assemble_sparse_rows(5, 6, np.arange(6), "float32")
+    assert assemble_sparse_rows(0, 6, np.arange(6), "float32").shape == (0, 6)
 
 
 def test_rows_moved_between_chunks_and_blocks_land_where_numpy_puts_them(thread_client):

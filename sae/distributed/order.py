@@ -166,12 +166,12 @@ def assemble_rows(n_rows: int, n_cols: int, dtype: str, density: float | None, *
 
 def assemble_sparse_rows(n_rows: int, n_cols: int, relabel: np.ndarray, dtype: str, *pieces: tuple) -> sp.csr_array:
     """A target's rows (CSR) from its sparse pieces ``(positions, rows)``, columns renumbered by ``relabel``."""
-    if not pieces:
-        return sp.csr_array((n_rows, n_cols), dtype=dtype)
-    positions = np.concatenate([positions for positions, _ in pieces])
-    stacked = sp.vstack([rows for _, rows in pieces], format="csr")
+    positions = np.concatenate([positions for positions, _ in pieces]) if pieces else np.zeros(0, dtype=np.int64)
     if not np.array_equal(np.sort(positions), np.arange(n_rows)):
         raise ValueError(f"the pieces hold rows {np.sort(positions)[:5]}..., not the {n_rows} rows of the target")
+    if not pieces:
+        return sp.csr_array((0, n_cols), dtype=dtype)
+    stacked = sp.vstack([rows for _, rows in pieces], format="csr")
     return _relabelled(stacked[np.argsort(positions)], relabel, dtype)
 
 
@@ -194,7 +194,8 @@ def move_rows(client: Any, sources: Sequence[Any], source_rows: Sequence[np.ndar
     holds = [set(np.unique(target_of[rows]).tolist()) for rows in source_rows]  # targets each source feeds
     targets = []
     for t, rows in enumerate(target_rows):
-        pieces = [client.submit(pick, splits[s], t, key=f"{key}-pick-{s}-{t}", **home(t))
+        # a piece is cut where its split is (only the piece moves to the target's worker, not the whole split)
+        pieces = [client.submit(pick, splits[s], t, key=f"{key}-pick-{s}-{t}")
                   for s in range(len(sources)) if t in holds[s]]
         if sparse:
             target = client.submit(assemble_sparse_rows, len(rows), n_cols, relabel, dtype, *pieces,
