@@ -2,7 +2,7 @@
 
 A task run by a ``prefect_dask.DaskTaskRunner`` executes on a Dask worker: its
 fine-grained work goes to the same cluster through
-``prefect_dask.get_dask_client()``, the task seceding from its worker thread
+a client of its own (`cluster_client`), the task seceding from its worker thread
 while it waits (so a single-threaded worker cannot deadlock on its own
 sub-tasks).  A task run by a thread pool (local runs) has no cluster.
 """
@@ -36,16 +36,22 @@ def on_dask_worker() -> bool:
 
 @contextmanager
 def cluster_client() -> Iterator[Any]:
-    """The cluster's client on a Dask worker, else None."""
+    """The cluster's client on a Dask worker (a client of the task's own), else None.
+
+    The scheduler's address comes from the worker itself. ``distributed.get_client()``
+    (which ``prefect_dask.get_dask_client`` asks for it) may hand over the process's
+    default client, which in a cluster of threads can be another task's, closed when
+    that task ends: the address was then read from a closed client (``None.address``).
+    """
     if not on_dask_worker():
         yield None
         return
-    from distributed import rejoin, secede
-    from prefect_dask import get_dask_client
+    from distributed import Client, get_worker, rejoin, secede
 
+    address = get_worker().scheduler.address
     secede()  # free this worker thread for the tasks we wait on
     try:
-        with get_dask_client() as client:
+        with Client(address, timeout=30) as client:
             yield client
     finally:
         rejoin()

@@ -7,7 +7,7 @@ metadata only:
   (scaled CQT frames of ``preprocess/<key>`` for the baseline, codes of
   ``model/<key>``, ...) into window vectors per clip (`sae.pooling.aggregate_clips`),
   then cross-validate them (`sae.classify.cross_validate`), one plain Dask task per
-  split on the cluster of a ``DaskTaskRunner`` (``prefect_dask.get_dask_client()``,
+  split on the cluster of a ``DaskTaskRunner`` (``flows._dask.cluster_client``,
   the vectors scattered once), serially otherwise; the splits done are a progress
   artifact of the task run (`flows._progress`);
 - with protocol "inductive", one ``classify-inductive`` task that fits the

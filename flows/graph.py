@@ -11,7 +11,7 @@ metadata only:
    artifact of the task run (`flows._progress`).
 
 Inside a task the Dask work goes to the cluster of a ``DaskTaskRunner``
-(``prefect_dask.get_dask_client()``, the task seceding from its worker thread
+(``flows._dask.cluster_client``, the task seceding from its worker thread
 while it waits), otherwise to the local threaded scheduler::
 
     from prefect_dask import DaskTaskRunner

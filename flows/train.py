@@ -14,7 +14,7 @@ store (`publish_model`: the convergence of every objective term and the
 learned atoms) and publishes it, figures included, as an artifact.
 
 Where the Dask work runs: on the cluster of a ``DaskTaskRunner``
-(``prefect_dask.get_dask_client()``; the task secedes from its worker thread
+(``flows._dask.cluster_client``; the task secedes from its worker thread
 while it waits, so the thread is free for the training tasks), otherwise on
 an in-process ``distributed.LocalCluster`` of threads::
 
