@@ -352,7 +352,9 @@ def check_sweep_run(runs: Runs, config: PipelineConfig, dask_address: str) -> No
             assert row[name] == round(row[name], 1)
     trained = {a.key.removeprefix("progress-train-"): a for a in artifacts if a.key.startswith("progress-train-")}
     keys = [stage_keys(point.config)["model"] for point in sweep_points(config, {"n_atoms": [4, 3]})]
-    assert set(trained) == set(keys) and all(float(a.data) == 100.0 for a in trained.values())
+    every = [(a.key, a.data, a.description, str(a.created), str(a.task_run_id)) for a in artifacts
+             if a.key and a.key.startswith("progress-train-")]  # said when it fails: which one, and any duplicate
+    assert set(trained) == set(keys) and all(float(a.data) == 100.0 for a in trained.values()), every
     assert trained[keys[0]].description.endswith("(trained before)")  # the pipeline's model
     assert "2/2 outer iterations (objective" in trained[keys[1]].description
 
