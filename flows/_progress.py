@@ -66,7 +66,7 @@ _display: TerminalDisplay | None = None
 _forwarding: contextvars.ContextVar[tuple[str | None, logging.Handler | None] | None] = contextvars.ContextVar(
     "sae_worker_logs", default=None)
 """Inside `worker_logs`: the store and the API handler (or None) of the task's records."""
-_library = {"users": 0, "saved": logging.NOTSET, "handler": None}
+_library = {"users": 0, "saved": logging.NOTSET}
 _library_lock = threading.Lock()
 
 
@@ -283,6 +283,9 @@ class _WorkerLogHandler(logging.Handler):
             self.handleError(record)
 
 
+_WORKER_LOG_HANDLER = _WorkerLogHandler()
+
+
 @contextmanager
 def worker_logs(store: str | None = None) -> Iterator[None]:
     """Inside a task on a Dask worker: the ``sae`` library's INFO records of the task go to the run's log
@@ -305,8 +308,7 @@ def worker_logs(store: str | None = None) -> Iterator[None]:
             _library["saved"] = library.level
             if library.level == logging.NOTSET:
                 library.setLevel(logging.INFO)
-            _library["handler"] = _WorkerLogHandler()
-            library.addHandler(_library["handler"])
+            library.addHandler(_WORKER_LOG_HANDLER)
         _library["users"] += 1
     token = _forwarding.set((store, None if has_api or _run_logger() is None else APILogHandler()))
     try:
@@ -316,8 +318,7 @@ def worker_logs(store: str | None = None) -> Iterator[None]:
         with _library_lock:
             _library["users"] -= 1
             if _library["users"] == 0:
-                library.removeHandler(_library["handler"])
-                _library["handler"] = None
+                library.removeHandler(_WORKER_LOG_HANDLER)
                 library.setLevel(_library["saved"])
 
 

@@ -25,12 +25,11 @@ a code block is stored as CSR only when that is smaller):
 
 It leaves out Dask's own memory and the arrays a task makes and drops: the
 worker's memory at the start of the training is taken off its budget instead.
-Measured against the growth of each worker's memory (README, "Benchmarks"):
-at 300,000 frames of a real kNN graph (m = 512, 6 blocks, 2 workers) the
-estimate is 20 % over it; at 200,000 frames with ``lookahead=1`` and
-``offload_previous``, within 2 % of it; at 1,288,000 frames a worker held up to
-1.4 times the estimate at the start of later Z steps (not explained yet:
-the guard below stops such a training, which then resumes).
+Measured against the growth of each worker's memory (README, "Benchmarks"),
+2 workers, m = 512, on a real kNN graph: at 300,000 frames (6 blocks,
+``lookahead=1``, ``offload_previous``) the estimate is 27 % over it (1.83
+against 1.42-1.43 GiB); at 1,288,000 frames (26 blocks, ``lookahead=1``)
+25 % over it (7.71 against ~6.1 GiB).
 
 **The budget** of a worker (`worker_budgets`) is the memory it can give the
 training before Dask acts: its memory limit times the lowest of Dask's

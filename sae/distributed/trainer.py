@@ -229,11 +229,12 @@ class ClusterBackend:
                                                       broadcast=True)
         return self.to_blocks_maps
 
-    def _to_blocks(self, chunks: list, n_cols: int, density: float | None, key: str) -> list:
-        """Futures of the blocks' rows from futures of the natural chunks' (`move_rows`)."""
+    def _to_blocks(self, chunks: list, n_cols: int, density: float | None, key: str, relabel: Any = None) -> list:
+        """Futures of the blocks' rows from futures of the natural chunks' (`move_rows`; ``relabel``: sparse rows
+        of L, their columns renumbered)."""
         return move_rows(self.client, chunks, [np.arange(start, stop) for start, stop in self.bounds],
                          self.ordering.members, self.ordering.block_of, self._maps_to_blocks(), n_cols,
-                         self.dtype, density=density, key=key, home=self._home)
+                         self.dtype, density=density, key=key, home=self._home, relabel=relabel)
 
     def _to_chunks(self, blocks: list, n_cols: int, key: str) -> list:
         """Futures of the natural chunks' rows (dense) from futures of the blocks' (`move_rows`)."""
@@ -252,10 +253,7 @@ class ClusterBackend:
         if not self.ordering.identity and isinstance(laplacian, LaplacianRef):  # read by chunks, moved to blocks
             chunks = [client.submit(read_laplacian_rows, laplacian, start, stop, self.dtype,
                                     key=f"sae-Lchunk-{self.token}-{j}") for j, (start, stop) in enumerate(bounds)]
-            moved = move_rows(client, chunks, [np.arange(start, stop) for start, stop in bounds],
-                              self.ordering.members, self.ordering.block_of, self._maps_to_blocks(), self.n_samples,
-                              self.dtype, density=None, key=f"sae-Lrows-{self.token}", home=self._home,
-                              relabel=self.relabel)
+            moved = self._to_blocks(chunks, self.n_samples, None, f"sae-Lrows-{self.token}", relabel=self.relabel)
             del chunks
         for b, (start, stop) in enumerate(bounds):
             if self.ordering.identity:
