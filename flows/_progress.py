@@ -51,6 +51,9 @@ TOPIC = "sae-progress"
 ARTIFACT_SECONDS = 1.0
 """Shortest interval between two writes of a progress artifact (but the last)."""
 
+FINAL_ATTEMPTS = 3
+"""Requests made, at most, to write a step's last state to its artifact."""
+
 LINE_SECONDS = 10.0
 """Shortest interval between two plain progress lines of a remote step (but its first and last)."""
 
@@ -82,6 +85,17 @@ def artifact_key(step: str) -> str:
     ('progress-classify-baseline', 'progress-train-1a2b-x')
     """
     return "progress-" + re.sub(r"[^a-z0-9]+", "-", step.lower()).strip("-")
+
+
+def _current_run() -> tuple[Any, Any, int] | None:
+    """The current run: (flow run id, task run id or None, attempt of the task run); None outside runs."""
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    task = TaskRunContext.get()
+    if task is not None:
+        return task.task_run.flow_run_id, task.task_run.id, int(task.task_run.run_count or 1)
+    flow = FlowRunContext.get()
+    return None if flow is None or flow.flow_run is None else (flow.flow_run.id, None, 1)
 
 
 def _run_logger() -> Any:
@@ -131,6 +145,7 @@ class Progress:
         self._started = False
         self._artifact_at = self._log_at = time.monotonic()
         self._run_logger = _run_logger()
+        self._run = _current_run() if self._run_logger is not None else None
         if total is not None:
             self._start()
 
@@ -148,11 +163,20 @@ class Progress:
         A failure (the API busy or out of reach for a moment) is logged, and
         the next update tries again, no sooner than `ARTIFACT_SECONDS` (the
         last update at once): a step's artifact is not lost to one failed request.
+        The step has one artifact per run: after a failed request (which the
+        server may have carried out) or in a retry of its task run, an artifact
+        of the step's key already in the run is taken over, not doubled.
         """
         from prefect.artifacts import create_progress_artifact
 
         self._artifact_at = time.monotonic()
         try:
+            if self._create_failures or (self._run is not None and self._run[2] > 1):
+                earlier = self._artifacts_of_step()
+                if earlier:
+                    self._artifact = earlier[-1].id
+                    self._write()
+                    return
             self._artifact = create_progress_artifact(self.percent, key=artifact_key(self.step),
                                                       description=self.text())
         except Exception as error:  # noqa: BLE001 - progress never fails the work
@@ -160,6 +184,18 @@ class Progress:
             if self._create_failures == 1:
                 _logger.warning("%s: progress artifact not created yet (%s); trying again with the next update",
                                 self.step, error)
+
+    def _artifacts_of_step(self) -> list[Any]:
+        """The progress artifacts of this step's key in its run (its task run, or its flow run outside tasks),
+        oldest first."""
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+        assert self._run is not None
+        flow_run, task_run, _ = self._run
+        found = get_client(sync_client=True).read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[artifact_key(self.step)]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run])))
+        return sorted((a for a in found if a.type == "progress" and a.task_run_id == task_run), key=lambda a: a.created)
 
     @property
     def percent(self) -> float:
@@ -201,14 +237,17 @@ class Progress:
     def _update_artifact(self, finished: bool, now: float) -> None:
         """The artifact follows the step: written (created, if an earlier request failed) at most every
         `ARTIFACT_SECONDS`, the last update at once (the caller holds the lock)."""
+        if finished:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._finish_artifact()
+            return
         wait = ARTIFACT_SECONDS - (now - self._artifact_at)
         if self._artifact is None:
-            if finished or wait <= 0:
+            if wait <= 0:
                 self._create()
-                if self._artifact is None and finished:
-                    self._run_logger.warning("%s: no progress artifact (%d requests failed, see the log of the "
-                                             "process that ran the step)", self.step, self._create_failures)
-        elif finished or wait <= 0:
+        elif wait <= 0:
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
@@ -218,15 +257,48 @@ class Progress:
             self._timer.daemon = True
             self._timer.start()
 
-    def _write(self) -> None:
-        """Write the artifact (the caller holds the lock)."""
+    def _finish_artifact(self) -> None:
+        """Write the step's last state, the state the run's page keeps (the caller holds the lock).
+
+        A failed request is tried again (`FINAL_ATTEMPTS` in all, a second, then two, ... apart). Then
+        any other artifact of the step's key in the run (a request the client retried after the
+        server had carried it out, an earlier attempt of a retried task run) is given the same state:
+        none stays behind at an earlier percentage.
+        """
+        for attempt in range(FINAL_ATTEMPTS):
+            if attempt:
+                time.sleep(float(attempt))
+            if self._artifact is None:
+                self._create()  # with the last state
+                if self._artifact is not None:
+                    break
+            elif self._write():
+                break
+        if self._artifact is None:
+            self._run_logger.warning("%s: no progress artifact (%d requests failed, see the log of the "
+                                     "process that ran the step)", self.step, self._create_failures)
+            return
+        try:
+            twins = [a.id for a in self._artifacts_of_step() if a.id != self._artifact]
+        except Exception as error:  # noqa: BLE001 - progress never fails the work
+            _logger.warning("%s: progress artifacts of the run not read (%s)", self.step, error)
+            return
+        for twin in twins:
+            self._write(twin)
+
+    def _write(self, artifact: Any = None) -> bool:
+        """Write the state of now to the artifact (or to ``artifact``); False if the request failed (the
+        caller holds the lock)."""
         from prefect.artifacts import update_progress_artifact
 
         self._artifact_at = time.monotonic()
         try:
-            update_progress_artifact(self._artifact, self.percent, description=self.text())
+            update_progress_artifact(self._artifact if artifact is None else artifact, self.percent,
+                                     description=self.text())
         except Exception as error:  # noqa: BLE001 - progress never fails the work
             _logger.warning("%s: progress artifact not updated (%s)", self.step, error)
+            return False
+        return True
 
     def _write_later(self) -> None:
         with self._lock:

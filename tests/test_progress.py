@@ -167,6 +167,89 @@ def test_an_artifact_whose_creation_fails_once_is_created_by_a_later_update(pref
         ("progress-classify-baseline", 100.0, "classify baseline: 4/4 splits")]
 
 
+def _progress_artifacts(flow_run_id) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
+            any_=[flow_run_id])))
+    return sorted(((a.key, float(a.data), a.description) for a in found if a.type == "progress"))
+
+
+def test_a_retried_task_run_leaves_one_artifact_per_step_at_its_last_state(prefect_harness):
+    """The first attempt stops half-way; the retry takes over its artifact instead of adding a second one."""
+    from prefect import flow, task
+    from prefect.context import FlowRunContext
+
+    attempts = []
+
+    @task(retries=1, retry_delay_seconds=0)
+    def train() -> None:
+        step = Progress("train 0123456789ab", 4, "outer iterations")
+        step(2)
+        attempts.append(step._artifact)
+        if len(attempts) == 1:
+            raise RuntimeError("worker lost")
+        step(4)
+
+    @flow(name="progress-task-retry")
+    def run() -> str:
+        train()
+        return str(FlowRunContext.get().flow_run.id)
+
+    flow_run = run()
+    assert len(attempts) == 2 and attempts[0] == attempts[1]
+    assert _progress_artifacts(flow_run) == [
+        ("progress-train-0123456789ab", 100.0, "train 0123456789ab: 4/4 outer iterations")]
+
+
+@pytest.mark.parametrize("fault", ["reply lost", "request repeated", "last write lost"])
+def test_requests_that_fail_or_repeat_leave_one_state_the_last(prefect_harness, monkeypatch, fault):
+    """What an API under load does to a step's requests: the server creates the artifact but the reply is lost
+    (the client raises), the client repeats a creation the server had done (two artifacts), the last update
+    fails once. The run ends with the step's last state on every artifact of its key, one where one was asked."""
+    import prefect.artifacts
+    from prefect import flow
+    from prefect.context import FlowRunContext
+
+    create, update = prefect.artifacts.create_progress_artifact, prefect.artifacts.update_progress_artifact
+    faults = []
+
+    def faulty_create(*args, **kwargs):
+        made = create(*args, **kwargs)
+        if fault == "request repeated" and not faults:
+            faults.append(made)
+            return create(*args, **kwargs)
+        if fault == "reply lost" and not faults:
+            faults.append(made)
+            raise RuntimeError("ReadTimeout")
+        return made
+
+    def faulty_update(artifact, progress, **kwargs):
+        if fault == "last write lost" and progress == 100.0 and not faults:
+            faults.append(artifact)
+            raise RuntimeError("database is locked")
+        return update(artifact, progress, **kwargs)
+
+    monkeypatch.setattr(prefect.artifacts, "create_progress_artifact", faulty_create)
+    monkeypatch.setattr(prefect.artifacts, "update_progress_artifact", faulty_update)
+
+    @flow(name="progress-faults")
+    def run() -> str:
+        step = Progress("classify sae", None, "splits")
+        step(0, 4)
+        time.sleep(ARTIFACT_SECONDS)
+        for done in (1, 2, 3, 4):
+            step(done)
+        return str(FlowRunContext.get().flow_run.id)
+
+    flow_run = run()
+    assert len(faults) == 1, "the fault did not happen"
+    expected = ("progress-classify-sae", 100.0, "classify sae: 4/4 splits")
+    assert _progress_artifacts(flow_run) == [expected] * (2 if fault == "request repeated" else 1)
+
+
 def test_a_step_outside_runs_only_feeds_the_display():
     stream = io.StringIO()
     with TerminalDisplay(stream, live=True) as display:
