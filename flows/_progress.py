@@ -157,8 +157,9 @@ class Progress:
                 self._create()
         _publish(self.message())
 
-    def _create(self) -> None:
-        """Create the artifact with the state of now (the caller holds the lock).
+    def _create(self) -> bool:
+        """Create the artifact with the state of now; False if that state was not written (the caller holds
+        the lock).
 
         A failure (the API busy or out of reach for a moment) is logged, and
         the next update tries again, no sooner than `ARTIFACT_SECONDS` (the
@@ -175,15 +176,16 @@ class Progress:
                 earlier = self._artifacts_of_step()
                 if earlier:
                     self._artifact = earlier[-1].id
-                    self._write()
-                    return
+                    return self._write()
             self._artifact = create_progress_artifact(self.percent, key=artifact_key(self.step),
                                                       description=self.text())
+            return True
         except Exception as error:  # noqa: BLE001 - progress never fails the work
             self._create_failures += 1
             if self._create_failures == 1:
                 _logger.warning("%s: progress artifact not created yet (%s); trying again with the next update",
                                 self.step, error)
+            return False
 
     def _artifacts_of_step(self) -> list[Any]:
         """The progress artifacts of this step's key in its run (its task run, or its flow run outside tasks),
@@ -268,11 +270,7 @@ class Progress:
         for attempt in range(FINAL_ATTEMPTS):
             if attempt:
                 time.sleep(float(attempt))
-            if self._artifact is None:
-                self._create()  # with the last state
-                if self._artifact is not None:
-                    break
-            elif self._write():
+            if self._create() if self._artifact is None else self._write():
                 break
         if self._artifact is None:
             self._run_logger.warning("%s: no progress artifact (%d requests failed, see the log of the "
@@ -301,6 +299,11 @@ class Progress:
         return True
 
     def _write_later(self) -> None:
+        """A write put off by `_update_artifact`, in a timer's thread (the step's context): nothing if the
+        step's task run has been retried since (its next attempt took the artifact over)."""
+        run = _current_run()
+        if run is not None and self._run is not None and run[2] != self._run[2]:
+            return
         with self._lock:
             if self._timer is not None:
                 self._timer = None

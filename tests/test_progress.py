@@ -196,6 +196,7 @@ def test_a_retried_task_run_leaves_one_artifact_per_step_at_its_last_state(prefe
     @flow(name="progress-task-retry")
     def run() -> str:
         train()
+        time.sleep(1.5 * ARTIFACT_SECONDS)  # the first attempt's write put off to then is not made
         return str(FlowRunContext.get().flow_run.id)
 
     flow_run = run()
