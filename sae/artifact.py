@@ -41,6 +41,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import uuid
@@ -113,6 +114,39 @@ class ModelFolderError(ValueError):
 
 
 # --------------------------------------------------------------------------- files
+
+
+COPY_BYTES = 64 * 2**20
+"""Bytes of an array read and written at a time when a stored array is exported (`save_rows`)."""
+
+
+def save_rows(path: str | os.PathLike, values: Any, *, block_bytes: int = COPY_BYTES) -> None:
+    """Write an array, in memory or stored (Zarr: read by blocks of rows), as a ``.npy`` file.
+
+    The file is the one `numpy.save` writes (C order, the array's dtype), but a stored array is copied
+    ``block_bytes`` of rows at a time: the training graph's frames and codes are never whole in memory.
+    """
+    if isinstance(values, np.ndarray):
+        np.save(path, np.ascontiguousarray(values), allow_pickle=False)
+        return
+    dtype, shape = np.dtype(values.dtype), tuple(int(n) for n in values.shape)
+    row_bytes = dtype.itemsize * math.prod(shape[1:])
+    step = max(1, block_bytes // max(1, row_bytes))
+    with open(path, "wb") as handle:
+        np.lib.format.write_array_header_1_0(
+            handle, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape})
+        for first in range(0, shape[0] if shape else 0, step):
+            handle.write(memoryview(np.ascontiguousarray(values[first:first + step], dtype=dtype)).cast("B"))
+
+
+def _degrees(group: Any, name: str, *, block_rows: int = 1 << 20) -> np.ndarray:
+    """`sae.graph.degree_vector` of a stored sparse matrix, read by blocks of rows."""
+    from sae.graph import degree_vector
+    from sae.store import read_sparse
+
+    n_rows = int(group[name].attrs["shape"][0])
+    return np.concatenate([degree_vector(read_sparse(group, name, slice(first, min(first + block_rows, n_rows))))
+                           for first in range(0, n_rows, block_rows)] or [np.zeros(0)])
 
 
 def _sha256(path: Path) -> str:
@@ -367,7 +401,7 @@ def _write_folder(folder: Path, meta: dict[str, Any], arrays: dict[str, np.ndarr
     for name, values in arrays.items():
         if values is None:
             continue
-        np.save(folder / f"{name}.npy", np.ascontiguousarray(values), allow_pickle=False)
+        save_rows(folder / f"{name}.npy", values)
         meta["arrays"][name] = f"{name}.npy"
     skops.io.dump(classifier, folder / "classifier.skops")
     _check_types(folder / "classifier.skops")
@@ -413,7 +447,6 @@ def export_model(
     from sae import store as sae_store
     from sae.classify import fit_classifier
     from sae.distributed import open_model
-    from sae.graph import degree_vector
     from sae.pooling import aggregate_config
     from sae.preprocess import open_preprocessed
     from sae.store.keys import GRAPH, MODEL
@@ -451,8 +484,8 @@ def export_model(
         group_graph = sae_store.stage_group(root, GRAPH, graph_key, mode="r")
         graph_config = GraphConfig.model_validate(group_graph.attrs["config"])
         sigma = float(group_graph.attrs["sigma"])
-        arrays.update(train_frames=pre["X"][:], train_codes=state["codes"][:],
-                      train_degrees=degree_vector(sae_store.read_sparse(group_graph, "adjacency")))
+        arrays.update(train_frames=pre["X"], train_codes=state["codes"],  # copied by blocks of rows
+                      train_degrees=_degrees(group_graph, "adjacency"))
     methods = available_methods(model, graph_config is not None)
     if method is not None and method not in methods:
         raise ModelFolderError(f"method must be one of this model's methods {methods} ({METHODS}), got {method!r}")

@@ -68,6 +68,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+CHUNK_BYTES = 64 * 2**20
+"""Bytes of frames (as float64) that `aggregate_clips` reads at a time, at most (but one clip)."""
+
 POOLINGS = ("sum_abs", "sum", "mean", "mean_abs", "std", "max", "max_abs", "mean_pos", "mean_neg")
 """Statistics of a window's frames (module docstring), concatenated in the order given."""
 
@@ -261,12 +264,13 @@ def aggregate_clips(
     shifted: bool = True,
     pooling: Sequence[str] = ("sum_abs",),
     chunk_clips: int = 64,
+    chunk_bytes: int = CHUNK_BYTES,
 ) -> AggregatedFeatures:
     """Aggregate per-frame features into window vectors per clip (module docstring).
 
-    Reads ``X`` by chunks of ``chunk_clips`` clips, so only one chunk of
-    frames is ever in memory: ``X`` may be a numpy array, a Zarr array or a
-    Dask array.
+    Reads ``X`` by chunks of at most ``chunk_clips`` clips and about ``chunk_bytes``
+    (as float64), so only one chunk of frames is ever in memory: ``X`` may be a
+    numpy array, a Zarr array or a Dask array.
 
     Parameters
     ----------
@@ -280,7 +284,11 @@ def aggregate_clips(
     n_windows, window_frames, shifted, pooling
         As `sae.config.ClassifyConfig` (`aggregate_options` gives them from one).
     chunk_clips : int
-        Clips read at once.
+        Clips read at once, at most.
+    chunk_bytes : int
+        Bytes of frames (float64) read at once, at most (but one clip): 64
+        clips of 1288 frames of 512 codes would be 338 MB, and the statistics
+        need as much again.
 
     Returns
     -------
@@ -298,6 +306,9 @@ def aggregate_clips(
     if chunk_clips < 1:
         raise ValueError(f"chunk_clips must be >= 1, got {chunk_clips}")
     clips, starts, stops = clip_runs(row_clips)
+    if clips.size:
+        clip_bytes = 8 * int(X.shape[1]) * max(1, int(np.max(stops - starts)))
+        chunk_clips = max(1, min(chunk_clips, chunk_bytes // clip_bytes))
     n_vectors = n_windows * (2 if shifted else 1)
     n_features = int(X.shape[1])
     width = n_features * len(pooling)

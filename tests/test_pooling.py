@@ -78,9 +78,11 @@ def reference_aggregation(X, row_clips, n_windows, window_frames=None):
     return np.concatenate(out)
 
 
-@pytest.mark.parametrize("chunk_clips", [1, 3, 100])
+@pytest.mark.parametrize("chunk_clips, chunk_bytes", [(1, 1 << 26), (3, 1 << 26), (100, 1 << 26), (100, 1),
+                                                     (100, 3 * 40 * 5 * 8)])
 @pytest.mark.parametrize("kind", ["numpy", "zarr", "dask"])
-def test_aggregation_streams_any_array_by_chunks(rng, tmp_path, chunk_clips, kind):
+def test_aggregation_streams_any_array_by_chunks(rng, tmp_path, chunk_clips, chunk_bytes, kind):
+    """By chunks of clips, at most ``chunk_clips`` and about ``chunk_bytes`` (1: one clip at a time)."""
     X = rng.normal(size=(7 * 40, 5)).astype(np.float32)
     row_clips = np.repeat([3, 0, 6, 1, 2, 5, 4], 40)  # clips in any order, rows contiguous
     expected = reference_aggregation(X, row_clips, n_windows=3)
@@ -91,10 +93,30 @@ def test_aggregation_streams_any_array_by_chunks(rng, tmp_path, chunk_clips, kin
         source = da.from_array(X, chunks=(50, 5))
     else:
         source = X
-    features = aggregate_clips(source, row_clips, n_windows=3, chunk_clips=chunk_clips)
+    features = aggregate_clips(source, row_clips, n_windows=3, chunk_clips=chunk_clips, chunk_bytes=chunk_bytes)
     np.testing.assert_allclose(features.vectors, expected, rtol=1e-12)
     assert features.clips.tolist() == [3, 0, 6, 1, 2, 5, 4]
     assert features.groups.tolist() == np.repeat([3, 0, 6, 1, 2, 5, 4], 6).tolist()
+
+
+class RecordedReads:
+    """An array whose row reads are recorded (how many rows each read asked for)."""
+
+    def __init__(self, values: np.ndarray) -> None:
+        self.values, self.shape, self.dtype, self.reads = values, values.shape, values.dtype, []
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        self.reads.append(rows.stop - rows.start)
+        return self.values[rows]
+
+
+def test_aggregation_reads_about_chunk_bytes_at_a_time(rng):
+    """Wide codes of long clips are read a few clips at a time, not 64 (338 MB at GTZAN's 1288 frames x 512)."""
+    X = RecordedReads(rng.normal(size=(10 * 40, 6)).astype(np.float32))
+    row_clips = np.repeat(np.arange(10), 40)
+    features = aggregate_clips(X, row_clips, n_windows=3, chunk_bytes=3 * 40 * 6 * 8)  # three clips as float64
+    assert X.reads == [120, 120, 120, 40]
+    np.testing.assert_allclose(features.vectors, reference_aggregation(X.values, row_clips, n_windows=3), rtol=1e-12)
 
 
 def test_aggregation_of_clips_of_different_lengths(rng):
