@@ -61,8 +61,8 @@ def test_the_estimate_adds_up_what_each_worker_holds():
     # 3 generations of: the packs of blocks 0 and 2 for block 1 (20 + 20 rows), block 1's for them (30 + 20)
     assert a["halo packs"] == 3 * (20 + 20 + 30 + 20) * 8 * 4
     assert a["halo rows of the running tasks"] == 2 * 30 * 8 * 4  # one thread: the largest halo, x_k and x_{k-1}
-    assert a["work arrays of the running tasks"] == 2 * 100 * 8 * 4  # the largest block's x_k and x_{k-1}
-    assert a["spare pooled arrays"] == 2 * 100 * (8 + 10) * 4
+    # dense states need no densified copies; the pool's spare arrays are those the next iterates take
+    assert "work arrays of the running tasks" not in a and "spare pooled arrays" not in a
     b = estimate["b"]
     assert b["halo packs"] == 3 * (30 + 20 + 20 + 20) * 8 * 4
     offloaded = training_estimate(plans, homes, n_features=10, n_atoms=8, itemsize=4, encoder=False, graph=True,
@@ -71,6 +71,11 @@ def test_the_estimate_adds_up_what_each_worker_holds():
     assert offloaded["code iterates"] == 2 * 150 * 8 * 4 and offloaded["products x C"] == 150 * 10 * 4
     assert offloaded["halo packs"] == 2 * (90 + 10) * 8 * 4  # block 0's rows for block 2 are packed too
     assert offloaded["previous iterates read back"] == 2 * 100 * (8 + 2 * 10) * 4  # this one and the next block's
+    # two threads run both blocks at once: CSR states (10 % non-zeros, 8 bytes each) and both blocks' densified
+    # x_k and x_{k-1} are more than two dense generations
+    both = training_estimate(plans, homes, n_features=10, n_atoms=8, itemsize=4, encoder=False, graph=True,
+                             lookahead=1, offload_previous=True, nthreads={"a": 2})["a"]
+    assert both["code iterates"] == int(2 * 150 * 8 * 4 * 0.1 * 2) + 2 * (100 + 50) * 8 * 4
     independent = training_estimate(plans, homes, n_features=10, n_atoms=8, itemsize=4, encoder=False, graph=False,
                                     lookahead=2, nthreads={"a": 2})["a"]
     assert independent == {"frames X": 150 * 10 * 4, "codes before and after the step": 2 * 150 * 8 * 4,

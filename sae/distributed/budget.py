@@ -16,20 +16,29 @@ a code block is stored as CSR only when that is smaller):
   packs live from the iteration that cuts them until the one after next reads
   them as ``x_{k-1}`` (``lookahead + 1`` generations);
 - the halo rows stacked by each running block task (``x_k``'s and
-  ``x_{k-1}``'s), one task per worker thread, and its densified ``x_k`` and
-  ``x_{k-1}``; the spare arrays of the pool (:mod:`sae.distributed.memory`);
-  with ``offload_previous``, the previous iterates each running task reads
-  back from its file and the next block's, read ahead;
+  ``x_{k-1}``'s), one task per worker thread; when the states are CSR (at most
+  `SPARSE_STATE_DENSITY` non-zero), each running task's densified ``x_k`` and
+  ``x_{k-1}``, counted with the CSR iterates when those are more than the
+  dense iterates; with
+  ``offload_previous``, the previous iterates each running task reads back
+  from its file and the next block's, read ahead. The pool's spare arrays
+  (:mod:`sae.distributed.memory`) are not counted apart: they are the arrays
+  the next iterates take (measured: a worker's pool of (N_b, m) arrays never
+  held more than the generations counted);
 - without the graph term: the codes before and after the step, and the
   solver's work arrays of each running task.
 
 It leaves out Dask's own memory and the arrays a task makes and drops: the
 worker's memory at the start of the training is taken off its budget instead.
 Measured against the growth of each worker's memory (README, "Benchmarks"),
-2 workers, m = 512, on a real kNN graph: at 300,000 frames (6 blocks,
-``lookahead=1``, ``offload_previous``) the estimate is 27 % over it (1.83
-against 1.42-1.43 GiB); at 1,288,000 frames (26 blocks, ``lookahead=1``)
-25 % over it (7.71 against ~6.1 GiB).
+2 workers, m = 512, on kNN graphs of the built-in data: at 206,080 frames (8
+blocks) the estimate is 37 % over it with ``lookahead=2`` (1.56 against 1.14
+GiB: the fourth generation of iterates it counts was never seen alive), 5-7 %
+with ``lookahead=1`` (1.10 against 1.02-1.05) and 10-13 % with
+``offload_previous`` too (1.08 against 0.95-0.98); from the items, about 20 %
+over at 1,288,000 frames (26 blocks, ``lookahead=1``: ~7.3 against ~6.1 GiB)
+and 1 % under at 300,000 (6 blocks, ``lookahead=1``, ``offload_previous``: ~1.41
+against 1.42-1.43), where the guard's margin takes over.
 
 **The budget** of a worker (`worker_budgets`) is the memory it can give the
 training before Dask acts: its memory limit times the lowest of Dask's
@@ -56,7 +65,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sae.distributed.memory import POOL_SPARE
+from sae.distributed.blocks import SPARSE_STATE_DENSITY
 
 logger = logging.getLogger("sae.distributed")
 
@@ -144,7 +153,11 @@ def training_estimate(
         if graph:
             # CSR: the values, an int32 column index each, and the own and halo parts' row pointers
             items["rows of L"] = sum(blocks[b].graph_nnz * (itemsize + 4) + 8 * (blocks[b].rows + 1) for b in mine)
-            items["code iterates"] = iterate_copies * rows * code_row
+            # dense, or CSR (<= SPARSE_STATE_DENSITY non-zeros, a column index each) with the running tasks'
+            # x_k and x_{k-1} densified: whichever is larger
+            dense = iterate_copies * rows * code_row
+            compact = int(dense * SPARSE_STATE_DENSITY * (itemsize + 4) / itemsize) + 2 * sum(largest) * code_row
+            items["code iterates"] = max(dense, compact)
             items["products x C"] = (iterate_copies if not offload_previous else 1) * rows * frame_row
             # packs cut for the receivers on each worker: those of its blocks for the other workers (and for
             # its own, with offload_previous), and those of the other workers' blocks for its blocks
@@ -154,11 +167,8 @@ def training_estimate(
             items["halo packs"] = generations * pack_rows * code_row
             items["halo rows of the running tasks"] = 2 * sum(
                 sorted((blocks[b].halo_rows for b in mine), reverse=True)[:threads]) * code_row
-            # x_k and x_{k-1} densified by each running task, and the pool's spare arrays of each shape
-            items["work arrays of the running tasks"] = 2 * sum(largest) * code_row
             if offload_previous:  # x_{k-1}, x_{k-1} C and x_k C read back by each running task, and the next
                 items["previous iterates read back"] = 2 * sum(largest) * (code_row + 2 * frame_row)  # read ahead
-            items["spare pooled arrays"] = POOL_SPARE * max(largest, default=0) * (code_row + frame_row)
         else:
             items["codes before and after the step"] = 2 * rows * code_row
             # coordinate descent or FISTA on one block: a few (N_b, m) work arrays per running task
