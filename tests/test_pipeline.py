@@ -13,6 +13,7 @@ from sae import load_model
 from sae import store as sae_store
 from sae.config import PipelineConfig
 from sae.distributed import open_model
+from sae.graph import degree_vector
 from sae.preprocess import open_preprocessed
 from sae.stages import ingest_complete
 from sae.store.keys import stage_keys
@@ -81,7 +82,10 @@ def test_pipeline_end_to_end_then_skips_every_stage(prefect_harness, tmp_path):
     exported = load_model(first["model"])
     assert Path(first["model"]) == Path(f"{store}-models") / keys["model"]
     assert exported.methods == ("exact", "exact_graph") and exported.method == "exact"
-    assert np.array_equal(exported.graph.codes, model["codes"][:])
+    assert np.array_equal(exported.graph.codes, model["codes"][:])  # copied by blocks of rows
+    assert np.array_equal(exported.graph.frames, open_preprocessed(store, keys["preprocess"])["X"][:])
+    adjacency = sae_store.read_sparse(sae_store.stage_group(store, "graph", keys["graph"], mode="r"), "adjacency")
+    assert np.array_equal(exported.graph.degrees, degree_vector(adjacency))
     assert exported.info["source"]["results_key"] == keys["results"]
     first_clip = sae_store.frames_array(root)[: sae_store.store_frames_per_clip(root)]
     assert set(exported.predict(first_clip, method="exact_graph")) <= set(exported.classes_)
