@@ -98,6 +98,29 @@ def _current_run() -> tuple[Any, Any, int] | None:
     return None if flow is None or flow.flow_run is None else (flow.flow_run.id, None, 1)
 
 
+@contextmanager
+def _own_api_client() -> Iterator[None]:
+    """Prefect's requests inside go through a client of their own, not the run's shared one.
+
+    Tasks that run at once on one Dask worker can share one client, which the
+    first to end closes under the others ("Cannot send a request, as the
+    client has been closed"): their progress would stop there. Without an API
+    address (an ephemeral API) the run's client is kept.
+    """
+    from prefect.context import SyncClientContext
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        yield
+        return
+    token = SyncClientContext.__var__.set(None)  # so that the context below makes its own client
+    try:
+        with SyncClientContext():
+            yield
+    finally:
+        SyncClientContext.__var__.reset(token)
+
+
 def _run_logger() -> Any:
     """The logger of the current flow or task run (the UI's log), or None outside runs."""
     from prefect import get_run_logger
@@ -177,8 +200,9 @@ class Progress:
                 if earlier:
                     self._artifact = earlier[-1].id
                     return self._write()
-            self._artifact = create_progress_artifact(self.percent, key=artifact_key(self.step),
-                                                      description=self.text())
+            with _own_api_client():
+                self._artifact = create_progress_artifact(self.percent, key=artifact_key(self.step),
+                                                          description=self.text())
             return True
         except Exception as error:  # noqa: BLE001 - progress never fails the work
             self._create_failures += 1
@@ -195,8 +219,10 @@ class Progress:
 
         assert self._run is not None
         flow_run, task_run, _ = self._run
-        found = get_client(sync_client=True).read_artifacts(artifact_filter=ArtifactFilter(
-            key=ArtifactFilterKey(any_=[artifact_key(self.step)]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run])))
+        with _own_api_client():
+            found = get_client(sync_client=True).read_artifacts(artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=[artifact_key(self.step)]),
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run])))
         return sorted((a for a in found if a.type == "progress" and a.task_run_id == task_run), key=lambda a: a.created)
 
     @property
@@ -291,8 +317,9 @@ class Progress:
 
         self._artifact_at = time.monotonic()
         try:
-            update_progress_artifact(self._artifact if artifact is None else artifact, self.percent,
-                                     description=self.text())
+            with _own_api_client():
+                update_progress_artifact(self._artifact if artifact is None else artifact, self.percent,
+                                         description=self.text())
         except Exception as error:  # noqa: BLE001 - progress never fails the work
             _logger.warning("%s: progress artifact not updated (%s)", self.step, error)
             return False

@@ -91,3 +91,40 @@ def test_the_library_log_lines_of_a_task_on_a_dask_worker_reach_the_run_log_and_
         mine = read()
     assert sorted(log.message for log in mine) == ["from its thread", "halo: 1234 rows"], mine
     assert all(log.task_run_id is not None and log.level == logging.INFO for log in mine)
+
+
+def test_two_steps_at_once_on_one_worker_each_end_at_100_percent(prefect_harness):
+    """Two tasks run at once on one worker process: the first to end must not stop the other's progress (their
+    runs' Prefect client can be one, which the first closes as it ends: every later write of the other failed)."""
+    from prefect import flow, task
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+    from prefect_dask import DaskTaskRunner
+
+    from flows._dask import cluster_client
+    from flows._progress import ARTIFACT_SECONDS, Progress
+
+    @task
+    def step(name: str, seconds: float) -> None:
+        progress = Progress(f"train {name}", 2, "outer iterations")
+        with cluster_client():  # as the training: the worker's thread is freed for the other task
+            progress(1)
+            time.sleep(seconds)  # the short step has ended meanwhile
+            progress(2)
+
+    @flow(name="two-steps")
+    def run() -> str:
+        from prefect.runtime import flow_run
+
+        futures = [step.submit("short", 0.0), step.submit("long", 3 + ARTIFACT_SECONDS)]
+        for future in futures:
+            future.result()
+        return flow_run.id
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, host="127.0.0.1", **LOOPBACK) as cluster:
+        run_id = run.with_options(task_runner=DaskTaskRunner(address=cluster.scheduler_address))()
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
+            any_=[run_id])))
+    assert sorted((a.key, float(a.data)) for a in found if a.type == "progress") == [
+        ("progress-train-long", 100.0), ("progress-train-short", 100.0)]
