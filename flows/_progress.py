@@ -168,7 +168,7 @@ class Progress:
         self._started = False
         self._artifact_at = self._log_at = time.monotonic()
         self._run_logger = _run_logger()
-        self._run = _current_run() if self._run_logger is not None else None
+        self._run = _current_run()
         if total is not None:
             self._start()
 

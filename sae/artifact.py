@@ -121,11 +121,13 @@ COPY_BYTES = 64 * 2**20
 
 
 def save_rows(path: str | os.PathLike, values: Any, *, block_bytes: int = COPY_BYTES) -> None:
-    """Write an array, in memory or stored (Zarr: read by blocks of rows), as a ``.npy`` file.
+    """Write an array, in memory or stored (Zarr or Dask: read by blocks of rows), as a ``.npy`` file.
 
     The file is the one `numpy.save` writes (C order, the array's dtype), but a stored array is copied
     ``block_bytes`` of rows at a time: the training graph's frames and codes are never whole in memory.
     """
+    from sae.pooling import read_rows
+
     if isinstance(values, np.ndarray):
         np.save(path, np.ascontiguousarray(values), allow_pickle=False)
         return
@@ -136,7 +138,8 @@ def save_rows(path: str | os.PathLike, values: Any, *, block_bytes: int = COPY_B
         np.lib.format.write_array_header_1_0(
             handle, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape})
         for first in range(0, shape[0] if shape else 0, step):
-            handle.write(memoryview(np.ascontiguousarray(values[first:first + step], dtype=dtype)).cast("B"))
+            rows = read_rows(values, first, min(first + step, shape[0]))
+            handle.write(memoryview(np.ascontiguousarray(rows, dtype=dtype)).cast("B"))
 
 
 def _degrees(group: Any, name: str, *, block_rows: int = 1 << 20) -> np.ndarray:
