@@ -10,7 +10,7 @@ sub-tasks).  A task run by a thread pool (local runs) has no cluster.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -21,6 +21,53 @@ A cluster of threads (``processes=False``) talks in-process, but its scheduler a
 worker still serve HTTP (dashboard, ``/metrics``): on every interface, port 8787, even
 with ``dashboard_address=None``, unless told otherwise.  A cluster of processes also
 needs ``host="127.0.0.1"`` (which a cluster of threads refuses)."""
+
+
+class RunGone(RuntimeError):
+    """The run that started a task on a Dask worker is gone, so the task stops before it writes any more."""
+
+
+def run_gone_check(step: str) -> Callable[[str], None]:
+    """A function ``check(where)`` that raises `RunGone` once nothing wants the result of the running Dask task.
+
+    A step that works through a client of its own (`cluster_client`) keeps
+    going when the command that started it is killed or stopped: the
+    scheduler lets go of the task (its client left the cluster) but cannot
+    stop a running thread, and the step's own client still holds its work.
+    The store's lock went with the command's process, so such a step would
+    write into a store that another run may have taken meanwhile.  The step
+    calls the check between its parts and before each write; ``where`` says
+    where it stopped, for the message.  Off a Dask worker, the check does
+    nothing (the step dies with its process).  Call this in the task's thread.
+    """
+    from distributed import get_worker
+
+    try:
+        worker = get_worker()
+    except ValueError:
+        return lambda where: None
+    key = worker.get_current_task()
+
+    def check(where: str) -> None:
+        state = worker.state.tasks.get(key)
+        # "cancelled": the scheduler released a task that was executing (long-running once seceded)
+        if state is None or state.state in ("cancelled", "released", "forgotten"):
+            raise RunGone(f"{step}: the run that started it is gone (its client left the Dask cluster: the "
+                          f"command was killed or stopped), so it stopped at {where} without writing more; "
+                          f"the store keeps what was complete. Run the command again to resume.")
+
+    return check
+
+
+def checked(progress: Any, check: Callable[[str], None]) -> Callable[[int, int], None]:
+    """A `sae.progress` callback that asks ``check`` (a `run_gone_check`) before it reports to ``progress`` (a
+    `flows._progress.Progress`): the step stops at its next part once its run is gone."""
+
+    def callback(done: int, total: int) -> None:
+        check(f"{done} of {total} {progress.unit}")
+        progress(done, total)
+
+    return callback
 
 
 def on_dask_worker() -> bool:

@@ -42,7 +42,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from flows._dask import cluster_client
+from flows._dask import checked, cluster_client, run_gone_check
 from flows._progress import Progress, worker_logs
 from flows._runs import run_namer
 from sae.config import ClassifyConfig
@@ -57,16 +57,19 @@ def classify_features_task(
 ) -> dict[str, Any]:
     """`sae.stages.results.classify_features` as a Prefect task (returns the summary: scores, confusion, ...)."""
     progress = Progress(f"classify {name}", None, "splits", store=store, log_seconds=10.0)
+    gone = run_gone_check(f"the classification of {name}")
     with worker_logs(store), cluster_client() as client:
-        return classify_features(store, preprocess_key, name, source, config, key, client=client, progress=progress)
+        return classify_features(store, preprocess_key, name, source, config, key, client=client,
+                                 progress=checked(progress, gone))
 
 
 @task(name="classify-inductive", cache_policy=NO_CACHE)
 def classify_inductive_task(store: str, preprocess_key: str, config: ClassifyConfig, key: str) -> dict[str, dict]:
     """`sae.stages.results.classify_inductive` as a Prefect task."""
     progress = Progress("classify inductive", None, "folds", store=store, log_seconds=10.0)
+    gone = run_gone_check("the inductive classification")
     with worker_logs(store), cluster_client() as client:
-        return classify_inductive(store, preprocess_key, config, key, client=client, progress=progress)
+        return classify_inductive(store, preprocess_key, config, key, client=client, progress=checked(progress, gone))
 
 
 def submit_classification(

@@ -33,7 +33,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from flows._dask import cluster_client
+from flows._dask import checked, cluster_client, run_gone_check
 from flows._progress import Progress, worker_logs
 from flows._runs import run_namer
 from sae.config import GraphConfig, PreprocessConfig
@@ -63,10 +63,11 @@ def preprocess_task(store: str, config: PreprocessConfig) -> dict[str, Any]:
 @task(name="graph", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
 def graph_task(store: str, preprocess_key: str, config: GraphConfig) -> dict[str, Any]:
     """kNN, recall, W and L written to ``graph/<key>``."""
+    gone = run_gone_check("the graph")
     with worker_logs(store), dask_scheduler() as where:
         get_run_logger().info("kNN (%s, %s) on %s", config.method, config.metric, where)
         progress = Progress("knn", None, "steps", store=store, log_seconds=10.0)
-        return run_graph(store, preprocess_key, config, progress=progress)
+        return run_graph(store, preprocess_key, config, progress=checked(progress, gone))
 
 
 def _graph_key(parameters: dict[str, Any]) -> str:

@@ -38,7 +38,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from flows._dask import dask_client
+from flows._dask import RunGone, dask_client, run_gone_check
 from flows._progress import Progress, worker_logs
 from flows._runs import run_namer
 from sae.config import TrainConfig
@@ -68,8 +68,8 @@ def _progress_detail(record: dict[str, Any]) -> str:
 
 def worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
     """Retry the training (it resumes from its last checkpoint) unless it stopped because it does not fit in the
-    workers' memory: that would stop again."""
-    return not isinstance(state.data, TrainingDoesNotFit)
+    workers' memory (that would stop again) or because the run that started it is gone."""
+    return not isinstance(state.data, (TrainingDoesNotFit, RunGone))
 
 
 @task(name="train", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2, retry_condition_fn=worth_retrying)
@@ -83,9 +83,11 @@ def train_task(store: str, preprocess_key: str, graph_key: str | None, train: Tr
         _log_record(logger, record)
         progress(record["iteration"], detail=_progress_detail(record))
 
+    gone = run_gone_check(f"the training of model/{key}")
     with worker_logs(store), dask_client() as client:
         logger.info("training on %s (%d workers)", client.scheduler.address, len(client.scheduler_info()["workers"]))
-        out = train_model(store, preprocess_key, train, client=client, graph_key=graph_key, callback=report)
+        out = train_model(store, preprocess_key, train, client=client, graph_key=graph_key, callback=report,
+                          interrupt=gone)
     if out["skipped"]:
         progress(out["n_iter"], total=out["n_iter"], detail="trained before")
     else:

@@ -256,6 +256,36 @@ def test_resume_from_checkpoint_ends_where_an_uninterrupted_run_ends(thread_clie
     np.testing.assert_allclose(resumed.codes[:], straight.codes[:], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("stop_at", ["outer iteration 2, before its checkpoint", "outer iteration 2, Z step iteration 3"])
+def test_an_interrupt_stops_the_fit_before_it_writes_and_the_last_checkpoint_stays(thread_client, small, tmp_path,
+                                                                                   stop_at):
+    """``interrupt(where)`` is asked at every Z-step iteration and before every checkpoint; when it raises, nothing
+    more is written (the run that started a training on a worker is gone: flows._dask.run_gone_check)."""
+    X, L = small
+    config = ModelConfig(n_atoms=8, lambda_g=10.0, max_outer=4, max_inner=20, rtol=1e-9, random_state=0)
+    group = zarr.open_group(str(tmp_path / "model.zarr"), mode="w")
+    asked = []
+
+    class Gone(RuntimeError):
+        pass
+
+    def interrupt(where):
+        asked.append(where)
+        if where == stop_at:
+            raise Gone
+
+    with pytest.raises(Gone):
+        fit_distributed(X, config, client=thread_client, laplacian=L, block_size=100, checkpoint=group,
+                        interrupt=interrupt)
+    state = read_checkpoint(group)
+    assert state["iteration"] == 1 and state["stop_reason"] == "" and len(state["history"]) == 2
+    assert asked[0] == "outer iteration 1, Z step" and "outer iteration 1, before its checkpoint" in asked
+    assert asked[-1] == stop_at
+    z_iterations = [w for w in asked if w.startswith("outer iteration 1, Z step iteration")]
+    assert z_iterations == [f"outer iteration 1, Z step iteration {k}" for k in range(len(z_iterations))]
+    assert len(z_iterations) == state["history"][1]["inner_codes"] + 1  # the start, then every iteration
+
+
 def _start(args, **kw):
     return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kw)
 

@@ -255,6 +255,80 @@ def test_sigkill_of_a_run_leaves_no_process_behind(workdir, services):
         pass
 
 
+def _last_checkpoint(store: Path) -> tuple[str, int | None, str | None]:
+    """The model group of a store (its key), the outer iteration of its last complete checkpoint and its stop
+    reason; ("", None, None) before the training wrote one."""
+    import zarr
+
+    try:
+        models = zarr.open_group(store / "model", mode="r")
+        key = next(iter(sorted(models.group_keys())))
+        attrs = models[key].attrs.asdict()
+    except (FileNotFoundError, KeyError, StopIteration, ValueError):
+        return "", None, None
+    return key, attrs.get("last_complete_outer"), attrs.get("stop_reason")
+
+
+@pytest.fixture(scope="module")
+def dask_cluster(services, tmp_path_factory):
+    """A Dask scheduler and one worker of two threads from deploy/cluster.py, on 127.0.0.1; (address, log folder)."""
+    state = tmp_path_factory.mktemp("cluster")
+    started = run([sys.executable, "deploy/cluster.py", "start", "--state", str(state), "--ports", "auto",
+                   "--no-prefect", "--workers", "1", "--threads", "2"], services, REPOSITORY)
+    assert started.returncode == 0, started.stdout + started.stderr
+    try:
+        yield json.loads(started.stdout[: started.stdout.rindex("}") + 1])["dask_address"], state / "logs"
+    finally:
+        run([sys.executable, "deploy/cluster.py", "stop", "--state", str(state)], services, REPOSITORY, timeout=120)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_a_stopped_run_s_training_stops_on_the_cluster_and_writes_no_more_checkpoints(workdir, services, dask_cluster,
+                                                                                      tmp_path, signum):
+    """The training runs on a Dask worker with a client of its own: it must not outlive the command that started
+    it (whose process held the store's lock), writing checkpoints into a store another run may have taken."""
+    from distributed import Client
+
+    root, _ = workdir
+    address, logs = dask_cluster
+    long = {**TINY, "train": {**TINY["train"], "model": {**TINY["train"]["model"], "max_outer": 500, "rtol": 1e-12}}}
+    (tmp_path / "long.yaml").write_text(yaml.safe_dump(long))
+    store = tmp_path / "orphan.zarr"
+    command = ("-c", str(tmp_path / "long.yaml"), "--data", str(root / "data"), "--store", str(store))
+    process = psutil.Popen(sae_command("run", *command, "--cluster", address), cwd=tmp_path, env=services,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while (_last_checkpoint(store)[1] or 0) < 2:  # two outer iterations into the training
+            assert process.poll() is None, process.stderr.read()
+            assert time.monotonic() < deadline, "the training wrote no second checkpoint in time"
+            time.sleep(0.2)
+        process.send_signal(signum)
+        process.wait(60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    key = _last_checkpoint(store)[0]
+    stopped = time.monotonic()
+    said = f"the training of model/{key}: the run that started it is gone"
+    while said not in (logs / "dask-worker-0.log").read_text():  # in the worker's log, with where it stopped
+        assert time.monotonic() - stopped < 60, "the training did not stop on the cluster"
+        time.sleep(0.5)
+    outer, reason = _last_checkpoint(store)[1:]
+    time.sleep(3)
+    assert _last_checkpoint(store)[1:] == (outer, reason)  # no checkpoint written any more
+    assert outer < 500 and reason == ""  # stopped, not run to its end
+    with Client(address, timeout=30) as client:  # and nothing of it is left running
+        while any(client.processing().values()):
+            assert time.monotonic() - stopped < 60, f"still running on the cluster: {client.processing()}"
+            time.sleep(0.5)
+    with sae_store.store_lock(store, wait=5):
+        pass
+    resumed = run(sae_command("train", *command, "--set", f"train.model.max_outer={outer + 1}"), services, tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _last_checkpoint(store)[1:] == (outer + 1, "max_outer")  # resumed from the kept checkpoint
+
+
 def test_ctrl_c_inside_an_event_loop_that_absorbs_cancellation_still_stops_the_command():
     """While the default handler is installed, asyncio.run turns Ctrl-C into a cancellation of its task; a task
     that absorbs it would let the command run on. Under the command's handlers, Ctrl-C is KeyboardInterrupt."""

@@ -128,3 +128,49 @@ def test_two_steps_at_once_on_one_worker_each_end_at_100_percent(prefect_harness
             any_=[run_id])))
     assert sorted((a.key, float(a.data)) for a in found if a.type == "progress") == [
         ("progress-train-long", 100.0), ("progress-train-short", 100.0)]
+
+
+def test_a_step_whose_run_is_gone_stops_at_its_next_check_and_a_wanted_one_goes_on(tmp_path):
+    """`run_gone_check` on a real worker: a task that secedes (as the training, graph and classification steps do)
+    goes on while its future is held, and stops at its next check once its client lets go of it."""
+    from distributed import Client, secede
+
+    from flows._dask import RunGone, checked, run_gone_check
+
+    class Parts:  # what `checked` reports to besides the check: a flows._progress.Progress's unit and call
+        unit = "parts"
+
+        def __call__(self, done: int, total: int) -> None:
+            pass
+
+    def step(name: str, parts: int) -> str:  # says how it ended in a file (the task runs on a copy of this function)
+        check = run_gone_check(f"step {name}")
+        secede()
+        progress = checked(Parts(), check)
+        try:
+            for done in range(parts):
+                progress(done, parts)
+                time.sleep(0.02)
+        except RunGone as error:
+            (tmp_path / name).write_text(str(error))
+            raise
+        (tmp_path / name).write_text("ran to its end")
+        return name
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, **LOOPBACK) as cluster, \
+            Client(cluster) as client:
+        wanted = client.submit(step, "wanted", 100, pure=False)
+        dropped = client.submit(step, "dropped", 3000, pure=False)
+        deadline = time.monotonic() + 30
+        running = {wanted.key, dropped.key}
+        while not running <= {task.key for task in cluster.workers[0].state.long_running}:  # both seceded
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        del dropped  # its client lets go of it, as when the command that submitted it is gone
+        assert wanted.result(timeout=60) == "wanted"
+        while not (tmp_path / "dropped").exists():
+            assert time.monotonic() < deadline, "the dropped step did not stop"
+            time.sleep(0.05)
+    assert (tmp_path / "wanted").read_text() == "ran to its end"
+    said = (tmp_path / "dropped").read_text()
+    assert said.startswith("step dropped: the run that started it is gone") and " of 3000 parts" in said

@@ -39,13 +39,15 @@ def train_model(
     graph_key: str | None = None,
     callback: Callable[[dict[str, Any]], None] | None = None,
     overwrite: bool = False,
+    interrupt: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Train on the frames ``preprocess/<preprocess_key>/X`` of a store; write ``model/<key>``.
 
     The Laplacian is ``graph/<graph_key>/laplacian`` (required when
     ``train.model.lambda_g > 0``).  Checkpoints (:mod:`sae.distributed.checkpoints`) go to the
     stage group; a rerun resumes from the last one, and returns at once when
-    the group is complete for this ``max_outer`` or converged.
+    the group is complete for this ``max_outer`` or converged.  ``interrupt``:
+    see :func:`sae.distributed.fit_distributed`.
 
     Returns
     -------
@@ -94,7 +96,7 @@ def train_model(
         X, config, client=client, laplacian=laplacian, block_size=train.block_size,
         laplacian_norm=train.laplacian_norm, lookahead=train.lookahead, offload_previous=train.offload_previous,
         memory_check=train.memory_check, order=train.order,
-        checkpoint=group, checkpoint_final_only=not train.checkpoint, callback=callback,
+        checkpoint=group, checkpoint_final_only=not train.checkpoint, callback=callback, interrupt=interrupt,
     )
     store.mark_complete(group, inputs=inputs, arrays=checkpoint_arrays(group))
     last = fit.history[-1]

@@ -176,6 +176,7 @@ class ClusterBackend:
         self.reload: Callable[[], list] | None = None  # how to read the current codes again (from the store)
         self.checkpoint: zarr.Group | None = None
         self.checkpoint_final_only = False
+        self.interrupt: Callable[[str], None] = _go_on
         self.refresh_homes()
         # with the cluster order, scattered once: natural row -> block and row in it (`_maps_to_blocks`, only when
         # rows move to blocks), -> chunk and row in it, -> row in the blocks' order (and its copy on the client)
@@ -317,6 +318,7 @@ class ClusterBackend:
         first iteration is submitted, and reads them again only if the start
         turns out better than the last iterate.
         """
+        self.interrupt(f"outer iteration {outer}, Z step")
         self.refresh_homes()  # workers may have come or gone since the last step
         reload, self.reload = self.reload, None  # the new codes are only in memory until a checkpoint
         if self.graph is None:
@@ -338,7 +340,7 @@ class ClusterBackend:
         final, step = block_fista(client, self._home, problems, states, self.neighbours, self.send_plans, config,
                                   tag=tag, outer=outer, lookahead=self.lookahead,
                                   progress_seconds=self.tuning.progress_seconds, n_codes=self.n_samples * C.shape[0],
-                                  guard=self.guard, local_states=not self.offload_previous)
+                                  guard=self.guard, local_states=not self.offload_previous, interrupt=self.interrupt)
         if final is None:  # the start is better than the last iterate
             return (start if reload is None else reload()), step
         return [client.submit(state_solution, s, key=f"sae-Z-{tag}-{b}", **self._home(b))
@@ -403,6 +405,7 @@ class ClusterBackend:
         last = bool(stop_reason)
         if self.checkpoint is None or not (last or not self.checkpoint_final_only):
             return Z_blocks
+        self.interrupt(f"outer iteration {iteration}, before its checkpoint")
         slot = iteration % 2
         target = checkpoint_slot(self.checkpoint, slot, self.n_samples, C.shape[0], self.n_features, self.block_size,
                                  self.dtype, E is not None)
@@ -493,6 +496,7 @@ def fit_distributed(
     return_codes: bool = False,
     callback: Callable[[dict[str, Any]], None] | None = None,
     tuning: Tuning | None = None,
+    interrupt: Callable[[str], None] | None = None,
 ) -> DistributedFit:
     """Fit the structured auto-encoder on a Dask cluster, block by block (see :mod:`sae.distributed`).
 
@@ -554,6 +558,12 @@ def fit_distributed(
     tuning : Tuning, optional
         How the tasks run (tile, sparse density, array pool, work stealing,
         progress log); never what they compute.
+    interrupt : callable, optional
+        ``interrupt(where)``, called on the client at the start of every Z
+        step, after every Z-step iteration and before every checkpoint is
+        written; it raises to stop the training there (e.g.
+        ``flows._dask.RunGone``: the run that started it is gone), the last
+        complete checkpoint staying as it was.
 
     Returns
     -------
@@ -569,7 +579,7 @@ def fit_distributed(
         with without_work_stealing(client) if tuning.pause_work_stealing else _nothing():
             return _fit_distributed(X, config, client, laplacian, block_size, laplacian_norm, lookahead,
                                     offload_previous, checkpoint, checkpoint_final_only, return_codes, callback,
-                                    tuning, memory_check, order)
+                                    tuning, memory_check, order, interrupt)
     finally:
         try:
             if tuning.array_pool:
@@ -583,11 +593,16 @@ def _nothing() -> Iterator[None]:
     yield
 
 
+def _go_on(where: str) -> None:
+    """The training is wanted until it ends (no ``interrupt``)."""
+
+
 def _fit_distributed(X: Any, config: ModelConfig, client: Any, laplacian: Any, block_size: int,
                      laplacian_norm: float | str, lookahead: int, offload_previous: bool,
                      checkpoint: zarr.Group | None, checkpoint_final_only: bool, return_codes: bool,
                      callback: Callable[[dict[str, Any]], None] | None, tuning: Tuning,
-                     memory_check: str | None, order: str) -> DistributedFit:
+                     memory_check: str | None, order: str,
+                     interrupt: Callable[[str], None] | None) -> DistributedFit:
     started = time.perf_counter()
     dtype = config.dtype
     if len(getattr(X, "shape", ())) != 2:
@@ -599,6 +614,7 @@ def _fit_distributed(X: Any, config: ModelConfig, client: Any, laplacian: Any, b
     backend = ClusterBackend(client, X, laplacian, config, block_size, laplacian_norm, lookahead, offload_previous,
                              tuning, memory_check, order)
     backend.checkpoint, backend.checkpoint_final_only = checkpoint, checkpoint_final_only
+    backend.interrupt = interrupt or _go_on
     m, use_encoder = config.n_atoms, config.lambda_e > 0
     state = read_checkpoint(checkpoint) if checkpoint is not None else None
     if state is not None:

@@ -389,6 +389,7 @@ def block_fista(
     n_codes: int,
     guard: Any = None,
     local_states: bool = True,
+    interrupt: Callable[[str], None] | None = None,
 ) -> tuple[list | None, dict[str, Any]]:
     """The client's loop of the global FISTA (module docstring), from the block ``states`` (futures).
 
@@ -399,7 +400,8 @@ def block_fista(
     that watches the workers' memory while the client waits; ``local_states``:
     a block reads the halo rows of a neighbour on its own worker from the
     neighbour's state (``x_k`` and ``x_{k-1}``) instead of a pack (not with
-    ``offload_previous``: ``x_{k-1}`` is then in a file).  Empties ``states`` once its first iteration is
+    ``offload_previous``: ``x_{k-1}`` is then in a file); ``interrupt(where)``:
+    called after every iteration, raises to stop the step.  Empties ``states`` once its first iteration is
     submitted.  Returns the final states (None when the start is better than
     the last iterate) and the step's record: ``n_iter``, ``stop_reason``,
     ``gap`` (the last duality gap evaluated, NaN with the change rule) and
@@ -473,6 +475,8 @@ def block_fista(
             # soon as the block's next state exists (two generations of iterates alive per block, not three)
             final_states = None
         k, new, scalars = pending.popleft()
+        if interrupt is not None:
+            interrupt(f"outer iteration {outer}, Z step iteration {k}")
         if guard is not None:
             guard.wait(scalars, f"outer iteration {outer}, Z step iteration {k}")
         parts = client.gather(scalars)
