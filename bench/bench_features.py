@@ -10,7 +10,8 @@ under the configuration's classification (pooling, classifier, protocol and the 
   ``1/2 ||x - z D||^2 + alpha ||z||_1`` per frame, atoms of unit norm), fitted on the same frames
   (``--fit-rows`` of them at most, taken evenly) and encoded by lasso (coordinate descent);
 
-with each one's accuracy (mean ± std over the folds), fitting time, the objective
+with each one's accuracy (mean ± std over the folds), its paired difference with the baseline on the same
+splits (mean ± std of the per-split differences, and the splits it wins), fitting time, the objective
 ``lambda_d/2 ||X - Z C||^2 + lambda_z ||Z||_1`` of its codes and dictionary, and the peak RSS.
 
     sae run --data sae-devset/manifest.csv --store dev.zarr --set train.model.lambda_g=0
@@ -47,6 +48,12 @@ def reconstruction_objective(X: np.ndarray, Z: np.ndarray, C: np.ndarray, lambda
         z = Z[start : start + 65536].astype(np.float64)
         total += 0.5 * lambda_d * float(np.sum((x - z @ C) ** 2)) + lambda_z * float(np.abs(z).sum())
     return total
+
+
+def _paired(scores: np.ndarray, reference: np.ndarray) -> str:
+    """Mean ± std (points) of the per-split differences, and the splits won, as two table cells."""
+    difference = 100 * (scores - reference)
+    return f"{difference.mean():+.1f} ± {difference.std():.1f} | {int(np.sum(difference > 0))} of {difference.size}"
 
 
 def main() -> None:
@@ -99,8 +106,10 @@ def main() -> None:
     }
     print(f"MiniBatchDictionaryLearning: fit {peer_fit:.1f} s on {fit_rows.shape[0]} rows, encode {peer_encode:.1f} s "
           f"({n_unconverged} lasso calls stopped short of scikit-learn's tolerance)")
-    print(f"\n| features | accuracy % ({config.classify.protocol}) | objective (no graph) | seconds |")
-    print("|---|---|---|---|")
+    print(f"\n| features | accuracy % ({config.classify.protocol}) | minus baseline, paired | splits won "
+          "| objective (no graph) | seconds |")
+    print("|---|---|---|---|---|---|")
+    scores: dict[str, np.ndarray] = {}
     for name, (features, components, seconds) in rows.items():
         aggregated = aggregate_clips(features, row_clips, clip_labels=clip_labels, **aggregate_options(config.classify))
         summary = cross_validate(aggregated, config.classify, clip_groups=clip_groups)
@@ -108,8 +117,13 @@ def main() -> None:
             f"{reconstruction_objective(X, features, components, model_config.lambda_d, model_config.lambda_z):.6g}"
             if components is not None else "-"
         )
+        scores[name] = np.asarray(summary["scores"])
+        paired = "- | -" if not len(scores) > 1 else _paired(scores[name], next(iter(scores.values())))
         print(f"| {name} | {100 * summary['accuracy_mean']:.1f} ± {100 * summary['accuracy_std']:.1f} "
-              f"(grouped by {summary['grouping']}) | {objective} | {'-' if seconds is None else f'{seconds:.1f}'} |")
+              f"(grouped by {summary['grouping']}) | {paired} | {objective} | "
+              f"{'-' if seconds is None else f'{seconds:.1f}'} |")
+    ours, peer_name = list(rows)[1:]
+    print(f"\n{ours} minus {peer_name}, paired: {_paired(scores[ours], scores[peer_name]).replace(' | ', ', won ')}")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"\npeak RSS of this process: {peak:.2f} GiB")
 
