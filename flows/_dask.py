@@ -10,9 +10,11 @@ sub-tasks).  A task run by a thread pool (local runs) has no cluster.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
+
+from sae.progress import Interrupt, ProgressCallback, go_on
 
 LOOPBACK: dict[str, Any] = {"dashboard_address": "127.0.0.1:0", "worker_dashboard_address": "127.0.0.1:0"}
 """Keyword arguments of ``distributed.LocalCluster`` that keep its HTTP servers on 127.0.0.1.
@@ -27,8 +29,9 @@ class RunGone(RuntimeError):
     """The run that started a task on a Dask worker is gone, so the task stops before it writes any more."""
 
 
-def run_gone_check(step: str) -> Callable[[str], None]:
-    """A function ``check(where)`` that raises `RunGone` once nothing wants the result of the running Dask task.
+def run_gone_check(step: str) -> Interrupt:
+    """An `sae.progress.Interrupt` ``check(where)`` that raises `RunGone` once nothing wants the result of the
+    running Dask task.
 
     A step that works through a client of its own (`cluster_client`) keeps
     going when the command that started it is killed or stopped: the
@@ -36,17 +39,27 @@ def run_gone_check(step: str) -> Callable[[str], None]:
     stop a running thread, and the step's own client still holds its work.
     The store's lock went with the command's process, so such a step would
     write into a store that another run may have taken meanwhile.  The step
-    calls the check between its parts and before each write; ``where`` says
-    where it stopped, for the message.  Off a Dask worker, the check does
-    nothing (the step dies with its process).  Call this in the task's thread.
+    calls the check between its parts, before it writes and before it marks
+    its work complete; ``where`` says where it stopped, for the message.  What
+    is left: a write under way when the run goes still ends (its work is not
+    recorded as complete), and a command whose host vanishes without closing
+    its connection is noticed only when the scheduler's connection to it
+    times out.  Off a Dask worker, or in a thread that executes no task of it,
+    the check does nothing (the step dies with its process).  Call this in the
+    task's thread.
     """
+    import threading
+
     from distributed import get_worker
 
     try:
         worker = get_worker()
     except ValueError:
-        return lambda where: None
-    key = worker.get_current_task()
+        return go_on
+    # the key of the task this thread executes (a thread that inherited the worker but runs no task of it: none)
+    key = worker.active_threads.get(threading.get_ident())
+    if key is None:
+        return go_on
 
     def check(where: str) -> None:
         state = worker.state.tasks.get(key)
@@ -59,7 +72,12 @@ def run_gone_check(step: str) -> Callable[[str], None]:
     return check
 
 
-def checked(progress: Any, check: Callable[[str], None]) -> Callable[[int, int], None]:
+def not_gone(task: Any, task_run: Any, state: Any) -> bool:
+    """A Prefect ``retry_condition_fn``: retry a failed task unless it stopped because its run is gone."""
+    return not isinstance(state.data, RunGone)
+
+
+def checked(progress: Any, check: Interrupt) -> ProgressCallback:
     """A `sae.progress` callback that asks ``check`` (a `run_gone_check`) before it reports to ``progress`` (a
     `flows._progress.Progress`): the step stops at its next part once its run is gone."""
 

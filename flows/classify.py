@@ -60,7 +60,7 @@ def classify_features_task(
     gone = run_gone_check(f"the classification of {name}")
     with worker_logs(store), cluster_client() as client:
         return classify_features(store, preprocess_key, name, source, config, key, client=client,
-                                 progress=checked(progress, gone))
+                                 progress=checked(progress, gone), interrupt=gone)
 
 
 @task(name="classify-inductive", cache_policy=NO_CACHE)
@@ -69,7 +69,8 @@ def classify_inductive_task(store: str, preprocess_key: str, config: ClassifyCon
     progress = Progress("classify inductive", None, "folds", store=store, log_seconds=10.0)
     gone = run_gone_check("the inductive classification")
     with worker_logs(store), cluster_client() as client:
-        return classify_inductive(store, preprocess_key, config, key, client=client, progress=checked(progress, gone))
+        return classify_inductive(store, preprocess_key, config, key, client=client, progress=checked(progress, gone),
+                                  interrupt=gone)
 
 
 def submit_classification(

@@ -33,7 +33,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from flows._dask import checked, cluster_client, run_gone_check
+from flows._dask import checked, cluster_client, not_gone, run_gone_check
 from flows._progress import Progress, worker_logs
 from flows._runs import run_namer
 from sae.config import GraphConfig, PreprocessConfig
@@ -53,21 +53,22 @@ def dask_scheduler() -> Iterator[str]:
         yield "threads"
 
 
-@task(name="preprocess", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
+@task(name="preprocess", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2, retry_condition_fn=not_gone)
 def preprocess_task(store: str, config: PreprocessConfig) -> dict[str, Any]:
     """Selected, scaled, noisy frames written once to ``preprocess/<key>``."""
+    gone = run_gone_check("the preprocessing")
     with worker_logs(store), dask_scheduler():
-        return run_preprocess(store, config)
+        return run_preprocess(store, config, interrupt=gone)
 
 
-@task(name="graph", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
+@task(name="graph", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2, retry_condition_fn=not_gone)
 def graph_task(store: str, preprocess_key: str, config: GraphConfig) -> dict[str, Any]:
     """kNN, recall, W and L written to ``graph/<key>``."""
     gone = run_gone_check("the graph")
     with worker_logs(store), dask_scheduler() as where:
         get_run_logger().info("kNN (%s, %s) on %s", config.method, config.metric, where)
         progress = Progress("knn", None, "steps", store=store, log_seconds=10.0)
-        return run_graph(store, preprocess_key, config, progress=checked(progress, gone))
+        return run_graph(store, preprocess_key, config, progress=checked(progress, gone), interrupt=gone)
 
 
 def _graph_key(parameters: dict[str, Any]) -> str:

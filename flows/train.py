@@ -38,7 +38,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from flows._dask import RunGone, dask_client, run_gone_check
+from flows._dask import dask_client, not_gone, run_gone_check
 from flows._progress import Progress, worker_logs
 from flows._runs import run_namer
 from sae.config import TrainConfig
@@ -69,7 +69,7 @@ def _progress_detail(record: dict[str, Any]) -> str:
 def worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
     """Retry the training (it resumes from its last checkpoint) unless it stopped because it does not fit in the
     workers' memory (that would stop again) or because the run that started it is gone."""
-    return not isinstance(state.data, (TrainingDoesNotFit, RunGone))
+    return not isinstance(state.data, TrainingDoesNotFit) and not_gone(task, task_run, state)
 
 
 @task(name="train", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2, retry_condition_fn=worth_retrying)

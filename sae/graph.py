@@ -47,7 +47,7 @@ from typing import Any, Literal
 import numpy as np
 import scipy.sparse as sp
 
-from sae.progress import ProgressCallback
+from sae.progress import Interrupt, ProgressCallback, go_on
 
 logger = logging.getLogger(__name__)
 
@@ -322,6 +322,7 @@ def run_graph(
     *,
     overwrite: bool = False,
     progress: ProgressCallback | None = None,
+    interrupt: Interrupt = go_on,
 ) -> dict[str, Any]:
     """kNN graph and Laplacian of stored preprocessed frames, written to ``graph/<key>``.
 
@@ -341,7 +342,8 @@ def run_graph(
     Skipped when the group is complete (unless ``overwrite``).  Dask work runs
     on the active client, else the threaded scheduler.  ``progress(done, total)``
     is called as the kNN search completes its steps (each block's build, its
-    queries and merges: `sae.knn`; `sae.progress`).
+    queries and merges: `sae.knn`; `sae.progress`); ``interrupt`` (`sae.progress.Interrupt`) before the
+    group is replaced and before it is marked complete.
     The "faiss" method holds its index of all N frames in this process and
     runs on all its cores (`sae.knn.faiss_neighbors`).
 
@@ -393,6 +395,7 @@ def run_graph(
         self_loops=config.self_loops, dtype=np.float64,
     )
     L = laplacian_matrix(W, laplacian=config.laplacian)
+    interrupt(f"graph {key}, before it writes")
     group = store.stage_group(root, GRAPH, key, config=config, mode="w")
     store.write_sparse(group, "laplacian", L)
     store.write_sparse(group, "adjacency", W.astype(np.float32))
@@ -409,6 +412,7 @@ def run_graph(
         "recall_queries": int(recall_queries),
         "knn_seconds": round(knn_seconds, 3),
     }
+    interrupt(f"graph {key}, written, before it is marked complete")
     group.attrs.update(info)
     store.mark_complete(group, inputs=[store.stage_group(root, PREPROCESS, preprocess_key, mode="r")])
     logger.info("graph %s: N=%d, nnz(L)=%d, recall=%s, kNN %.1f s", key, info["n_rows"], info["nnz"], recall, knn_seconds)

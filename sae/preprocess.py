@@ -52,6 +52,7 @@ import numpy as np
 import zarr
 
 from sae.config import PreprocessConfig
+from sae.progress import Interrupt, go_on
 from sae.store.keys import PREPROCESS, preprocess_key
 
 logger = logging.getLogger(__name__)
@@ -386,6 +387,7 @@ def run_preprocess(
     *,
     chunk_rows: int = 32768,
     overwrite: bool = False,
+    interrupt: Interrupt = go_on,
 ) -> dict[str, Any]:
     """Compute the preprocessed frames of a store once and write them (skipped when complete).
 
@@ -399,6 +401,9 @@ def run_preprocess(
         Rows per chunk of the stored X (and per task).
     overwrite : bool
         Recompute even when a complete result exists.
+    interrupt : callable, optional
+        `sae.progress.Interrupt`, asked before the group is replaced, before
+        its attributes and before it is marked complete.
 
     Returns
     -------
@@ -427,12 +432,14 @@ def run_preprocess(
     selected = transform_clips(frames[rows].rechunk((chunk_rows, -1)), config, kept)
     X, offset, scale = preprocess_frames(selected, config)
     n_rows, n_bins = X.shape
+    interrupt(f"preprocess {key}, before it writes")
     group = store.stage_group(root, PREPROCESS, key, config=config, mode="w")
     target = store.create_array(group, "X", shape=(n_rows, n_bins), chunks=(min(chunk_rows, n_rows), n_bins),
                                 dtype="float32", dimension_names=("frame", "bin"))
     da.store(X.rechunk((chunk_rows, -1)), target, lock=False)
     for name, values in (("clip_index", clip_index), ("frame_index", frame_index), ("offset", offset), ("scale", scale)):
         store.create_array(group, name, shape=values.shape, dtype=values.dtype, data=values)
+    interrupt(f"preprocess {key}, written, before it is marked complete")
     group.attrs.update(
         {
             "n_rows": int(n_rows),

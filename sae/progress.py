@@ -32,7 +32,16 @@ import dask
 ProgressCallback = Callable[[int, int], None]
 """``progress(done, total)``: ``done`` of ``total`` parts are complete."""
 
-__all__ = ["ProgressCallback", "compute", "gather"]
+Interrupt = Callable[[str], None]
+"""``interrupt(where)``: raises to stop a computation at ``where`` (e.g. the run that started it is gone,
+``flows._dask.run_gone_check``); the computations that take one call it between their parts and before
+each write that changes what the store holds, so that nothing is written once it raised."""
+
+__all__ = ["Interrupt", "ProgressCallback", "compute", "gather", "go_on"]
+
+
+def go_on(where: str) -> None:
+    """The `Interrupt` of a computation wanted until it ends: never raises."""
 
 
 def gather(client: Any, futures: Sequence[Any], progress: ProgressCallback | None = None) -> list[Any]:

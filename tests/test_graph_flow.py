@@ -131,3 +131,34 @@ def test_faiss_graph_stage_stores_the_laplacian_of_its_neighbours(store_path):
     np.testing.assert_allclose(L.toarray(), _in_memory_laplacian(X, graph).toarray(), atol=1e-5)
     again = run_graph_flow(store_path, preprocess, graph)
     assert again["graph"]["skipped"]
+
+
+@pytest.mark.parametrize("stop", ["before it writes", "before it is marked complete"])
+def test_an_interrupted_preprocess_or_graph_is_never_complete_and_its_rerun_completes_it(store_path, stop):
+    """``interrupt`` (the run gone: flows._dask.run_gone_check) is asked before the group is replaced and before
+    it is marked complete; when it raises there, the stage is not complete and the next run computes it."""
+    from sae.graph import run_graph
+    from sae.preprocess import run_preprocess
+    from sae.store.keys import GRAPH, PREPROCESS, graph_key, preprocess_key
+
+    class Gone(RuntimeError):
+        pass
+
+    asked = []
+
+    def interrupt(where):
+        asked.append(where)
+        if where.endswith(stop):
+            raise Gone(where)
+
+    preprocess, graph = PreprocessConfig(frames_per_clip=20), GraphConfig(method="exact", block_size=100)
+    keys = {PREPROCESS: preprocess_key(preprocess)}
+    keys[GRAPH] = graph_key(keys[PREPROCESS], graph)
+    for stage, compute in ((PREPROCESS, lambda **kw: run_preprocess(store_path, preprocess, **kw)),
+                           (GRAPH, lambda **kw: run_graph(store_path, keys[PREPROCESS], graph, **kw))):
+        with pytest.raises(Gone):
+            compute(interrupt=interrupt)
+        assert asked[-1].startswith(f"{stage} {keys[stage]},") and asked[-1].endswith(stop)
+        assert not store.is_complete(store_path, stage, keys[stage])
+        out = compute()
+        assert out["key"] == keys[stage] and not out["skipped"] and store.is_complete(store_path, stage, keys[stage])

@@ -162,8 +162,8 @@ def test_a_step_whose_run_is_gone_stops_at_its_next_check_and_a_wanted_one_goes_
         wanted = client.submit(step, "wanted", 100, pure=False)
         dropped = client.submit(step, "dropped", 3000, pure=False)
         deadline = time.monotonic() + 30
-        running = {wanted.key, dropped.key}
-        while not running <= {task.key for task in cluster.workers[0].state.long_running}:  # both seceded
+        tasks = cluster.workers[0].state.tasks  # read from this thread: plain look-ups only
+        while any(getattr(tasks.get(f.key), "state", None) != "long-running" for f in (wanted, dropped)):  # seceded
             assert time.monotonic() < deadline
             time.sleep(0.05)
         del dropped  # its client lets go of it, as when the command that submitted it is gone

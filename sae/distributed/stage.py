@@ -23,6 +23,7 @@ from sae.config import TrainConfig
 from sae.distributed.blocks import LaplacianRef
 from sae.distributed.checkpoints import checkpoint_arrays, read_checkpoint
 from sae.distributed.trainer import fit_distributed
+from sae.progress import Interrupt, go_on
 from sae.store.keys import MODEL, model_identity, model_key
 
 __all__ = ["train_model", "open_model"]
@@ -39,15 +40,16 @@ def train_model(
     graph_key: str | None = None,
     callback: Callable[[dict[str, Any]], None] | None = None,
     overwrite: bool = False,
-    interrupt: Callable[[str], None] | None = None,
+    interrupt: Interrupt = go_on,
 ) -> dict[str, Any]:
     """Train on the frames ``preprocess/<preprocess_key>/X`` of a store; write ``model/<key>``.
 
     The Laplacian is ``graph/<graph_key>/laplacian`` (required when
     ``train.model.lambda_g > 0``).  Checkpoints (:mod:`sae.distributed.checkpoints`) go to the
     stage group; a rerun resumes from the last one, and returns at once when
-    the group is complete for this ``max_outer`` or converged.  ``interrupt``:
-    see :func:`sae.distributed.fit_distributed`.
+    the group is complete for this ``max_outer`` or converged.  ``interrupt``
+    (`sae.progress.Interrupt`): before the group is written, then as
+    :func:`sae.distributed.fit_distributed` says, and before it is marked complete.
 
     Returns
     -------
@@ -75,6 +77,7 @@ def train_model(
         kind = (inputs[-1].attrs.get("config") or {}).get("laplacian")
         laplacian = LaplacianRef(inputs[-1], "laplacian", kind=kind)
     stage_config = model_identity(train, preprocess_key, graph_key)
+    interrupt(f"model {key}, before it writes")
     group = store.stage_group(root, MODEL, key, config=stage_config, mode="w" if overwrite else "a")
     try:
         done = None if overwrite else read_checkpoint(group)
@@ -98,6 +101,7 @@ def train_model(
         memory_check=train.memory_check, order=train.order,
         checkpoint=group, checkpoint_final_only=not train.checkpoint, callback=callback, interrupt=interrupt,
     )
+    interrupt(f"model {key}, trained, before it is marked complete")
     store.mark_complete(group, inputs=inputs, arrays=checkpoint_arrays(group))
     last = fit.history[-1]
     return {"key": key, "n_iter": fit.n_iter, "stop_reason": fit.stop_reason, "resumed_from": fit.resumed_from,

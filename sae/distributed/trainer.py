@@ -65,6 +65,7 @@ from sae.distributed.zstep import CodeState, Tuning, block_fista, code_problem, 
 from sae.graph import laplacian_norm_bound
 from sae.model import check_laplacian, code_lipschitz, code_step_options, init_dictionary, init_encoder
 from sae.outer import FitResult, alternate
+from sae.progress import Interrupt, go_on
 from sae.store import json_safe
 
 __all__ = ["DistributedFit", "fit_distributed", "ClusterBackend", "without_work_stealing"]
@@ -176,7 +177,7 @@ class ClusterBackend:
         self.reload: Callable[[], list] | None = None  # how to read the current codes again (from the store)
         self.checkpoint: zarr.Group | None = None
         self.checkpoint_final_only = False
-        self.interrupt: Callable[[str], None] = _go_on
+        self.interrupt: Interrupt = go_on
         self.refresh_homes()
         # with the cluster order, scattered once: natural row -> block and row in it (`_maps_to_blocks`, only when
         # rows move to blocks), -> chunk and row in it, -> row in the blocks' order (and its copy on the client)
@@ -418,6 +419,7 @@ class ClusterBackend:
         target["components"][...] = C
         if E is not None:
             target["encoder"][...] = E
+        self.interrupt(f"outer iteration {iteration}, its checkpoint written, before it is recorded")
         self.checkpoint.attrs.update({"history": json_safe(history), "stop_reason": stop_reason,
                                       "checkpoint_slot": slot, "last_complete_outer": iteration})
         self.reload = partial(self.read_codes, target["codes"], iteration, frame_of_row)
@@ -496,7 +498,7 @@ def fit_distributed(
     return_codes: bool = False,
     callback: Callable[[dict[str, Any]], None] | None = None,
     tuning: Tuning | None = None,
-    interrupt: Callable[[str], None] | None = None,
+    interrupt: Interrupt | None = None,
 ) -> DistributedFit:
     """Fit the structured auto-encoder on a Dask cluster, block by block (see :mod:`sae.distributed`).
 
@@ -559,11 +561,11 @@ def fit_distributed(
         How the tasks run (tile, sparse density, array pool, work stealing,
         progress log); never what they compute.
     interrupt : callable, optional
-        ``interrupt(where)``, called on the client at the start of every Z
-        step, after every Z-step iteration and before every checkpoint is
-        written; it raises to stop the training there (e.g.
-        ``flows._dask.RunGone``: the run that started it is gone), the last
-        complete checkpoint staying as it was.
+        `sae.progress.Interrupt`, called on the client at the start of every Z
+        step, after every Z-step iteration, before every checkpoint is
+        written and before it is recorded as the last complete one; it raises
+        to stop the training there (e.g. ``flows._dask.RunGone``: the run
+        that started it is gone), the last complete checkpoint staying as it was.
 
     Returns
     -------
@@ -593,16 +595,12 @@ def _nothing() -> Iterator[None]:
     yield
 
 
-def _go_on(where: str) -> None:
-    """The training is wanted until it ends (no ``interrupt``)."""
-
-
 def _fit_distributed(X: Any, config: ModelConfig, client: Any, laplacian: Any, block_size: int,
                      laplacian_norm: float | str, lookahead: int, offload_previous: bool,
                      checkpoint: zarr.Group | None, checkpoint_final_only: bool, return_codes: bool,
                      callback: Callable[[dict[str, Any]], None] | None, tuning: Tuning,
                      memory_check: str | None, order: str,
-                     interrupt: Callable[[str], None] | None) -> DistributedFit:
+                     interrupt: Interrupt | None) -> DistributedFit:
     started = time.perf_counter()
     dtype = config.dtype
     if len(getattr(X, "shape", ())) != 2:
@@ -614,7 +612,7 @@ def _fit_distributed(X: Any, config: ModelConfig, client: Any, laplacian: Any, b
     backend = ClusterBackend(client, X, laplacian, config, block_size, laplacian_norm, lookahead, offload_previous,
                              tuning, memory_check, order)
     backend.checkpoint, backend.checkpoint_final_only = checkpoint, checkpoint_final_only
-    backend.interrupt = interrupt or _go_on
+    backend.interrupt = interrupt or go_on
     m, use_encoder = config.n_atoms, config.lambda_e > 0
     state = read_checkpoint(checkpoint) if checkpoint is not None else None
     if state is not None:

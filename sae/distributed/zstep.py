@@ -85,6 +85,7 @@ from sae.distributed.kernel import (
 from sae.distributed.memory import pooled_empty, sizeof_fields
 from sae.distributed.offload import Offloaded, Resident, offload_async
 from sae.model import solve_codes
+from sae.progress import Interrupt
 from sae.solvers import duality_gap, gap_due, gap_stop_reason, next_momentum
 from sae.solvers import stop_reason as change_stop_reason
 
@@ -389,7 +390,7 @@ def block_fista(
     n_codes: int,
     guard: Any = None,
     local_states: bool = True,
-    interrupt: Callable[[str], None] | None = None,
+    interrupt: Interrupt | None = None,
 ) -> tuple[list | None, dict[str, Any]]:
     """The client's loop of the global FISTA (module docstring), from the block ``states`` (futures).
 

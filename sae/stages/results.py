@@ -27,7 +27,7 @@ import numpy as np
 
 from sae import store as sae_store
 from sae.config import ClassifyConfig, PipelineConfig
-from sae.progress import ProgressCallback
+from sae.progress import Interrupt, ProgressCallback, go_on
 from sae.stages.inputs import require
 from sae.stages.train import require_model
 from sae.store.keys import (
@@ -117,14 +117,17 @@ def _write_feature_results(group: Any, features: Any, summary: dict[str, Any]) -
         sae_store.create_array(group, array_name, shape=values.shape, dtype=values.dtype, data=values, overwrite=True)
 
 
-def _new_results_group(store: str, key: str, record: dict[str, Any]) -> Any:
+def _new_results_group(store: str, key: str, record: dict[str, Any], interrupt: Interrupt) -> Any:
+    interrupt(f"results {key}, before it writes")
     root = sae_store.open_store(store, mode="r+")
     group = sae_store.stage_group(root, RESULTS, key, config=record, mode="w")
     group.attrs["groups"] = sae_store.groups_digest(root)
     return group
 
 
-def _complete(store: str, group: Any, summaries: dict[str, dict[str, Any]], sources: list[str]) -> None:
+def _complete(store: str, group: Any, summaries: dict[str, dict[str, Any]], sources: list[str],
+              interrupt: Interrupt) -> None:
+    interrupt(f"results {group.basename}, before it is marked complete")
     root = sae_store.open_store(store, mode="r+")
     group.attrs.update({"summaries": sae_store.json_safe(summaries)})
     sae_store.mark_complete(group, inputs=[root[path] for path in sorted(set(sources))])
@@ -149,12 +152,14 @@ def check_folds(store: str, config: ClassifyConfig) -> None:
 
 def classify_features(
     store: str, preprocess_key: str, name: str, source: str, config: ClassifyConfig, key: str, *,
-    client: Any = None, progress: ProgressCallback | None = None,
+    client: Any = None, progress: ProgressCallback | None = None, interrupt: Interrupt = go_on,
 ) -> dict[str, Any]:
     """Aggregate one feature source and cross-validate it; writes and completes ``results/<key>``.
 
     ``client``: a Dask client to run the splits on (None: one after the other
-    here); ``progress``: called with the splits done.
+    here); ``progress``: called with the splits done; ``interrupt``
+    (`sae.progress.Interrupt`): before the group is replaced, before its
+    arrays and before it is marked complete.
     """
     from sae.classify import cross_validate
     from sae.pooling import aggregate_clips, aggregate_options
@@ -167,28 +172,30 @@ def classify_features(
             f"has {row_clips.shape[0]}: the features must be computed from those frames"
         )
     group = _new_results_group(store, key, {"preprocess_key": preprocess_key, "source": source,
-                                            "classify": config.model_dump(mode="json")})
+                                            "classify": config.model_dump(mode="json")}, interrupt)
     features = aggregate_clips(array, row_clips, clip_labels=clip_labels, **aggregate_options(config))
     summary = cross_validate(features, config, client=client, clip_groups=clip_groups, progress=progress)
     summary.update(source=source, class_names=[class_names[k] for k in summary["classes"]])
+    interrupt(f"results {key}, before its arrays")
     _write_feature_results(group, features, summary)
     _complete(store, group, {name: summary}, [group_name(PREPROCESS, preprocess_key),
-                                              source_group(preprocess_key, source)])
+                                              source_group(preprocess_key, source)], interrupt)
     return summary
 
 
 def classify_inductive(
     store: str, preprocess_key: str, config: ClassifyConfig, key: str, *,
-    client: Any = None, progress: ProgressCallback | None = None,
+    client: Any = None, progress: ProgressCallback | None = None, interrupt: Interrupt = go_on,
 ) -> dict[str, dict]:
-    """The inductive protocol on ``preprocess/<preprocess_key>``'s frames; one summary per encoding method."""
+    """The inductive protocol on ``preprocess/<preprocess_key>``'s frames; one summary per encoding method
+    (``interrupt``: as `classify_features`)."""
     from sae.inductive import inductive_cross_validate
     from sae.preprocess import open_preprocessed
 
     row_clips, clip_labels, class_names, clip_groups = open_rows(store, preprocess_key)
     frames = open_preprocessed(store, preprocess_key)["X"]
     group = _new_results_group(store, key, {"preprocess_key": preprocess_key, "source": INDUCTIVE_SOURCE,
-                                            "classify": config.model_dump(mode="json")})
+                                            "classify": config.model_dump(mode="json")}, interrupt)
     results = inductive_cross_validate(frames, row_clips, clip_labels, config, client=client,
                                        clip_groups=clip_groups, progress=progress)
     out = {}
@@ -196,7 +203,7 @@ def classify_inductive(
     for method, summary in results.items():
         summary.update(source=source, class_names=[class_names[k] for k in summary["classes"]])
         out[f"sae_inductive_{method}"] = summary
-    _complete(store, group, out, [source])
+    _complete(store, group, out, [source], interrupt)
     return out
 
 
@@ -263,12 +270,12 @@ def classify_sources(
         summaries.update(result if name == INDUCTIVE_SOURCE else {name: result})
     ordered = {name: summaries[name] for name in features} | {k: v for k, v in summaries.items() if k not in features}
     group = _new_results_group(store, key, {"preprocess_key": preprocess_key, "features": keys,
-                                            "classify": config.model_dump(mode="json")})
+                                            "classify": config.model_dump(mode="json")}, go_on)
     # The sources too, not only the per-feature groups: a source that changed (a model trained further) makes
     # the table stale even before its own results group is looked at again.
     sources = [group_name(PREPROCESS, preprocess_key),
                *(source_group(preprocess_key, source) for source in features.values())]
-    _complete(store, group, ordered, [*(group_name(RESULTS, feature) for feature in keys.values()), *sources])
+    _complete(store, group, ordered, [*(group_name(RESULTS, feature) for feature in keys.values()), *sources], go_on)
     return key, not futures, ordered
 
 
