@@ -9,6 +9,10 @@ under the configuration's classification (pooling, classifier, protocol and the 
   same objective without graph and encoder terms (``alpha = lambda_z / lambda_d``: sklearn minimises
   ``1/2 ||x - z D||^2 + alpha ||z||_1`` per frame, atoms of unit norm), fitted on the same frames
   (``--fit-rows`` of them at most, taken evenly) and encoded by lasso (coordinate descent);
+  ``--no-peer`` leaves it out;
+- when the model has a graph term, the input smoothed on the same graph without any dictionary:
+  ``Y = argmin lambda_d/2 ||Y - X||^2 + lambda_g/2 tr(Y^T L Y)``, i.e. ``(I + lambda_g/lambda_d L) Y = X``
+  (solved by conjugate gradients, all columns at once), which tells what the graph term alone gives;
 
 with each one's accuracy (mean ± std over the folds), its paired difference with the baseline on the same
 splits (mean ± std of the per-split differences, and the splits it wins), fitting time, the objective
@@ -50,6 +54,28 @@ def reconstruction_objective(X: np.ndarray, Z: np.ndarray, C: np.ndarray, lambda
     return total
 
 
+def smooth_on_graph(X: np.ndarray, L, ratio: float, rtol: float = 1e-6, max_iter: int = 1000) -> tuple[np.ndarray, int]:
+    """``Y`` solving ``(I + ratio L) Y = X`` (L symmetric positive semi-definite) by conjugate gradients on
+    every column at once, in float64, to ``||residual|| <= rtol ||x||`` per column; returns Y and the iterations."""
+    B = np.asarray(X, dtype=np.float64)
+    Y = B.copy()
+    R = B - (Y + ratio * (L @ Y))
+    P = R.copy()
+    rs = np.einsum("ij,ij->j", R, R)
+    target = (rtol * np.linalg.norm(B, axis=0)) ** 2
+    for iteration in range(1, max_iter + 1):
+        AP = P + ratio * (L @ P)
+        alpha = rs / np.maximum(np.einsum("ij,ij->j", P, AP), np.finfo(np.float64).tiny)
+        Y += alpha * P
+        R -= alpha * AP
+        new = np.einsum("ij,ij->j", R, R)
+        if np.all(new <= target):
+            return Y, iteration
+        P = R + (new / np.maximum(rs, np.finfo(np.float64).tiny)) * P
+        rs = new
+    raise RuntimeError(f"conjugate gradients did not reach rtol {rtol} in {max_iter} iterations")
+
+
 def _paired(scores: np.ndarray, reference: np.ndarray) -> str:
     """Mean ± std (points) of the per-split differences, and the splits won, as two table cells."""
     difference = 100 * (scores - reference)
@@ -66,6 +92,7 @@ def main() -> None:
     parser.add_argument("--fit-rows", type=int, default=200_000, help="frames MiniBatchDictionaryLearning is fitted on")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--epochs", type=int, default=3, help="passes of MiniBatchDictionaryLearning over its rows")
+    parser.add_argument("--no-peer", action="store_true", help="leave MiniBatchDictionaryLearning out")
     args = parser.parse_args()
 
     config = resolve_paths(build_config(args.config, args.overrides, data=args.data, store=args.store,
@@ -80,6 +107,31 @@ def main() -> None:
           f"{np.unique(clip_groups[np.unique(row_clips)]).size} groups; m = {model_config.n_atoms}, "
           f"lambda_d = {model_config.lambda_d}, lambda_z = {model_config.lambda_z}, lambda_g = {model_config.lambda_g}")
 
+    ours_seconds = float(sum(record.get("seconds", 0.0) for record in model["history"]))
+    rows = {
+        "baseline (preprocessed input)": (X, None, None),
+        f"sae codes (model/{keys['model']})": (model["codes"][:], model["components"], ours_seconds),
+    }
+    if model_config.lambda_g > 0:
+        from sae import store as sae_store
+        from sae.graph import open_graph
+
+        L = sae_store.read_sparse(open_graph(store, keys["graph"]), "laplacian").astype(np.float64)
+        start = time.perf_counter()
+        smoothed, iterations = smooth_on_graph(X, L, model_config.lambda_g / model_config.lambda_d)
+        seconds = time.perf_counter() - start
+        print(f"input smoothed on graph/{keys['graph']}: {iterations} conjugate-gradient iterations, {seconds:.1f} s")
+        rows["input smoothed on the graph (no dictionary)"] = (smoothed.astype(np.float32), None, seconds)
+        del L, smoothed
+    if not args.no_peer:
+        rows["MiniBatchDictionaryLearning codes"] = _peer(X, model_config, args)
+    _table(rows, X, row_clips, clip_labels, clip_groups, config, model_config)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"\npeak RSS of this process: {peak:.2f} GiB")
+
+
+def _peer(X: np.ndarray, model_config, args) -> tuple[np.ndarray, np.ndarray, float]:
+    """MiniBatchDictionaryLearning fitted and encoded as the module docstring says: codes, components, seconds."""
     alpha = model_config.lambda_z / model_config.lambda_d
     step = max(1, X.shape[0] // args.fit_rows)
     fit_rows = X[::step]
@@ -97,15 +149,13 @@ def main() -> None:
         peer_codes = peer.transform(X).astype(np.float32)
         peer_encode = time.perf_counter() - start
     n_unconverged = sum(issubclass(w.category, ConvergenceWarning) for w in caught)
-
-    ours_seconds = float(sum(record.get("seconds", 0.0) for record in model["history"]))
-    rows = {
-        "baseline (preprocessed input)": (X, None, None),
-        f"sae codes (model/{keys['model']})": (model["codes"][:], model["components"], ours_seconds),
-        "MiniBatchDictionaryLearning codes": (peer_codes, peer.components_, peer_fit + peer_encode),
-    }
     print(f"MiniBatchDictionaryLearning: fit {peer_fit:.1f} s on {fit_rows.shape[0]} rows, encode {peer_encode:.1f} s "
           f"({n_unconverged} lasso calls stopped short of scikit-learn's tolerance)")
+    return peer_codes, peer.components_, peer_fit + peer_encode
+
+
+def _table(rows: dict, X: np.ndarray, row_clips, clip_labels, clip_groups, config, model_config) -> None:
+    """Classify every row's features with the configuration's pooling, classifier and folds; print the table."""
     print(f"\n| features | accuracy % ({config.classify.protocol}) | minus baseline, paired | splits won "
           "| objective (no graph) | seconds |")
     print("|---|---|---|---|---|---|")
@@ -122,10 +172,9 @@ def main() -> None:
         print(f"| {name} | {100 * summary['accuracy_mean']:.1f} ± {100 * summary['accuracy_std']:.1f} "
               f"(grouped by {summary['grouping']}) | {paired} | {objective} | "
               f"{'-' if seconds is None else f'{seconds:.1f}'} |")
-    ours, peer_name = list(rows)[1:]
-    print(f"\n{ours} minus {peer_name}, paired: {_paired(scores[ours], scores[peer_name]).replace(' | ', ', won ')}")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"\npeak RSS of this process: {peak:.2f} GiB")
+    ours, *others = list(rows)[1:]
+    for other in others:
+        print(f"\n{ours} minus {other}, paired: {_paired(scores[ours], scores[other]).replace(' | ', ', won ')}")
 
 
 if __name__ == "__main__":
