@@ -168,7 +168,7 @@ def _table(rows: dict, X: np.ndarray, row_clips, clip_labels, clip_groups, confi
             if components is not None else "-"
         )
         scores[name] = np.asarray(summary["scores"])
-        paired = "- | -" if not len(scores) > 1 else _paired(scores[name], next(iter(scores.values())))
+        paired = "- | -" if len(scores) == 1 else _paired(scores[name], next(iter(scores.values())))
         print(f"| {name} | {100 * summary['accuracy_mean']:.1f} ± {100 * summary['accuracy_std']:.1f} "
               f"(grouped by {summary['grouping']}) | {paired} | {objective} | "
               f"{'-' if seconds is None else f'{seconds:.1f}'} |")

@@ -498,7 +498,7 @@ def fit_distributed(
     return_codes: bool = False,
     callback: Callable[[dict[str, Any]], None] | None = None,
     tuning: Tuning | None = None,
-    interrupt: Interrupt | None = None,
+    interrupt: Interrupt = go_on,
 ) -> DistributedFit:
     """Fit the structured auto-encoder on a Dask cluster, block by block (see :mod:`sae.distributed`).
 
@@ -560,7 +560,7 @@ def fit_distributed(
     tuning : Tuning, optional
         How the tasks run (tile, sparse density, array pool, work stealing,
         progress log); never what they compute.
-    interrupt : callable, optional
+    interrupt : callable
         `sae.progress.Interrupt`, called on the client at the start of every Z
         step, after every Z-step iteration, before every checkpoint is
         written and before it is recorded as the last complete one; it raises
@@ -600,7 +600,7 @@ def _fit_distributed(X: Any, config: ModelConfig, client: Any, laplacian: Any, b
                      checkpoint: zarr.Group | None, checkpoint_final_only: bool, return_codes: bool,
                      callback: Callable[[dict[str, Any]], None] | None, tuning: Tuning,
                      memory_check: str | None, order: str,
-                     interrupt: Interrupt | None) -> DistributedFit:
+                     interrupt: Interrupt) -> DistributedFit:
     started = time.perf_counter()
     dtype = config.dtype
     if len(getattr(X, "shape", ())) != 2:
@@ -612,7 +612,7 @@ def _fit_distributed(X: Any, config: ModelConfig, client: Any, laplacian: Any, b
     backend = ClusterBackend(client, X, laplacian, config, block_size, laplacian_norm, lookahead, offload_previous,
                              tuning, memory_check, order)
     backend.checkpoint, backend.checkpoint_final_only = checkpoint, checkpoint_final_only
-    backend.interrupt = interrupt or go_on
+    backend.interrupt = interrupt
     m, use_encoder = config.n_atoms, config.lambda_e > 0
     state = read_checkpoint(checkpoint) if checkpoint is not None else None
     if state is not None:

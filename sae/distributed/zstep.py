@@ -85,7 +85,7 @@ from sae.distributed.kernel import (
 from sae.distributed.memory import pooled_empty, sizeof_fields
 from sae.distributed.offload import Offloaded, Resident, offload_async
 from sae.model import solve_codes
-from sae.progress import Interrupt
+from sae.progress import Interrupt, go_on
 from sae.solvers import duality_gap, gap_due, gap_stop_reason, next_momentum
 from sae.solvers import stop_reason as change_stop_reason
 
@@ -390,7 +390,7 @@ def block_fista(
     n_codes: int,
     guard: Any = None,
     local_states: bool = True,
-    interrupt: Interrupt | None = None,
+    interrupt: Interrupt = go_on,
 ) -> tuple[list | None, dict[str, Any]]:
     """The client's loop of the global FISTA (module docstring), from the block ``states`` (futures).
 
@@ -476,8 +476,7 @@ def block_fista(
             # soon as the block's next state exists (two generations of iterates alive per block, not three)
             final_states = None
         k, new, scalars = pending.popleft()
-        if interrupt is not None:
-            interrupt(f"outer iteration {outer}, Z step iteration {k}")
+        interrupt(f"outer iteration {outer}, Z step iteration {k}")
         if guard is not None:
             guard.wait(scalars, f"outer iteration {outer}, Z step iteration {k}")
         parts = client.gather(scalars)

@@ -117,7 +117,7 @@ def _write_feature_results(group: Any, features: Any, summary: dict[str, Any]) -
         sae_store.create_array(group, array_name, shape=values.shape, dtype=values.dtype, data=values, overwrite=True)
 
 
-def _new_results_group(store: str, key: str, record: dict[str, Any], interrupt: Interrupt) -> Any:
+def _new_results_group(store: str, key: str, record: dict[str, Any], interrupt: Interrupt = go_on) -> Any:
     interrupt(f"results {key}, before it writes")
     root = sae_store.open_store(store, mode="r+")
     group = sae_store.stage_group(root, RESULTS, key, config=record, mode="w")
@@ -126,7 +126,7 @@ def _new_results_group(store: str, key: str, record: dict[str, Any], interrupt: 
 
 
 def _complete(store: str, group: Any, summaries: dict[str, dict[str, Any]], sources: list[str],
-              interrupt: Interrupt) -> None:
+              interrupt: Interrupt = go_on) -> None:
     interrupt(f"results {group.basename}, before it is marked complete")
     root = sae_store.open_store(store, mode="r+")
     group.attrs.update({"summaries": sae_store.json_safe(summaries)})
@@ -270,12 +270,12 @@ def classify_sources(
         summaries.update(result if name == INDUCTIVE_SOURCE else {name: result})
     ordered = {name: summaries[name] for name in features} | {k: v for k, v in summaries.items() if k not in features}
     group = _new_results_group(store, key, {"preprocess_key": preprocess_key, "features": keys,
-                                            "classify": config.model_dump(mode="json")}, go_on)
+                                            "classify": config.model_dump(mode="json")})
     # The sources too, not only the per-feature groups: a source that changed (a model trained further) makes
     # the table stale even before its own results group is looked at again.
     sources = [group_name(PREPROCESS, preprocess_key),
                *(source_group(preprocess_key, source) for source in features.values())]
-    _complete(store, group, ordered, [*(group_name(RESULTS, feature) for feature in keys.values()), *sources], go_on)
+    _complete(store, group, ordered, [*(group_name(RESULTS, feature) for feature in keys.values()), *sources])
     return key, not futures, ordered
 
 
