@@ -341,6 +341,29 @@ def test_killed_worker_does_not_change_the_result(tmp_path, small):
                 process.kill()
 
 
+def _inputs_without_a_task(dask_scheduler=None):
+    """Keys of data with no task to make it (scattered) that a training's task depends on."""
+    return sorted({str(d.key) for ts in dask_scheduler.tasks.values() if str(ts.key).startswith("sae-")
+                   for d in ts.dependencies if d.run_spec is None})
+
+
+def test_a_lost_worker_cannot_take_an_input_of_the_training_with_it(thread_client, small):
+    """Every input of the training's tasks is made by a task the scheduler can run again.
+
+    Scattered data is forgotten with its last copy, and the active memory
+    manager drops a broadcast's extra copies: a killed worker then took the
+    cluster order's index maps, and with them every task of the Z step that
+    needed them ('already forgotten', tests/test_distributed.py's killed-worker
+    test failed about one run in seven).
+    """
+    X, L = small
+    seen = []
+    fit_distributed(X, ModelConfig(n_atoms=8, lambda_g=5.0, max_outer=2, max_inner=5, random_state=4),
+                    client=thread_client, laplacian=L, block_size=100, order="cluster",
+                    callback=lambda record: seen.append(thread_client.run_on_scheduler(_inputs_without_a_task)))
+    assert len(seen) == 2 and seen == [[], []]
+
+
 def test_pooled_arrays_are_reused_only_once_nothing_references_them():
     pool = memory.ArrayPool()  # not the module's: the in-process workers of this module trim theirs periodically
     first = pool.empty((5, 3), np.float32)

@@ -109,9 +109,10 @@ class Ordering:
         return [len(rows) for rows in self.members]
 
     def relabel(self) -> np.ndarray:
-        """natural row -> its row in the blocks' order (blocks one after the other)."""
+        """natural row -> its row in the blocks' order (blocks one after the other); int32 below 2**31 rows."""
+        dtype = np.int32 if len(self.block_of) < 2**31 else np.int64
         offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(np.int64)
-        return offsets[self.block_of] + self.position
+        return (offsets[self.block_of] + self.position).astype(dtype, copy=False)
 
     def in_block_share(self, matrix: sp.sparray) -> float:
         """The share of the off-diagonal non-zeros of ``matrix`` (N, N) whose two frames are in one block."""

@@ -179,8 +179,8 @@ class ClusterBackend:
         self.checkpoint_final_only = False
         self.interrupt: Interrupt = go_on
         self.refresh_homes()
-        # with the cluster order, scattered once: natural row -> block and row in it (`_maps_to_blocks`, only when
-        # rows move to blocks), -> chunk and row in it, -> row in the blocks' order (and its copy on the client)
+        # with the cluster order, shared once (`_share`): natural row -> block and row in it (`_maps_to_blocks`,
+        # only when rows move to blocks), -> chunk and row in it, -> row in the blocks' order (and its copy here)
         self.to_blocks_maps: list | None = None
         self.to_chunks_maps: list | None = None
         self.relabel: Any = None
@@ -219,16 +219,26 @@ class ClusterBackend:
                             cluster_order(X, len(self.bounds), random_state=config.random_state))
         logger.info("frames ordered by k-means cluster for %d blocks in %.1f s", len(self.bounds),
                     time.perf_counter() - started)
-        self.to_chunks_maps = self.client.scatter(list(ordering.chunk_maps()), broadcast=True)
+        self.to_chunks_maps = [self._share(m, f"chunkmap{i}") for i, m in enumerate(ordering.chunk_maps())]
         self.relabel_local = ordering.relabel()
-        self.relabel = self.client.scatter(self.relabel_local, broadcast=True)
+        self.relabel = self._share(self.relabel_local, "relabel")
         return ordering
 
+    def _share(self, value: np.ndarray, name: str) -> Any:
+        """Future of ``value`` (an index map) on the cluster, made by a task the scheduler can run again.
+
+        Not `client.scatter`: scattered data has no task that makes it, and the
+        active memory manager of distributed drops a broadcast's extra copies,
+        so a lost worker could take the only one, and with it every task that
+        needs it, past or future (the Z step then fails: 'already forgotten').
+        """
+        return self.client.submit(_value, value, key=f"sae-{name}-{self.token}", pure=False)
+
     def _maps_to_blocks(self) -> list:
-        """Futures of natural row -> its block and its row in the block, on every worker (scattered once)."""
+        """Futures of natural row -> its block and its row in the block (shared once)."""
         if self.to_blocks_maps is None:
-            self.to_blocks_maps = self.client.scatter([self.ordering.block_of, self.ordering.position],
-                                                      broadcast=True)
+            self.to_blocks_maps = [self._share(self.ordering.block_of, "blockof"),
+                                   self._share(self.ordering.position, "position")]
         return self.to_blocks_maps
 
     def _to_blocks(self, chunks: list, n_cols: int, density: float | None, key: str, relabel: Any = None) -> list:
@@ -479,6 +489,11 @@ class ClusterBackend:
 
 
 # --------------------------------------------------------------------------- the fit
+
+
+def _value(value: Any) -> Any:
+    """The task behind `ClusterBackend._share`: its argument, kept in the task's specification."""
+    return value
 
 
 def fit_distributed(
