@@ -88,6 +88,11 @@ class ModelConfig(_Config):
     )
     dtype: Literal["float32", "float64"] = Field("float32", description="Floating point precision.")
     random_state: int | None = Field(None, ge=0, description="Seed of the initialisation.")
+    init: Literal["uniform", "frames"] = Field(
+        "uniform",
+        description="Initial dictionary: 'uniform' (the thesis: uniform on [0, 1), rows of unit norm) or 'frames' "
+        "(m distinct non-zero training frames drawn at random, scaled to unit norm).",
+    )
     z_solver: Literal["auto", "fista", "cd"] = Field(
         "auto",
         description="Z-step solver: 'cd' = coordinate descent per frame (needs lambda_g = 0; the inner rtol then "

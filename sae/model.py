@@ -78,6 +78,8 @@ __all__ = [
     "objective_terms",
     "init_dictionary",
     "init_encoder",
+    "sample_dictionary",
+    "initial_dictionary",
     "solve_codes",
     "solve_dictionary",
     "solve_encoder",
@@ -123,6 +125,53 @@ def init_dictionary(
     ((4, 3), dtype('float32'), True)
     """
     return _unit_rows_uniform(n_atoms, n_features, rng, dtype)
+
+
+def sample_dictionary(X: Any, n_atoms: int, *, rng: RandomLike = None, dtype: Any = np.float32) -> np.ndarray:
+    """Initial components (m, n): ``n_atoms`` distinct rows of ``X`` drawn at random, each scaled to unit norm.
+
+    Rows are taken in the order of ``rng.permutation(N)``, skipping rows whose
+    norm is zero (silence) or not finite.  ``X``: an (N, n) array in memory or
+    a Zarr array (rows read in batches of ``2 n_atoms``).
+
+    >>> X = np.arange(12.0).reshape(6, 2)
+    >>> C = sample_dictionary(X, 3, rng=0)
+    >>> C.shape, bool(np.allclose(np.linalg.norm(C, axis=1), 1))
+    ((3, 2), True)
+    """
+    rng = np.random.default_rng(rng)
+    n_samples = int(X.shape[0])
+    order = rng.permutation(n_samples)
+    atoms: list[np.ndarray] = []
+    found = 0
+    for start in range(0, n_samples, 2 * n_atoms):
+        rows = order[start:start + 2 * n_atoms]
+        ascending = np.argsort(rows)
+        values = np.empty((len(rows), int(X.shape[1])))
+        values[ascending] = _take_rows(X, rows[ascending])
+        norms = np.linalg.norm(values, axis=1)
+        usable = values[np.isfinite(norms) & (norms > 0)][:n_atoms - found]
+        atoms.append(usable / np.linalg.norm(usable, axis=1, keepdims=True))
+        found += len(usable)
+        if found == n_atoms:
+            return np.concatenate(atoms).astype(dtype)
+    raise ValueError(f"init='frames' needs n_atoms = {n_atoms} non-zero frames, the data has {found}: "
+                     "use init='uniform' or fewer atoms")
+
+
+def _take_rows(X: Any, rows: np.ndarray) -> np.ndarray:
+    """``X[rows]`` (``rows`` ascending) of an array in memory or a Zarr array (orthogonal indexing)."""
+    if isinstance(X, np.ndarray):
+        return X[rows]
+    oindex = getattr(X, "oindex", None)
+    return np.asarray(oindex[rows, :] if oindex is not None else X[rows])
+
+
+def initial_dictionary(X: Any, config: Any, rng: np.random.Generator, dtype: Any) -> np.ndarray:
+    """The initial components of a fit of ``X`` by ``config.init`` (`init_dictionary` or `sample_dictionary`)."""
+    if config.init == "frames":
+        return sample_dictionary(X, config.n_atoms, rng=rng, dtype=dtype)
+    return init_dictionary(config.n_atoms, int(X.shape[1]), rng=rng, dtype=dtype)
 
 
 def init_encoder(n_atoms: int, n_features: int, *, rng: RandomLike = None, dtype: Any = np.float32) -> np.ndarray:
@@ -431,7 +480,8 @@ def fit_sae(
     Minimises ``F(Z, C, E)`` (module docstring) with the outer loop of
     :func:`sae.outer.alternate`.  Initialisation as the thesis: ``C`` then ``E``
     drawn uniform on [0, 1) from ``np.random.default_rng(config.random_state)``
-    with rows scaled to unit norm, ``Z = 0``; ``init`` may supply any of
+    with rows scaled to unit norm, ``Z = 0``; with ``config.init = "frames"``,
+    ``C`` is `sample_dictionary` of ``X`` from the same generator; ``init`` may supply any of
     ``"components"``, ``"encoder"``, ``"codes"`` instead (e.g. to resume).
     Every outer iteration runs the Z step (:func:`solve_codes` with
     :func:`code_step_options`), then the D step (if ``lambda_d > 0``), then the
@@ -472,7 +522,8 @@ def fit_sae(
 
     init = dict(init or {})
     rng = np.random.default_rng(config.random_state)
-    C = init_dictionary(m, n_features, rng=rng, dtype=dtype)
+    C = (initial_dictionary(X, config, rng, dtype) if "components" not in init
+         else init_dictionary(m, n_features, rng=rng, dtype=dtype))
     E = init_encoder(m, n_features, rng=rng, dtype=dtype) if config.lambda_e > 0 else None
     if "components" in init:
         C = np.array(init["components"], dtype=dtype)

@@ -102,6 +102,18 @@ def test_global_fista_with_graph_matches_reference(thread_client, small, n_block
                                atol=1e-3)
 
 
+def test_a_fit_from_sampled_frames_of_a_stored_array_matches_the_reference(thread_client, small, tmp_path):
+    """init='frames' on the cluster reads the same frames from the store as in memory, then the encoder draw."""
+    X, L = small
+    config = ModelConfig(n_atoms=8, init="frames", lambda_g=5.0, lambda_e=1.0, max_outer=2, max_inner=10,
+                         random_state=5)
+    reference = fit_sae(X, config, L)
+    result = fit_distributed(_store_array(tmp_path / "data.zarr", X), config, client=thread_client, laplacian=L,
+                             block_size=_blocks(len(X), 3), return_codes=True)
+    _check_close(result, reference)
+    np.testing.assert_allclose(result.codes @ result.components, reference.codes @ reference.components, atol=1e-3)
+
+
 @pytest.mark.parametrize("density", [0.0, 1.0])
 def test_sparse_and_dense_code_blocks_give_the_same_iterates(thread_client, small, density):
     """Code blocks kept as CSR (density 1.0: always) or dense (0.0: never) follow the same global FISTA."""

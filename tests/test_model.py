@@ -17,6 +17,7 @@ from sae.model import (
     init_dictionary,
     init_encoder,
     objective_terms,
+    sample_dictionary,
     solve_codes,
     solve_dictionary,
     solve_encoder,
@@ -298,3 +299,30 @@ def test_invalid_inputs(rng):
         fit_sae(X, ModelConfig(n_atoms=2), init={"components": np.ones((3, 3))})
     with pytest.raises(ValueError, match="encoder is required when lambda_e > 0"):
         solve_codes(X, np.ones((2, 3)), None, None, np.zeros((10, 2)), lambda_d=1, lambda_z=1, lambda_e=1)
+
+
+def test_sampled_dictionary_is_the_first_non_zero_frames_of_the_permutation_scaled(tmp_path):
+    """init='frames' against a direct numpy computation, from memory and from a Zarr array."""
+    import zarr
+
+    X = np.random.default_rng(3).standard_normal((50, 4)).astype(np.float32)
+    X[[2, 7, 11, 30]] = 0  # silent frames are never atoms
+    permutation = np.random.default_rng(9).permutation(len(X))
+    chosen = [r for r in permutation if np.any(X[r])][:6]
+    expected = X[chosen] / np.linalg.norm(X[chosen].astype(np.float64), axis=1, keepdims=True)
+    stored = zarr.open_array(str(tmp_path / "X.zarr"), mode="w", shape=X.shape, chunks=(7, 4), dtype=X.dtype)
+    stored[:] = X
+    for source in (X, stored):
+        C = sample_dictionary(source, 6, rng=9)  # batches of 12 rows: the zeros fall in several batches
+        assert C.dtype == np.float32
+        np.testing.assert_allclose(C, expected, rtol=1e-6)
+    with pytest.raises(ValueError, match="needs n_atoms = 47 non-zero frames, the data has 46"):
+        sample_dictionary(X, 47, rng=0)
+
+
+def test_a_fit_with_init_frames_starts_from_the_sampled_frames():
+    X = np.abs(np.random.default_rng(0).standard_normal((80, 6))).astype(np.float32)
+    config = ModelConfig(n_atoms=5, init="frames", lambda_d=0.0, max_outer=1, random_state=2)  # D not learned
+    np.testing.assert_array_equal(fit_sae(X, config).components, sample_dictionary(X, 5, rng=2))
+    uniform = fit_sae(X, config.model_copy(update={"init": "uniform"})).components
+    np.testing.assert_array_equal(uniform, init_dictionary(5, 6, rng=2))

@@ -325,3 +325,18 @@ def test_store_lock_is_released_when_its_process_is_killed(tmp_path):
     holder.join(30)
     with store.store_lock(tmp_path / "s.zarr", wait=5):
         pass
+
+
+def test_the_init_option_names_a_new_model_and_leaves_the_earlier_keys_as_they_were():
+    """The default init ('uniform') is left out of a model's identity, so the stores trained before the option
+    keep their models; 'frames' is another model."""
+    from sae.config import ModelConfig, TrainConfig
+    from sae.store.keys import model_identity, model_key
+
+    default = TrainConfig(model=ModelConfig(n_atoms=16))
+    assert "init" not in model_identity(default, "p", None)["train"]["model"]
+    assert set(ModelConfig.model_fields) - set(model_identity(default, "p", None)["train"]["model"]) == {
+        "init", "max_outer"}
+    frames = TrainConfig(model=ModelConfig(n_atoms=16, init="frames"))
+    assert model_identity(frames, "p", None)["train"]["model"]["init"] == "frames"
+    assert model_key(frames, "p") != model_key(default, "p")

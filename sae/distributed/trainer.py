@@ -63,7 +63,7 @@ from sae.distributed.memory import release_pool, start_pool_trimming
 from sae.distributed.order import Ordering, cluster_order, laplacian_rows, move_rows
 from sae.distributed.zstep import CodeState, Tuning, block_fista, code_problem, solve_block_codes, state_solution
 from sae.graph import laplacian_norm_bound
-from sae.model import check_laplacian, code_lipschitz, code_step_options, init_dictionary, init_encoder
+from sae.model import check_laplacian, code_lipschitz, code_step_options, init_encoder, initial_dictionary
 from sae.outer import FitResult, alternate
 from sae.progress import Interrupt, go_on
 from sae.store import json_safe
@@ -641,7 +641,7 @@ def _fit_distributed(X: Any, config: ModelConfig, client: Any, laplacian: Any, b
         backend.reload = partial(backend.read_codes, state["codes"], start_outer, state["frame_of_row"])
     else:
         rng = np.random.default_rng(config.random_state)
-        C = init_dictionary(m, backend.n_features, rng=rng, dtype=dtype)
+        C = initial_dictionary(X, config, rng, dtype)
         E = init_encoder(m, backend.n_features, rng=rng, dtype=dtype) if use_encoder else None
         start_outer, history = 0, None
         backend.reload = partial(backend.zero_codes, m)

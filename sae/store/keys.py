@@ -101,6 +101,8 @@ def model_identity(train: TrainConfig, preprocess_key: str, graph_key: str | Non
     """
     config = train.model_dump(mode="json")
     config["model"].pop("max_outer")
+    if config["model"]["init"] == "uniform":  # the keys of the models trained before the option
+        config["model"].pop("init")
     config.pop("lookahead")
     config.pop("offload_previous")
     config.pop("memory_check")
