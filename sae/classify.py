@@ -37,7 +37,7 @@ from sklearn.svm import SVC, LinearSVC
 
 from sae.config import ClassifyConfig
 from sae.pooling import AggregatedFeatures
-from sae.progress import ProgressCallback, gather
+from sae.progress import ProgressCallback
 
 __all__ = [
     "CLASSIFIERS",
@@ -60,6 +60,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+LOST_DATA_RETRIES = 2
+"""How many times `run_splits` scatters its data again after a worker that held it was lost."""
 
 CLASSIFIERS = ("svc", "linear_svc", "logistic_regression", "ridge")
 """Classifiers selectable by name (`make_classifier`)."""
@@ -388,12 +391,36 @@ def run_splits(function: Any, splits: Sequence[Any], data: Any, config: Classify
             if progress is not None:
                 progress(len(results), len(splits))
         return results
-    data_future = client.scatter(data, broadcast=False, hash=False)
-    futures = client.map(function, list(splits), data=data_future, config=config, pure=False)
-    try:
-        return gather(client, futures, progress)
-    finally:
-        client.cancel([*futures, data_future])
+    from distributed import as_completed
+    from distributed.client import FutureCancelledError
+
+    results: dict[int, Any] = {}
+    total = len(splits)
+    if progress is not None:
+        progress(0, total)
+    for attempt in range(LOST_DATA_RETRIES + 1):
+        # scattered data has no task to make it again: when the worker that holds it is lost, the splits not run
+        # yet are cancelled ('lost dependencies'); the data is scattered again and those splits run again
+        data_future = client.scatter(data, broadcast=False, hash=False)
+        todo = [i for i in range(total) if i not in results]
+        futures = client.map(function, [splits[i] for i in todo], data=data_future, config=config, pure=False)
+        index = {future.key: i for future, i in zip(futures, todo)}
+        try:
+            for future in as_completed(futures):
+                results[index[future.key]] = future.result()
+                if progress is not None:
+                    progress(len(results), total)
+            return [results[i] for i in range(total)]
+        except FutureCancelledError as error:
+            if attempt == LOST_DATA_RETRIES:
+                raise RuntimeError(
+                    f"the classification lost its data with a worker {attempt + 1} times ({error}); "
+                    f"{total - len(results)} of {total} splits did not run: check the workers' logs") from error
+            logger.warning("the classification lost its data with a worker (%s): %d of %d splits run again",
+                           error, total - len(results), total)
+        finally:
+            client.cancel([*futures, data_future])
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def split_groups(clips: np.ndarray, clip_groups: np.ndarray | None) -> tuple[np.ndarray, str]:

@@ -63,7 +63,7 @@ class StructuredAutoEncoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
 
     Parameters
     ----------
-    n_atoms, lambda_d, lambda_z, lambda_g, lambda_e, rtol, inner_rtol, atol, max_outer, max_inner, fista_restart, balance_lambdas, dtype, random_state, z_solver, z_stop
+    n_atoms, lambda_d, lambda_z, lambda_g, lambda_e, rtol, inner_rtol, atol, max_outer, max_inner, fista_restart, balance_lambdas, dtype, random_state, init, z_solver, z_stop
         Exactly the fields of :class:`sae.config.ModelConfig`, with its defaults
         and its constraints; they are validated by ``fit``.  ``random_state`` may
         also be a ``numpy.random.RandomState`` or ``Generator``, from which an
@@ -117,6 +117,7 @@ class StructuredAutoEncoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
         balance_lambdas: bool = False,
         dtype: str = "float32",
         random_state: Any = None,
+        init: str = "uniform",
         z_solver: str = "auto",
         z_stop: str = "change",
     ) -> None:
@@ -134,6 +135,7 @@ class StructuredAutoEncoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
         self.balance_lambdas = balance_lambdas
         self.dtype = dtype
         self.random_state = random_state
+        self.init = init
         self.z_solver = z_solver
         self.z_stop = z_stop
 

@@ -18,6 +18,7 @@ from sae.classify import (
     cross_validate,
     cv_splits,
     evaluate_split,
+    run_splits,
     split_groups,
 )
 from sae.config import ClassifyConfig, ModelConfig
@@ -285,3 +286,38 @@ def test_reports_render(tmp_path, rng):
     assert "(69.7)" in text and "(65.9)" in text and "—" in text
     png = plot_noise_experiment(table, tmp_path / "noise.png")
     assert open(png, "rb").read(4) == b"\x89PNG"
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_splits_whose_data_was_lost_with_a_worker_run_again_and_give_the_same_results(caplog):
+    """The data of the splits is scattered (no task can make it again): when the workers that hold it are
+    restarted mid-run, the splits not run yet are scattered again and run, and the results are those of a
+    run without a cluster."""
+    import logging
+    import time
+
+    from distributed import Client, LocalCluster
+
+    def evaluate(split, data, config):
+        time.sleep(0.2)
+        return split, float(data[split].sum())
+
+    data = np.arange(60.0).reshape(12, 5)
+    splits = list(range(12))
+    expected = run_splits(evaluate, splits, data, ClassifyConfig(), None)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, **LOOPBACK) as cluster, \
+            Client(cluster) as client, caplog.at_level(logging.WARNING, logger="sae.classify"):
+        restarted = []
+
+        def progress(done, total):
+            if done == 2 and not restarted:
+                holders = {address for key, addresses in client.who_has().items()
+                           if str(key).startswith("ndarray-") for address in addresses}
+                assert holders  # one worker, or both once the other fetched it: every copy goes
+                client.restart_workers(list(holders))
+                restarted.extend(holders)
+
+        results = run_splits(evaluate, splits, data, ClassifyConfig(), client, progress)
+    assert restarted and results == expected
+    assert "the classification lost its data with a worker" in caplog.text
