@@ -20,6 +20,7 @@ from sae.distributed.budget import (
     TrainingDoesNotFit,
     WorkerBudget,
     check_estimate,
+    fitting_lookahead,
     training_estimate,
     worker_budgets,
 )
@@ -97,6 +98,39 @@ def test_an_estimate_over_the_budget_is_refused_with_the_ways_to_fit(caplog):
     check_estimate(estimate, {"w": WorkerBudget(20 * 2**30, 0.6, "target", 2**30)}, "the training")  # 11 GiB: fits
 
 
+def test_a_lookahead_that_does_not_fit_gives_way_to_one_generation_fewer(caplog):
+    """The same plans as above on worker "a": lookahead 2 holds a generation of iterates and of halo packs more
+    than lookahead 1 (the same iterates); the training takes 1 when 2 does not fit, and says so."""
+    plans = [BlockPlan(100, graph_nnz=500, requests={1: 30}),
+             BlockPlan(100, graph_nnz=600, requests={0: 20, 2: 20}),
+             BlockPlan(50, graph_nnz=200, requests={1: 20, 0: 10})]
+    homes = ["a", "b", "a"]
+
+    def estimate_at(ahead):
+        return training_estimate(plans, homes, n_features=10, n_atoms=8, itemsize=4, encoder=False, graph=True,
+                                 lookahead=ahead)
+
+    one, two = (sum(estimate_at(ahead)["a"].values()) for ahead in (1, 2))
+    assert one < two
+
+    def budgets(available):  # "b" always fits
+        return {"a": WorkerBudget(limit=available, fraction=1.0, threshold="limit", start=0),
+                "b": WorkerBudget(limit=10 * two, fraction=1.0, threshold="limit", start=0)}
+
+    with caplog.at_level(logging.WARNING, logger="sae.distributed"):
+        assert fitting_lookahead(estimate_at, budgets(two), 2, "the training") == (2, estimate_at(2))
+        assert not caplog.text
+        assert fitting_lookahead(estimate_at, budgets(two - 1), 2, "the training") == (1, estimate_at(1))
+        assert "the training: train.lookahead = 1 instead of 2, so that it fits" in caplog.text
+        caplog.clear()
+        # neither fits: the smaller estimate is refused, without the lookahead among the remedies
+        lookahead, estimate = fitting_lookahead(estimate_at, budgets(one - 1), 2, "the training")
+        assert (lookahead, estimate) == (1, estimate_at(1)) and "the least memory it can take" in caplog.text
+    with pytest.raises(TrainingDoesNotFit) as raised:
+        check_estimate(estimate, budgets(one - 1), "the training", lookahead=lookahead)
+    assert "train.lookahead" not in str(raised.value) and "train.offload_previous=true" in str(raised.value)
+
+
 @pytest.fixture(scope="module")
 def process_client():
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, memory_limit="1GiB", **LOOPBACK) as cluster, \
@@ -113,14 +147,21 @@ def test_the_budgets_are_the_workers_limits_and_dask_thresholds(process_client):
         assert budget.available == int(0.6 * 2**30) - budget.start
 
 
-def test_a_training_that_cannot_fit_is_refused_before_any_iteration(process_client, tmp_path):
-    """20,000 frames, 2,048 atoms on two workers of 1 GiB: the iterates alone need more than 60 % of 1 GiB."""
+def test_a_training_that_cannot_fit_is_refused_before_any_iteration(process_client, tmp_path, caplog):
+    """20,000 frames on two workers of 1 GiB: with 8,192 atoms the iterates alone need more than 60 % of 1 GiB,
+    even one generation fewer (lookahead 1); 2,048 atoms fit with lookahead 1 only, which the training takes."""
     X, L = make_data(20_000, n_features=16)
     group = zarr.open_group(str(tmp_path / "model"), mode="w")
-    config = ModelConfig(n_atoms=2048, lambda_g=1.0, max_outer=1, max_inner=2, random_state=0)
-    with pytest.raises(TrainingDoesNotFit, match=r"does not fit in the workers' memory: worker tcp://127\.0\.0\.1"):
+    config = ModelConfig(n_atoms=8192, lambda_g=1.0, max_outer=1, max_inner=2, random_state=0)
+    with pytest.raises(TrainingDoesNotFit, match=r"does not fit in the workers' memory: worker tcp://127\.0\.0\.1") \
+            as raised:
         fit_distributed(X, config, client=process_client, laplacian=L, block_size=5000, checkpoint=group)
     assert read_checkpoint(group) is None  # nothing was trained
+    assert "train.lookahead" not in str(raised.value)  # tried already
+    with caplog.at_level(logging.WARNING, logger="sae.distributed"):
+        fit = fit_distributed(X, config.model_copy(update={"n_atoms": 2048}), client=process_client, laplacian=L,
+                              block_size=5000, lookahead=2)
+    assert fit.n_iter == 1 and "train.lookahead = 1 instead of 2, so that it fits" in caplog.text
     # the same without the graph term holds one generation of codes more than the input: it fits
     small = ModelConfig(n_atoms=16, lambda_g=0.0, max_outer=1, random_state=0)
     fit = fit_distributed(X, small, client=process_client, block_size=5000)

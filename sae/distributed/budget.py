@@ -61,7 +61,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,7 +70,7 @@ from sae.distributed.blocks import SPARSE_STATE_DENSITY
 logger = logging.getLogger("sae.distributed")
 
 __all__ = ["BlockPlan", "WorkerBudget", "TrainingDoesNotFit", "training_estimate", "worker_budgets",
-           "check_estimate", "MemoryGuard"]
+           "check_estimate", "fitting_lookahead", "over_budget", "MemoryGuard"]
 
 #: Seconds between two looks of the guard at the workers' memory (the scheduler hears from them every ~1 s).
 GUARD_SECONDS = 1.0
@@ -226,18 +226,52 @@ REMEDIES = ("Ways to fit: more workers or memory per worker (deploy/cluster.py -
             "fewer atoms (train.model.n_atoms), or no graph term (train.model.lambda_g=0).")
 
 
-def check_estimate(estimate: Mapping[str, Mapping[str, int]], budgets: Mapping[str, WorkerBudget],
-                   what: str, refuse: bool = True) -> None:
-    """Log the estimate; when a worker's exceeds what its budget makes available, raise `TrainingDoesNotFit`
-    (``refuse``) or log a warning."""
+def remedies(lookahead: int | None = None) -> str:
+    """`REMEDIES`, without the lookahead when it is 1 already."""
+    return REMEDIES if lookahead != 1 else REMEDIES.replace(
+        "train.lookahead=1 (one generation of iterates and halo packs fewer), ", "")
+
+
+def over_budget(estimate: Mapping[str, Mapping[str, int]],
+                budgets: Mapping[str, WorkerBudget]) -> list[tuple[str, int, WorkerBudget, Mapping[str, int]]]:
+    """The workers whose estimate exceeds what their budget makes available: (worker, bytes, budget, items)."""
     over = []
     for worker, items in estimate.items():
-        total = sum(items.values())
-        budget = budgets.get(worker)
-        logger.info("%s: at most %s on worker %s (%s)%s", what, _gib(total), worker, _itemised(items),
-                    "" if budget is None else f"; it can give {_gib(budget.available)}")
+        total, budget = sum(items.values()), budgets.get(worker)
         if budget is not None and total > budget.available:
             over.append((worker, total, budget, items))
+    return over
+
+
+def fitting_lookahead(estimate_at: Callable[[int], dict[str, dict[str, int]]], budgets: Mapping[str, WorkerBudget],
+                      lookahead: int, what: str) -> tuple[int, dict[str, dict[str, int]]]:
+    """The lookahead to train with and its estimate (``estimate_at(lookahead)``): ``lookahead`` if it fits,
+    else 1.
+
+    Fewer iterations submitted ahead of the stopping test hold a generation
+    of iterates (and halo packs) fewer and compute the same iterates; the
+    workers only wait longer for the client between iterations.
+    """
+    estimate = estimate_at(lookahead)
+    if lookahead == 1 or not over_budget(estimate, budgets):
+        return lookahead, estimate
+    fallback = estimate_at(1)
+    logger.warning("%s: train.lookahead = 1 instead of %d, %s (the same result; the workers wait for the client "
+                   "between iterations)", what, lookahead,
+                   "so that it fits in the workers' memory" if not over_budget(fallback, budgets)
+                   else "the least memory it can take")
+    return 1, fallback
+
+
+def check_estimate(estimate: Mapping[str, Mapping[str, int]], budgets: Mapping[str, WorkerBudget],
+                   what: str, refuse: bool = True, lookahead: int | None = None) -> None:
+    """Log the estimate; when a worker's exceeds what its budget makes available, raise `TrainingDoesNotFit`
+    (``refuse``) or log a warning (``lookahead``: the estimate's, to leave it out of the remedies when 1)."""
+    for worker, items in estimate.items():
+        budget = budgets.get(worker)
+        logger.info("%s: at most %s on worker %s (%s)%s", what, _gib(sum(items.values())), worker,
+                    _itemised(items), "" if budget is None else f"; it can give {_gib(budget.available)}")
+    over = over_budget(estimate, budgets)
     if over and not refuse:
         logger.warning("%s may not fit in the workers' memory: %s (train.memory_check=warn: going on)", what,
                        "; ".join(f"worker {w} up to {_gib(t)} for {_gib(b.available)}" for w, t, b, _ in over))
@@ -247,7 +281,7 @@ def check_estimate(estimate: Mapping[str, Mapping[str, int]], budgets: Mapping[s
             f"{what} does not fit in the workers' memory: worker {worker} would hold up to {_gib(total)} "
             f"({_itemised(items)}), and it can give {_gib(budget.available)} before Dask acts "
             f"({_threshold_text(budget)}, less the {_gib(budget.start)} it holds already). "
-            f"Nothing was trained. {REMEDIES} "
+            f"Nothing was trained. {remedies(lookahead)} "
             f"To try anyway (Dask may then spill block states or pause the worker): train.memory_check=warn."
         )
 

@@ -57,7 +57,14 @@ from sae.distributed.blocks import (
     write_block,
     zeros,
 )
-from sae.distributed.budget import BlockPlan, MemoryGuard, check_estimate, training_estimate, worker_budgets
+from sae.distributed.budget import (
+    BlockPlan,
+    MemoryGuard,
+    check_estimate,
+    fitting_lookahead,
+    training_estimate,
+    worker_budgets,
+)
 from sae.distributed.checkpoints import checkpoint_slot, read_checkpoint, write_frame_of_row
 from sae.distributed.memory import release_pool, start_pool_trimming
 from sae.distributed.order import Ordering, cluster_order, laplacian_rows, move_rows
@@ -199,13 +206,17 @@ class ClusterBackend:
             self._setup_graph(laplacian, laplacian_norm)
         self.guard: MemoryGuard | None = None
         if memory_check:
-            estimate = training_estimate(
-                self.plans, self.homes, n_features=self.n_features, n_atoms=config.n_atoms,
-                itemsize=np.dtype(self.dtype).itemsize, encoder=config.lambda_e > 0, graph=self.graph is not None,
-                lookahead=lookahead, offload_previous=offload_previous,
-                nthreads={w: b.nthreads for w, b in budgets.items()})
-            check_estimate(estimate, budgets, f"the training ({self.n_samples} frames, m = {config.n_atoms}, "
-                           f"{len(self.bounds)} blocks)", refuse=memory_check == "refuse")
+            what = f"the training ({self.n_samples} frames, m = {config.n_atoms}, {len(self.bounds)} blocks)"
+
+            def estimate_at(ahead: int) -> dict[str, dict[str, int]]:
+                return training_estimate(
+                    self.plans, self.homes, n_features=self.n_features, n_atoms=config.n_atoms,
+                    itemsize=np.dtype(self.dtype).itemsize, encoder=config.lambda_e > 0,
+                    graph=self.graph is not None, lookahead=ahead, offload_previous=offload_previous,
+                    nthreads={w: b.nthreads for w, b in budgets.items()})
+
+            self.lookahead, estimate = fitting_lookahead(estimate_at, budgets, lookahead, what)
+            check_estimate(estimate, budgets, what, refuse=memory_check == "refuse", lookahead=self.lookahead)
             self.guard = MemoryGuard(client, budgets, estimate, refuse=memory_check == "refuse")
 
     # -- the order of the frames in the blocks (sae.distributed.order)
