@@ -150,8 +150,8 @@ def sample_dictionary(X: Any, n_atoms: int, *, rng: RandomLike = None, dtype: An
         values = np.empty((len(rows), int(X.shape[1])))
         values[ascending] = _take_rows(X, rows[ascending])
         norms = np.linalg.norm(values, axis=1)
-        usable = values[np.isfinite(norms) & (norms > 0)][:n_atoms - found]
-        atoms.append(usable / np.linalg.norm(usable, axis=1, keepdims=True))
+        usable = np.flatnonzero(np.isfinite(norms) & (norms > 0))[:n_atoms - found]
+        atoms.append(values[usable] / norms[usable, None])
         found += len(usable)
         if found == n_atoms:
             return np.concatenate(atoms).astype(dtype)
@@ -522,6 +522,7 @@ def fit_sae(
 
     init = dict(init or {})
     rng = np.random.default_rng(config.random_state)
+    # given components still take the uniform draw, so that the encoder's comes from the same point of the stream
     C = (initial_dictionary(X, config, rng, dtype) if "components" not in init
          else init_dictionary(m, n_features, rng=rng, dtype=dtype))
     E = init_encoder(m, n_features, rng=rng, dtype=dtype) if config.lambda_e > 0 else None

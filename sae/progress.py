@@ -8,11 +8,9 @@ starts (so the listener knows ``total``), then each time one more of their
 What it does with the numbers (a progress bar, a line of log, an artifact of a
 Prefect run) is the caller's business: this package never imports Prefect.
 
-The two helpers wait for Dask work part by part:
-
-- `gather` the results of futures of a distributed client, in order;
-- `compute` delayed objects (``dask.compute``), on the active distributed
-  client if ``dask.compute`` would use one, else on the local scheduler.
+`compute` waits for Dask work part by part: it computes delayed objects
+(``dask.compute``) on the active distributed client if ``dask.compute`` would
+use one, else on the local scheduler.
 
 >>> import dask
 >>> seen = []
@@ -37,24 +35,11 @@ Interrupt = Callable[[str], None]
 ``flows._dask.run_gone_check``); the computations that take one call it between their parts and before
 each write that changes what the store holds, so that nothing is written once it raised."""
 
-__all__ = ["Interrupt", "ProgressCallback", "compute", "gather", "go_on"]
+__all__ = ["Interrupt", "ProgressCallback", "compute", "go_on"]
 
 
 def go_on(where: str) -> None:
     """The `Interrupt` of a computation wanted until it ends: never raises."""
-
-
-def gather(client: Any, futures: Sequence[Any], progress: ProgressCallback | None = None) -> list[Any]:
-    """``client.gather(futures)`` (results in the order of ``futures``), calling ``progress`` as each completes."""
-    if progress is None:
-        return client.gather(list(futures))
-    from distributed import as_completed
-
-    total = len(futures)
-    progress(0, total)
-    for done, _ in enumerate(as_completed(list(futures)), start=1):
-        progress(done, total)
-    return client.gather(list(futures))
 
 
 def _distributed_client() -> Any:

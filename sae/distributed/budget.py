@@ -220,16 +220,15 @@ def _itemised(items: Mapping[str, int]) -> str:
                      if size >= 0.01 * total)
 
 
-REMEDIES = ("Ways to fit: more workers or memory per worker (deploy/cluster.py --memory-limit), "
-            "train.lookahead=1 (one generation of iterates and halo packs fewer), "
-            "train.offload_previous=true (the previous iterates on the workers' disks), "
+def remedies(lookahead: int | None = None) -> str:
+    """The ways to make a training fit, the lookahead among them unless it is 1 already."""
+    return ("Ways to fit: more workers or memory per worker (deploy/cluster.py --memory-limit), "
+            + ("" if lookahead == 1 else "train.lookahead=1 (one generation of iterates and halo packs fewer), ")
+            + "train.offload_previous=true (the previous iterates on the workers' disks), "
             "fewer atoms (train.model.n_atoms), or no graph term (train.model.lambda_g=0).")
 
 
-def remedies(lookahead: int | None = None) -> str:
-    """`REMEDIES`, without the lookahead when it is 1 already."""
-    return REMEDIES if lookahead != 1 else REMEDIES.replace(
-        "train.lookahead=1 (one generation of iterates and halo packs fewer), ", "")
+REMEDIES = remedies()
 
 
 def over_budget(estimate: Mapping[str, Mapping[str, int]],
