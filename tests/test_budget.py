@@ -13,7 +13,7 @@ from distributed import Client, LocalCluster
 
 from flows._dask import LOOPBACK
 from sae.config import ModelConfig
-from sae.distributed import blocks, fit_distributed, read_checkpoint
+from sae.distributed import LaplacianRef, blocks, fit_distributed, read_checkpoint
 from sae.distributed.budget import (
     BlockPlan,
     MemoryGuard,
@@ -24,6 +24,7 @@ from sae.distributed.budget import (
     training_estimate,
     worker_budgets,
 )
+from sae.store import write_sparse
 from tests.test_distributed import make_data
 
 
@@ -158,6 +159,13 @@ def test_a_training_that_cannot_fit_is_refused_before_any_iteration(process_clie
         fit_distributed(X, config, client=process_client, laplacian=L, block_size=5000, checkpoint=group)
     assert read_checkpoint(group) is None  # nothing was trained
     assert "train.lookahead" not in str(raised.value)  # tried already
+    # From a stored Laplacian, refused before its rows move to the blocks (minutes at scale): the halo is
+    # known from the stored rows, and the blocks' graph (logged with its halo) is never built.
+    write_sparse(group, "laplacian", sp.csr_array(L))
+    with caplog.at_level(logging.INFO, logger="sae.distributed"), pytest.raises(TrainingDoesNotFit):
+        fit_distributed(X, config, client=process_client, laplacian=LaplacianRef(group, "laplacian"),
+                        block_size=5000, order="cluster")
+    assert "frames ordered by k-means cluster" in caplog.text and "halo:" not in caplog.text
     with caplog.at_level(logging.WARNING, logger="sae.distributed"):
         fit = fit_distributed(X, config.model_copy(update={"n_atoms": 2048}), client=process_client, laplacian=L,
                               block_size=5000, lookahead=2)

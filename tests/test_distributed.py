@@ -146,6 +146,73 @@ def test_long_z_steps_log_their_progress(thread_client, small, caplog):
     assert all("% non-zeros" in message and "s per iteration" in message for message in progress)
 
 
+def test_z_steps_without_graph_log_the_blocks_they_have_coded(thread_client, small, caplog):
+    """Coordinate descent reports no iterations: the step logs how many blocks are done meanwhile, and at its end."""
+    X, _ = small
+    config = ModelConfig(n_atoms=8, lambda_g=0.0, max_outer=2, rtol=1e-9, random_state=0)
+    n_blocks = 3
+    with caplog.at_level("INFO", logger="sae.distributed"):
+        fit_distributed(X, config, client=thread_client, block_size=_blocks(len(X), n_blocks),
+                        tuning=Tuning(progress_seconds=0.0))
+    progress = [r.getMessage() for r in caplog.records if "blocks coded" in r.getMessage()]
+    for outer in (1, 2):
+        done = [int(m.split(": ")[1].split(" of ")[0]) for m in progress if m.startswith(f"outer {outer},")]
+        assert done[-1] == n_blocks and done == sorted(done)
+        assert all(f" of {n_blocks} blocks coded, " in m for m in progress)
+
+
+def _hold(name: str) -> bool:
+    from distributed import Event
+
+    return Event(name).wait()
+
+
+def _tasks_named(prefix: str, dask_scheduler=None) -> list[str]:
+    return [str(key) for key in dask_scheduler.tasks if str(key).startswith(prefix)]
+
+
+def test_an_interrupt_stops_a_z_step_without_graph_while_it_waits_and_its_waiting_blocks_are_cancelled(
+        thread_client, small):
+    """Coordinate descent is one task per block, minutes long at scale: the wait for them asks ``interrupt`` too,
+    and the blocks not started when it raises do not run for a run that is gone."""
+    from distributed import Event
+
+    X, _ = small
+    config = ModelConfig(n_atoms=8, lambda_g=0.0, max_outer=2, random_state=0)
+    gate, asked = Event("sae-test-gate", client=thread_client), []
+    holders = []
+
+    class Gone(RuntimeError):
+        pass
+
+    def interrupt(where):
+        asked.append(where)
+        if where == "outer iteration 1, Z step":  # both workers busy before the blocks are submitted
+            holders.extend(thread_client.submit(_hold, "sae-test-gate", pure=False) for _ in range(2))
+        elif "blocks coded" in where:
+            raise Gone
+
+    opener = threading.Timer(30.0, gate.set)  # without the check, the fit ends (and the test fails) instead of hanging
+    opener.start()
+    try:
+        stopped = None
+        try:
+            fit_distributed(X, config, client=thread_client, block_size=_blocks(len(X), 3),
+                            tuning=Tuning(progress_seconds=0.0), interrupt=interrupt)
+        except Gone as error:  # kept with its traceback, as a task's failure is (its frames hold the blocks)
+            stopped = error
+        assert isinstance(stopped, Gone) and stopped.__traceback__ is not None
+        assert asked[-1].startswith("outer iteration 1, Z step (") and asked[-1].endswith("of 3 blocks coded)")
+        deadline = time.monotonic() + 10
+        while thread_client.run_on_scheduler(_tasks_named, "sae-zsolve") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert thread_client.run_on_scheduler(_tasks_named, "sae-zsolve") == []
+    finally:
+        opener.cancel()
+        gate.set()
+        thread_client.gather(holders)
+
+
 def _stealing(dask_scheduler) -> bool:
     return "stealing" in dask_scheduler.periodic_callbacks
 

@@ -12,7 +12,15 @@ import zarr
 from sae.config import ModelConfig
 from sae.distributed import LaplacianRef, fit_distributed, read_checkpoint
 from sae.distributed.blocks import graph_block, graph_summary, read_laplacian_rows
-from sae.distributed.order import Ordering, assemble_sparse_rows, cluster_order, laplacian_rows, move_rows
+from sae.distributed.order import (
+    Ordering,
+    assemble_sparse_rows,
+    cluster_order,
+    halo_plans,
+    halo_wants,
+    laplacian_rows,
+    move_rows,
+)
 from sae.model import fit_sae
 from sae.store import write_sparse
 from tests.test_distributed import make_data
@@ -45,6 +53,20 @@ def test_cluster_order_puts_neighbours_in_the_same_block(shuffled):
     assert stored.in_block_share(L) < 0.35
     assert clustered.in_block_share(L) > 0.6
     assert _halo_rows(L, clustered) < 0.6 * _halo_rows(L, stored)
+
+
+def test_the_halo_known_before_the_rows_move_is_the_halo_of_the_blocks(shuffled):
+    """`halo_wants` on the stored (natural) chunks of L, then `halo_plans`, give each block the non-zeros and
+    the rows of every other block that `graph_block` finds once the rows are in the blocks' order."""
+    X, L = shuffled
+    ordering = Ordering(600, 150, cluster_order(X, 4, random_state=0))
+    relabel, bounds = ordering.relabel(), [(start, start + 150) for start in range(0, 600, 150)]
+    chunks = [(L[start:stop], start) for start, stop in [(0, 100), (100, 350), (350, 351), (351, 600)]]
+    preview = halo_plans(4, *[halo_wants(rows, start, ordering.block_of) for rows, start in chunks])
+    after = [graph_summary(graph_block(laplacian_rows(L, rows, relabel, "float32"), bounds, b))
+             for b, rows in enumerate(ordering.members)]
+    assert preview == [(summary["nnz"], summary["requests"]) for summary in after]
+    assert sum(sum(requests.values()) for _, requests in preview) == _halo_rows(L, ordering) > 0
 
 
 def test_the_maps_of_an_ordering_agree_with_its_blocks():

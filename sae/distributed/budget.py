@@ -367,15 +367,23 @@ class MemoryGuard:
         packs and block problems) would then stay alive on the workers until the
         next full garbage collection, minutes into the next outer iteration.
         """
-        from distributed import wait
+        wait_watching(futures, self.seconds, lambda: self.check(where))
 
-        while True:
-            try:
-                wait(futures, timeout=self.seconds)
-                return
-            except TimeoutError as error:
-                error.__traceback__ = None
-            self.check(where)
+
+def wait_watching(futures: Sequence[Any], seconds: float, look: Callable[[], None]) -> None:
+    """Wait for ``futures``, calling ``look`` every ``seconds`` meanwhile (it may raise to stop the wait).
+
+    The timeout's traceback is dropped at once (see `MemoryGuard.wait`).
+    """
+    from distributed import wait
+
+    while True:
+        try:
+            wait(futures, timeout=seconds)
+            return
+        except TimeoutError as error:
+            error.__traceback__ = None
+        look()
 
 
 def _spilled(info: Mapping[str, Any]) -> int:

@@ -40,7 +40,8 @@ from sae.distributed.blocks import block_bounds, compact, densify
 
 logger = logging.getLogger("sae.distributed")
 
-__all__ = ["cluster_order", "Ordering", "split_rows", "assemble_rows", "assemble_sparse_rows", "move_rows"]
+__all__ = ["cluster_order", "Ordering", "split_rows", "assemble_rows", "assemble_sparse_rows", "move_rows",
+           "halo_wants", "halo_plans"]
 
 #: Frames the k-means of `cluster_order` is fitted on (taken evenly).
 ORDER_SAMPLE = 100_000
@@ -206,3 +207,43 @@ def move_rows(client: Any, sources: Sequence[Any], source_rows: Sequence[np.ndar
                                    key=f"{key}-assemble-{t}", **home(t))
         targets.append(target)
     return targets
+
+
+def halo_wants(rows: sp.csr_array, start: int, block_of: np.ndarray) -> dict[str, Any]:
+    """What the natural rows ``[start, start + len(rows))`` of ``L`` will bring to their blocks once moved there.
+
+    ``block_of``: natural row -> its block.  Returns ``nnz`` (non-zeros per block, an array over the blocks
+    seen) and ``wanted`` (``{(b, c): natural rows of block c that block b's rows
+    link to}``, c != b): what `sae.distributed.blocks.graph_block` finds after
+    the move, known here before any row moves.
+    """
+    rows = sp.csr_array(rows)
+    rows_block = np.asarray(block_of[start : start + rows.shape[0]], dtype=np.int64)
+    entry_block = np.repeat(rows_block, np.diff(rows.indptr))
+    cols = rows.indices.astype(np.int64)
+    col_block = np.asarray(block_of)[cols].astype(np.int64)
+    n_blocks = int(max(entry_block.max(initial=-1), col_block.max(initial=-1))) + 1
+    across = entry_block != col_block
+    pair = entry_block[across] * n_blocks + col_block[across]
+    order = np.lexsort((cols[across], pair))
+    pair, cols = pair[order], cols[across][order]
+    keep = np.ones(pair.size, dtype=bool)
+    keep[1:] = (pair[1:] != pair[:-1]) | (cols[1:] != cols[:-1])
+    pair, cols = pair[keep], cols[keep]
+    cuts = np.flatnonzero(np.diff(pair)) + 1
+    wanted = {divmod(int(p[0]), n_blocks): c for p, c in zip(np.split(pair, cuts), np.split(cols, cuts)) if p.size}
+    return {"nnz": np.bincount(entry_block, minlength=n_blocks), "wanted": wanted}
+
+
+def halo_plans(n_blocks: int, *parts: dict[str, Any]) -> list[tuple[int, dict[int, int]]]:
+    """Per block, from the `halo_wants` of all the rows of ``L``: its non-zeros and ``{c: rows of c it receives}``."""
+    nnz = np.zeros(n_blocks, dtype=np.int64)
+    wanted: dict[tuple[int, int], list[np.ndarray]] = {}
+    for part in parts:
+        nnz[: part["nnz"].size] += part["nnz"]
+        for pair, cols in part["wanted"].items():
+            wanted.setdefault(pair, []).append(cols)
+    requests: list[dict[int, int]] = [{} for _ in range(n_blocks)]
+    for (b, c), pieces in sorted(wanted.items()):
+        requests[b][c] = int(np.unique(np.concatenate(pieces)).size)
+    return [(int(nnz[b]), requests[b]) for b in range(n_blocks)]

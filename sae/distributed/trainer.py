@@ -63,11 +63,12 @@ from sae.distributed.budget import (
     check_estimate,
     fitting_lookahead,
     training_estimate,
+    wait_watching,
     worker_budgets,
 )
 from sae.distributed.checkpoints import checkpoint_slot, read_checkpoint, write_frame_of_row
 from sae.distributed.memory import release_pool, start_pool_trimming
-from sae.distributed.order import Ordering, cluster_order, laplacian_rows, move_rows
+from sae.distributed.order import Ordering, cluster_order, halo_plans, halo_wants, laplacian_rows, move_rows
 from sae.distributed.zstep import CodeState, Tuning, block_fista, code_problem, solve_block_codes, state_solution
 from sae.graph import laplacian_norm_bound
 from sae.model import check_laplacian, code_lipschitz, code_step_options, init_encoder, initial_dictionary
@@ -78,6 +79,9 @@ from sae.store import json_safe
 __all__ = ["DistributedFit", "fit_distributed", "ClusterBackend", "without_work_stealing"]
 
 logger = logging.getLogger("sae.distributed")
+
+MIN_WAIT_SECONDS = 0.05
+"""Shortest wait between two looks at a Z step's block tasks (a progress period of 0 logs at this pace)."""
 
 
 @dataclass(frozen=True)
@@ -202,22 +206,31 @@ class ClusterBackend:
         self.laplacian_norm = None
         check_laplacian(laplacian, self.n_samples, config.lambda_g)
         self.plans = [BlockPlan(rows=stop - start) for start, stop in self.bounds]
+        self.guard: MemoryGuard | None = None
+        # the memory check, as soon as the blocks' halos are known (before the rows of L move, when they move)
+        self.check_memory = (partial(self._check_memory, config, budgets, memory_check, lookahead)
+                             if memory_check else None)
         if config.lambda_g > 0:
             self._setup_graph(laplacian, laplacian_norm)
-        self.guard: MemoryGuard | None = None
-        if memory_check:
-            what = f"the training ({self.n_samples} frames, m = {config.n_atoms}, {len(self.bounds)} blocks)"
+        if self.check_memory is not None and self.guard is None:
+            self.check_memory(self.plans)
 
-            def estimate_at(ahead: int) -> dict[str, dict[str, int]]:
-                return training_estimate(
-                    self.plans, self.homes, n_features=self.n_features, n_atoms=config.n_atoms,
-                    itemsize=np.dtype(self.dtype).itemsize, encoder=config.lambda_e > 0,
-                    graph=self.graph is not None, lookahead=ahead, offload_previous=offload_previous,
-                    nthreads={w: b.nthreads for w, b in budgets.items()})
+    def _check_memory(self, config: ModelConfig, budgets: dict, memory_check: str, lookahead: int,
+                      plans: list[BlockPlan]) -> None:
+        """Estimate the training's memory per worker from the blocks' ``plans``; take lookahead 1 if only it fits,
+        refuse (or warn) if nothing does (`sae.distributed.budget`); then watch the workers (`MemoryGuard`)."""
+        what = f"the training ({self.n_samples} frames, m = {config.n_atoms}, {len(self.bounds)} blocks)"
 
-            self.lookahead, estimate = fitting_lookahead(estimate_at, budgets, lookahead, what)
-            check_estimate(estimate, budgets, what, refuse=memory_check == "refuse", lookahead=self.lookahead)
-            self.guard = MemoryGuard(client, budgets, estimate, refuse=memory_check == "refuse")
+        def estimate_at(ahead: int) -> dict[str, dict[str, int]]:
+            return training_estimate(
+                plans, self.homes, n_features=self.n_features, n_atoms=config.n_atoms,
+                itemsize=np.dtype(self.dtype).itemsize, encoder=config.lambda_e > 0,
+                graph=config.lambda_g > 0, lookahead=ahead, offload_previous=self.offload_previous,
+                nthreads={w: b.nthreads for w, b in budgets.items()})
+
+        self.lookahead, estimate = fitting_lookahead(estimate_at, budgets, lookahead, what)
+        check_estimate(estimate, budgets, what, refuse=memory_check == "refuse", lookahead=self.lookahead)
+        self.guard = MemoryGuard(self.client, budgets, estimate, refuse=memory_check == "refuse")
 
     # -- the order of the frames in the blocks (sae.distributed.order)
     def _order(self, X: Any, config: ModelConfig, order: str) -> Ordering:
@@ -276,6 +289,8 @@ class ClusterBackend:
         if not self.ordering.identity and isinstance(laplacian, LaplacianRef):  # read by chunks, moved to blocks
             chunks = [client.submit(read_laplacian_rows, laplacian, start, stop, self.dtype,
                                     key=f"sae-Lchunk-{self.token}-{j}") for j, (start, stop) in enumerate(bounds)]
+            if self.check_memory is not None:  # now: moving the rows takes minutes at scale
+                self.check_memory(self._halo_preview(chunks))
             moved = self._to_blocks(chunks, self.n_samples, None, f"sae-Lrows-{self.token}", relabel=self.relabel)
             del chunks
         for b, (start, stop) in enumerate(bounds):
@@ -318,6 +333,15 @@ class ClusterBackend:
         else:
             raise ValueError(f"laplacian_norm must be 'power', 'bound' or a number, got {laplacian_norm!r}")
         logger.info("||L||_2 = %.6g (%s) over %d blocks", self.laplacian_norm, laplacian_norm, len(bounds))
+
+    def _halo_preview(self, chunks: list) -> list[BlockPlan]:
+        """The blocks' plans (`BlockPlan`) from the natural chunks of ``L``, before any row moves (`halo_wants`)."""
+        client, block_of = self.client, self._maps_to_blocks()[0]
+        parts = [client.submit(halo_wants, chunk, start, block_of, key=f"sae-halowants-{self.token}-{j}")
+                 for j, (chunk, (start, _)) in enumerate(zip(chunks, self.bounds))]
+        summary = client.submit(halo_plans, len(self.bounds), *parts, key=f"sae-haloplans-{self.token}").result()
+        return [BlockPlan(rows=stop - start, graph_nnz=nnz, requests=requests)
+                for (start, stop), (nnz, requests) in zip(self.bounds, summary)]
 
     def refresh_homes(self) -> None:
         """Give every block a home worker (block b -> worker b mod W, workers sorted by address)."""
@@ -379,12 +403,40 @@ class ClusterBackend:
         ]
         new_blocks = [client.submit(itemgetter(0), r, key=f"sae-Z-{self.token}-{outer}-{b}", **self._home(b))
                       for b, r in enumerate(results)]
-        if self.guard is not None:
-            self.guard.wait(results, f"outer iteration {outer}, Z step")
+        self._wait_reporting(results, outer)
         infos = client.gather([client.submit(itemgetter(1), r) for r in results])
         n_iter = max(info["n_iter"] for info in infos)
         reasons = sorted({info["stop_reason"] for info in infos})
         return new_blocks, {"n_iter": n_iter, "stop_reason": "+".join(reasons), "graph": float("nan")}
+
+    def _wait_reporting(self, blocks: list, outer: int) -> None:
+        """Wait for the per-block tasks of a Z step without graph term, logging how many blocks are coded every
+        ``tuning.progress_seconds`` and when all are (coordinate descent has no iterations to report, and a step
+        can take minutes), under the memory guard and the `interrupt`.  When either raises, the blocks not
+        started yet are cancelled: a stopped run leaves on the cluster only the tasks already running."""
+        where = f"outer iteration {outer}, Z step"
+        period = self.tuning.progress_seconds
+        start = reported = time.perf_counter()
+
+        def look() -> None:
+            nonlocal reported
+            done = sum(future.done() for future in blocks)
+            self.interrupt(f"{where} ({done} of {len(blocks)} blocks coded)")
+            if self.guard is not None:
+                self.guard.check(where)
+            now = time.perf_counter()
+            if now - reported >= period:
+                reported = now
+                logger.info("outer %d, Z step: %d of %d blocks coded, %.0f s", outer, done, len(blocks), now - start)
+
+        seconds = period if self.guard is None else min(period, self.guard.seconds)
+        try:
+            wait_watching(blocks, max(seconds, MIN_WAIT_SECONDS), look)
+        except BaseException:
+            self.client.cancel(blocks)
+            raise
+        logger.info("outer %d, Z step: %d of %d blocks coded, %.0f s", outer, len(blocks), len(blocks),
+                    time.perf_counter() - start)
 
     def statistics(self, Z_blocks: list) -> dict[str, Any]:
         stats = self.client.gather([self.client.submit(block_statistics, X, Z, **self._home(b))
