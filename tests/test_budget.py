@@ -20,7 +20,7 @@ from sae.distributed.budget import (
     TrainingDoesNotFit,
     WorkerBudget,
     check_estimate,
-    fitting_lookahead,
+    fitting_plan,
     training_estimate,
     worker_budgets,
 )
@@ -99,37 +99,50 @@ def test_an_estimate_over_the_budget_is_refused_with_the_ways_to_fit(caplog):
     check_estimate(estimate, {"w": WorkerBudget(20 * 2**30, 0.6, "target", 2**30)}, "the training")  # 11 GiB: fits
 
 
-def test_a_lookahead_that_does_not_fit_gives_way_to_one_generation_fewer(caplog):
-    """The same plans as above on worker "a": lookahead 2 holds a generation of iterates and of halo packs more
-    than lookahead 1 (the same iterates); the training takes 1 when 2 does not fit, and says so."""
+def test_what_does_not_fit_gives_way_to_one_generation_fewer_then_to_offloaded_iterates(caplog):
+    """The plans above and 5 more blocks on worker "a": lookahead 2 holds a generation of iterates and of halo
+    packs more than lookahead 1, which holds more than lookahead 1 with the previous iterates offloaded (the
+    same iterates in all three: a worker of many blocks keeps one copy fewer of each, for read-back buffers of
+    its largest running block); the training takes the first that fits, and says so."""
     plans = [BlockPlan(100, graph_nnz=500, requests={1: 30}),
              BlockPlan(100, graph_nnz=600, requests={0: 20, 2: 20}),
-             BlockPlan(50, graph_nnz=200, requests={1: 20, 0: 10})]
-    homes = ["a", "b", "a"]
+             BlockPlan(50, graph_nnz=200, requests={1: 20, 0: 10})] + [BlockPlan(100, graph_nnz=300)] * 5
+    homes = ["a", "b", "a"] + ["a"] * 5
 
-    def estimate_at(ahead):
-        return training_estimate(plans, homes, n_features=10, n_atoms=8, itemsize=4, encoder=False, graph=True,
-                                 lookahead=ahead)
+    def estimate_at(ahead, offload):
+        return training_estimate(plans, homes, n_features=10, n_atoms=64, itemsize=4, encoder=False, graph=True,
+                                 lookahead=ahead, offload_previous=offload)
 
-    one, two = (sum(estimate_at(ahead)["a"].values()) for ahead in (1, 2))
-    assert one < two
+    offloaded, one, two = (sum(estimate_at(*plan)["a"].values()) for plan in ((1, True), (1, False), (2, False)))
+    assert offloaded < one < two
 
     def budgets(available):  # "b" always fits
         return {"a": WorkerBudget(limit=available, fraction=1.0, threshold="limit", start=0),
                 "b": WorkerBudget(limit=10 * two, fraction=1.0, threshold="limit", start=0)}
 
     with caplog.at_level(logging.WARNING, logger="sae.distributed"):
-        assert fitting_lookahead(estimate_at, budgets(two), 2, "the training") == (2, estimate_at(2))
+        assert fitting_plan(estimate_at, budgets(two), 2, False, "the training") == (2, False, estimate_at(2, False))
         assert not caplog.text
-        assert fitting_lookahead(estimate_at, budgets(two - 1), 2, "the training") == (1, estimate_at(1))
+        assert fitting_plan(estimate_at, budgets(two - 1), 2, False, "the training") == (1, False,
+                                                                                         estimate_at(1, False))
         assert "the training: train.lookahead = 1 instead of 2, so that it fits" in caplog.text
         caplog.clear()
-        # neither fits: the smaller estimate is refused, without the lookahead among the remedies
-        lookahead, estimate = fitting_lookahead(estimate_at, budgets(one - 1), 2, "the training")
-        assert (lookahead, estimate) == (1, estimate_at(1)) and "the least memory it can take" in caplog.text
+        assert fitting_plan(estimate_at, budgets(one - 1), 2, False, "the training") == (1, True,
+                                                                                        estimate_at(1, True))
+        assert ("the training: train.lookahead = 1 instead of 2 and train.offload_previous = true (the previous "
+                "iterates on the workers' disks), so that it fits" in caplog.text)
+        caplog.clear()
+        # what the user chose already is kept
+        assert fitting_plan(estimate_at, budgets(two), 1, True, "the training") == (1, True, estimate_at(1, True))
+        assert not caplog.text
+        # nothing fits: the smallest estimate is refused, without what was taken among the remedies
+        lookahead, offload, estimate = fitting_plan(estimate_at, budgets(offloaded - 1), 2, False, "the training")
+        assert (lookahead, offload, estimate) == (1, True, estimate_at(1, True))
+        assert "the least memory it can take" in caplog.text
     with pytest.raises(TrainingDoesNotFit) as raised:
-        check_estimate(estimate, budgets(one - 1), "the training", lookahead=lookahead)
-    assert "train.lookahead" not in str(raised.value) and "train.offload_previous=true" in str(raised.value)
+        check_estimate(estimate, budgets(offloaded - 1), "the training", lookahead=lookahead, offload=offload)
+    assert "train.lookahead" not in str(raised.value) and "train.offload_previous" not in str(raised.value)
+    assert "fewer atoms (train.model.n_atoms)" in str(raised.value)
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +163,8 @@ def test_the_budgets_are_the_workers_limits_and_dask_thresholds(process_client):
 
 def test_a_training_that_cannot_fit_is_refused_before_any_iteration(process_client, tmp_path, caplog):
     """20,000 frames on two workers of 1 GiB: with 8,192 atoms the iterates alone need more than 60 % of 1 GiB,
-    even one generation fewer (lookahead 1); 2,048 atoms fit with lookahead 1 only, which the training takes."""
+    even one generation fewer (lookahead 1) and the previous ones offloaded; 2,048 atoms fit with lookahead 1,
+    which the training takes."""
     X, L = make_data(20_000, n_features=16)
     group = zarr.open_group(str(tmp_path / "model"), mode="w")
     config = ModelConfig(n_atoms=8192, lambda_g=1.0, max_outer=1, max_inner=2, random_state=0)
@@ -159,6 +173,7 @@ def test_a_training_that_cannot_fit_is_refused_before_any_iteration(process_clie
         fit_distributed(X, config, client=process_client, laplacian=L, block_size=5000, checkpoint=group)
     assert read_checkpoint(group) is None  # nothing was trained
     assert "train.lookahead" not in str(raised.value)  # tried already
+    assert "train.offload_previous" not in str(raised.value)
     # From a stored Laplacian, refused before its rows move to the blocks (minutes at scale): the halo is
     # known from the stored rows, and the blocks' graph (logged with its halo) is never built.
     write_sparse(group, "laplacian", sp.csr_array(L))

@@ -70,7 +70,7 @@ from sae.distributed.blocks import SPARSE_STATE_DENSITY
 logger = logging.getLogger("sae.distributed")
 
 __all__ = ["BlockPlan", "WorkerBudget", "TrainingDoesNotFit", "training_estimate", "worker_budgets",
-           "check_estimate", "fitting_lookahead", "over_budget", "MemoryGuard"]
+           "check_estimate", "fitting_plan", "over_budget", "MemoryGuard"]
 
 #: Seconds between two looks of the guard at the workers' memory (the scheduler hears from them every ~1 s).
 GUARD_SECONDS = 1.0
@@ -220,12 +220,12 @@ def _itemised(items: Mapping[str, int]) -> str:
                      if size >= 0.01 * total)
 
 
-def remedies(lookahead: int | None = None) -> str:
-    """The ways to make a training fit, the lookahead among them unless it is 1 already."""
+def remedies(lookahead: int | None = None, offload: bool = False) -> str:
+    """The ways to make a training fit, but those already taken: lookahead 1, previous iterates offloaded."""
     return ("Ways to fit: more workers or memory per worker (deploy/cluster.py --memory-limit), "
             + ("" if lookahead == 1 else "train.lookahead=1 (one generation of iterates and halo packs fewer), ")
-            + "train.offload_previous=true (the previous iterates on the workers' disks), "
-            "fewer atoms (train.model.n_atoms), or no graph term (train.model.lambda_g=0).")
+            + ("" if offload else "train.offload_previous=true (the previous iterates on the workers' disks), ")
+            + "fewer atoms (train.model.n_atoms), or no graph term (train.model.lambda_g=0).")
 
 
 REMEDIES = remedies()
@@ -242,30 +242,44 @@ def over_budget(estimate: Mapping[str, Mapping[str, int]],
     return over
 
 
-def fitting_lookahead(estimate_at: Callable[[int], dict[str, dict[str, int]]], budgets: Mapping[str, WorkerBudget],
-                      lookahead: int, what: str) -> tuple[int, dict[str, dict[str, int]]]:
-    """The lookahead to train with and its estimate (``estimate_at(lookahead)``): ``lookahead`` if it fits,
-    else 1.
+def fitting_plan(estimate_at: Callable[[int, bool], dict[str, dict[str, int]]],
+                 budgets: Mapping[str, WorkerBudget], lookahead: int, offload: bool,
+                 what: str) -> tuple[int, bool, dict[str, dict[str, int]]]:
+    """The lookahead and ``offload_previous`` to train with, and their estimate (``estimate_at(lookahead,
+    offload)``): as given if they fit, else lookahead 1, else lookahead 1 with the previous iterates offloaded;
+    the one that misses by the least when none fits.
 
-    Fewer iterations submitted ahead of the stopping test hold a generation
-    of iterates (and halo packs) fewer and compute the same iterates; the
-    workers only wait longer for the client between iterations.
+    Each compute the same iterates: fewer iterations submitted ahead of the
+    stopping test hold a generation of iterates (and halo packs) fewer, the
+    workers only waiting longer for the client between iterations; offloaded
+    previous iterates are written to the workers' disks and read back, to the
+    bit (~20 % slower).
     """
-    estimate = estimate_at(lookahead)
-    if lookahead == 1 or not over_budget(estimate, budgets):
-        return lookahead, estimate
-    fallback = estimate_at(1)
-    logger.warning("%s: train.lookahead = 1 instead of %d, %s (the same result; the workers wait for the client "
-                   "between iterations)", what, lookahead,
-                   "so that it fits in the workers' memory" if not over_budget(fallback, budgets)
-                   else "the least memory it can take")
-    return 1, fallback
+    tries = [(lookahead, offload)] + ([(1, offload)] if lookahead != 1 else []) + ([(1, True)] if not offload else [])
+    estimates = {}
+    for ahead, off in tries:
+        estimates[ahead, off] = estimate = estimate_at(ahead, off)
+        if not over_budget(estimate, budgets):
+            break
+    else:  # none fits: the one that misses by the least (offloading costs read-back buffers: not always less)
+        ahead, off = min(estimates, key=lambda plan: max(o[1] - o[2].available for o in over_budget(
+            estimates[plan], budgets)))
+        estimate = estimates[ahead, off]
+    if (ahead, off) != (lookahead, offload):
+        taken = ([f"train.lookahead = 1 instead of {lookahead}"] if ahead != lookahead else []) + (
+            ["train.offload_previous = true (the previous iterates on the workers' disks)"] if off != offload else [])
+        logger.warning("%s: %s, %s (the same result; %s)", what, " and ".join(taken),
+                       "so that it fits in the workers' memory" if not over_budget(estimate, budgets)
+                       else "the least memory it can take",
+                       "slower" if off != offload else "the workers wait for the client between iterations")
+    return ahead, off, estimate
 
 
 def check_estimate(estimate: Mapping[str, Mapping[str, int]], budgets: Mapping[str, WorkerBudget],
-                   what: str, refuse: bool = True, lookahead: int | None = None) -> None:
+                   what: str, refuse: bool = True, lookahead: int | None = None, offload: bool = False) -> None:
     """Log the estimate; when a worker's exceeds what its budget makes available, raise `TrainingDoesNotFit`
-    (``refuse``) or log a warning (``lookahead``: the estimate's, to leave it out of the remedies when 1)."""
+    (``refuse``) or log a warning (``lookahead``, ``offload``: the estimate's, to leave out of the remedies
+    what is taken already)."""
     for worker, items in estimate.items():
         budget = budgets.get(worker)
         logger.info("%s: at most %s on worker %s (%s)%s", what, _gib(sum(items.values())), worker,
@@ -280,7 +294,7 @@ def check_estimate(estimate: Mapping[str, Mapping[str, int]], budgets: Mapping[s
             f"{what} does not fit in the workers' memory: worker {worker} would hold up to {_gib(total)} "
             f"({_itemised(items)}), and it can give {_gib(budget.available)} before Dask acts "
             f"({_threshold_text(budget)}, less the {_gib(budget.start)} it holds already). "
-            f"Nothing was trained. {remedies(lookahead)} "
+            f"Nothing was trained. {remedies(lookahead, offload)} "
             f"To try anyway (Dask may then spill block states or pause the worker): train.memory_check=warn."
         )
 

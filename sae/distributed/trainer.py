@@ -61,7 +61,7 @@ from sae.distributed.budget import (
     BlockPlan,
     MemoryGuard,
     check_estimate,
-    fitting_lookahead,
+    fitting_plan,
     training_estimate,
     wait_watching,
     worker_budgets,
@@ -221,15 +221,20 @@ class ClusterBackend:
         refuse (or warn) if nothing does (`sae.distributed.budget`); then watch the workers (`MemoryGuard`)."""
         what = f"the training ({self.n_samples} frames, m = {config.n_atoms}, {len(self.bounds)} blocks)"
 
-        def estimate_at(ahead: int) -> dict[str, dict[str, int]]:
+        def estimate_at(ahead: int, offload: bool) -> dict[str, dict[str, int]]:
             return training_estimate(
                 plans, self.homes, n_features=self.n_features, n_atoms=config.n_atoms,
                 itemsize=np.dtype(self.dtype).itemsize, encoder=config.lambda_e > 0,
-                graph=config.lambda_g > 0, lookahead=ahead, offload_previous=self.offload_previous,
+                graph=config.lambda_g > 0, lookahead=ahead, offload_previous=offload,
                 nthreads={w: b.nthreads for w, b in budgets.items()})
 
-        self.lookahead, estimate = fitting_lookahead(estimate_at, budgets, lookahead, what)
-        check_estimate(estimate, budgets, what, refuse=memory_check == "refuse", lookahead=self.lookahead)
+        if config.lambda_g > 0:
+            self.lookahead, self.offload_previous, estimate = fitting_plan(estimate_at, budgets, lookahead,
+                                                                           self.offload_previous, what)
+        else:  # the Z step without graph term submits no iteration ahead and keeps no previous iterate
+            estimate = estimate_at(lookahead, False)
+        # a refusal's remedies leave out lookahead 1 and offloading: fitting_plan has tried them, or they do nothing
+        check_estimate(estimate, budgets, what, refuse=memory_check == "refuse", lookahead=1, offload=True)
         self.guard = MemoryGuard(self.client, budgets, estimate, refuse=memory_check == "refuse")
 
     # -- the order of the frames in the blocks (sae.distributed.order)
