@@ -150,14 +150,20 @@ def test_noise_stages_set_the_noise_and_both_weights(tmp_path):
         assert list(stage.trainings) == list(COLUMNS[1:])
         off, on = stage.trainings["lambda_g_off"], stage.trainings["lambda_g_on"]
         assert off.model.lambda_g == 0 and on.model.lambda_g == 100
+        # the same solver in both columns: FISTA, which 'auto' takes with the graph term (cd without it)
+        assert (off.model.z_solver, on.model.z_solver) == ("fista", "auto")
         for config in (off, on):  # nothing else changed
-            assert config.model_copy(update={"model": config.model.model_copy(update={"lambda_g": 3.0})}) == train
+            same = {"lambda_g": 3.0, "z_solver": "auto"}
+            assert config.model_copy(update={"model": config.model.model_copy(update=same)}) == train
         pre = preprocess_key(stage.preprocess)
         graph = graph_key(pre, GraphConfig())
         models = stage.models(graph)
         assert models == {"lambda_g_off": (None, off), "lambda_g_on": (graph, on)}
         assert model_key(off, pre, None) != model_key(on, pre, graph)
     assert len({preprocess_key(stage.preprocess) for stage in stages}) == 3
+    # a solver given is kept in both columns
+    chosen = train.model_copy(update={"model": train.model.model_copy(update={"z_solver": "fista"})})
+    assert {t.model.z_solver for t in noise_stages((0,), 100, preprocess, chosen)[0].trainings.values()} == {"fista"}
 
     for lambda_g, stds, needle in ((0, (0.1,), "lambda_g must be > 0"), (-1, (0.1,), "lambda_g must be > 0"),
                                    (1, (), "noise_stds"), (1, (0.1, -0.1), "noise_stds")):
