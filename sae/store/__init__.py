@@ -83,7 +83,8 @@ Example
 >>> import os, tempfile
 >>> import numpy as np
 >>> from sae.config import CQTConfig
->>> root = tempfile.mkdtemp()
+>>> tmp = tempfile.TemporaryDirectory()
+>>> root = tmp.name
 >>> cqt = CQTConfig(clip_samples=22050)
 >>> clips = [("a/x", "x.wav", "a"), ("b/y", "y.wav", "b"), ("a/z", "z.wav", "a")]
 >>> group = create_store(os.path.join(root, "demo.zarr"), cqt, clips, chunk_clips=2)
@@ -95,6 +96,7 @@ Example
 []
 >>> bool(np.isnan(frames_array(group).fill_value))  # a chunk never written reads as NaN
 True
+>>> tmp.cleanup()
 """
 
 from sae.store.clips import (
