@@ -3,6 +3,8 @@ and on a Dask cluster; results are stored, reported and reused."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from prefect_dask import DaskTaskRunner
@@ -219,6 +221,10 @@ def test_noise_experiment_flow_builds_the_table_from_the_stages(prepared):
     text = open(out["markdown"]).read()
     # Grouped folds: the thesis's GTZAN figures (its leaky protocol) are not set beside these numbers.
     assert "| 0.2 |" in text and "grouped protocol" in text and "(46.9)" not in text
+    # what the graph adds, split by split (3 splits)
+    assert "lambda_g_on - lambda_g_off, paired (splits won)" in text
+    assert all(re.search(r"\| [+-]\d+\.\d ± \d+\.\d \([0-3] of 3\) \|$", line)
+               for line in text.splitlines() if line.startswith("| 0"))
     thesis = noise_experiment_flow(path, **{**kwargs, "classify": kwargs["classify"].model_copy(
         update={"protocol": "thesis"})})
     assert "(46.9)" in open(thesis["markdown"]).read()

@@ -19,7 +19,7 @@ from sae.stages import (
     sweep_plan,
     write_experiment_outputs,
 )
-from sae.stages.experiment import COLUMNS
+from sae.stages.experiment import COLUMNS, PAIRED
 from sae.store.keys import (
     MODEL,
     PREPROCESS,
@@ -184,7 +184,8 @@ def test_experiment_outputs_are_written_beside_the_store(tmp_path, protocol):
     store = str(tmp_path / "noise.zarr")
     table = {
         noise_std: {name: {"accuracy_mean": 0.5 + 0.1 * i - noise_std, "accuracy_std": 0.02, "chance": 0.2,
-                           "n_scores": 3, "grouping": "clip"} for i, name in enumerate(COLUMNS)}
+                           "n_scores": 3, "grouping": "clip", "scores": [0.5 + 0.1 * i * k for k in range(3)]}
+                    for i, name in enumerate(COLUMNS)}
         for noise_std in (0.0, 0.2)
     }
     keys = {0.0: {"results": "r0"}, 0.2: {"results": "r2"}}
@@ -194,7 +195,10 @@ def test_experiment_outputs_are_written_beside_the_store(tmp_path, protocol):
     assert out["markdown"] == str(markdown) and out["png"] == str(png)
     assert markdown.read_text() == out["report"] and Path(png).read_bytes()[:4] == b"\x89PNG"
     published = PUBLISHED_NOISE_TABLE if protocol == "thesis" else None
-    assert out["text"] == noise_table_markdown(table, COLUMNS, published=published)
+    assert out["text"] == noise_table_markdown(table, COLUMNS, published=published, paired=PAIRED)
+    # what the graph adds, split by split: lambda_g_on (i = 2) minus lambda_g_off (i = 1), 0, 10 and 20 points
+    assert "| lambda_g_on - lambda_g_off, paired (splits won) |" in out["text"]
+    assert all(line.endswith("| +10.0 ± 8.2 (2 of 3) |") for line in out["text"].splitlines()[2:])
     assert f"({protocol} protocol, lambda_g = 100)" in out["report"] and out["text"] in out["report"]
     assert ("(46.9)" in out["report"]) == (protocol == "thesis")
     assert png.name in out["report"]

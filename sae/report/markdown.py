@@ -24,6 +24,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 __all__ = [
     "inline_images",
     "PUBLISHED_NOISE_TABLE",
@@ -176,21 +178,29 @@ def noise_table_markdown(
     columns: Sequence[str] | None = None,
     *,
     published: Mapping[float, Mapping[str, float]] | None = PUBLISHED_NOISE_TABLE,
+    paired: tuple[str, str] | None = None,
 ) -> str:
     """The thesis's noise table: accuracy (%) per noise std (rows) and feature set (columns).
 
     ``table[noise_std][feature]`` is a summary of `sae.classify.cross_validate`;
     ``columns`` fixes the column order (default: first appearance).  With
     ``published``, each cell whose noise std and column name are in it shows
-    the thesis's figure in brackets.
+    the thesis's figure in brackets.  With ``paired = (a, b)``, a last column
+    gives the mean ± std over the splits of the per-split difference ``a - b``
+    (points) and the splits ``a`` wins (both classified on the same splits).
 
     >>> cell = {"accuracy_mean": 0.7, "accuracy_std": 0.02}
     >>> print(noise_table_markdown({0.0: {"baseline": cell}}).splitlines()[2])
     | 0 | 70.0 ± 2.0 (69.7) |
+    >>> two = {"a": {"accuracy_mean": 0.6, "accuracy_std": 0.1, "scores": [0.5, 0.7]},
+    ...        "b": {"accuracy_mean": 0.5, "accuracy_std": 0.0, "scores": [0.5, 0.5]}}
+    >>> print(noise_table_markdown({0.0: two}, published=None, paired=("a", "b")).splitlines()[2])
+    | 0 | 60.0 ± 10.0 | 50.0 ± 0.0 | +10.0 ± 10.0 (1 of 2) |
     """
     if columns is None:
         columns = list(dict.fromkeys(name for row in table.values() for name in row))
-    lines = ["| noise std | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    header = list(columns) + ([f"{paired[0]} - {paired[1]}, paired (splits won)"] if paired else [])
+    lines = ["| noise std | " + " | ".join(header) + " |", "|---|" + "---|" * len(header)]
     for noise_std in sorted(table):
         cells = []
         for name in columns:
@@ -202,8 +212,20 @@ def noise_table_markdown(
             if reference is not None:
                 cell += f" ({reference:.1f})"
             cells.append(cell)
+        if paired:
+            cells.append(paired_difference(table[noise_std].get(paired[0]), table[noise_std].get(paired[1])))
         lines.append(f"| {noise_std:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def paired_difference(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> str:
+    """``a - b`` over the splits both were classified on: mean ± std (points), and the splits ``a`` wins;
+    "—" unless both summaries carry per-split ``scores`` of the same length."""
+    first, second = (np.asarray((s or {}).get("scores", []), dtype=float) for s in (a, b))
+    if first.size == 0 or first.shape != second.shape:
+        return "—"
+    difference = 100 * (first - second)
+    return f"{difference.mean():+.1f} ± {difference.std():.1f} ({int((difference > 0).sum())} of {difference.size})"
 
 
 def accuracy_table(results: Mapping[str, Mapping[str, float]]) -> str:
@@ -360,6 +382,7 @@ def experiment_report(
     lambda_g: float,
     published: Mapping[float, Mapping[str, float]] | None,
     figure: str,
+    paired: tuple[str, str] | None = None,
 ) -> str:
     """The report of the noise experiment: `noise_table_markdown` under what it measured, and its figure.
 
@@ -371,7 +394,7 @@ def experiment_report(
         + ("Accuracy (%), mean ± std over the splits; the thesis's figures (GTZAN, its protocol) in brackets.\n\n"
            if published else
            f"Accuracy (%), mean ± std over the splits; folds grouped by {grouping} (no {grouping} on both sides).\n\n")
-        + noise_table_markdown(table, columns, published=published)
+        + noise_table_markdown(table, columns, published=published, paired=paired)
         + f"\n![Accuracy against noise]({figure})\n"
     )
 

@@ -22,6 +22,9 @@ from sae.store.keys import MODEL, PREPROCESS, experiment_paths, experiment_tag, 
 COLUMNS = ("baseline", "lambda_g_off", "lambda_g_on")
 """Feature sets of the table, named as `sae.report.PUBLISHED_NOISE_TABLE`."""
 
+PAIRED = ("lambda_g_on", "lambda_g_off")
+"""The columns the table compares split by split: what the graph term adds."""
+
 
 @dataclass(frozen=True)
 class NoiseStages:
@@ -130,9 +133,9 @@ def write_experiment_outputs(
     # The thesis's figures were measured with its own (leaky) protocol on GTZAN: shown beside that protocol only.
     published = PUBLISHED_NOISE_TABLE if protocol == "thesis" else None
     markdown = experiment_report(table, COLUMNS, protocol=protocol, lambda_g=lambda_g, published=published,
-                                 figure=png_path.name)
+                                 figure=png_path.name, paired=PAIRED)
     markdown_path.parent.mkdir(parents=True, exist_ok=True)
     markdown_path.write_text(markdown)
     plot_noise_experiment(table, png_path, published=published)
     return {"markdown": str(markdown_path), "png": str(png_path), "report": markdown,
-            "text": noise_table_markdown(table, COLUMNS, published=published)}
+            "text": noise_table_markdown(table, COLUMNS, published=published, paired=PAIRED)}
