@@ -303,7 +303,8 @@ class TrainConfig(_Config):
         False,
         description="Keep the previous FISTA iterate of dense code blocks (Z step with a graph) in files on the "
         "workers' local disks (direct I/O) instead of their memory: one generation of codes in memory instead of "
-        "two, the same result, ~20% more time per iteration (2 workers, one disk).",
+        "two, the same result, ~20% more time per iteration (2 workers, one disk). A training that does not fit "
+        "otherwise takes it by itself (with lookahead 1) and says so.",
     )
     order: Literal["cluster", "stored"] = Field(
         "cluster",
@@ -403,7 +404,8 @@ PRESETS: dict[str, dict[str, dict]] = {
     "default": {
         "preprocess": {"compression": "log"},
         "train": {
-            "model": {"n_atoms": 512, "lambda_g": 100.0, "random_state": 0},
+            "model": {"n_atoms": 512, "lambda_z": 0.03, "lambda_g": 100.0, "rtol": 1e-3, "max_outer": 10,
+                      "random_state": 0},
         },
         "classify": {
             "classifier": "ridge", "scaling": "standard", "pooling": ("mean", "std", "max"),
@@ -426,7 +428,10 @@ PRESETS: dict[str, dict[str, dict]] = {
 
 "default" is the best recipe measured (README, "What each option does"): log-compressed CQT,
 512 atoms (the thesis's size for its full-dataset runs; on the built-in data 10 and 6 points
-above 64 and 128 atoms, on the development set level with 128), pooling of every window by mean,
+above 64 and 128 atoms), lambda_z = 0.03 (nearly dense codes: on the development set's whole clips
+3.2 points above lambda_z = 1; the built-in dataset's sizing puts back lambda_z = 1, its best),
+rtol = 1e-3 and at most 10 outer iterations (the tolerance of every measurement on real music;
+on the built-in data a tighter one lowered the accuracy), pooling of every window by mean,
 std and max, standardised vectors and a ridge classifier
 whose C is chosen by nested grouped cross-validation (10 folds x 5 repeats); the same preprocessing, pooling and
 classifier serve the baseline, so that the gap measures what the auto-encoder learns.
@@ -438,15 +443,16 @@ BUILTIN_SIZING: dict[str, dict] = {
     "ingest": {"dataset": {"clips_per_genre": 20, "duration": 10.0}, "cqt": {"clip_samples": 220500}},
     "preprocess": {"frames_per_clip": 298},
     "graph": {"method": "exact", "block_size": 8192},
-    "train": {"model": {"rtol": 1e-3, "max_outer": 10}, "laplacian_norm": "bound"},
+    "train": {"model": {"lambda_z": 1.0, "rtol": 1e-3, "max_outer": 10}, "laplacian_norm": "bound"},
     "classify": {"n_repeats": 5},
 }
 """The sizing of a run on the built-in dataset (``ingest.data`` None), merged over the preset,
 so that the default run takes minutes on a laptop: 5 genres x 20 clips of 10 s, the first 298
 frames of each (as the thesis), an exact kNN graph (no compilation at this size),
 the Gershgorin bound of ||L||_2 (no power iteration), rtol = 1e-3 and at most 10 outer
-iterations, 5 x 10 grouped folds.  A user's data gets none of it: every clip whole, the
-preset's model and folds."""
+iterations, 5 x 10 grouped folds; and lambda_z = 1, which is the best measured on it (80.4 %
+against 74.4 % at 0.1 and 73.5 % at 0.03), where real music wants 0.03.  A user's data gets
+none of it: every clip whole, the preset's model and folds."""
 
 
 def preset_values(preset: str, builtin: bool) -> dict[str, dict]:

@@ -125,6 +125,9 @@ def test_presets_and_the_built_in_sizing(tmp_path):
     user = build_config(data=str(tmp_path / "music"))
     assert user.preprocess.frames_per_clip is None and user.ingest.cqt.clip_samples == 660000
     assert user.train.model.n_atoms == PRESETS["default"]["train"]["model"]["n_atoms"]
+    # The sparsity measured best differs: nearly dense codes on real music, lambda_z = 1 on the built-in data.
+    assert (user.train.model.lambda_z, builtin.train.model.lambda_z) == (0.03, 1.0)
+    assert user.train.model.rtol == builtin.train.model.rtol == 1e-3
     assert user.classify.classifier == builtin.classify.classifier == "ridge"
     # The thesis's settings, its protocol and its classifier; anything given still wins.
     thesis = build_config(preset="thesis", data=str(tmp_path / "music"), overrides=["classify.n_repeats=2"])
