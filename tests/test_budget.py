@@ -177,6 +177,7 @@ def test_a_training_that_cannot_fit_is_refused_before_any_iteration(process_clie
     # From a stored Laplacian, refused before its rows move to the blocks (minutes at scale): the halo is
     # known from the stored rows, and the blocks' graph (logged with its halo) is never built.
     write_sparse(group, "laplacian", sp.csr_array(L))
+    caplog.clear()  # the refusal above (L in memory) built the blocks' graph first
     with caplog.at_level(logging.INFO, logger="sae.distributed"), pytest.raises(TrainingDoesNotFit):
         fit_distributed(X, config, client=process_client, laplacian=LaplacianRef(group, "laplacian"),
                         block_size=5000, order="cluster")
