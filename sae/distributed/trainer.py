@@ -217,8 +217,9 @@ class ClusterBackend:
 
     def _check_memory(self, config: ModelConfig, budgets: dict, memory_check: str, lookahead: int,
                       plans: list[BlockPlan]) -> None:
-        """Estimate the training's memory per worker from the blocks' ``plans``; take lookahead 1 if only it fits,
-        refuse (or warn) if nothing does (`sae.distributed.budget`); then watch the workers (`MemoryGuard`)."""
+        """Estimate the training's memory per worker from the blocks' ``plans``; with the graph term, take
+        lookahead 1, then the offloaded previous iterates, if only they fit (`fitting_plan`); refuse (or warn) if
+        nothing does (`sae.distributed.budget`); then watch the workers (`MemoryGuard`)."""
         what = f"the training ({self.n_samples} frames, m = {config.n_atoms}, {len(self.bounds)} blocks)"
 
         def estimate_at(ahead: int, offload: bool) -> dict[str, dict[str, int]]:
