@@ -39,6 +39,7 @@ from flows.pipeline import resolve_paths
 from sae.classify import cross_validate
 from sae.distributed import open_model
 from sae.pooling import aggregate_clips, aggregate_options
+from sae.report import paired_difference
 from sae.preprocess import open_preprocessed
 from sae.stages.results import open_rows
 from sae.store.keys import stage_keys
@@ -74,12 +75,6 @@ def smooth_on_graph(X: np.ndarray, L, ratio: float, rtol: float = 1e-6, max_iter
         P = R + (new / np.maximum(rs, np.finfo(np.float64).tiny)) * P
         rs = new
     raise RuntimeError(f"conjugate gradients did not reach rtol {rtol} in {max_iter} iterations")
-
-
-def _paired(scores: np.ndarray, reference: np.ndarray) -> str:
-    """Mean ± std (points) of the per-split differences, and the splits won, as two table cells."""
-    difference = 100 * (scores - reference)
-    return f"{difference.mean():+.1f} ± {difference.std():.1f} | {int(np.sum(difference > 0))} of {difference.size}"
 
 
 def main() -> None:
@@ -156,9 +151,9 @@ def _peer(X: np.ndarray, model_config, args) -> tuple[np.ndarray, np.ndarray, fl
 
 def _table(rows: dict, X: np.ndarray, row_clips, clip_labels, clip_groups, config, model_config) -> None:
     """Classify every row's features with the configuration's pooling, classifier and folds; print the table."""
-    print(f"\n| features | accuracy % ({config.classify.protocol}) | minus baseline, paired | splits won "
+    print(f"\n| features | accuracy % ({config.classify.protocol}) | minus baseline, paired (splits won) "
           "| objective (no graph) | seconds |")
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|")
     scores: dict[str, np.ndarray] = {}
     for name, (features, components, seconds) in rows.items():
         aggregated = aggregate_clips(features, row_clips, clip_labels=clip_labels, **aggregate_options(config.classify))
@@ -168,13 +163,13 @@ def _table(rows: dict, X: np.ndarray, row_clips, clip_labels, clip_groups, confi
             if components is not None else "-"
         )
         scores[name] = np.asarray(summary["scores"])
-        paired = "- | -" if len(scores) == 1 else _paired(scores[name], next(iter(scores.values())))
+        paired = "-" if len(scores) == 1 else paired_difference(scores[name], next(iter(scores.values())))
         print(f"| {name} | {100 * summary['accuracy_mean']:.1f} ± {100 * summary['accuracy_std']:.1f} "
               f"(grouped by {summary['grouping']}) | {paired} | {objective} | "
               f"{'-' if seconds is None else f'{seconds:.1f}'} |")
     ours, *others = list(rows)[1:]
     for other in others:
-        print(f"\n{ours} minus {other}, paired: {_paired(scores[ours], scores[other]).replace(' | ', ', won ')}")
+        print(f"\n{ours} minus {other}, paired (splits won): {paired_difference(scores[ours], scores[other])}")
 
 
 if __name__ == "__main__":

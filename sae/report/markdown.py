@@ -32,6 +32,7 @@ __all__ = [
     "history_markdown",
     "results_markdown",
     "noise_table_markdown",
+    "paired_difference",
     "accuracy_table",
     "errors_markdown",
     "summary_rows",
@@ -213,15 +214,19 @@ def noise_table_markdown(
                 cell += f" ({reference:.1f})"
             cells.append(cell)
         if paired:
-            cells.append(paired_difference(table[noise_std].get(paired[0]), table[noise_std].get(paired[1])))
+            cells.append(paired_difference(*((table[noise_std].get(name) or {}).get("scores") for name in paired)))
         lines.append(f"| {noise_std:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def paired_difference(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> str:
-    """``a - b`` over the splits both were classified on: mean ± std (points), and the splits ``a`` wins;
-    "—" unless both summaries carry per-split ``scores`` of the same length."""
-    first, second = (np.asarray((s or {}).get("scores", []), dtype=float) for s in (a, b))
+def paired_difference(a: Sequence[float] | None, b: Sequence[float] | None) -> str:
+    """``a - b`` over the splits both were classified on (per-split accuracies): mean ± std (points), and the
+    splits ``a`` wins; "—" unless both are given, of the same length.
+
+    >>> paired_difference([0.5, 0.7], [0.5, 0.5])
+    '+10.0 ± 10.0 (1 of 2)'
+    """
+    first, second = (np.asarray([] if s is None else s, dtype=float) for s in (a, b))
     if first.size == 0 or first.shape != second.shape:
         return "—"
     difference = 100 * (first - second)
