@@ -113,7 +113,8 @@ def predict_flow(model: str, data: str, out: str, method: str | None = None, clu
     Returns
     -------
     dict
-        `encode_flow`'s summary plus ``csv`` and ``markdown`` (paths of the table).
+        `encode_flow`'s summary plus ``csv`` and ``markdown`` (paths of the table), ``rows`` (one per
+        clip) and ``agreement`` (`sae.collection.label_agreement`: the given labels predicted, or None).
     """
     from flows.pipeline import address_of, make_task_runner
 
@@ -129,4 +130,5 @@ def predict_flow(model: str, data: str, out: str, method: str | None = None, clu
     if FlowRunContext.get() is not None:
         create_markdown_artifact(markdown, key=f"predict-{summary['key']}",
                                  description=f"Predictions of {data} by {model}")
-    return {**summary, "cluster": address, "csv": str(csv_path), "markdown": str(markdown_path), "rows": rows}
+    return {**summary, "cluster": address, "csv": str(csv_path), "markdown": str(markdown_path), "rows": rows,
+            "agreement": collection.label_agreement(rows)}

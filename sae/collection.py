@@ -153,6 +153,26 @@ def predictions(out: str, key: str) -> list[dict[str, Any]]:
     return rows
 
 
+def label_agreement(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """How many classified clips got their given label, among those whose label is one of the model's classes.
+
+    ``rows`` as `predictions` gives them.  Returns ``{"clips", "correct", "accuracy"}``, or None when no
+    classified clip's given label is a class of the model (a collection without labels, or with other names).
+
+    >>> rows = [{"label": "jazz", "predicted": "jazz", "scores": {"jazz": 0.7, "rock": 0.3}},
+    ...         {"label": "rock", "predicted": "jazz", "scores": {"jazz": 0.6, "rock": 0.4}},
+    ...         {"label": "polka", "predicted": "rock", "scores": {"rock": 0.9, "jazz": 0.1}},
+    ...         {"label": "rock", "error": "too short"}]
+    >>> label_agreement(rows)
+    {'clips': 2, 'correct': 1, 'accuracy': 0.5}
+    """
+    known = [row for row in rows if "predicted" in row and row["label"] in row["scores"]]
+    if not known:
+        return None
+    correct = sum(row["predicted"] == row["label"] for row in known)
+    return {"clips": len(known), "correct": correct, "accuracy": correct / len(known)}
+
+
 def write_predictions(out: str, key: str, rows: list[dict[str, Any]], *, top: int = 3) -> tuple[Path, Path, str]:
     """The predictions as a CSV and a markdown table in ``<store>-reports/``; returns both paths and the markdown."""
     csv_path, markdown_path = prediction_paths(out, key)
@@ -164,7 +184,7 @@ def write_predictions(out: str, key: str, rows: list[dict[str, Any]], *, top: in
             writer.writerow([row["clip_id"], row["path"], row["label"], row["status"], row.get("predicted", ""),
                              row.get("score", ""), json.dumps(row.get("scores", {})), row.get("error_kind", ""),
                              row.get("error", "")])
-    markdown = predictions_markdown(out, rows, top=top)
+    markdown = predictions_markdown(out, rows, top=top, agreement=label_agreement(rows))
     markdown_path.write_text(markdown)
     return csv_path, markdown_path, markdown
 

@@ -110,6 +110,17 @@ class ModelConfig(_Config):
     def inner_tolerance(self) -> float:
         return self.rtol if self.inner_rtol is None else self.inner_rtol
 
+    @property
+    def z_step_method(self) -> Literal["fista", "cd"]:
+        """The solver the Z step of a training with this configuration takes ("auto" resolved).
+
+        >>> ModelConfig(lambda_g=100.0).z_step_method, ModelConfig(lambda_g=0.0).z_step_method
+        ('fista', 'cd')
+        """
+        if self.z_solver == "auto":
+            return "fista" if self.lambda_g > 0 else "cd"
+        return self.z_solver
+
     @model_validator(mode="after")
     def _check_z_solver(self) -> ModelConfig:
         if self.z_solver == "cd" and self.lambda_g > 0:

@@ -15,8 +15,13 @@ Encoding methods (`METHODS`)
 
         argmin_Z lambda_d/2 ||X - Z C||^2 + lambda_z ||Z||_1 + lambda_e/2 ||Z - X E^T||^2
 
-    Frames are independent (coordinate descent per frame, unless the model's
-    ``z_solver`` is "fista").
+    solved as the training's Z step was (``ModelConfig.z_step_method``, with
+    its stopping rule ``z_stop`` and inner tolerance): FISTA stopped on the
+    relative change for a model trained with the graph term, coordinate descent
+    per frame to its duality gap for one trained without.  The classifier was
+    fitted on codes made that way; the lasso's exact solution of a model
+    trained by FISTA is another distribution of codes (far sparser at small
+    ``lambda_z``), on which it misclassifies.
 ``exact_graph``
     The Z step with the graph term extended to the new frames (`NeighbourGraph`):
     each new frame joins the training graph through its K nearest training
@@ -217,7 +222,8 @@ def encode_frames(X: np.ndarray, components: np.ndarray, encoder: np.ndarray | N
 
     ``config`` holds the weights the model was trained with; the Z step runs
     from ``Z = 0`` with its inner tolerance (``config.inner_tolerance``,
-    ``atol``, ``max_inner``, ``fista_restart``).  ``graph`` is required by
+    ``atol``, ``max_inner``, ``fista_restart``), "exact" with the training's
+    solver and stopping rule (``config.z_step_method``, ``config.z_stop``).  ``graph`` is required by
     "exact_graph".  All of ``X`` is one problem: give one clip at a time for
     codes that do not depend on the batch (FISTA stops on the batch's objective).
 
@@ -225,7 +231,7 @@ def encode_frames(X: np.ndarray, components: np.ndarray, encoder: np.ndarray | N
     >>> encode_frames(np.array([[3.0, 0.05]]), C, None, ModelConfig(n_atoms=2, lambda_d=1.0, lambda_z=0.1))
     array([[2.9, 0. ]], dtype=float32)
     """
-    from sae.model import code_terms, encode_direct, solve_codes
+    from sae.model import code_step_options, code_terms, encode_direct, solve_codes
     from sae.outer import inner_options
     from sae.solvers import fista
 
@@ -243,17 +249,15 @@ def encode_frames(X: np.ndarray, components: np.ndarray, encoder: np.ndarray | N
     zeros = np.zeros((X.shape[0], components.shape[0]), dtype=dtype)
     tolerance = inner_options(config)
     if method == "exact":
-        return solve_codes(
-            X, components, encoder if config.lambda_e > 0 else None, None, zeros, lambda_d=config.lambda_d,
-            lambda_z=config.lambda_z, lambda_e=config.lambda_e, method="fista" if config.z_solver == "fista" else "auto",
-            **tolerance,
-        ).solution
+        options = code_step_options(config) | dict(lambda_g=0.0, method=config.z_step_method)
+        return solve_codes(X, components, encoder if config.lambda_e > 0 else None, None, zeros, **options).solution
     if graph is None or config.lambda_g <= 0:
         raise ValueError(
             f"method 'exact_graph' needs lambda_g > 0 (got {config.lambda_g}) and the training graph (got {graph})"
         )
     terms = [graph.term(X, config.lambda_g), *code_terms(X, components, encoder, config.lambda_d, config.lambda_e)]
-    return fista(terms, L1Norm(config.lambda_z), zeros, **tolerance).solution
+    stop = config.z_stop if config.lambda_z > 0 else "change"  # the gap needs the l1 term, as in solve_codes
+    return fista(terms, L1Norm(config.lambda_z), zeros, **tolerance, stop=stop).solution
 
 
 # --------------------------------------------------------------------------- the trained model

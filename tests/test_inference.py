@@ -11,7 +11,9 @@ from sklearn.decomposition import sparse_encode
 from sae.config import GraphConfig, ModelConfig
 from sae.graph import adjacency_matrix, degree_vector, laplacian_matrix
 from sae.inference import NeighbourGraph, TrainingGraph, available_methods, encode_frames
-from sae.model import init_dictionary, init_encoder
+from sae.model import code_terms, init_dictionary, init_encoder
+from sae.solvers import fista
+from sae.terms import L1Norm
 
 N_TRAIN, N_NEW, N_FEATURES, N_ATOMS, K = 40, 7, 5, 4, 3
 TIGHT = dict(rtol=1e-12, inner_rtol=1e-12, max_inner=20000, dtype="float64")
@@ -87,6 +89,22 @@ def test_exact_is_the_lasso_of_scikit_learn(problem, lambda_e):
     signal = np.hstack([np.sqrt(lambda_d) * X, np.sqrt(lambda_e) * X @ E.T])
     reference = sparse_encode(signal, dictionary, algorithm="lasso_cd", alpha=lambda_z, max_iter=100000)
     np.testing.assert_allclose(codes, reference, atol=1e-6)
+
+
+def test_exact_solves_as_the_training_z_step_did(problem):
+    """A model trained with the graph term (its Z step FISTA, stopped on the relative change) encodes new frames
+    by FISTA with that rule, the graph term left out, as its classifier saw the training codes: at a loose
+    tolerance these codes are not the lasso's solution, which a model trained without the graph term gives."""
+    lambda_d, lambda_z = 10.0, 0.02
+    config = ModelConfig(n_atoms=N_ATOMS, lambda_d=lambda_d, lambda_z=lambda_z, lambda_g=100.0, rtol=1e-2,
+                         dtype="float64")
+    X, C = problem["X_new"], problem["C"]
+    codes = encode_frames(X, C, None, config, "exact")
+    reference = fista(code_terms(X, C, None, lambda_d, 0.0), L1Norm(lambda_z), np.zeros((N_NEW, N_ATOMS)),
+                      rtol=1e-2, max_iter=config.max_inner, restart=config.fista_restart, stop="change")
+    np.testing.assert_allclose(codes, reference.solution, rtol=1e-12, atol=1e-12)
+    lasso = encode_frames(X, C, None, config.model_copy(update={"lambda_g": 0.0}), "exact")
+    assert np.abs(codes - lasso).max() > 1e-2
 
 
 def test_neighbour_term_is_the_change_of_the_combinatorial_graph_term(problem, rng):

@@ -219,6 +219,16 @@ def test_bad_files_among_good_ones_are_reported_and_the_others_classified(traine
     n_rows = model.n_rows
     np.testing.assert_allclose(encoded["codes"][index * n_rows : (index + 1) * n_rows],
                                model.transform(tmp_path / "mixed" / name), rtol=1e-6, atol=1e-7)
+    assert first["agreement"] is None  # files directly in the folder: no labels to compare with
+
+    # With labels (a manifest; one label the model does not know): the clips whose label it knows are counted.
+    good = sorted(n for n, k in expected.items() if k is None)
+    manifest = tmp_path / "labelled.csv"
+    manifest.write_text("path,label\n" + "".join(f"{tmp_path / 'mixed' / n},{n.split('.')[0]}\n" for n in good)
+                        + f"{tmp_path / 'mixed' / good[0]},polka\n")
+    labelled = predict_flow(model=trained["model"], data=str(manifest), out=str(tmp_path / "labelled.zarr"))
+    assert labelled["agreement"] == {"clips": 2, "correct": 2, "accuracy": 1.0}
+    assert "Given label predicted for 2 of the 2" in Path(labelled["markdown"]).read_text()
 
 
 def tampered_copy(trained, tmp_path: Path, name: str) -> Path:

@@ -23,6 +23,7 @@ from sae.report.figures import (
 from sae.report.markdown import (
     PUBLISHED_NOISE_TABLE,
     accuracy_table,
+    agreement_text,
     classification_report,
     errors_markdown,
     experiment_report,
@@ -62,6 +63,7 @@ __all__ = [
     "summary_rows",
     "sweep_table",
     "predictions_markdown",
+    "agreement_text",
     "classification_report",
     "pipeline_report",
     "model_report",

@@ -330,16 +330,31 @@ def sweep_table(rows: Sequence[Mapping[str, Any]], parameters: Sequence[str]) ->
     return "\n".join(lines)
 
 
-def predictions_markdown(out: str, rows: Sequence[Mapping[str, Any]], *, top: int = 3) -> str:
+def agreement_text(agreement: Mapping[str, Any]) -> str:
+    """One sentence for `sae.collection.label_agreement`'s result.
+
+    >>> print(agreement_text({"clips": 4, "correct": 3, "accuracy": 0.75}))
+    Given label predicted for 3 of the 4 classified clips whose label is one of the model's classes (75.0 %).
+    """
+    return (f"Given label predicted for {agreement['correct']} of the {agreement['clips']} classified clips whose "
+            f"label is one of the model's classes ({100 * agreement['accuracy']:.1f} %).")
+
+
+def predictions_markdown(out: str, rows: Sequence[Mapping[str, Any]], *, top: int = 3,
+                         agreement: Mapping[str, Any] | None = None) -> str:
     """The predictions of a collection (`sae.collection.predictions`) as a markdown table, one row per clip.
+
+    ``agreement`` (`sae.collection.label_agreement`), when given, is stated above the table.
 
     >>> row = {"clip_id": "a/1", "label": "jazz", "predicted": "blues", "scores": {"blues": 0.6, "jazz": 0.4}}
     >>> print(predictions_markdown("new.zarr", [row]).splitlines()[-1])
     | `a/1` | jazz | **blues** | blues 0.60, jazz 0.40 |
     """
     ok = [row for row in rows if "predicted" in row]
-    lines = [f"# Predictions of `{out}`", "", f"{len(ok)} of {len(rows)} clips classified.", "",
-             "| clip | given label | predicted | top scores |", "|---|---|---|---|"]
+    lines = [f"# Predictions of `{out}`", "", f"{len(ok)} of {len(rows)} clips classified.", ""]
+    if agreement is not None:
+        lines += [agreement_text(agreement), ""]
+    lines += ["| clip | given label | predicted | top scores |", "|---|---|---|---|"]
     for row in rows:
         if "predicted" in row:
             best = ", ".join(f"{name} {share:.2f}" for name, share in list(row["scores"].items())[:top])

@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from sae.report.markdown import agreement_text
+
 __all__ = [
     "clips_by_reason",
     "summary_text",
@@ -142,4 +144,6 @@ def encode_text(summary: Mapping[str, Any]) -> str:
     for name in ("store", "key", "method", "counts", "csv", "markdown"):
         value = summary[name]
         lines.append(f"{name}: {_fields(value) if isinstance(value, dict) else value}")
+    if summary.get("agreement"):
+        lines.append(f"given labels: {agreement_text(summary['agreement'])}")
     return "\n".join(lines)
