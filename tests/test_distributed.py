@@ -213,6 +213,48 @@ def test_an_interrupt_stops_a_z_step_without_graph_while_it_waits_and_its_waitin
         thread_client.gather(holders)
 
 
+def test_coordinate_descent_by_batches_gives_the_codes_of_one_call(monkeypatch, rng):
+    """A block is coded by batches of frames (to look at its stop event between them): bit for bit the codes,
+    iterations and stop reason of one call, and FISTA (one problem over the block) is left whole."""
+    monkeypatch.setattr(zstep, "CD_FIRST_BATCH", 7)  # uneven batches: 7, 14, 28, ... (or halved when slow)
+    X = rng.random((300, 12)).astype(np.float32)
+    C = init_dictionary(20, 12, rng=rng, dtype=np.float32)
+    for method in ("cd", "fista"):
+        options = dict(lambda_d=10.0, lambda_z=0.5, rtol=1e-6, max_iter=300, method=method)
+        reference = solve_codes(X, C, None, None, np.zeros((300, 20), np.float32), n_threads=1, **options)
+        codes, info = zstep.solve_block_codes(X, C, None, np.zeros((300, 20), np.float32), options)
+        np.testing.assert_array_equal(blocks.densify(codes), reference.solution)
+        assert (info["n_iter"], info["stop_reason"]) == (reference.n_iter, reference.stop_reason)
+
+
+def test_a_running_block_of_coordinate_descent_ends_soon_after_its_run_is_stopped(thread_client, rng):
+    """A block of coordinate descent can run for minutes (small lambda_z): when its run is stopped, the trainer
+    sets the step's stop event and the running block ends within seconds, leaving nothing on the cluster."""
+    X = rng.random((1200, 96)).astype(np.float32)
+    config = ModelConfig(n_atoms=256, lambda_d=10.0, lambda_z=0.03, lambda_g=0.0, max_outer=2, random_state=0)
+    started, timing = [], {}
+
+    class Gone(RuntimeError):
+        pass
+
+    def interrupt(where):
+        if "blocks coded" in where:
+            started.append(time.monotonic())
+            if started[-1] - started[0] > 2.0:  # both blocks have been running for 2 s
+                timing["stopped"] = time.monotonic()
+                raise Gone
+
+    with pytest.raises(Gone):  # each block alone takes about 30 s
+        fit_distributed(X, config, client=thread_client, block_size=600, tuning=Tuning(progress_seconds=0.0),
+                        interrupt=interrupt)
+    # The scheduler forgets a cancelled task at once, but its worker's one thread is free only when it has ended.
+    workers = list(thread_client.scheduler_info()["workers"])
+    probes = [thread_client.submit(time.monotonic, workers=[w], allow_other_workers=False, pure=False)
+              for w in workers]
+    assert max(thread_client.gather(probes)) - timing["stopped"] < 10
+    assert thread_client.run_on_scheduler(_tasks_named, "sae-zsolve") == []
+
+
 def _stealing(dask_scheduler) -> bool:
     return "stealing" in dask_scheduler.periodic_callbacks
 

@@ -27,7 +27,7 @@ import math
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from functools import partial
 from operator import itemgetter
@@ -402,24 +402,26 @@ class ClusterBackend:
                                outer: int) -> tuple[list, dict[str, Any]]:
         client = self.client
         options = code_step_options(config)
+        stop_event = f"sae-zstop-{self.token}-{outer}"
         results = [
-            client.submit(solve_block_codes, X, C, E, Z, options, self.tuning.sparse_density,
+            client.submit(solve_block_codes, X, C, E, Z, options, self.tuning.sparse_density, stop_event,
                           key=f"sae-zsolve-{self.token}-{outer}-{b}", **self._home(b))
             for b, (X, Z) in enumerate(zip(self.X_blocks, Z_blocks))
         ]
         new_blocks = [client.submit(itemgetter(0), r, key=f"sae-Z-{self.token}-{outer}-{b}", **self._home(b))
                       for b, r in enumerate(results)]
-        self._wait_reporting(results, outer)
+        self._wait_reporting(results, outer, stop_event)
         infos = client.gather([client.submit(itemgetter(1), r) for r in results])
         n_iter = max(info["n_iter"] for info in infos)
         reasons = sorted({info["stop_reason"] for info in infos})
         return new_blocks, {"n_iter": n_iter, "stop_reason": "+".join(reasons), "graph": float("nan")}
 
-    def _wait_reporting(self, blocks: list, outer: int) -> None:
+    def _wait_reporting(self, blocks: list, outer: int, stop_event: str) -> None:
         """Wait for the per-block tasks of a Z step without graph term, logging how many blocks are coded every
         ``tuning.progress_seconds`` and when all are (coordinate descent has no iterations to report, and a step
         can take minutes), under the memory guard and the `interrupt`.  When either raises, the blocks not
-        started yet are cancelled: a stopped run leaves on the cluster only the tasks already running."""
+        started yet are cancelled and the step's ``stop_event`` is set, which the running blocks of coordinate
+        descent look at between batches of frames (`solve_block_codes`): a stopped run leaves nothing running."""
         where = f"outer iteration {outer}, Z step"
         period = self.tuning.progress_seconds
         start = reported = time.perf_counter()
@@ -440,6 +442,10 @@ class ClusterBackend:
             wait_watching(blocks, max(seconds, MIN_WAIT_SECONDS), look)
         except BaseException:
             self.client.cancel(blocks)
+            from distributed import Event
+
+            with suppress(Exception):  # a scheduler gone cannot be told, nor can it run anything
+                Event(stop_event, client=self.client).set()
             raise
         logger.info("outer %d, Z step: %d of %d blocks coded, %.0f s", outer, len(blocks), len(blocks),
                     time.perf_counter() - start)

@@ -45,7 +45,12 @@ thread).  With coordinate descent (the default) every frame stops on its own
 duality gap, so the codes are those of the in-memory fit whatever the blocks;
 with FISTA the rule holds per block, which implies it for the sum: blocks
 may run a few more iterations than the in-memory fit, never fewer.  The
-step's iteration count is the largest over blocks.
+step's iteration count is the largest over blocks.  Coordinate descent codes a
+block by batches of frames of about a second (the same codes, frame by frame)
+and, given the name of a `distributed.Event`, looks at it between batches (at
+most every `STOP_CHECK_SECONDS`): a stopped run sets it, and a block already
+running ends within seconds (`StepStopped`) instead of coding the rest of its
+frames.
 
 State in worker memory, per block: ``X_b``, ``x_k`` and ``x_{k-1}`` (compact:
 CSR when sparse enough), ``P_k``, ``P_{k-1}`` (or, with ``offload_previous``,
@@ -96,6 +101,12 @@ SPARSE_HALO_DENSITY = 0.25
 
 #: A Z step with the graph term logs its progress (iteration, objective, non-zeros) at most this often, in seconds.
 PROGRESS_SECONDS = 30.0
+
+#: Coordinate descent codes a block by batches of frames (`solve_block_codes`), the first of this many.
+CD_FIRST_BATCH = 16
+
+#: A block coded by batches looks at its step's stop event at most this often, in seconds.
+STOP_CHECK_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -360,18 +371,53 @@ def halo_pack(state: CodeState, plan: dict[int, np.ndarray],
     return pack
 
 
+class StepStopped(RuntimeError):
+    """A block's Z step left unfinished because its run was stopped (the step's stop event was set)."""
+
+
 def solve_block_codes(X_block: np.ndarray, components: np.ndarray, encoder: np.ndarray | None, Z0: Any,
-                      options: dict[str, Any],
-                      sparse_density: float = SPARSE_STATE_DENSITY) -> tuple[Any, dict[str, Any]]:
+                      options: dict[str, Any], sparse_density: float = SPARSE_STATE_DENSITY,
+                      stop_event: str | None = None) -> tuple[Any, dict[str, Any]]:
     """The whole Z step of one block when blocks are independent (``lambda_g = 0``): its codes and record.
 
     ``options``: the keyword arguments of :func:`sae.model.solve_codes`
-    (:func:`sae.model.code_step_options`).
+    (:func:`sae.model.code_step_options`).  Coordinate descent runs by
+    batches of frames, sized to take about `STOP_CHECK_SECONDS` each (every
+    frame is its own problem, its right-hand side computed within it: the codes
+    are bit for bit those of one call); with ``stop_event``, the
+    `distributed.Event` of that name is looked at between batches, at most
+    every `STOP_CHECK_SECONDS`, and `StepStopped` raised once it is set.
+    FISTA solves the block as one problem.
     """
-    result = solve_codes(X_block, components, encoder, None, densify(Z0), **options,
-                         n_threads=1)  # one core per task: the workers' threads are the parallelism
-    return (compact(result.solution, density=sparse_density),
-            {"n_iter": result.n_iter, "stop_reason": result.stop_reason, "graph": 0.0})
+    Z0 = densify(Z0)
+    n_frames = X_block.shape[0]
+    event = None
+    if stop_event is not None:
+        from distributed import Event
+
+        event = Event(stop_event)
+    whole = options.get("method", "auto") == "fista"
+    size = n_frames if whole else CD_FIRST_BATCH
+    looked, parts, n_iter, reasons, start = time.monotonic(), [], 0, set(), 0
+    while start < n_frames or not parts:
+        if event is not None and parts and time.monotonic() - looked >= STOP_CHECK_SECONDS:
+            looked = time.monotonic()
+            if event.is_set():
+                raise StepStopped(f"Z step stopped after {start} of {n_frames} frames of the block")
+        rows = slice(start, start + size)
+        began = time.monotonic()
+        result = solve_codes(X_block[rows], components, encoder, None, Z0[rows], **options,
+                             n_threads=1)  # one core per task: the workers' threads are the parallelism
+        seconds = time.monotonic() - began
+        parts.append(result.solution)
+        n_iter, reasons, start = max(n_iter, result.n_iter), reasons | {result.stop_reason}, start + size
+        if seconds < STOP_CHECK_SECONDS / 4:
+            size *= 2
+        elif seconds > 2 * STOP_CHECK_SECONDS:
+            size = max(1, size // 2)
+    codes = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    reason = next(r for r in ("max_iter", "atol", "rtol", *sorted(reasons)) if r in reasons)  # as one call's
+    return compact(codes, density=sparse_density), {"n_iter": n_iter, "stop_reason": reason, "graph": 0.0}
 
 
 def block_fista(

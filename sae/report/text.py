@@ -145,5 +145,5 @@ def encode_text(summary: Mapping[str, Any]) -> str:
         value = summary[name]
         lines.append(f"{name}: {_fields(value) if isinstance(value, dict) else value}")
     if summary.get("agreement"):
-        lines.append(f"given labels: {agreement_text(summary['agreement'])}")
+        lines.append(f"agreement: {agreement_text(summary['agreement'])}")
     return "\n".join(lines)
