@@ -19,9 +19,10 @@ Encoding methods (`METHODS`)
     its stopping rule ``z_stop`` and inner tolerance): FISTA stopped on the
     relative change for a model trained with the graph term, coordinate descent
     per frame to its duality gap for one trained without.  The classifier was
-    fitted on codes made that way; the lasso's exact solution of a model
-    trained by FISTA is another distribution of codes (far sparser at small
-    ``lambda_z``), on which it misclassifies.
+    fitted on the training codes, which that solver and rule made (with the
+    graph term); the lasso's exact solution of a model trained by FISTA is
+    another distribution of codes (far sparser at small ``lambda_z``), on
+    which it misclassifies.
 ``exact_graph``
     The Z step with the graph term extended to the new frames (`NeighbourGraph`):
     each new frame joins the training graph through its K nearest training
