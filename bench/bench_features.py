@@ -39,8 +39,8 @@ from flows.pipeline import resolve_paths
 from sae.classify import cross_validate
 from sae.distributed import open_model
 from sae.pooling import aggregate_clips, aggregate_options
-from sae.report import paired_difference
 from sae.preprocess import open_preprocessed
+from sae.report import paired_difference
 from sae.stages.results import open_rows
 from sae.store.keys import stage_keys
 

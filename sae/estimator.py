@@ -43,7 +43,7 @@ def expected_failed_checks(estimator: StructuredAutoEncoder) -> dict[str, str]:
     ``z_solver`` "auto" or "cd") stops every frame on its own duality gap, so
     codes do not depend on the batch.
     """
-    fista = estimator.z_solver == "fista" or (estimator.z_solver == "auto" and estimator.lambda_g > 0)
+    fista = estimator._validated_config().z_step_method == "fista"
     return dict(EXPECTED_FAILED_CHECKS) if fista else {}
 
 

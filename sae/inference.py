@@ -257,8 +257,7 @@ def encode_frames(X: np.ndarray, components: np.ndarray, encoder: np.ndarray | N
             f"method 'exact_graph' needs lambda_g > 0 (got {config.lambda_g}) and the training graph (got {graph})"
         )
     terms = [graph.term(X, config.lambda_g), *code_terms(X, components, encoder, config.lambda_d, config.lambda_e)]
-    stop = config.z_stop if config.lambda_z > 0 else "change"  # the gap needs the l1 term, as in solve_codes
-    return fista(terms, L1Norm(config.lambda_z), zeros, **tolerance, stop=stop).solution
+    return fista(terms, L1Norm(config.lambda_z), zeros, **tolerance, stop=config.z_stop).solution
 
 
 # --------------------------------------------------------------------------- the trained model
