@@ -9,13 +9,16 @@ Layout (version `MODEL_LAYOUT`; orientation samples by features, see :mod:`sae`)
                          cqt (CQTConfig), preprocess (PreprocessConfig), model (ModelConfig, with the
                          weights trained with), train (TrainConfig), classify (ClassifyConfig),
                          graph (GraphConfig or null); frames_per_clip (F of the CQT), sigma (of the
-                         training graph), method (default) and methods; accuracy (the cross-validated
-                         summaries of the store, per feature set); source (store, keys, versions);
-                         arrays (name -> file)
+                         training graph), method (default) and methods; classifiers (method -> file)
+                         and classifier_codes (method -> the codes its classifier was fitted on);
+                         accuracy (the cross-validated summaries of the store, per feature set);
+                         source (store, keys, versions); arrays (name -> file)
       offset.npy, scale.npy        (n_bins,) float64: X = (F - offset) / scale
       components.npy               (n_atoms, n_bins): C
       encoder.npy                  (n_atoms, n_bins): E, when lambda_e > 0
-      classifier.skops             the scikit-learn classifier, in skops' format (no pickle)
+      classifier-<method>.skops    per encoding method, the scikit-learn classifier fitted on the
+                                   training clips coded as that method codes new music
+                                   (`sae.inference.classifier_codes`), in skops' format (no pickle)
       train_frames.npy             (N, n_bins)   the training frames X_T,       } when lambda_g > 0:
       train_codes.npy              (N, n_atoms)  their learned codes Z_T,       } the method
       train_degrees.npy            (N,) float64  their degrees in the graph     } "exact_graph"
@@ -24,14 +27,14 @@ Arrays are ``.npy`` files read with ``allow_pickle=False`` (the training graph's
 memory-mapped); JSON holds everything else.  Loading (`load_model`) checks,
 before reading anything else, the manifest's format and layout version (another
 version is refused: export the model again) and the SHA-256 of every file it
-lists (a file modified after export is refused, by name); then the classifier's
+lists (a file modified after export is refused, by name); then every classifier's
 types against `TRUSTED_TYPES` (`classifier_types` reads skops' JSON schema
 without building anything), and only then lets skops build it.  The checksums
 detect damage and edits, not a forger who rewrites the manifest too: the
 trusted-types check is what keeps a model folder from running code.
 
 >>> MODEL_LAYOUT, MANIFEST
-(1, 'manifest.json')
+(2, 'manifest.json')
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ import logging
 import math
 import os
 import shutil
+import time
 import uuid
 import zipfile
 from pathlib import Path
@@ -53,7 +57,7 @@ import numpy as np
 
 from sae import __version__
 from sae.config import ClassifyConfig, CQTConfig, GraphConfig, ModelConfig, PreprocessConfig, TrainConfig
-from sae.inference import DEFAULT_METHOD, METHODS, TrainedModel, TrainingGraph, available_methods
+from sae.inference import DEFAULT_METHOD, METHODS, TrainedModel, TrainingGraph, available_methods, classifier_codes
 
 __all__ = [
     "MODEL_LAYOUT",
@@ -72,8 +76,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-MODEL_LAYOUT = 1
-"""Version of the layout of a model folder (module docstring); another is refused at load."""
+MODEL_LAYOUT = 2
+"""Version of the layout of a model folder (module docstring); another is refused at load.  Layout 1 had one
+classifier, fitted on the training codes, for every method."""
 
 MANIFEST = "manifest.json"
 """The file listing every other file of a model folder with its SHA-256."""
@@ -107,6 +112,12 @@ pipeline, and the containers and numbers they are made of); a file naming any ot
 export."""
 
 _GRAPH_ARRAYS = ("train_frames", "train_codes", "train_degrees")
+
+_CLASSIFIER_CODES = {
+    "encoder": "every training clip encoded on its own by the encoder",
+    "exact": "every training clip encoded on its own by the exact Z step (no graph term)",
+    "exact_graph": "the training codes (learned with the graph term)",
+}
 
 
 class ModelFolderError(ValueError):
@@ -269,18 +280,20 @@ def load_model(path: str | os.PathLike, *, method: str | None = None) -> Trained
     manifest = verify_folder(folder)
     meta_path = folder / "model.json"
     meta = json.loads(meta_path.read_text())
-    arrays = meta.get("arrays", {})
-    missing = [name for name in arrays.values() if name not in manifest["files"]]
-    if "classifier.skops" not in manifest["files"] or missing:
-        raise ModelFolderError(f"{folder}: files {missing or ['classifier.skops']} are not in {MANIFEST}")
+    arrays, classifier_files = meta.get("arrays", {}), meta.get("classifiers", {})
+    missing = [name for name in [*arrays.values(), *classifier_files.values()] if name not in manifest["files"]]
+    if not classifier_files or missing:
+        raise ModelFolderError(f"{folder}: files {missing or ['classifier-<method>.skops']} are not in {MANIFEST}")
 
     def array(name: str, mmap: bool = False) -> np.ndarray | None:
         if name not in arrays:
             return None
         return np.load(folder / arrays[name], allow_pickle=False, mmap_mode="r" if mmap else None)
 
-    classifier_path = folder / "classifier.skops"
-    classifier = skops.io.load(classifier_path, trusted=_check_types(classifier_path))
+    classifiers = {}
+    for name, file in classifier_files.items():
+        classifier_path = folder / file
+        classifiers[name] = skops.io.load(classifier_path, trusted=_check_types(classifier_path))
     try:
         graph = None
         if meta.get("graph") is not None and "train_codes" in arrays:
@@ -292,7 +305,7 @@ def load_model(path: str | os.PathLike, *, method: str | None = None) -> Trained
             model=_config(ModelConfig, meta["model"], "model", meta_path),
             classify=_config(ClassifyConfig, meta["classify"], "classify", meta_path),
             offset=array("offset"), scale=array("scale"), components=array("components"), encoder=array("encoder"),
-            classifier=classifier, labels=meta["labels"], graph=graph, method=method or meta.get("method"),
+            classifiers=classifiers, labels=meta["labels"], graph=graph, method=method or meta.get("method"),
             info={key: meta.get(key) for key in ("accuracy", "source", "sae_version", "created", "n_train_clips",
                                                   "n_train_frames", "frames_per_clip")}
             | {"path": str(folder.resolve()), "digest": _sha256(folder / MANIFEST)},
@@ -397,7 +410,8 @@ def _trained_config(group: Any, state: dict[str, Any]) -> tuple[TrainConfig, Mod
     return train, train.model.model_copy(update=weights)
 
 
-def _write_folder(folder: Path, meta: dict[str, Any], arrays: dict[str, np.ndarray], classifier: Any) -> None:
+def _write_folder(folder: Path, meta: dict[str, Any], arrays: dict[str, np.ndarray], classifiers: dict[str, Any]
+                  ) -> None:
     import skops.io
 
     meta["arrays"] = {}
@@ -406,8 +420,12 @@ def _write_folder(folder: Path, meta: dict[str, Any], arrays: dict[str, np.ndarr
             continue
         save_rows(folder / f"{name}.npy", values)
         meta["arrays"][name] = f"{name}.npy"
-    skops.io.dump(classifier, folder / "classifier.skops")
-    _check_types(folder / "classifier.skops")
+    meta["classifiers"] = {}
+    for name, classifier in classifiers.items():
+        file = f"classifier-{name}.skops"
+        skops.io.dump(classifier, folder / file)
+        _check_types(folder / file)
+        meta["classifiers"][name] = file
     (folder / "model.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
     files = {path.name: {"sha256": _sha256(path), "bytes": path.stat().st_size}
              for path in sorted(folder.iterdir()) if path.name != MANIFEST}
@@ -432,9 +450,12 @@ def export_model(
     preprocessing (configuration, ``offset``, ``scale``), ``C`` and ``E`` with
     the weights trained with, the training graph's frames, codes and degrees
     when ``lambda_g > 0`` and ``graph`` (N x (n_bins + n_atoms + 1) numbers:
-    without them the folder is small and has no method "exact_graph"), and a classifier (`sae.classify.fit_classifier`)
-    fitted on the window vectors (`sae.pooling.aggregate_config`) of the
-    stored codes of every training clip, with the ``ClassifyConfig`` of the
+    without them the folder is small and has no method "exact_graph"), and per
+    method a classifier (`sae.classify.fit_classifier`) fitted on the window
+    vectors (`sae.pooling.aggregate_config`) of every training clip coded as
+    that method codes new music (`sae.inference.classifier_codes`: each clip
+    encoded on its own, streamed by chunks of clips; "exact_graph": the stored
+    training codes), with the ``ClassifyConfig`` of the
     store's classification of this model (``results_key``, default: the latest
     complete one; none: the defaults, and no accuracy).  ``model_key`` may be
     left out when the store holds one complete model.  The folder is written
@@ -475,10 +496,6 @@ def export_model(
         accuracy = _accuracy(results.get("summaries", {}))
     row_clips = pre["clip_index"][:]
     clip_labels = sae_store.clip_table(root)["label_index"]
-    features = aggregate_config(state["codes"], row_clips, classify, clip_labels=clip_labels)
-    # C (with a grid) is chosen by grouped folds: the store's groups (recording, work), else the clips.
-    clip_groups = sae_store.clip_group_index(root)
-    classifier = fit_classifier(features, classify, groups=clip_groups[features.groups])
 
     arrays: dict[str, Any] = {"offset": pre["offset"][:], "scale": pre["scale"][:],
                               "components": state["components"], "encoder": state["encoder"]}
@@ -492,6 +509,17 @@ def export_model(
     methods = available_methods(model, graph_config is not None)
     if method is not None and method not in methods:
         raise ModelFolderError(f"method must be one of this model's methods {methods} ({METHODS}), got {method!r}")
+    # C (with a grid) is chosen by grouped folds: the store's groups (recording, work), else the clips.
+    clip_groups = sae_store.clip_group_index(root)
+    classifiers = {}
+    for name in methods:
+        started = time.perf_counter()
+        codes = classifier_codes(name, pre["X"], row_clips, state["codes"], state["components"], state["encoder"],
+                                 model)
+        features = aggregate_config(codes, row_clips, classify, clip_labels=clip_labels)
+        classifiers[name] = fit_classifier(features, classify, groups=clip_groups[features.groups])
+        logger.info("classifier of method %s fitted on %d clips, %s (%.0f s)", name, features.clips.size,
+                    _CLASSIFIER_CODES[name], time.perf_counter() - started)
     meta = {
         "labels": sae_store.store_labels(root),
         "cqt": sae_store.store_cqt(root).model_dump(mode="json"),
@@ -504,6 +532,7 @@ def export_model(
         "sigma": sigma,
         "method": method or DEFAULT_METHOD,
         "methods": list(methods),
+        "classifier_codes": {name: _CLASSIFIER_CODES[name] for name in methods},
         "accuracy": accuracy,
         "n_train_clips": int(np.unique(row_clips).size),
         "n_train_frames": int(row_clips.size),
@@ -523,7 +552,7 @@ def export_model(
     partial = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     partial.mkdir()
     try:
-        _write_folder(partial, meta, arrays, classifier)
+        _write_folder(partial, meta, arrays, classifiers)
         if out.exists():
             shutil.rmtree(out)
         partial.rename(out)

@@ -102,7 +102,7 @@ def encode_chunk(out: str, key: str, chunk_index: int, model: Any, records: list
         X = model.model_input(frames[position * n_frames : (position + 1) * n_frames])
         clip_codes = model.encode(X, method)
         clip_vectors = model.vectors(clip_codes, 1)
-        shares = model.scores_of_vectors(clip_vectors, 1)[0]
+        shares = model.scores_of_vectors(clip_vectors, 1, method)[0]
         codes[position * n_rows : (position + 1) * n_rows] = clip_codes
         vectors[position * n_vectors : (position + 1) * n_vectors] = clip_vectors
         scores[position], label_index[position] = shares, int(np.argmax(shares))

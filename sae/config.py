@@ -347,7 +347,11 @@ class ClassifyConfig(_Config):
       groups, repeated ``n_repeats`` times with different shuffles;
     - "inductive": the grouped folds, and in every fold the auto-encoder
       (``model``) and its graph (``graph``) are fitted on the training clips'
-      frames only; the test clips are encoded with ``encode_methods``.
+      frames only; then, for each of ``encode_methods``, the test clips are
+      encoded as a model folder encodes new music (each on its own, by
+      `sae.inference.encode_frames`) and classified by a classifier fitted on
+      the training clips coded as that method codes new music
+      (`sae.inference.classifier_codes`).
 
     >>> ClassifyConfig().n_windows, ClassifyConfig().classifier, ClassifyConfig().protocol
     (6, 'svc', 'grouped')
@@ -393,8 +397,10 @@ class ClassifyConfig(_Config):
         default_factory=lambda: GraphConfig(method="exact"),
         description="Graph of the training frames, and of the test frames, per fold ('inductive', lambda_g > 0).",
     )
-    encode_methods: tuple[Literal["exact", "encoder"], ...] = Field(
-        ("exact",), min_length=1, description="How test frames are encoded ('inductive'): Z step and/or direct encoder."
+    encode_methods: tuple[Literal["exact", "encoder", "exact_graph"], ...] = Field(
+        ("exact",), min_length=1,
+        description="How test clips are encoded ('inductive'), as by a model folder (sae.inference.METHODS): the Z step "
+        "without graph term, the direct encoder, the Z step with the new frames joined to the training graph.",
     )
 
     @model_validator(mode="after")
@@ -403,6 +409,11 @@ class ClassifyConfig(_Config):
             raise ValueError(
                 "encode_methods contains 'encoder', which needs an encoder: model.lambda_e must be > 0, "
                 f"got {self.model.lambda_e}"
+            )
+        if "exact_graph" in self.encode_methods and self.model.lambda_g <= 0:
+            raise ValueError(
+                "encode_methods contains 'exact_graph', which needs a graph term: model.lambda_g must be > 0, "
+                f"got {self.model.lambda_g}"
             )
         if len(set(self.encode_methods)) != len(self.encode_methods):
             raise ValueError(f"encode_methods must not repeat a method, got {self.encode_methods}")

@@ -1,13 +1,17 @@
-"""The inductive protocol: the auto-encoder fitted per fold on the training clips only.
+"""The inductive protocol: the auto-encoder fitted per fold on the training clips only, applied as to new music.
 
 The folds are the grouped folds of `sae.classify` (`sae.classify.cv_splits`
 with protocol "grouped") over the window vectors of the clips, so the results
 pair with `sae.classify.cross_validate` fold by fold.  Each fold is one task
 (`evaluate_inductive_split`): it fits the model (and, when ``lambda_g > 0``,
-builds its exact kNN graph) on the frames of the training clips, encodes the
-test clips' frames by every method of ``ClassifyConfig.encode_methods``
-(`inductive_fold`), aggregates both sides (`sae.pooling`) and classifies them
-(`sae.classify.evaluate_split`).  Everything is in memory: for small datasets.
+builds its exact kNN graph) on the frames of the training clips, then does
+for every method of ``ClassifyConfig.encode_methods`` what a model folder
+exported from that training does with new music (`inductive_fold`): each test
+clip encoded on its own (`sae.inference.encode_frames`), a classifier fitted
+on the training clips coded as that method codes new music
+(`sae.inference.classifier_codes`).  Both sides are aggregated
+(`sae.pooling`) and classified (`sae.classify.evaluate_split`).  Everything
+is in memory: for small datasets.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from sae.pooling import aggregate_clips, aggregate_options, clip_runs, read_rows
 from sae.progress import ProgressCallback
 
 __all__ = [
+    "InductiveFold",
     "inductive_fold",
     "evaluate_inductive_split",
     "inductive_cross_validate",
@@ -32,48 +37,65 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def _fold_laplacian(frames: np.ndarray, config: ClassifyConfig) -> Any:
-    """Laplacian of the exact kNN graph of ``frames`` (None when lambda_g = 0)."""
+def _fold_graph(frames: np.ndarray, config: ClassifyConfig) -> tuple[Any, np.ndarray | None, float | None]:
+    """Laplacian, degrees and kernel width of the exact kNN graph of ``frames`` (Nones when lambda_g = 0)."""
     if config.model.lambda_g <= 0:
-        return None
+        return None, None, None
     import dask
 
-    from sae.graph import graph_options, laplacian_from_neighbors
+    from sae.graph import adjacency_matrix, degree_vector, kernel_sigma, laplacian_matrix
     from sae.knn import exact_neighbors
 
+    graph = config.graph
     # The fold is one task: its kNN runs inside it, never as sub-tasks of the cluster.
     with dask.config.set(scheduler="synchronous"):
-        indices, distances = exact_neighbors(
-            frames, config.graph.n_neighbors, metric=config.graph.metric, block_size=config.graph.block_size
-        )
-    return laplacian_from_neighbors(indices, distances, **graph_options(config.graph))
+        indices, distances = exact_neighbors(frames, graph.n_neighbors, metric=graph.metric,
+                                             block_size=graph.block_size)
+    W = adjacency_matrix(indices, distances, kernel=graph.kernel, sigma_factor=graph.sigma_factor,
+                         self_loops=graph.self_loops, dtype=np.float64)
+    return (laplacian_matrix(W, laplacian=graph.laplacian), degree_vector(W),
+            kernel_sigma(distances, sigma_factor=graph.sigma_factor))
 
 
-def inductive_fold(
-    frames: np.ndarray, row_clips: np.ndarray, test_clips: np.ndarray, config: ClassifyConfig
-) -> tuple[Any, np.ndarray, dict[str, np.ndarray]]:
-    """Fit the auto-encoder on the training clips of a fold and encode both sides.
+@dataclass(frozen=True)
+class InductiveFold:
+    """A fold's model and codes (`inductive_fold`).
+
+    Attributes
+    ----------
+    model : StructuredAutoEncoder
+        Fitted on the training frames (with their graph when ``lambda_g > 0``).
+    train_codes : ndarray (n_train_rows, n_atoms)
+        ``fit_transform`` codes of the training frames, in row order.
+    classifier_codes : dict of str to ndarray (n_train_rows, n_atoms)
+        Per method, the training frames coded as the classifier of a model
+        folder of this method sees them (`sae.inference.classifier_codes`).
+    test_codes : dict of str to ndarray (n_test_rows, n_atoms)
+        Per method, the test frames (in row order), each clip encoded on its own.
+    """
+
+    model: Any
+    train_codes: np.ndarray
+    classifier_codes: dict[str, np.ndarray]
+    test_codes: dict[str, np.ndarray]
+
+
+def inductive_fold(frames: np.ndarray, row_clips: np.ndarray, test_clips: np.ndarray,
+                   config: ClassifyConfig) -> InductiveFold:
+    """Fit the auto-encoder on the training clips of a fold and code both sides as a model folder would.
 
     The model (``config.model``) and, when ``lambda_g > 0``, its graph (exact
     kNN of the training frames, `sae.graph` with ``config.graph``) see only
-    the frames of the clips not in ``test_clips``.  The test frames are then
-    encoded with ``StructuredAutoEncoder.transform`` for every method of
-    ``config.encode_methods``: "encoder" is the direct encoder (no graph);
-    "exact" re-solves the Z step, whose graph term (when ``lambda_g > 0``)
-    needs a Laplacian between the test frames: the one of their own exact kNN
-    graph, built the same way (the test frames are encoded together, as a
-    batch, but never influence the model).
-
-    Returns
-    -------
-    model : StructuredAutoEncoder
-        Fitted on the training frames.
-    train_codes : ndarray (n_train_rows, n_atoms)
-        ``fit_transform`` codes of the training frames, in row order.
-    test_codes : dict of str to ndarray (n_test_rows, n_atoms)
-        Codes of the test frames (in row order) per encoding method.
+    the frames of the clips not in ``test_clips``.  Then, for every method of
+    ``config.encode_methods`` (`sae.inference.METHODS`), the test clips are
+    encoded each on its own (`sae.inference.ClipCodes`; "exact_graph" joins
+    their frames to the training graph) and the training clips are coded as
+    the method's classifier sees them (`sae.inference.classifier_codes`):
+    each on its own by the method, or the learned training codes for
+    "exact_graph".  The test frames never influence the model.
     """
     from sae.estimator import StructuredAutoEncoder
+    from sae.inference import ClipCodes, TrainingGraph, classifier_codes
 
     row_clips = np.asarray(row_clips)
     is_test = np.isin(row_clips, np.asarray(test_clips))
@@ -82,13 +104,19 @@ def inductive_fold(
     train_frames = np.asarray(frames[~is_test])
     test_frames = np.asarray(frames[is_test])
     model = StructuredAutoEncoder(**config.model.model_dump())
-    train_codes = model.fit_transform(train_frames, laplacian=_fold_laplacian(train_frames, config))
-    test_laplacian = _fold_laplacian(test_frames, config) if "exact" in config.encode_methods else None
-    test_codes = {
-        method: model.transform(test_frames, laplacian=test_laplacian if method == "exact" else None, method=method)
-        for method in config.encode_methods
-    }
-    return model, train_codes, test_codes
+    laplacian, degrees, sigma = _fold_graph(train_frames, config)
+    train_codes = model.fit_transform(train_frames, laplacian=laplacian)
+    graph = None if laplacian is None else TrainingGraph(train_frames, train_codes, degrees, sigma, config.graph)
+    weights = model.config_
+    train_rows, test_rows = row_clips[~is_test], row_clips[is_test]
+    fitted_on, test_codes = {}, {}
+    for method in config.encode_methods:
+        codes = classifier_codes(method, train_frames, train_rows, train_codes, model.components_, model.encoder_,
+                                 weights)
+        fitted_on[method] = np.asarray(codes[:])
+        test_codes[method] = ClipCodes(test_frames, test_rows, model.components_, model.encoder_, weights, method,
+                                       graph)[:]
+    return InductiveFold(model, train_codes, fitted_on, test_codes)
 
 
 @dataclass(frozen=True)
@@ -113,18 +141,20 @@ def evaluate_inductive_split(
 
     ``split_clips`` is ``(repeat, fold, test clip indices)``.  Returns, per
     encoding method, the dict of `evaluate_split` for the window vectors of
-    the training codes (training set) and of the test codes (test set).
+    the training clips as the method's classifier sees them (training set) and
+    of the test codes (test set).
     ``clip_groups`` (the group of every clip) keeps groups together in the
     inner folds that choose C (`choose_C`).
     """
     repeat, fold, test_clips = split_clips
     row_clips = np.asarray(row_clips)
-    _, train_codes, test_codes = inductive_fold(frames, row_clips, test_clips, config)
+    coded = inductive_fold(frames, row_clips, test_clips, config)
     is_test = np.isin(row_clips, np.asarray(test_clips))
     options = aggregate_options(config)
-    train = aggregate_clips(train_codes, row_clips[~is_test], clip_labels=clip_labels, **options)
     out = {}
-    for method, codes in test_codes.items():
+    for method, codes in coded.test_codes.items():
+        train = aggregate_clips(coded.classifier_codes[method], row_clips[~is_test], clip_labels=clip_labels,
+                                **options)
         test = aggregate_clips(codes, row_clips[is_test], clip_labels=clip_labels, **options)
         vectors = np.concatenate([train.vectors, test.vectors])
         labels = np.concatenate([train.labels, test.labels])

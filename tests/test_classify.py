@@ -221,28 +221,68 @@ def test_inductive_fold_never_sees_the_test_clips(rng):
     # The model of the fold is the one fitted on the training clips alone ...
     reference = StructuredAutoEncoder(**config.model.model_dump())
     reference_codes = reference.fit_transform(frames[~is_test])
-    model, train_codes, test_codes = inductive_fold(frames, row_clips, test_clips, config)
-    np.testing.assert_array_equal(model.components_, reference.components_)
-    np.testing.assert_array_equal(model.encoder_, reference.encoder_)
-    np.testing.assert_array_equal(train_codes, reference_codes)
+    fold = inductive_fold(frames, row_clips, test_clips, config)
+    np.testing.assert_array_equal(fold.model.components_, reference.components_)
+    np.testing.assert_array_equal(fold.model.encoder_, reference.encoder_)
+    np.testing.assert_array_equal(fold.train_codes, reference_codes)
+    # ... and both sides are coded as new music: each clip alone (lambda_g = 0 and coordinate descent per frame
+    # here, so the estimator's transform of all rows at once is the same thing), for the classifier too.
     for method in ("exact", "encoder"):
-        np.testing.assert_allclose(test_codes[method], reference.transform(frames[is_test], method=method))
+        np.testing.assert_allclose(fold.test_codes[method], reference.transform(frames[is_test], method=method),
+                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(fold.classifier_codes[method], reference.transform(frames[~is_test], method=method),
+                                   rtol=1e-5, atol=1e-6)
     # ... and whatever the test clips hold, the fit does not change: only their codes do.
     poisoned = frames.copy()
     poisoned[is_test] = 1e4 * rng.random((int(is_test.sum()), frames.shape[1]))
-    model_b, train_codes_b, test_codes_b = inductive_fold(poisoned, row_clips, test_clips, config)
-    np.testing.assert_array_equal(model_b.components_, model.components_)
-    np.testing.assert_array_equal(train_codes_b, train_codes)
-    assert not np.allclose(test_codes_b["encoder"], test_codes["encoder"])
+    fold_b = inductive_fold(poisoned, row_clips, test_clips, config)
+    np.testing.assert_array_equal(fold_b.model.components_, fold.model.components_)
+    np.testing.assert_array_equal(fold_b.train_codes, fold.train_codes)
+    for method in ("exact", "encoder"):
+        np.testing.assert_array_equal(fold_b.classifier_codes[method], fold.classifier_codes[method])
+    assert not np.allclose(fold_b.test_codes["encoder"], fold.test_codes["encoder"])
     # NaN test frames: the fold fits (it never reads them) and fails only when encoding them.
     poisoned[is_test] = np.nan
     with pytest.raises(ValueError, match="NaN") as excinfo:
         inductive_fold(poisoned, row_clips, test_clips, config)
-    assert [entry.name for entry in excinfo.traceback if entry.name in ("fit_transform", "transform")] == [
-        "transform"
+    assert [entry.name for entry in excinfo.traceback if entry.name in ("fit_transform", "encode_frames")] == [
+        "encode_frames"
     ]
     with pytest.raises(ValueError, match="NaN"):
         StructuredAutoEncoder(**config.model.model_dump()).fit(poisoned)
+
+
+def test_inductive_fold_codes_clips_with_graph_as_a_model_folder_does(rng):
+    """With the graph term: "exact" codes every clip alone without it (so the clips do not interact), and
+    "exact_graph" joins every test clip to the fold's training graph, its classifier fitted on the training codes."""
+    from sae.inference import TrainingGraph, encode_frames
+    from sae.inductive import _fold_graph
+
+    frames, row_clips, _ = separable_frames(rng, clips_per_class=3, n_frames=12)
+    frames = frames - frames.min()
+    test_clips = np.array([0, 4])
+    is_test = np.isin(row_clips, test_clips)
+    config = ClassifyConfig(protocol="inductive", encode_methods=("exact", "exact_graph"),
+                            model=ModelConfig(n_atoms=6, max_outer=3, max_inner=60, lambda_g=1.0, random_state=0))
+    fold = inductive_fold(frames, row_clips, test_clips, config)
+    weights = fold.model.config_
+    laplacian, degrees, sigma = _fold_graph(frames[~is_test], config)
+    # The degrees are the graph's: with self-loops of weight 1, the normalised Laplacian's diagonal is 1 - 1 / d.
+    np.testing.assert_allclose(1 / (1 - laplacian.diagonal().astype(np.float64)), degrees, rtol=1e-4)
+    graph = TrainingGraph(frames[~is_test], fold.train_codes, degrees, sigma, config.graph)
+    np.testing.assert_array_equal(fold.classifier_codes["exact_graph"], fold.train_codes)
+    assert not np.allclose(fold.classifier_codes["exact"], fold.train_codes, atol=1e-3)
+    for clips, rows, codes in ((test_clips, is_test, fold.test_codes), (None, ~is_test, fold.classifier_codes)):
+        for clip in np.unique(row_clips[rows]):
+            own = row_clips[rows] == clip
+            for method in ("exact", "exact_graph") if clips is not None else ("exact",):
+                alone = encode_frames(frames[row_clips == clip], fold.model.components_, None, weights, method, graph)
+                np.testing.assert_array_equal(codes[method][own], alone)
+    # Coding a clip alone is not coding all of them together (FISTA stops on the batch's objective).
+    together = encode_frames(frames[is_test], fold.model.components_, None, weights, "exact_graph", graph)
+    assert not np.array_equal(together, fold.test_codes["exact_graph"])
+    with pytest.raises(ValueError, match="exact_graph.*lambda_g must be > 0"):
+        ClassifyConfig(protocol="inductive", encode_methods=("exact_graph",))
 
 
 @pytest.mark.slow
@@ -252,10 +292,10 @@ def test_inductive_protocol_with_graph_beats_chance(rng):
     config = ClassifyConfig(
         protocol="inductive", n_windows=2, n_splits=2, n_repeats=1,
         model=ModelConfig(n_atoms=8, max_outer=3, max_inner=50, lambda_g=1.0, lambda_e=1.0, random_state=0),
-        encode_methods=("exact", "encoder"),
+        encode_methods=("exact", "encoder", "exact_graph"),
     )
     results = inductive_cross_validate(frames, row_clips, clip_labels, config)
-    assert set(results) == {"exact", "encoder"}
+    assert set(results) == {"exact", "encoder", "exact_graph"}
     for summary in results.values():
         assert summary["protocol"] == "inductive" and summary["n_scores"] == 2
         assert summary["accuracy_mean"] > summary["chance"] + 0.2
@@ -263,9 +303,9 @@ def test_inductive_protocol_with_graph_beats_chance(rng):
     test_clips = np.unique(row_clips)[::3]
     poisoned = frames.copy()
     poisoned[np.isin(row_clips, test_clips)] = 1e6
-    a, _, _ = inductive_fold(frames, row_clips, test_clips, config)
-    b, _, _ = inductive_fold(poisoned, row_clips, test_clips, config)
-    np.testing.assert_array_equal(a.components_, b.components_)
+    a = inductive_fold(frames, row_clips, test_clips, config)
+    b = inductive_fold(poisoned, row_clips, test_clips, config)
+    np.testing.assert_array_equal(a.model.components_, b.model.components_)
 
 
 # --------------------------------------------------------------------------- reports

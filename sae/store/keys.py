@@ -29,7 +29,7 @@ from sae.config import ClassifyConfig, IngestConfig, PipelineConfig, PreprocessC
 
 __all__ = [
     "INGEST", "PREPROCESS", "GRAPH", "MODEL", "RESULTS", "SWEEP", "ENCODE",
-    "DEFAULT_ARRAYS", "INDUCTIVE_FIELDS", "INDUCTIVE_SOURCE",
+    "DEFAULT_ARRAYS", "INDUCTIVE_FIELDS", "INDUCTIVE_SOURCE", "INDUCTIVE_VERSION",
     "group_name", "ingest_key", "preprocess_key", "graph_key", "model_identity", "model_key",
     "feature_sources", "parse_source", "source_group", "feature_key", "feature_keys", "results_key",
     "stage_keys", "sweep_key", "encode_key", "experiment_tag",
@@ -60,6 +60,11 @@ INDUCTIVE_FIELDS = ("model", "graph", "encode_methods")
 
 INDUCTIVE_SOURCE = "inductive"
 """Source name of the inductive protocol's results (models fitted per fold on ``preprocess/<key>``)."""
+
+INDUCTIVE_VERSION = 2
+"""Version of the inductive protocol, in the key of its results: version 1 encoded a fold's test clips together
+(with a graph between them) and fitted every classifier on the training codes; version 2 does what a model folder
+does with new music (`sae.inductive`)."""
 
 
 def _digest(record: Any) -> str:
@@ -159,8 +164,10 @@ def feature_key(preprocess_key: str, source: str, config: ClassifyConfig) -> str
     keeps the key of a grouped classification).
     """
     exclude = set() if config.protocol == "inductive" else set(INDUCTIVE_FIELDS)
-    return _digest({"preprocess": preprocess_key, "source": source,
-                    "config": config.model_dump(mode="json", exclude=exclude)})
+    record = {"preprocess": preprocess_key, "source": source, "config": config.model_dump(mode="json", exclude=exclude)}
+    if source == INDUCTIVE_SOURCE:
+        record["version"] = INDUCTIVE_VERSION
+    return _digest(record)
 
 
 def feature_keys(preprocess_key: str, features: Mapping[str, str], config: ClassifyConfig) -> dict[str, str]:
