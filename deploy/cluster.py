@@ -8,7 +8,7 @@ folder, so that ``stop`` ends exactly what ``start`` started::
       env               shell lines to source: PREFECT_API_URL, SAE_DASK_ADDRESS, ...
       ports.json        the ports in use
       pids/<name>.pid   one per service (prefect-server, dask-scheduler,
-                        dask-worker-<i>, prefect-worker)
+                        dask-worker-<i>, prefect-worker; owner-watch with --owner-pid)
       logs/<name>.log
       prefect-home/     PREFECT_HOME of the server (SQLite database)
       dask/             worker spill directories
@@ -19,6 +19,11 @@ Usage::
     source .sae/cluster/env          # PREFECT_API_URL, SAE_DASK_ADDRESS
     python deploy/cluster.py status
     python deploy/cluster.py stop
+
+With ``start --owner-pid PID`` the services stop themselves when process PID
+ends, however it ends (SIGKILL included): a watcher (``owner-watch``) checks it
+every second.  The tests pass their own PID, so a killed test run leaves no
+server behind.
 
 Nothing binds to another address than 127.0.0.1 unless ``--host`` says so.
 Ports default to Prefect's and Dask's usual ones; ``--ports auto`` picks free
@@ -119,6 +124,24 @@ class State:
         log.close()
         self.pid_file(name).write_text(str(process.pid))
         return process.pid
+
+
+def _start_time(pid: int) -> str | None:
+    """The start time of process ``pid`` (field 22 of ``/proc/<pid>/stat``), None when there is no such process:
+    with the PID it names one process, even after the PID is reused."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(")")[-1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def watch(args: argparse.Namespace) -> None:
+    """Stop the services of the state folder once process ``args.pid`` (started at ``args.started``) is gone."""
+    while _alive(args.pid) and _start_time(args.pid) == args.started:
+        time.sleep(1.0)
+    print(f"owner process {args.pid} is gone: stopping the services", flush=True)
+    stop(args)
 
 
 def _alive(pid: int) -> bool:
@@ -224,6 +247,14 @@ def start(args: argparse.Namespace) -> dict:
               args.timeout, state.logs / "prefect-worker.log")
         info["work_pool"] = args.pool
 
+    if args.owner_pid is not None:
+        started = _start_time(args.owner_pid)
+        if started is None:
+            raise OSError(f"--owner-pid {args.owner_pid}: no such process")
+        state.spawn("owner-watch", [sys.executable, str(Path(__file__).resolve()), "watch", "--state",
+                                    str(state.root), "--pid", str(args.owner_pid), "--started", started], env)
+        info["owner_pid"] = args.owner_pid
+
     lines = [f"export {key}={value}" for key, value in OFFLINE_ENV.items()]
     if "prefect_api_url" in info:
         lines.append(f"export PREFECT_API_URL={api_url}")
@@ -252,12 +283,15 @@ def stop(args: argparse.Namespace) -> list[str]:
     """Stop every service of the state folder: SIGINT, then SIGTERM, then SIGKILL."""
     state = State(Path(args.state))
     stopped = []
-    # Workers before the services they talk to.
-    order = ["prefect-worker", "dask-worker", "dask-scheduler", "prefect-server"]
+    # The owner's watcher first (a stop by hand), then workers before the services they talk to.
+    order = ["owner-watch", "prefect-worker", "dask-worker", "dask-scheduler", "prefect-server"]
     running = state.running()
     names = sorted(running, key=lambda name: next(i for i, p in enumerate(order + [""]) if name.startswith(p)))
     for name in names:
         pid = running[name]
+        if pid == os.getpid():  # the watcher stopping the services: it ends by itself
+            state.pid_file(name).unlink(missing_ok=True)
+            continue
         for sig, grace in ((signal.SIGINT, 5), (signal.SIGINT, 5), (signal.SIGTERM, 5), (signal.SIGKILL, 5)):
             try:
                 os.killpg(pid, sig)
@@ -276,8 +310,11 @@ def stop(args: argparse.Namespace) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("start", "stop", "status"):
-        command = sub.add_parser(name)
+    helps = {"start": "start the services", "stop": "stop every service of the state folder",
+             "status": "the services running, with their PIDs",
+             "watch": "(started by start --owner-pid) stop the services when a process ends"}
+    for name in ("start", "stop", "status", "watch"):
+        command = sub.add_parser(name, help=helps[name])
         command.add_argument("--state", default=str(DEFAULT_STATE), help="state folder (default: %(default)s)")
     begin = sub.choices["start"]
     begin.add_argument("--host", default="127.0.0.1", help="address every service binds to (default: %(default)s)")
@@ -296,6 +333,11 @@ def main(argv: list[str] | None = None) -> None:
     begin.add_argument("--scheduler-port", type=int)
     begin.add_argument("--dashboard-port", type=int)
     begin.add_argument("--timeout", type=float, default=90.0, help="seconds to wait for each service")
+    begin.add_argument("--owner-pid", type=int,
+                       help="stop every service when this process ends (checked every second), e.g. a test run's")
+    watcher = sub.choices["watch"]
+    watcher.add_argument("--pid", type=int, required=True, help=argparse.SUPPRESS)
+    watcher.add_argument("--started", required=True, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.command == "start":
@@ -306,6 +348,8 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"start failed, everything stopped again: {error}") from None
         print(json.dumps(info, indent=2))
         print(f"source {Path(args.state) / 'env'}  # to use these services from a shell")
+    elif args.command == "watch":
+        watch(args)
     elif args.command == "stop":
         stopped = stop(args)
         print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))

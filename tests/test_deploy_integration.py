@@ -203,7 +203,7 @@ def test_every_deployment_runs_on_the_cluster_and_shows_figures_and_progress(tmp
                PREFECT_WORKER_QUERY_SECONDS="1")  # the process worker looks for new runs every second
     env.pop("PREFECT_API_URL", None)
     start = [sys.executable, "deploy/cluster.py", "start", "--state", str(state), "--ports", "auto",
-             "--workers", "2", "--prefect-worker", "--pool", "sae-process"]
+             "--workers", "2", "--prefect-worker", "--pool", "sae-process", "--owner-pid", str(os.getpid())]
     started: list[int] = []
     try:
         output = _run(start, env, timeout=300)
@@ -357,6 +357,37 @@ def check_sweep_run(runs: Runs, config: PipelineConfig, dask_address: str) -> No
     assert set(trained) == set(keys) and all(float(a.data) == 100.0 for a in trained.values()), every
     assert trained[keys[0]].description.endswith("(trained before)")  # the pipeline's model
     assert "2/2 outer iterations (objective" in trained[keys[1]].description
+
+
+@pytest.mark.integration
+def test_services_stop_themselves_when_their_owner_process_is_killed(tmp_path):
+    """`start --owner-pid`: a test run (or a script) killed before its teardown leaves no service behind."""
+    state = tmp_path / "state"
+    env = dict(os.environ, PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1")
+    env.pop("PREFECT_API_URL", None)
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        output = _run([sys.executable, "deploy/cluster.py", "start", "--state", str(state), "--ports", "auto",
+                       "--workers", "1", "--owner-pid", str(owner.pid)], env)
+        info = json.loads(output[: output.rindex("}") + 1])
+        names = {path.stem for path in (state / "pids").glob("*.pid")}
+        assert info["owner_pid"] == owner.pid
+        assert names == {"owner-watch", "prefect-server", "dask-scheduler", "dask-worker-0"}, names
+        pids = _pids(state)
+        time.sleep(2.0)
+        assert all(_alive(pid) for pid in pids)  # the owner lives: everything keeps running
+        owner.kill()
+        owner.wait()
+        deadline = time.monotonic() + 60
+        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not [pid for pid in pids if _alive(pid)], (state / "logs" / "owner-watch.log").read_text()
+        assert "owner process" in (state / "logs" / "owner-watch.log").read_text()
+        assert _run([sys.executable, "deploy/cluster.py", "status", "--state", str(state)], env).strip() == (
+            "nothing running")
+    finally:
+        owner.kill()
+        _run([sys.executable, "deploy/cluster.py", "stop", "--state", str(state)], env)
 
 
 def _get(url: str) -> object:

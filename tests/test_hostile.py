@@ -59,7 +59,7 @@ def services(tmp_path_factory):
     env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPOSITORY), env.get("PYTHONPATH")]))
     started = run([sys.executable, "deploy/cluster.py", "start", "--state", str(state), "--ports", "auto",
-                   "--workers", "0"], env, REPOSITORY)
+                   "--workers", "0", "--owner-pid", str(os.getpid())], env, REPOSITORY)
     assert started.returncode == 0, started.stdout + started.stderr
     info = json.loads(started.stdout[: started.stdout.rindex("}") + 1])
     try:
@@ -274,7 +274,8 @@ def dask_cluster(services, tmp_path_factory):
     """A Dask scheduler and one worker of two threads from deploy/cluster.py, on 127.0.0.1; (address, log folder)."""
     state = tmp_path_factory.mktemp("cluster")
     started = run([sys.executable, "deploy/cluster.py", "start", "--state", str(state), "--ports", "auto",
-                   "--no-prefect", "--workers", "1", "--threads", "2"], services, REPOSITORY)
+                   "--no-prefect", "--workers", "1", "--threads", "2", "--owner-pid", str(os.getpid())], services,
+                  REPOSITORY)
     assert started.returncode == 0, started.stdout + started.stderr
     try:
         yield json.loads(started.stdout[: started.stdout.rindex("}") + 1])["dask_address"], state / "logs"

@@ -129,7 +129,8 @@ def test_the_classification_artifact_page_shows_the_confusion_matrices(tmp_path)
     state = tmp_path / "state"
     env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
     started = subprocess.run([sys.executable, "deploy/cluster.py", "start", "--state", str(state), "--ports", "auto",
-                              "--workers", "0"], cwd=REPOSITORY, env=env, capture_output=True, text=True,
+                              "--workers", "0", "--owner-pid", str(os.getpid())], cwd=REPOSITORY, env=env,
+                             capture_output=True, text=True,
                              timeout=180, check=False)
     assert started.returncode == 0, started.stdout + started.stderr
     info = json.loads(started.stdout[: started.stdout.rindex("}") + 1])
