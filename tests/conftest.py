@@ -17,12 +17,28 @@ def rng():
 
 
 @pytest.fixture(scope="session")
-def prefect_harness():
-    """One temporary Prefect server (on 127.0.0.1) for the whole test session."""
-    from prefect.testing.utilities import prefect_test_harness
+def prefect_harness(tmp_path_factory):
+    """One temporary Prefect server (on 127.0.0.1, its own database) for the whole test session.
 
-    with prefect_test_harness(server_startup_timeout=60):
-        yield
+    Started through the guard of `flows._server` (as the ``sae`` commands start theirs), so that it stops with
+    the test process however that ends: Prefect's `prefect_test_harness` leaves its server running, reparented
+    to init, when the test process is killed.
+    """
+    from flows._server import prefect_api
+
+    database = tmp_path_factory.mktemp("prefect") / "prefect-test.db"
+    saved = {name: os.environ.get(name) for name in ("PREFECT_API_URL", "PREFECT_SERVER_DATABASE_CONNECTION_URL")}
+    os.environ.pop("PREFECT_API_URL", None)  # always the session's own server
+    os.environ["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{database}"  # for the guard's server
+    try:
+        with prefect_api(timeout=60):
+            yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @pytest.fixture(autouse=True)
