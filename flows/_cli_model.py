@@ -66,13 +66,16 @@ def export(
 ) -> None:
     """Export a trained model as a self-contained, versioned model folder.
 
-    The folder holds the CQT settings, the preprocessing, the dictionary and encoder, a classifier fitted on
-    every clip of the store, and the cross-validated accuracy; `sae predict` and `sae encode` use it.
+    The folder holds the CQT settings, the preprocessing, the dictionary and encoder, per encoding method a
+    classifier fitted on every clip of the store coded as that method codes new music, and the cross-validated
+    accuracy; `sae predict` and `sae encode` use it.
     """
+    from flows.pipeline import show_library_logs
     from sae import store as sae_store
     from sae.artifact import ModelFolderError, export_model, resolve_model_key
     from sae.store.keys import default_model_path
 
+    show_library_logs()  # the classifiers' encoding of every training clip takes minutes on a big store: progress
     try:
         sae_store.open_store(store)
         key = resolve_model_key(store, model_key)

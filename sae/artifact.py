@@ -272,7 +272,7 @@ def load_model(path: str | os.PathLike, *, method: str | None = None) -> Trained
     ------
     ModelFolderError
         The folder is not a sae model of this layout, a file was modified
-        after export, or the classifier names an untrusted type.
+        after export, or a classifier names an untrusted type.
     """
     import skops.io
 

@@ -395,7 +395,8 @@ class ClassifyConfig(_Config):
     model: ModelConfig = Field(default_factory=ModelConfig, description="Auto-encoder fitted per fold ('inductive').")
     graph: GraphConfig = Field(
         default_factory=lambda: GraphConfig(method="exact"),
-        description="Graph of the training frames, and of the test frames, per fold ('inductive', lambda_g > 0).",
+        description="Graph of the training frames per fold ('inductive', lambda_g > 0); exact_graph joins the test "
+        "frames to it.",
     )
     encode_methods: tuple[Literal["exact", "encoder", "exact_graph"], ...] = Field(
         ("exact",), min_length=1,

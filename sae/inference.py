@@ -285,7 +285,9 @@ class ClipCodes:
     A slice must start and end on clip boundaries (a clip encoded in two parts
     is not coded as a new clip is), which `sae.pooling.aggregate_clips`
     respects, reading by chunks of clips: only a chunk of frames and codes is
-    in memory.  Progress is logged every `PROGRESS_SECONDS`.
+    in memory.  Progress is logged every `PROGRESS_SECONDS`.  ``X`` is the
+    stored model input: with ``PreprocessConfig.noise_std > 0`` the training
+    clips are coded with the noise they were trained with (new music gets none).
 
     >>> X = np.array([[3.0, 0.05], [0.5, 1.0], [2.0, 2.0]], dtype=np.float32)
     >>> codes = ClipCodes(X, np.array([0, 0, 1]), np.eye(2, dtype=np.float32), None,
@@ -309,7 +311,8 @@ class ClipCodes:
         self.shape = (int(X.shape[0]), int(components.shape[0]))
         self.dtype = np.dtype(config.dtype)
         self.ndim = 2
-        self._done, self._reported = 0, time.perf_counter()
+        self._done, self._started = 0, time.perf_counter()
+        self._reported = self._started
         self._n_clips = int(np.count_nonzero(np.diff(self.row_clips))) + 1 if self.row_clips.size else 0
 
     def _boundary(self, row: int) -> bool:
@@ -324,7 +327,9 @@ class ClipCodes:
         if not isinstance(rows, slice):
             raise TypeError(f"ClipCodes is read by slices of rows, got {rows!r}")
         start, stop, step = rows.indices(self.shape[0])
-        if step != 1 or not (self._boundary(start) and self._boundary(stop)):
+        if step != 1:
+            raise ValueError(f"ClipCodes is read by contiguous rows, got a step of {step}")
+        if not (self._boundary(start) and self._boundary(stop)):
             raise ValueError(f"rows {start}:{stop} do not start and end on clip boundaries")
         frames = read_rows(self.X, start, stop)
         clips = self.row_clips[start:stop]
@@ -335,7 +340,8 @@ class ClipCodes:
         self._done += cuts.size - 1 if clips.size else 0
         if time.perf_counter() - self._reported >= PROGRESS_SECONDS:
             self._reported = time.perf_counter()
-            logger.info("encoded %d of %d clips on their own (method %s)", self._done, self._n_clips, self.method)
+            logger.info("encoded %d of %d clips on their own (method %s, %.0f s)", self._done, self._n_clips,
+                        self.method, self._reported - self._started)
         return out
 
 

@@ -11,9 +11,11 @@ from flows.pipeline import dask_address, pipeline_flow, resolve_paths, run_inges
 from flows.sweep import sweep_flow
 from sae import load_model
 from sae import store as sae_store
+from sae.classify import fit_classifier
 from sae.config import PipelineConfig
 from sae.distributed import open_model
 from sae.graph import degree_vector
+from sae.pooling import aggregate_config
 from sae.preprocess import open_preprocessed
 from sae.stages import ingest_complete
 from sae.store.keys import stage_keys
@@ -89,6 +91,20 @@ def test_pipeline_end_to_end_then_skips_every_stage(prefect_harness, tmp_path):
     assert exported.info["source"]["results_key"] == keys["results"]
     first_clip = sae_store.frames_array(root)[: sae_store.store_frames_per_clip(root)]
     assert set(exported.predict(first_clip, method="exact_graph")) <= set(exported.classes_)
+    # Each method's classifier is fitted on the training clips coded as that method codes new music: "exact"
+    # on every clip encoded alone (FISTA without the graph term), "exact_graph" on the training codes.
+    X, row_clips = open_preprocessed(store, keys["preprocess"])["X"][:], open_preprocessed(
+        store, keys["preprocess"])["clip_index"][:]
+    alone = np.concatenate([exported.encode(X[row_clips == clip], "exact") for clip in dict.fromkeys(row_clips)])
+    clip_labels, groups = sae_store.clip_table(root)["label_index"], sae_store.clip_group_index(root)
+    for method, codes in (("exact", alone), ("exact_graph", model["codes"][:])):
+        features = aggregate_config(codes, row_clips, exported.classify, clip_labels=clip_labels)
+        refit = fit_classifier(features, exported.classify, groups=groups[features.groups])
+        np.testing.assert_allclose(exported.classifiers_[method].decision_function(features.vectors),
+                                   refit.decision_function(features.vectors), rtol=1e-6, atol=1e-8)
+    vectors = aggregate_config(alone, row_clips, exported.classify).vectors
+    assert not np.allclose(exported.classifiers_["exact"].decision_function(vectors),
+                           exported.classifiers_["exact_graph"].decision_function(vectors), atol=1e-3)
 
     # A second run: nothing is recomputed, the same results are returned.
     stamps = completion_stamps(store, keys)
