@@ -62,15 +62,17 @@ def export(
     graph: Annotated[bool, typer.Option("--graph/--no-graph", help="Carry the training frames, codes and graph "
                                         "degrees (method exact_graph; the folder grows with the training set).")] = True,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing model folder.")] = False,
+    cluster: ClusterOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Export a trained model as a self-contained, versioned model folder.
 
     The folder holds the CQT settings, the preprocessing, the dictionary and encoder, per encoding method a
     classifier fitted on every clip of the store coded as that method codes new music, and the cross-validated
-    accuracy; `sae predict` and `sae encode` use it.
+    accuracy; `sae predict` and `sae encode` use it. With a Dask cluster, the training clips are encoded on its
+    workers.
     """
-    from flows.pipeline import show_library_logs
+    from flows.pipeline import address_of, show_library_logs
     from sae import store as sae_store
     from sae.artifact import ModelFolderError, export_model, resolve_model_key
     from sae.store.keys import default_model_path
@@ -84,9 +86,17 @@ def export(
             raise ModelFolderError(f"{str(target)!r} already exists: choose another --out or pass --force")
     except (sae_store.StoreError, FileNotFoundError, ModelFolderError) as error:
         raise fail(error, USAGE_ERROR) from None
+    address = address_of(cluster)
     try:
-        summary = export_model(store, target, model_key=key, results_key=results_key, method=method, graph=graph,
-                               overwrite=force)
+        if address is None:
+            summary = export_model(store, target, model_key=key, results_key=results_key, method=method,
+                                   graph=graph, overwrite=force)
+        else:
+            from distributed import Client
+
+            with Client(address, timeout=30, set_as_default=False) as client:
+                summary = export_model(store, target, model_key=key, results_key=results_key, method=method,
+                                       graph=graph, overwrite=force, client=client)
     except ModelFolderError as error:
         raise fail(error, USAGE_ERROR) from None
     except Exception as error:  # noqa: BLE001 - the command's boundary

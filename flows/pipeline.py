@@ -252,9 +252,10 @@ def run_classify_stage(config: PipelineConfig, address: str | None = None) -> di
                           log=_logger())
 
 
-def run_export_stage(config: PipelineConfig) -> dict[str, Any]:
-    """`sae.stages.export_stage`: the model folder ``<store>-models/<model key>``, logged in the flow run."""
-    return export_stage(config, log=_logger())
+def run_export_stage(config: PipelineConfig, address: str | None = None) -> dict[str, Any]:
+    """`sae.stages.export_stage`: the model folder ``<store>-models/<model key>``, logged in the flow run (the
+    training clips encoded on the Dask cluster at ``address``, if any)."""
+    return export_stage(config, address=address, log=_logger())
 
 
 # --------------------------------------------------------------------------- the flow
@@ -297,7 +298,7 @@ def pipeline_flow(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]: 
         for stage, run in (("graph", run_graph_stage), ("train", run_train_stage)):
             skipped[stage] = run(config, address)["skipped"]
         out = run_classify_stage(config, address)
-        exported = run_export_stage(config)
+        exported = run_export_stage(config, address)
     skipped["classify"] = out["skipped"]
     skipped["export"] = exported["skipped"]
     table = accuracy_table(out["results"])

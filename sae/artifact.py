@@ -443,6 +443,7 @@ def export_model(
     method: str | None = None,
     graph: bool = True,
     overwrite: bool = False,
+    client: Any = None,
 ) -> dict[str, Any]:
     """Export ``model/<model_key>`` of a store as a model folder at ``out`` (module docstring).
 
@@ -455,7 +456,8 @@ def export_model(
     vectors (`sae.pooling.aggregate_config`) of every training clip coded as
     that method codes new music (`sae.inference.classifier_codes`: each clip
     encoded on its own, streamed by chunks of clips; "exact_graph": the stored
-    training codes), with the ``ClassifyConfig`` of the
+    training codes; with a Dask ``client``, the clips are encoded and pooled by
+    tasks of `PART_CLIPS` clips on its workers, `part_features`), with the ``ClassifyConfig`` of the
     store's classification of this model (``results_key``, default: the latest
     complete one; none: the defaults, and no accuracy).  ``model_key`` may be
     left out when the store holds one complete model.  The folder is written
@@ -514,9 +516,13 @@ def export_model(
     classifiers = {}
     for name in methods:
         started = time.perf_counter()
-        codes = classifier_codes(name, pre["X"], row_clips, state["codes"], state["components"], state["encoder"],
-                                 model)
-        features = aggregate_config(codes, row_clips, classify, clip_labels=clip_labels)
+        if client is not None and name != "exact_graph":
+            features = _cluster_features(client, str(sae_store.store_path(root)), preprocess_key, row_clips, name,
+                                         state, model, classify, clip_labels)
+        else:
+            codes = classifier_codes(name, pre["X"], row_clips, state["codes"], state["components"],
+                                     state["encoder"], model)
+            features = aggregate_config(codes, row_clips, classify, clip_labels=clip_labels)
         classifiers[name] = fit_classifier(features, classify, groups=clip_groups[features.groups])
         logger.info("classifier of method %s fitted on %d clips, %s (%.0f s)", name, features.clips.size,
                     _CLASSIFIER_CODES[name], time.perf_counter() - started)
@@ -563,6 +569,54 @@ def export_model(
     logger.info("exported model/%s of %s to %s (%.1f MB, methods %s)", model_key, store, out, size / 1e6, methods)
     return {"path": str(out.resolve()), "model_key": model_key, "results_key": results_key, "methods": list(methods),
             "method": meta["method"], "accuracy": accuracy, "bytes": size}
+
+
+PART_CLIPS = 32
+"""Clips that one task encodes and pools when a model is exported with a Dask client (`part_features`)."""
+
+
+def part_features(store: str, preprocess_key: str, start: int, stop: int, components: np.ndarray,
+                  encoder: np.ndarray | None, model: ModelConfig, method: str, classify: ClassifyConfig,
+                  clip_labels: np.ndarray) -> Any:
+    """Window vectors of rows ``start:stop`` (whole clips) of ``preprocess/<preprocess_key>``, every clip encoded
+    on its own by ``method`` (`sae.inference.ClipCodes`): a task of `export_model` on a cluster."""
+    from sae.inference import ClipCodes
+    from sae.pooling import aggregate_config
+    from sae.preprocess import open_preprocessed
+
+    pre = open_preprocessed(store, preprocess_key)
+    X, rows = pre["X"][start:stop], pre["clip_index"][start:stop]
+    return aggregate_config(ClipCodes(X, rows, components, encoder, model, method), rows, classify,
+                            clip_labels=clip_labels)
+
+
+def _cluster_features(client: Any, store: str, preprocess_key: str, row_clips: np.ndarray, method: str,
+                      state: dict[str, Any], model: ModelConfig, classify: ClassifyConfig,
+                      clip_labels: np.ndarray) -> Any:
+    """`part_features` of every `PART_CLIPS` clips on the client's workers, joined in row order."""
+    from distributed import as_completed
+
+    from sae.inference import PROGRESS_SECONDS
+    from sae.pooling import AggregatedFeatures, clip_runs
+
+    clips, starts, stops = clip_runs(row_clips)
+    shared = client.scatter([np.asarray(state["components"]), state["encoder"], np.asarray(clip_labels)],
+                            broadcast=True)
+    futures = [client.submit(part_features, store, preprocess_key, int(starts[first]),
+                             int(stops[min(first + PART_CLIPS, clips.size) - 1]), shared[0], shared[1], model,
+                             method, classify, shared[2], pure=False)
+               for first in range(0, clips.size, PART_CLIPS)]
+    started = reported = time.perf_counter()
+    for done, _ in enumerate(as_completed(futures), start=1):
+        if time.perf_counter() - reported >= PROGRESS_SECONDS:
+            reported = time.perf_counter()
+            logger.info("encoded %d of %d clips on their own on the cluster (method %s, %.0f s)",
+                        min(done * PART_CLIPS, clips.size), clips.size, method, reported - started)
+    parts = client.gather(futures)
+    return AggregatedFeatures(np.concatenate([part.vectors for part in parts]),
+                              np.concatenate([part.labels for part in parts]),
+                              np.concatenate([part.groups for part in parts]),
+                              np.concatenate([part.clips for part in parts]), parts[0].vectors_per_clip)
 
 
 def exported_source(path: str | os.PathLike) -> dict[str, Any] | None:

@@ -24,7 +24,7 @@ from flows.cli import USAGE_ERROR, app
 from flows.pipeline import pipeline_flow, resolve_paths
 from sae import load_model
 from sae import store as sae_store
-from sae.artifact import MANIFEST, ModelFolderError, classifier_types
+from sae.artifact import MANIFEST, ModelFolderError, classifier_types, export_model
 from sae.classify import choose_C, make_classifier
 from sae.config import BuiltinDatasetConfig, PipelineConfig
 from sae.datasets import make_builtin_dataset
@@ -146,6 +146,21 @@ def test_round_trip_in_a_fresh_process_gives_the_in_store_codes_and_predictions(
         votes = classifier.predict(vectors.vectors).reshape(len(paths), -1)
         expected = [labels[np.bincount(row, minlength=len(labels)).argmax()] for row in votes]
         assert fresh[f"predicted_{method}"].tolist() == expected
+
+
+def test_an_export_on_a_cluster_equals_the_export_in_process(trained, thread_client, tmp_path, monkeypatch):
+    """The training clips encoded by tasks of 3 clips on 2 workers give the classifiers of the pipeline's own
+    export (in process), to the bit."""
+    import sae.artifact
+
+    monkeypatch.setattr(sae.artifact, "PART_CLIPS", 3)
+    export_model(trained["store"], tmp_path / "model", client=thread_client)
+    serial, distributed = load_model(trained["model"]), load_model(tmp_path / "model")
+    _, paths = training_clips(trained["store"])
+    for method in serial.methods:
+        vectors = serial.features(paths[:4], method=method)
+        np.testing.assert_array_equal(distributed.classifiers_[method].decision_function(vectors),
+                                      serial.classifiers_[method].decision_function(vectors))
 
 
 def accuracy_bound(summary: dict, n_clips: int, accuracy: float, n_new: int) -> tuple[float, float]:

@@ -12,11 +12,13 @@ from sae.store.keys import MODEL, RESULTS, default_model_path, stage_keys
 logger = logging.getLogger("sae.stages")
 
 
-def export_stage(config: PipelineConfig, *, log: Any = logger) -> dict[str, Any]:
+def export_stage(config: PipelineConfig, *, address: str | None = None, log: Any = logger) -> dict[str, Any]:
     """The trained model as a model folder, ``<store>-models/<model key>`` (`sae.artifact.export_model`).
 
     Skipped when the folder is intact and was exported from the same model and
     classification (their versions in the store); exported again otherwise.
+    With a Dask scheduler ``address``, the training clips that the classifiers
+    are fitted on are encoded on its workers.
 
     Returns
     -------
@@ -38,6 +40,13 @@ def export_stage(config: PipelineConfig, *, log: Any = logger) -> dict[str, Any]
     if all(source.get(name) == value for name, value in current.items()):
         log.info("export: %s is the model of model/%s and results/%s: skipped", path, keys["model"], keys["results"])
         return {"skipped": True, "path": str(path)}
-    export_model(store, path, model_key=keys["model"], results_key=keys["results"], overwrite=True)
+    if address is None:
+        export_model(store, path, model_key=keys["model"], results_key=keys["results"], overwrite=True)
+    else:
+        from distributed import Client
+
+        with Client(address, timeout=30, set_as_default=False) as client:
+            export_model(store, path, model_key=keys["model"], results_key=keys["results"], overwrite=True,
+                         client=client)
     log.info("export: model/%s -> %s", keys["model"], path)
     return {"skipped": False, "path": str(path)}
