@@ -607,7 +607,7 @@ def _cluster_features(client: Any, store: str, preprocess_key: str, row_clips: n
                              method, classify, shared[2], pure=False)
                for first in range(0, clips.size, PART_CLIPS)]
     started = reported = time.perf_counter()
-    for done, _ in enumerate(as_completed(futures), start=1):
+    for done, _ in enumerate(as_completed(futures, loop=client.loop), start=1):  # the client need not be the default
         if time.perf_counter() - reported >= PROGRESS_SECONDS:
             reported = time.perf_counter()
             logger.info("encoded %d of %d clips on their own on the cluster (method %s, %.0f s)",

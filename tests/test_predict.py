@@ -148,13 +148,19 @@ def test_round_trip_in_a_fresh_process_gives_the_in_store_codes_and_predictions(
         assert fresh[f"predicted_{method}"].tolist() == expected
 
 
-def test_an_export_on_a_cluster_equals_the_export_in_process(trained, thread_client, tmp_path, monkeypatch):
+def test_an_export_on_a_cluster_equals_the_export_in_process(trained, tmp_path, monkeypatch):
     """The training clips encoded by tasks of 3 clips on 2 workers give the classifiers of the pipeline's own
-    export (in process), to the bit."""
+    export (in process), to the bit; with a client that is not the default one, as `sae run` and `sae export`
+    make theirs."""
+    from distributed import Client, LocalCluster
+
     import sae.artifact
+    from flows._dask import LOOPBACK
 
     monkeypatch.setattr(sae.artifact, "PART_CLIPS", 3)
-    export_model(trained["store"], tmp_path / "model", client=thread_client)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, **LOOPBACK) as cluster, \
+            Client(cluster, set_as_default=False) as client:
+        export_model(trained["store"], tmp_path / "model", client=client)
     serial, distributed = load_model(trained["model"]), load_model(tmp_path / "model")
     _, paths = training_clips(trained["store"])
     for method in serial.methods:
