@@ -262,7 +262,8 @@ def test_every_deployment_runs_on_the_cluster_and_shows_figures_and_progress(tmp
     finally:
         subprocess.run([sys.executable, "deploy/cluster.py", "stop", "--state", str(state)], cwd=REPOSITORY,
                        env=env, capture_output=True, timeout=120, check=False)
-    assert len(started) == 5 and not any(_alive(pid) for pid in started)
+    # Prefect server, scheduler, 2 workers, Prefect worker, and the watcher of --owner-pid: all stopped.
+    assert len(started) == 6 and not any(_alive(pid) for pid in started)
 
 
 def check_predict_run(runs: Runs, out: Path) -> None:
