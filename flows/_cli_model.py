@@ -74,7 +74,8 @@ def export(
     """
     from flows.pipeline import address_of, show_library_logs
     from sae import store as sae_store
-    from sae.artifact import ModelFolderError, export_model, resolve_model_key
+    from sae.artifact import ModelFolderError, resolve_model_key
+    from sae.stages import export_on
     from sae.store.keys import default_model_path
 
     show_library_logs()  # the classifiers' encoding of every training clip takes minutes on a big store: progress
@@ -86,17 +87,9 @@ def export(
             raise ModelFolderError(f"{str(target)!r} already exists: choose another --out or pass --force")
     except (sae_store.StoreError, FileNotFoundError, ModelFolderError) as error:
         raise fail(error, USAGE_ERROR) from None
-    address = address_of(cluster)
     try:
-        if address is None:
-            summary = export_model(store, target, model_key=key, results_key=results_key, method=method,
-                                   graph=graph, overwrite=force)
-        else:
-            from distributed import Client
-
-            with Client(address, timeout=30, set_as_default=False) as client:
-                summary = export_model(store, target, model_key=key, results_key=results_key, method=method,
-                                       graph=graph, overwrite=force, client=client)
+        summary = export_on(address_of(cluster), store, target, model_key=key, results_key=results_key,
+                            method=method, graph=graph, overwrite=force)
     except ModelFolderError as error:
         raise fail(error, USAGE_ERROR) from None
     except Exception as error:  # noqa: BLE001 - the command's boundary

@@ -57,7 +57,8 @@ import numpy as np
 
 from sae import __version__
 from sae.config import ClassifyConfig, CQTConfig, GraphConfig, ModelConfig, PreprocessConfig, TrainConfig
-from sae.inference import DEFAULT_METHOD, METHODS, TrainedModel, TrainingGraph, available_methods, classifier_codes
+from sae.inference import (DEFAULT_METHOD, METHODS, ClipCodes, TrainedModel, TrainingGraph, available_methods,
+                           classifier_codes)
 
 __all__ = [
     "MODEL_LAYOUT",
@@ -516,12 +517,12 @@ def export_model(
     classifiers = {}
     for name in methods:
         started = time.perf_counter()
-        if client is not None and name != "exact_graph":
+        codes = classifier_codes(name, pre["X"], row_clips, state["codes"], state["components"], state["encoder"],
+                                 model)
+        if client is not None and isinstance(codes, ClipCodes):  # clips to encode: on the workers
             features = _cluster_features(client, str(sae_store.store_path(root)), preprocess_key, row_clips, name,
                                          state, model, classify, clip_labels)
         else:
-            codes = classifier_codes(name, pre["X"], row_clips, state["codes"], state["components"],
-                                     state["encoder"], model)
             features = aggregate_config(codes, row_clips, classify, clip_labels=clip_labels)
         classifiers[name] = fit_classifier(features, classify, groups=clip_groups[features.groups])
         logger.info("classifier of method %s fitted on %d clips, %s (%.0f s)", name, features.clips.size,
@@ -580,7 +581,6 @@ def part_features(store: str, preprocess_key: str, start: int, stop: int, compon
                   clip_labels: np.ndarray) -> Any:
     """Window vectors of rows ``start:stop`` (whole clips) of ``preprocess/<preprocess_key>``, every clip encoded
     on its own by ``method`` (`sae.inference.ClipCodes`): a task of `export_model` on a cluster."""
-    from sae.inference import ClipCodes
     from sae.pooling import aggregate_config
     from sae.preprocess import open_preprocessed
 

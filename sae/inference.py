@@ -302,6 +302,8 @@ class ClipCodes:
 
     def __init__(self, X: Any, row_clips: np.ndarray, components: np.ndarray, encoder: np.ndarray | None,
                  config: ModelConfig, method: str, graph: TrainingGraph | None = None) -> None:
+        from sae.pooling import clip_runs
+
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         self.X, self.row_clips = X, np.asarray(row_clips)
@@ -313,7 +315,7 @@ class ClipCodes:
         self.ndim = 2
         self._done, self._started = 0, time.perf_counter()
         self._reported = self._started
-        self._n_clips = int(np.count_nonzero(np.diff(self.row_clips))) + 1 if self.row_clips.size else 0
+        self._n_clips = clip_runs(self.row_clips)[0].size if self.row_clips.size else 0
 
     def _boundary(self, row: int) -> bool:
         return row in (0, self.shape[0]) or bool(self.row_clips[row - 1] != self.row_clips[row])
@@ -322,7 +324,7 @@ class ClipCodes:
         return self.shape[0]
 
     def __getitem__(self, rows: slice) -> np.ndarray:
-        from sae.pooling import read_rows
+        from sae.pooling import clip_runs, read_rows
 
         if not isinstance(rows, slice):
             raise TypeError(f"ClipCodes is read by slices of rows, got {rows!r}")
@@ -331,13 +333,14 @@ class ClipCodes:
             raise ValueError(f"ClipCodes is read by contiguous rows, got a step of {step}")
         if not (self._boundary(start) and self._boundary(stop)):
             raise ValueError(f"rows {start}:{stop} do not start and end on clip boundaries")
-        frames = read_rows(self.X, start, stop)
-        clips = self.row_clips[start:stop]
-        cuts = np.concatenate([[0], np.flatnonzero(np.diff(clips)) + 1, [clips.size]])
         out = np.empty((stop - start, self.shape[1]), dtype=self.dtype)
-        for a, b in zip(cuts[:-1], cuts[1:]):
+        if stop == start:
+            return out
+        frames = read_rows(self.X, start, stop)
+        _, starts, stops = clip_runs(self.row_clips[start:stop])
+        for a, b in zip(starts, stops):
             out[a:b] = encode_frames(frames[a:b], self.components, self.encoder, self.config, self.method, self.graph)
-        self._done += cuts.size - 1 if clips.size else 0
+        self._done += starts.size
         if time.perf_counter() - self._reported >= PROGRESS_SECONDS:
             self._reported = time.perf_counter()
             logger.info("encoded %d of %d clips on their own (method %s, %.0f s)", self._done, self._n_clips,
@@ -458,6 +461,10 @@ class TrainedModel:
         """The classifier of the default ``method``."""
         return self.classifiers_[self.method]
 
+    def _classifier(self, method: str | None) -> Any:
+        """The classifier of ``method`` (default: the model's), fitted on codes made as that method makes them."""
+        return self.classifiers_[self.resolve_method(method)]
+
     def __repr__(self) -> str:
         return (f"TrainedModel(n_atoms={self.model.n_atoms}, classes={self.classes_.tolist()}, "
                 f"method={self.method!r}, methods={self.methods})")
@@ -556,7 +563,7 @@ class TrainedModel:
         by the classifier of ``method`` (the method that coded them)."""
         from sae.classify import vote_shares
 
-        classifier = self.classifiers_[self.resolve_method(method)]
+        classifier = self._classifier(method)
         predicted = classifier.predict(vectors)
         groups = np.repeat(np.arange(n_clips), vectors.shape[0] // n_clips)
         return vote_shares(predicted, groups, classifier.classes_)[1]
@@ -574,15 +581,14 @@ class TrainedModel:
     def predict_proba(self, clips: Any, *, method: str | None = None) -> np.ndarray:
         """Mean class probabilities (n_clips, n_classes) of each clip's vectors."""
         clips = self._clip_list(clips)
-        classifier = self.classifiers_[self.resolve_method(method)]
-        return self._per_clip(classifier.predict_proba(self.features(clips, method=method)), len(clips))
+        probabilities = self._classifier(method).predict_proba(self.features(clips, method=method))
+        return self._per_clip(probabilities, len(clips))
 
     @available_if(_has_classifier_method("decision_function"))
     def decision_function(self, clips: Any, *, method: str | None = None) -> np.ndarray:
         """Mean decision values (n_clips, n_classes) of each clip's vectors (two classes: (n_clips,))."""
         clips = self._clip_list(clips)
-        classifier = self.classifiers_[self.resolve_method(method)]
-        values = np.asarray(classifier.decision_function(self.features(clips, method=method)))
+        values = np.asarray(self._classifier(method).decision_function(self.features(clips, method=method)))
         if values.ndim == 1:
             return values.reshape(len(clips), -1).mean(axis=1)
         return self._per_clip(values, len(clips))

@@ -30,7 +30,7 @@ from sae.stages.experiment import (
     noise_stages,
     write_experiment_outputs,
 )
-from sae.stages.export import export_stage
+from sae.stages.export import export_on, export_stage
 from sae.stages.graph import graph_current, graph_stage
 from sae.stages.ingest import check_ingestion, ingest_complete, ingest_stage, record_ingestion, repair_frames
 from sae.stages.inputs import require, require_frames
@@ -69,6 +69,7 @@ __all__ = [
     "train_stage", "model_complete", "require_model", "train_inputs",
     "classify_stage", "check_folds", "results_current", "read_summaries", "brief", "open_rows", "open_source",
     "classify_features", "classify_inductive", "classify_sources",
+    "export_on",
     "export_stage",
     "SweepPlan", "PlannedGraph", "PlannedModel", "PlannedClassification", "SweepRows",
     "sweep_plan", "sweep_rows", "write_sweep_outputs",

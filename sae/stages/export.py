@@ -12,6 +12,19 @@ from sae.store.keys import MODEL, RESULTS, default_model_path, stage_keys
 logger = logging.getLogger("sae.stages")
 
 
+def export_on(address: str | None, store: str, out: Any, **options: Any) -> dict[str, Any]:
+    """`sae.artifact.export_model` of ``store`` to ``out``, the training clips encoded on the workers of the Dask
+    scheduler at ``address`` (a client of its own, not the default one), or in this process when None."""
+    from sae.artifact import export_model
+
+    if address is None:
+        return export_model(store, out, **options)
+    from distributed import Client
+
+    with Client(address, timeout=30, set_as_default=False) as client:
+        return export_model(store, out, client=client, **options)
+
+
 def export_stage(config: PipelineConfig, *, address: str | None = None, log: Any = logger) -> dict[str, Any]:
     """The trained model as a model folder, ``<store>-models/<model key>`` (`sae.artifact.export_model`).
 
@@ -25,7 +38,7 @@ def export_stage(config: PipelineConfig, *, address: str | None = None, log: Any
     dict
         ``skipped`` and ``path``.
     """
-    from sae.artifact import export_model, exported_source
+    from sae.artifact import exported_source
 
     store, keys = config.ingest.store, stage_keys(config)
     path = default_model_path(store, keys["model"])
@@ -40,13 +53,6 @@ def export_stage(config: PipelineConfig, *, address: str | None = None, log: Any
     if all(source.get(name) == value for name, value in current.items()):
         log.info("export: %s is the model of model/%s and results/%s: skipped", path, keys["model"], keys["results"])
         return {"skipped": True, "path": str(path)}
-    if address is None:
-        export_model(store, path, model_key=keys["model"], results_key=keys["results"], overwrite=True)
-    else:
-        from distributed import Client
-
-        with Client(address, timeout=30, set_as_default=False) as client:
-            export_model(store, path, model_key=keys["model"], results_key=keys["results"], overwrite=True,
-                         client=client)
+    export_on(address, store, path, model_key=keys["model"], results_key=keys["results"], overwrite=True)
     log.info("export: model/%s -> %s", keys["model"], path)
     return {"skipped": False, "path": str(path)}
