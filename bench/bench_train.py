@@ -186,6 +186,11 @@ def main() -> None:
                              "MALLOC_MMAP_THRESHOLD_=4294967296 (Dask sets MALLOC_TRIM_THRESHOLD_=65536)")
     parser.add_argument("--z-stop", default=None, choices=("gap", "change"),
                         help="Z-step stopping rule (default: ModelConfig's)")
+    parser.add_argument("--order", default="stored", choices=("stored", "cluster"),
+                        help="frames into blocks: as stored (the synthetic graph links frames of one clip, so the "
+                             "stored order already keeps it inside the blocks) or fit_distributed's k-means order")
+    parser.add_argument("--memory-check", default="refuse", choices=("refuse", "warn"),
+                        help="fit_distributed's check of the workers' memory before training")
     parser.add_argument("--repeats", type=int, default=1, help="fits per number of workers (medians printed)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -213,7 +218,7 @@ def main() -> None:
     dask.config.set(settings)
     print(f"switches: pool {tuning.array_pool}, stealing pause {tuning.pause_work_stealing}, work stealing "
           f"{args.work_stealing}, offload {args.offload_previous}, memory limit {args.memory_limit}, "
-          f"worker env {args.malloc_env or '(Dask default)'}, Z stop {config.z_stop}")
+          f"worker env {args.malloc_env or '(Dask default)'}, Z stop {config.z_stop}, order {args.order}")
     block_size = args.block_size or -(-args.n_frames // 8)
     m, n, N = args.n_atoms, args.n_bins, args.n_frames
     flops_per_apply = 4 * N * m * n  # per FISTA iteration: y C and x_{k+1} C, each (N, m) x (m, n)
@@ -232,6 +237,7 @@ def main() -> None:
                 fit = fit_distributed(X, config, client=client, laplacian=laplacian, block_size=block_size,
                                       lookahead=args.lookahead, laplacian_norm=args.laplacian_norm,
                                       offload_previous=args.offload_previous, tuning=tuning,
+                                      order=args.order, memory_check=args.memory_check,
                                       checkpoint=zarr.open_group(f"{root}/model_{n_workers}.zarr", mode="w"))
                 total = time.perf_counter() - tic
             records = fit.history[1:]

@@ -221,6 +221,15 @@ def test_every_deployment_runs_on_the_cluster_and_shows_figures_and_progress(tmp
         dashboard = info["dask_dashboard_url"]
         assert dashboard.startswith("http://127.0.0.1:") and "Bokeh" in _text(dashboard)
         assert "Bokeh" in _text(dashboard.replace("/status", "/tasks"))
+        # The workers allocate arrays up to 32 MiB on the heap, beside Dask's trim threshold (HEAP_ARRAYS).
+        from distributed import Client
+
+        with Client(dask_address, timeout=30) as client:
+            environments = client.run(lambda: {key: os.environ.get(key) for key in
+                                               ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")})
+        assert len(environments) == 2 and all(found == {"MALLOC_MMAP_THRESHOLD_": "33554432",
+                                                        "MALLOC_TRIM_THRESHOLD_": "65536"}
+                                              for found in environments.values()), environments
 
         _run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all", "--prefect-file",
               str(PREFECT_FILE.relative_to(REPOSITORY))], env)
