@@ -311,8 +311,12 @@ def load_model(path: str | os.PathLike, *, method: str | None = None) -> Trained
                                                   "n_train_frames", "frames_per_clip")}
             | {"path": str(folder.resolve()), "digest": _sha256(folder / MANIFEST)},
         )
+    except ModelFolderError:
+        raise
     except KeyError as error:
         raise ModelFolderError(f"{meta_path}: {error} is missing: not a model of this sae") from None
+    except ValueError as error:  # arrays or classifiers that do not make a model (TrainedModel's checks)
+        raise ModelFolderError(f"{folder}: {error}") from None
 
 
 @functools.lru_cache(maxsize=4)

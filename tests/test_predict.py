@@ -306,6 +306,23 @@ def test_another_layout_and_untrusted_classifier_types_are_refused(trained, tmp_
         load_model(copy)
 
 
+def test_a_model_json_without_a_methods_classifier_is_refused(trained, tmp_path):
+    import hashlib
+
+    copy = tmp_path / "model"
+    shutil.copytree(trained["model"], copy)
+    meta = json.loads((copy / "model.json").read_text())
+    assert {"encoder", "exact"} <= set(meta["classifiers"])
+    del meta["classifiers"]["encoder"]
+    data = json.dumps(meta).encode()
+    (copy / "model.json").write_bytes(data)
+    manifest = json.loads((copy / MANIFEST).read_text())
+    manifest["files"]["model.json"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ModelFolderError, match=r"no classifier for the methods \['encoder'\]"):
+        load_model(copy)
+
+
 def test_inputs_that_cannot_be_used_stop_the_commands_before_any_work(trained, tmp_path, runner):
     (tmp_path / "empty").mkdir()
     (tmp_path / "notes.txt").write_text("not audio")
