@@ -21,14 +21,17 @@ It returns the dictionary only: its solution is scored with the codes SPAMS's ``
 gives for it (exact), and its time is trainDL's plus lasso's.  It runs for a few numbers of
 epochs (``--spams-epochs``, mini-batches of 256); our fit is timed to the first outer
 iteration whose objective is at least as good as each.
-Our coordinate-descent Z step (`sae.coordinate`, the default when lambda_g = 0) stops on
-a per-frame duality gap: it is timed with the loosest rtol of 1e-2, 1e-3, ... whose
-objective is at least as good as the target; our FISTA stays as a peer row.
+Our coordinate-descent Z step (`sae.coordinate`, the default when lambda_g = 0) and our
+homotopy path (`sae.lars`, z_solver="lars") stop on a per-frame duality gap: each is timed
+with the loosest rtol of 1e-2, 1e-3, ... whose objective is at least as good as the target;
+our FISTA stays as a peer row.  ``--lambda-z 0.03`` (the default preset's weight) makes
+the codes dense, where coordinate descent is slow and the paths are long.
 
     python bench/bench_core.py                    # N = 20,000, n = 96, m = 128 and 512
     python bench/bench_core.py --n-samples 5000 --atoms 64 --repeats 1   # quick
     python bench/bench_core.py --fista-dtypes --skip-pyunlocbox           # without the slow FISTA rows
     python bench/bench_core.py --fista-dtypes --skip-pyunlocbox --skip-fit  # the Z step against sklearn and SPAMS
+    python bench/bench_core.py --fista-dtypes --skip-pyunlocbox --skip-fit --lambda-z 0.03
 
 Medians over --repeats runs (FISTA and pyunlocbox: --slow-repeats, they take minutes);
 peak RSS of the process at the end.  Targets: Z step >= 5x faster than scikit-learn's
@@ -47,6 +50,7 @@ from sklearn.decomposition import DictionaryLearning, MiniBatchDictionaryLearnin
 from _timing import timed
 from sae.config import ModelConfig
 from sae.coordinate import coordinate_descent_codes
+from sae.lars import lars_codes
 from sae.model import fit_sae, objective_terms, solve_codes
 
 LAMBDA_D, LAMBDA_Z = 10.0, 1.0
@@ -109,14 +113,15 @@ def ours_to_target(X, C, target, dtype, repeats):
     return seconds, n_iter, codes_objective(X, C, result.solution.astype(np.float64))
 
 
-def cd_to_target(X, C, target, dtype, repeats, n_threads):
-    """Time our coordinate-descent Z step with the loosest rtol whose objective is <= target."""
+def cd_to_target(X, C, target, dtype, repeats, n_threads, solver=coordinate_descent_codes):
+    """Time our per-frame Z step (coordinate descent, or ``solver=lars_codes``) with the loosest rtol whose
+    objective is <= target."""
     Xd, Cd = X.astype(dtype), C.astype(dtype)
     Z0 = np.zeros((len(X), len(C)), dtype=dtype)
 
     def solve(rtol):
-        return coordinate_descent_codes(Xd, Cd, None, Z0, lambda_d=LAMBDA_D, lambda_z=LAMBDA_Z, rtol=rtol,
-                                        max_iter=500, n_threads=n_threads)
+        return solver(Xd, Cd, None, Z0, lambda_d=LAMBDA_D, lambda_z=LAMBDA_Z, rtol=rtol, max_iter=500,
+                      n_threads=n_threads)
 
     solve(1e-2)  # compile, or load the compiled kernel from numba's cache, outside the timing
     for rtol in (1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8, 1e-9, 1e-10, 0.0):
@@ -196,14 +201,17 @@ def bench_codes(X: np.ndarray, n_atoms: int, repeats: int, slow_repeats: int, fi
     for name, seconds, objective in rows + spams:
         print(f"  {name:<38} {seconds:8.3f} s   objective {objective:.6e}")
     ours = {}
-    for dtype in (np.float32, np.float64):
-        for n_threads in (None, 1):
-            seconds, rtol, n_iter, objective = cd_to_target(X, C, target, dtype, repeats, n_threads)
-            threads = "all threads" if n_threads is None else "1 thread"
-            name = f"sae cd {np.dtype(dtype).name} {threads}"
-            ours[name] = seconds
-            print(f"  {name:<38} {seconds:8.3f} s   objective {objective:.6e}   (rtol {rtol:g}, "
-                  f"{n_iter} full sweeps at most)")
+    for label, solver, dtypes in (("cd", coordinate_descent_codes, (np.float32, np.float64)),
+                                  ("lars", lars_codes, (np.float32,))):
+        for dtype in dtypes:
+            for n_threads in (None, 1):
+                seconds, rtol, n_iter, objective = cd_to_target(X, C, target, dtype, repeats, n_threads, solver)
+                threads = "all threads" if n_threads is None else "1 thread"
+                name = f"sae {label} {np.dtype(dtype).name} {threads}"
+                ours[name] = seconds
+                steps = "full sweeps" if label == "cd" else "pieces of a path"
+                print(f"  {name:<38} {seconds:8.3f} s   objective {objective:.6e}   (rtol {rtol:g}, "
+                      f"{n_iter} {steps} at most)")
     # the default tolerance of the fit (ModelConfig.rtol = 1e-5): gap-certified, beyond the target
     Xf, Cf = X.astype(np.float32), C.astype(np.float32)
     seconds, result = timed(lambda: coordinate_descent_codes(
@@ -232,8 +240,9 @@ def bench_codes(X: np.ndarray, n_atoms: int, repeats: int, slow_repeats: int, fi
     default = ours["sae cd float32 all threads"]
     print(f"  -> default Z step (cd float32) vs best sparse_encode: {best_sklearn / default:.1f}x (target >= 5x)")
     if spams:
-        print(f"  -> default Z step (cd float32, all threads) vs SPAMS lasso all threads: "
-              f"{spams[0][1] / default:.1f}x")
+        for name in ("sae cd float32 all threads", "sae lars float32 all threads", "sae lars float32 1 thread"):
+            peer = spams[0] if name.endswith("all threads") else spams[-1]
+            print(f"  -> {name} vs {peer[0]}: {peer[1] / ours[name]:.1f}x")
 
 
 def spams_train(X: np.ndarray, n_atoms: int, epochs: int, batch_size: int = 256) -> tuple[float, float, np.ndarray,
@@ -277,7 +286,8 @@ def spams_fit_rows(X: np.ndarray, n_atoms: int, epochs_list, repeats: int) -> li
     return rows
 
 
-def bench_fit(X: np.ndarray, n_atoms: int, repeats: int, max_iter: int, spams_epochs=(), skip_sklearn=False) -> None:
+def bench_fit(X: np.ndarray, n_atoms: int, repeats: int, max_iter: int, spams_epochs=(), skip_sklearn=False,
+              z_solver="auto") -> None:
     print(f"\n== full fit (lambda_g = lambda_e = 0): N={len(X)}, n={X.shape[1]}, m={n_atoms}, medians of {repeats} ==")
 
     def score(model) -> float:
@@ -304,7 +314,7 @@ def bench_fit(X: np.ndarray, n_atoms: int, repeats: int, max_iter: int, spams_ep
               for name, learned, coded, objective in spams_fit_rows(X, n_atoms, spams_epochs, repeats)]
 
     config = ModelConfig(n_atoms=n_atoms, lambda_d=LAMBDA_D, lambda_z=LAMBDA_Z, rtol=1e-6, max_outer=200,
-                         random_state=0)
+                         random_state=0, z_solver=z_solver)
     fit_sae(X[:50], config.model_copy(update={"max_outer": 1}))  # numba: compile or load from cache
     fits = [fit_sae(X, config) for _ in range(repeats)]
     result = fits[-1]
@@ -328,6 +338,7 @@ def bench_fit(X: np.ndarray, n_atoms: int, repeats: int, max_iter: int, spams_ep
 
 
 def main() -> None:
+    global LAMBDA_Z, ALPHA
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n-samples", type=int, default=20_000)
     parser.add_argument("--n-features", type=int, default=96)
@@ -347,7 +358,12 @@ def main() -> None:
     parser.add_argument("--spams-epochs", type=int, nargs="*", default=[1, 3, 10, 30],
                         help="passes of SPAMS trainDL over the data, one peer row each (none: skip)")
     parser.add_argument("--skip-fit-sklearn", action="store_true", help="full fit without the scikit-learn peers")
+    parser.add_argument("--lambda-z", type=float, default=LAMBDA_Z,
+                        help="weight of the l1 term (lambda_d = 10): small values make many non-zeros per frame")
+    parser.add_argument("--fit-z-solver", default="auto", choices=["auto", "cd", "lars"],
+                        help="Z-step solver of our full fit")
     args = parser.parse_args()
+    LAMBDA_Z, ALPHA = args.lambda_z, args.lambda_z / LAMBDA_D
 
     X = make_data(args.n_samples, args.n_features, seed=0)
     fista_dtypes = [np.dtype(name).type for name in args.fista_dtypes]
@@ -355,7 +371,8 @@ def main() -> None:
         bench_codes(X, n_atoms, args.repeats, args.slow_repeats, fista_dtypes, not args.skip_pyunlocbox,
                     args.sklearn_algorithms)
     if not args.skip_fit:
-        bench_fit(X, args.fit_atoms, args.fit_repeats, args.fit_max_iter, args.spams_epochs, args.skip_fit_sklearn)
+        bench_fit(X, args.fit_atoms, args.fit_repeats, args.fit_max_iter, args.spams_epochs, args.skip_fit_sklearn,
+                  args.fit_z_solver)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"\npeak RSS of this process: {peak:.0f} MB")
 

@@ -40,7 +40,7 @@ def expected_failed_checks(estimator: StructuredAutoEncoder) -> dict[str, str]:
 
     Pass it as ``expected_failed_checks`` to ``parametrize_with_checks`` /
     ``check_estimator``.  The coordinate-descent Z step (``lambda_g = 0``,
-    ``z_solver`` "auto" or "cd") stops every frame on its own duality gap, so
+    ``z_solver`` "auto", "cd" or "lars") stops every frame on its own duality gap, so
     codes do not depend on the batch.
     """
     fista = estimator._validated_config().z_step_method == "fista"

@@ -17,8 +17,10 @@ Encoding methods (`METHODS`)
 
     solved as the training's Z step was (``ModelConfig.z_step_method``, with
     its stopping rule ``z_stop`` and inner tolerance): FISTA stopped on the
-    relative change for a model trained with the graph term, coordinate descent
-    per frame to its duality gap for one trained without.
+    relative change for a model trained with the graph term; for one trained
+    without, every frame's lasso to the same per-frame duality gap, by its
+    homotopy path from ``Z = 0`` (`sae.lars.lars_codes`: the minimiser that
+    coordinate descent certifies, up to 10 times faster from zero).
 ``exact_graph``
     The Z step with the graph term extended to the new frames (`NeighbourGraph`):
     each new frame joins the training graph through its K nearest training
@@ -236,7 +238,8 @@ def encode_frames(X: np.ndarray, components: np.ndarray, encoder: np.ndarray | N
     ``config`` holds the weights the model was trained with; the Z step runs
     from ``Z = 0`` with its inner tolerance (``config.inner_tolerance``,
     ``atol``, ``max_inner``, ``fista_restart``), "exact" with the training's
-    solver and stopping rule (``config.z_step_method``, ``config.z_stop``).  ``graph`` is required by
+    solver and stopping rule (``config.z_step_method``, ``config.z_stop``; the homotopy
+    path for the per-frame solvers, module docstring).  ``graph`` is required by
     "exact_graph".  All of ``X`` is one problem: give one clip at a time for
     codes that do not depend on the batch (FISTA stops on the batch's objective).
 
@@ -265,7 +268,8 @@ def encode_frames(X: np.ndarray, components: np.ndarray, encoder: np.ndarray | N
     zeros = np.zeros((X.shape[0], components.shape[0]), dtype=dtype)
     tolerance = inner_options(config)
     if method == "exact":
-        options = code_step_options(config) | dict(lambda_g=0.0, method=config.z_step_method)
+        solver = "lars" if config.z_step_method in ("cd", "lars") else config.z_step_method
+        options = code_step_options(config) | dict(lambda_g=0.0, method=solver)
         return solve_codes(X, components, encoder if config.lambda_e > 0 else None, None, zeros, **options).solution
     if graph is None or config.lambda_g <= 0:
         raise ValueError(

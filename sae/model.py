@@ -45,6 +45,7 @@ import scipy.sparse as sp
 
 from sae.config import ModelConfig
 from sae.coordinate import coordinate_descent_codes
+from sae.lars import lars_codes
 from sae.outer import (
     TERM_NAMES,
     TERM_WEIGHTS,
@@ -308,7 +309,7 @@ def solve_codes(
     max_iter: int = 500,
     laplacian_norm: float | None = None,
     restart: bool = True,
-    method: Literal["auto", "fista", "cd"] = "auto",
+    method: Literal["auto", "fista", "cd", "lars"] = "auto",
     n_threads: int | None = None,
     stop: Literal["gap", "change"] = "gap",
 ) -> SolverResult:
@@ -338,8 +339,10 @@ def solve_codes(
     every frame's duality gap (``gap <= rtol F``: the objective is certified
     within ``rtol`` relative of its minimum), ``max_iter`` caps its full sweeps
     and ``n_threads`` its threads (None: numba's default; 1: serial, for
-    single-threaded workers); ``restart``, ``laplacian_norm`` and ``stop`` are
-    FISTA's only.  "auto" is "cd" when ``lambda_g = 0``, else "fista".  Both return a
+    single-threaded workers); "lars" (also only when ``lambda_g = 0``) is
+    :func:`sae.lars.lars_codes`, every frame's lasso solved exactly by its homotopy
+    path (no warm start), certified by the same per-frame gap; ``restart``,
+    ``laplacian_norm`` and ``stop`` are FISTA's only.  "auto" is "cd" when ``lambda_g = 0``, else "fista".  Both return a
     :class:`~sae.solvers.SolverResult` (for "cd", ``n_iter`` is the largest
     number of full sweeps over the frames).
 
@@ -351,11 +354,11 @@ def solve_codes(
     >>> bool(abs(cd.objective[-1] - fista.objective[-1]) <= 1e-6 * fista.objective[-1])
     True
     """
-    if method not in ("auto", "fista", "cd"):
-        raise ValueError(f"method must be one of 'auto', 'fista', 'cd', got {method!r}")
-    if method == "cd" and lambda_g > 0:
+    if method not in ("auto", "fista", "cd", "lars"):
+        raise ValueError(f"method must be one of 'auto', 'fista', 'cd', 'lars', got {method!r}")
+    if method in ("cd", "lars") and lambda_g > 0:
         raise ValueError(
-            f"method='cd' needs lambda_g = 0 (frames are then independent), got lambda_g={lambda_g!r}: "
+            f"method={method!r} needs lambda_g = 0 (frames are then independent), got lambda_g={lambda_g!r}: "
             "use method='fista' or 'auto'"
         )
     X = np.asarray(X)
@@ -374,8 +377,9 @@ def solve_codes(
         Z = np.zeros_like(Z0)
         value = L1Norm(lambda_z).value(Z0)
         return SolverResult(Z, 1, "rtol", np.array([value, 0.0]))  # exact in one step
-    if laplacian is None and method in ("auto", "cd"):
-        return coordinate_descent_codes(
+    if laplacian is None and method in ("auto", "cd", "lars"):
+        solver = lars_codes if method == "lars" else coordinate_descent_codes
+        return solver(
             X, components, encoder if lambda_e > 0 else None, Z0, lambda_d=lambda_d, lambda_z=lambda_z,
             lambda_e=lambda_e, rtol=rtol, atol=atol, max_iter=max_iter, n_threads=n_threads,
         )

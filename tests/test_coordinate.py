@@ -167,8 +167,8 @@ def test_solve_codes_methods(rng):
     np.testing.assert_array_equal(graph.solution, fista.solution)
     with pytest.raises(ValueError, match="method='cd' needs lambda_g = 0.*got lambda_g=1.0"):
         solve_codes(X, C, None, L, Z0, lambda_g=1.0, method="cd", **kw)
-    with pytest.raises(ValueError, match="method must be one of 'auto', 'fista', 'cd', got 'lars'"):
-        solve_codes(X, C, None, None, Z0, method="lars", **kw)
+    with pytest.raises(ValueError, match="method must be one of 'auto', 'fista', 'cd', 'lars', got 'spams'"):
+        solve_codes(X, C, None, None, Z0, method="spams", **kw)
 
 
 def test_invalid_arguments_name_the_parameter(rng):
@@ -196,7 +196,7 @@ def test_fit_sae_with_either_z_solver_reaches_the_same_objective(rng):
         assert fit.history[-1]["stop_codes"] == "rtol"
     assert totals["cd"] == pytest.approx(totals["fista"], rel=1e-3)
     with pytest.raises(ValueError, match="z_solver"):
-        ModelConfig(z_solver="lars")
+        ModelConfig(z_solver="spams")
     with pytest.raises(ValueError, match="z_solver='cd' needs lambda_g = 0.*got lambda_g=1.0"):
         ModelConfig(z_solver="cd", lambda_g=1.0)
     assert ModelConfig(lambda_g=1.0).z_solver == "auto"

@@ -215,11 +215,12 @@ def test_an_interrupt_stops_a_z_step_without_graph_while_it_waits_and_its_waitin
 
 def test_coordinate_descent_by_batches_gives_the_codes_of_one_call(monkeypatch, rng):
     """A block is coded by batches of frames (to look at its stop event between them): bit for bit the codes,
-    iterations and stop reason of one call, and FISTA (one problem over the block) is left whole."""
+    iterations and stop reason of one call (coordinate descent and the homotopy path), and FISTA (one problem
+    over the block) is left whole."""
     monkeypatch.setattr(zstep, "CD_FIRST_BATCH", 7)  # uneven batches: 7, 14, 28, ... (or halved when slow)
     X = rng.random((300, 12)).astype(np.float32)
     C = init_dictionary(20, 12, rng=rng, dtype=np.float32)
-    for method in ("cd", "fista"):
+    for method in ("cd", "lars", "fista"):
         options = dict(lambda_d=10.0, lambda_z=0.5, rtol=1e-6, max_iter=300, method=method)
         reference = solve_codes(X, C, None, None, np.zeros((300, 20), np.float32), n_threads=1, **options)
         codes, info = zstep.solve_block_codes(X, C, None, np.zeros((300, 20), np.float32), options)
