@@ -34,10 +34,12 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from sae.solvers import STOP_CODES, SolverResult, StopReason, duality_gap, gap_stop_code
 
@@ -50,9 +52,8 @@ logger = logging.getLogger(__name__)
 #: point to working precision).
 STATIONARY_ULPS = 4.0
 
-#: Numba's parallel launches are serialised: the workqueue threading layer
-#: must not be entered from two threads at once, and two concurrent parallel
-#: solves would oversubscribe the cores anyway.
+#: Parallel solves from several Python threads are serialised: they would
+#: oversubscribe the cores.
 _PARALLEL_LOCK = threading.Lock()
 
 #: Coordinate-descent sweeps on the support before the exact (Newton) solve on
@@ -368,48 +369,48 @@ def _solve_frame(
     return sweeps, code
 
 
-@njit(cache=True, parallel=True, nogil=True)
-def _drive_parallel(
-    X, Ct, Et, G, Z, scalars, lambda_z64, rtol, atol, max_iter, eps, n_chunks,
-    sweeps_out, codes_out, history, tail,
-):  # pragma: no cover - compiled
-    """All frames, chunks in parallel: chunk ``c`` solves frames ``c, c + n_chunks, ...`` with its own scratch."""
-    n_samples = X.shape[0]
-    m = G.shape[0]
-    zero = scalars[3]
-    for chunk in prange(n_chunks):
-        b, q, cx, ex = np.full(m, zero), np.full(m, zero), np.full(m, zero), np.full(m, zero)
-        q64, w, zs = np.zeros(m), np.zeros(m), np.zeros(m)
-        index = np.zeros(m, np.int64)
-        L = np.zeros((m, m))
-        for i in range(chunk, n_samples, n_chunks):
-            sweeps, code = _solve_frame(
-                X[i], Ct, Et, G, scalars, lambda_z64, rtol, atol, max_iter, eps, Z[i],
-                b, q, q64, cx, ex, index, L, w, zs, history[chunk], tail[chunk],
-            )
-            sweeps_out[i] = sweeps
-            codes_out[i] = code
-
-
 @njit(cache=True, nogil=True)
-def _drive_serial(
-    X, Ct, Et, G, Z, scalars, lambda_z64, rtol, atol, max_iter, eps, n_chunks,
-    sweeps_out, codes_out, history, tail,
+def _drive_chunk(
+    X, Ct, Et, G, Z, scalars, lambda_z64, rtol, atol, max_iter, eps,
+    sweeps_out, codes_out, history, tail, first, stride,
 ):  # pragma: no cover - compiled
-    """All frames in one loop, outside numba's threading layer (``n_chunks`` is ignored: one chunk)."""
+    """Frames ``first, first + stride, ...`` with one set of scratch arrays; ``history`` and ``tail`` are the
+    chunk's own rows."""
     m = G.shape[0]
     zero = scalars[3]
     b, q, cx, ex = np.full(m, zero), np.full(m, zero), np.full(m, zero), np.full(m, zero)
     q64, w, zs = np.zeros(m), np.zeros(m), np.zeros(m)
     index = np.zeros(m, np.int64)
     L = np.zeros((m, m))
-    for i in range(X.shape[0]):
+    for i in range(first, X.shape[0], stride):
         sweeps, code = _solve_frame(
             X[i], Ct, Et, G, scalars, lambda_z64, rtol, atol, max_iter, eps, Z[i],
-            b, q, q64, cx, ex, index, L, w, zs, history[0], tail[0],
+            b, q, q64, cx, ex, index, L, w, zs, history, tail,
         )
         sweeps_out[i] = sweeps
         codes_out[i] = code
+
+
+def frame_threads(n_samples: int, n_threads: int | None) -> int:
+    """The threads a per-frame solve uses: ``n_threads``, by default numba's setting, at most one per frame."""
+    threads = numba.get_num_threads() if n_threads is None else n_threads
+    return max(1, min(threads, n_samples))
+
+
+def run_chunks(chunk: Callable[[int, int], object], n_chunks: int, threads: int) -> None:
+    """``chunk(first, n_chunks)`` for every ``first < n_chunks``, on ``threads`` Python threads.
+
+    The compiled kernels release the GIL, so Python threads run them in parallel.  They replace numba's
+    parallel loops: numba's OpenMP threads spin for a while after each parallel region, and every BLAS call
+    that followed one (the D step's products, right after the Z step) ran up to 100x slower against them.
+    """
+    if threads <= 1 or n_chunks <= 1:
+        for first in range(n_chunks):
+            chunk(first, n_chunks)
+        return
+    with _PARALLEL_LOCK, ThreadPoolExecutor(threads, thread_name_prefix="sae-frames") as pool:
+        for future in [pool.submit(chunk, first, n_chunks) for first in range(n_chunks)]:
+            future.result()
 
 
 def _check_threads(n_threads: int | None) -> int | None:
@@ -477,13 +478,14 @@ def coordinate_descent_codes(
     inside the kernel), so a frame's codes are bitwise the same whatever the
     batch (any blocking of the rows), the number of threads and the chunking.
 
-    **Threads.**  Frames are solved in parallel by numba (``prange`` over
-    interleaved chunks of frames).  ``n_threads=None`` uses numba's current
-    setting (all cores unless ``NUMBA_NUM_THREADS`` or ``numba.set_num_threads``
-    say otherwise); ``n_threads=1`` runs a serial compiled loop, which never
-    enters numba's threading layer: use it inside single-threaded workers (a
-    Dask worker thread).  Parallel launches from several Python threads are
-    serialised by a lock.  The kernel releases the GIL.
+    **Threads.**  Frames are solved in parallel, interleaved chunks of frames
+    on Python threads (`run_chunks`: the compiled kernel releases the GIL; not
+    numba's parallel loops, whose spinning OpenMP threads slowed down the BLAS
+    calls after them).  ``n_threads=None`` uses numba's setting (all cores
+    unless ``NUMBA_NUM_THREADS`` or ``numba.set_num_threads`` say otherwise);
+    ``n_threads=1`` runs the kernel in the calling thread: use it inside
+    single-threaded workers (a Dask worker thread).  Parallel solves from
+    several Python threads are serialised by a lock.
 
     Parameters
     ----------
@@ -562,28 +564,15 @@ def coordinate_descent_codes(
     scalars = np.array([lambda_d, lambda_e, lambda_z, 0.0], dtype=dtype)
     eps = STATIONARY_ULPS * float(np.finfo(dtype).eps)
 
-    if n_threads == 1 or n_samples <= 1:
-        driver, n_chunks = _drive_serial, 1
-    else:
-        threads = numba.get_num_threads() if n_threads is None else n_threads
-        driver, n_chunks = _drive_parallel, max(1, min(n_samples, 4 * threads))
+    threads = frame_threads(n_samples, n_threads)
+    n_chunks = 1 if threads == 1 else min(n_samples, 4 * threads)
     history = np.zeros((n_chunks, max_iter + 1))
     tail = np.zeros((n_chunks, max_iter + 2))
     sweeps = np.zeros(n_samples, dtype=np.int64)
     codes = np.zeros(n_samples, dtype=np.int64)
-    args = (X, Ct, Et, G, Z, scalars, float(lambda_z), float(rtol), float(atol), int(max_iter), eps,
-            n_chunks, sweeps, codes, history, tail)
-    if driver is _drive_serial:
-        driver(*args)
-    else:
-        with _PARALLEL_LOCK:
-            previous = numba.get_num_threads()
-            try:
-                if n_threads is not None:
-                    numba.set_num_threads(n_threads)
-                driver(*args)
-            finally:
-                numba.set_num_threads(previous)
+    args = (X, Ct, Et, G, Z, scalars, float(lambda_z), float(rtol), float(atol), int(max_iter), eps, sweeps, codes)
+    run_chunks(lambda first, stride: _drive_chunk(*args, history[first], tail[first], first, stride), n_chunks,
+               threads)
 
     n_iter = int(sweeps.max()) if n_samples else 0
     objective = (history.sum(axis=0) + np.cumsum(tail.sum(axis=0))[:-1])[: n_iter + 1]

@@ -16,20 +16,23 @@ elsewhere, and ``z_A`` moves along ``d = G_AA^{-1} s_A``.  A piece ends where
 an inactive correlation reaches ``t`` (the atom joins ``A``) or an active code
 reaches 0 (it leaves), found in closed form; ``G_AA``'s Cholesky factor is
 extended by one row when an atom joins and updated by Givens rotations when one
-leaves.  The
-number of pieces is about the number of non-zeros of the solution, each
-costing ``O(m |A|)``: fast where coordinate descent is slow, with many
-non-zeros on coherent atoms (small ``lambda_z``), which is what SPAMS's
-``lasso`` (the field's reference implementation) does too.
+leaves.  There are at least as many pieces as non-zeros in the solution (137
+for 93 on real music at lambda_z = 0.03, m = 512), each costing ``O(m |A|)``:
+fast where coordinate descent is slow, with many non-zeros on coherent atoms
+(small ``lambda_z``).  SPAMS's ``lasso``, the field's reference, follows the
+same path.
 
 The path runs in float64 whatever the data's dtype.  At its end ``z_A`` is
 recomputed in one solve, ``G_AA z_A = b_A - lambda_z s_A``, and every frame's
 duality gap is computed as in :mod:`sae.coordinate`.  An atom whose column
 would make ``G_AA`` singular (more than n atoms with ``lambda_e = 0``,
-degenerate data) is left out of the path; a frame whose gap is then above the
-tolerance, or whose path was cut by ``max_iter`` pieces, is finished by
-:func:`sae.coordinate.coordinate_descent_codes` from where the path ended, so
-the result is certified to the same tolerance as the coordinate-descent Z step.
+degenerate data) is left out of the path.  A frame whose gap is above the
+tolerance (such an atom left out, a path cut by ``max_iter`` pieces, or float32
+codes whose rounding alone leaves the gap above a tight tolerance: half of the
+frames at lambda_z = 0.03 and rtol 1e-5) is finished by
+:func:`sae.coordinate.coordinate_descent_codes` from where the path ended, in
+the working dtype, so the result is certified to the same tolerance as the
+coordinate-descent Z step.
 The path does not use a warm start (it always starts at ``z = 0``); a frame's
 codes depend on that frame alone (``b`` is computed inside the kernel), not on
 the batch, the threads or the chunking.
@@ -46,16 +49,16 @@ from __future__ import annotations
 
 import logging
 
-import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from sae.coordinate import (
-    _PARALLEL_LOCK,
     _check_threads,
     _objective_and_gap,
     _refresh_gradient,
     coordinate_descent_codes,
+    frame_threads,
+    run_chunks,
 )
 from sae.solvers import SolverResult
 
@@ -330,13 +333,6 @@ def _drive_chunk(X, Ct, Et, G, lambdas, max_steps, Z0, Z, steps_out, ended_out, 
             ended_out[i] = ended
 
 
-@njit(cache=True, parallel=True, nogil=True)
-def _drive_parallel(X, Ct, Et, G, lambdas, max_steps, Z0, Z, steps_out, ended_out, objectives, n_chunks):
-    # pragma: no cover - compiled
-    for chunk in prange(n_chunks):
-        _drive_chunk(X, Ct, Et, G, lambdas, max_steps, Z0, Z, steps_out, ended_out, objectives, chunk, n_chunks)
-
-
 def lars_codes(
     X: np.ndarray,
     components: np.ndarray,
@@ -415,17 +411,9 @@ def lars_codes(
     ended = np.zeros(n_samples, dtype=np.bool_)
     objectives = np.zeros((n_samples, 3))
     args = (X, Ct, Et, G, lambdas, max_steps, Z0, Z, steps, ended, objectives)
-    if n_threads == 1 or n_samples <= 1:
-        _drive_chunk(*args, 0, 1)
-    else:
-        threads = numba.get_num_threads() if n_threads is None else n_threads
-        with _PARALLEL_LOCK:
-            previous = numba.get_num_threads()
-            try:
-                numba.set_num_threads(threads)
-                _drive_parallel(*args, max(1, min(-(-n_samples // RUN), 4 * threads)))
-            finally:
-                numba.set_num_threads(previous)
+    threads = frame_threads(n_samples, n_threads)
+    n_chunks = 1 if threads == 1 else max(1, min(-(-n_samples // RUN), 4 * threads))
+    run_chunks(lambda first, stride: _drive_chunk(*args, first, stride), n_chunks, threads)
 
     start, final, gap = objectives[:, 0], objectives[:, 1], objectives[:, 2]
     # certified like coordinate descent: gap <= rtol F or gap <= atol, per frame; the others are finished by it
