@@ -245,9 +245,10 @@ def bench_codes(X: np.ndarray, n_atoms: int, repeats: int, slow_repeats: int, fi
             print(f"  -> {name} vs {peer[0]}: {peer[1] / ours[name]:.1f}x")
 
 
-def spams_train(X: np.ndarray, n_atoms: int, epochs: int, batch_size: int = 256) -> tuple[float, float, np.ndarray,
-                                                                                         np.ndarray]:
-    """SPAMS's trainDL (mode 2, modeD 0: atoms in the unit ball) for ``epochs`` passes, then lasso's codes.
+def spams_train(X: np.ndarray, n_atoms: int, epochs: int, n_threads: int = -1,
+                batch_size: int = 256) -> tuple[float, float, np.ndarray, np.ndarray]:
+    """SPAMS's trainDL (mode 2, modeD 0: atoms in the unit ball) for ``epochs`` passes, then lasso's codes,
+    both with ``n_threads`` (-1: all).
 
     Returns trainDL's seconds, lasso's seconds, the dictionary C (m, n) and the codes Z (N, m).
     """
@@ -259,10 +260,10 @@ def spams_train(X: np.ndarray, n_atoms: int, epochs: int, batch_size: int = 256)
     iterations = epochs * -(-len(X) // batch_size)
     tic = time.perf_counter()
     D = spams.trainDL(Xf, K=n_atoms, lambda1=ALPHA, mode=2, modeD=0, iter=iterations, batchsize=batch_size,
-                      numThreads=-1, verbose=False)
+                      numThreads=n_threads, verbose=False)
     learned = time.perf_counter() - tic
     tic = time.perf_counter()
-    Z = spams_lasso(X, D.T, -1)
+    Z = spams_lasso(X, D.T, n_threads)
     return learned, time.perf_counter() - tic, D.T, Z
 
 
@@ -274,12 +275,13 @@ def spams_fit_rows(X: np.ndarray, n_atoms: int, epochs_list, repeats: int) -> li
         print("  (SPAMS not installed: pip install spams-bin; its rows are skipped)")
         return []
     rows = []
-    for epochs in epochs_list:
-        runs = [spams_train(X, n_atoms, epochs) for _ in range(repeats)]
+    for epochs, (n_threads, threads) in ((epochs, threads) for epochs in epochs_list
+                                         for threads in ((-1, "all threads"), (1, "1 thread"))):
+        runs = [spams_train(X, n_atoms, epochs, n_threads) for _ in range(repeats)]
         learned = float(np.median([run[0] for run in runs]))
         coded = float(np.median([run[1] for run in runs]))
         objective = codes_objective(X, runs[-1][2], runs[-1][3])
-        name = f"SPAMS trainDL {epochs} epoch{'s' if epochs > 1 else ''} + lasso"
+        name = f"SPAMS trainDL {epochs} epoch{'s' if epochs > 1 else ''} + lasso, {threads}"
         rows.append((name, learned, coded, objective))
         print(f"  {name:<38} {learned + coded:8.2f} s   objective {objective:.6e}   (trainDL {learned:.2f} s, "
               f"lasso {coded:.2f} s)")
@@ -287,7 +289,7 @@ def spams_fit_rows(X: np.ndarray, n_atoms: int, epochs_list, repeats: int) -> li
 
 
 def bench_fit(X: np.ndarray, n_atoms: int, repeats: int, max_iter: int, spams_epochs=(), skip_sklearn=False,
-              z_solver="auto") -> None:
+              z_solvers=("auto",)) -> None:
     print(f"\n== full fit (lambda_g = lambda_e = 0): N={len(X)}, n={X.shape[1]}, m={n_atoms}, medians of {repeats} ==")
 
     def score(model) -> float:
@@ -313,6 +315,12 @@ def bench_fit(X: np.ndarray, n_atoms: int, repeats: int, max_iter: int, spams_ep
     peers += [(name, learned + coded, objective)
               for name, learned, coded, objective in spams_fit_rows(X, n_atoms, spams_epochs, repeats)]
 
+    for solver in z_solvers:
+        our_fit(X, n_atoms, repeats, peers, solver)
+
+
+def our_fit(X: np.ndarray, n_atoms: int, repeats: int, peers, z_solver: str) -> None:
+    """fit_sae with ``z_solver``, timed to each peer's objective."""
     config = ModelConfig(n_atoms=n_atoms, lambda_d=LAMBDA_D, lambda_z=LAMBDA_Z, rtol=1e-6, max_outer=200,
                          random_state=0, z_solver=z_solver)
     fit_sae(X[:50], config.model_copy(update={"max_outer": 1}))  # numba: compile or load from cache
@@ -360,8 +368,8 @@ def main() -> None:
     parser.add_argument("--skip-fit-sklearn", action="store_true", help="full fit without the scikit-learn peers")
     parser.add_argument("--lambda-z", type=float, default=LAMBDA_Z,
                         help="weight of the l1 term (lambda_d = 10): small values make many non-zeros per frame")
-    parser.add_argument("--fit-z-solver", default="auto", choices=["auto", "cd", "lars"],
-                        help="Z-step solver of our full fit")
+    parser.add_argument("--fit-z-solvers", nargs="+", default=["auto"], choices=["auto", "cd", "lars"],
+                        help="Z-step solvers of our full fit, one fit each")
     args = parser.parse_args()
     LAMBDA_Z, ALPHA = args.lambda_z, args.lambda_z / LAMBDA_D
 
@@ -372,7 +380,7 @@ def main() -> None:
                     args.sklearn_algorithms)
     if not args.skip_fit:
         bench_fit(X, args.fit_atoms, args.fit_repeats, args.fit_max_iter, args.spams_epochs, args.skip_fit_sklearn,
-                  args.fit_z_solver)
+                  args.fit_z_solvers)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"\npeak RSS of this process: {peak:.0f} MB")
 
