@@ -36,6 +36,7 @@ import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numba
 import numpy as np
@@ -422,6 +423,45 @@ def _check_threads(n_threads: int | None) -> int | None:
     return int(n_threads)
 
 
+def checked_frame_problem(
+    X: Any, components: Any, encoder: Any, Z0: Any, *, lambda_d: float, lambda_z: float, lambda_e: float,
+    rtol: float, atol: float, max_iter: int, n_threads: int | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray, int | None]:
+    """The arguments of a per-frame Z step, checked: ``X`` C-contiguous in float32 or float64 (others become
+    float64), ``components``, ``encoder`` (None unless ``lambda_e > 0``) and ``Z0`` in its dtype, ``n_threads``."""
+    X = np.asarray(X)
+    if X.ndim != 2:
+        raise ValueError(f"X must be a 2-D array (n_samples, n_features), got shape {X.shape}")
+    dtype = X.dtype if X.dtype in (np.float32, np.float64) else np.dtype(np.float64)
+    X = np.ascontiguousarray(X, dtype=dtype)
+    components = np.asarray(components, dtype=dtype)
+    n_samples, n_features = X.shape
+    if components.ndim != 2 or components.shape[1] != n_features:
+        raise ValueError(
+            f"components must have shape (n_atoms, n_features) with n_features = {n_features}, "
+            f"got {components.shape}"
+        )
+    m = components.shape[0]
+    Z0 = np.asarray(Z0)
+    if Z0.shape != (n_samples, m):
+        raise ValueError(f"Z0 must have shape (n_samples, n_atoms) = {(n_samples, m)}, got {Z0.shape}")
+    for name, value in (("lambda_d", lambda_d), ("lambda_z", lambda_z), ("lambda_e", lambda_e),
+                        ("rtol", rtol), ("atol", atol)):
+        if not value >= 0:
+            raise ValueError(f"{name} must be >= 0, got {value!r}")
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be >= 1, got {max_iter!r}")
+    if lambda_e > 0:
+        if encoder is None:
+            raise ValueError(f"encoder is required when lambda_e > 0, got encoder=None and lambda_e={lambda_e!r}")
+        encoder = np.asarray(encoder, dtype=dtype)
+        if encoder.shape != components.shape:
+            raise ValueError(f"encoder must have the shape of components {components.shape}, got {encoder.shape}")
+    else:
+        encoder = None
+    return X, components, encoder, np.ascontiguousarray(Z0, dtype=dtype), _check_threads(n_threads)
+
+
 def coordinate_descent_codes(
     X: np.ndarray,
     components: np.ndarray,
@@ -525,38 +565,11 @@ def coordinate_descent_codes(
     >>> bool(np.array_equal(again.solution, result.solution[:7]))
     True
     """
-    X = np.asarray(X)
-    if X.ndim != 2:
-        raise ValueError(f"X must be a 2-D array (n_samples, n_features), got shape {X.shape}")
-    dtype = X.dtype if X.dtype in (np.float32, np.float64) else np.dtype(np.float64)
-    X = np.ascontiguousarray(X, dtype=dtype)
-    components = np.asarray(components, dtype=dtype)
-    n_samples, n_features = X.shape
-    if components.ndim != 2 or components.shape[1] != n_features:
-        raise ValueError(
-            f"components must have shape (n_atoms, n_features) with n_features = {n_features}, "
-            f"got {components.shape}"
-        )
-    m = components.shape[0]
-    Z0 = np.asarray(Z0)
-    if Z0.shape != (n_samples, m):
-        raise ValueError(f"Z0 must have shape (n_samples, n_atoms) = {(n_samples, m)}, got {Z0.shape}")
-    for name, value in (("lambda_d", lambda_d), ("lambda_z", lambda_z), ("lambda_e", lambda_e),
-                        ("rtol", rtol), ("atol", atol)):
-        if not value >= 0:
-            raise ValueError(f"{name} must be >= 0, got {value!r}")
-    if max_iter < 1:
-        raise ValueError(f"max_iter must be >= 1, got {max_iter!r}")
-    n_threads = _check_threads(n_threads)
-    if lambda_e > 0:
-        if encoder is None:
-            raise ValueError(f"encoder is required when lambda_e > 0, got encoder=None and lambda_e={lambda_e!r}")
-        encoder = np.asarray(encoder, dtype=dtype)
-        if encoder.shape != components.shape:
-            raise ValueError(f"encoder must have the shape of components {components.shape}, got {encoder.shape}")
-        Et = np.ascontiguousarray(encoder.T)
-    else:
-        Et = np.zeros((0, m), dtype=dtype)
+    X, components, encoder, Z0, n_threads = checked_frame_problem(
+        X, components, encoder, Z0, lambda_d=lambda_d, lambda_z=lambda_z, lambda_e=lambda_e, rtol=rtol, atol=atol,
+        max_iter=max_iter, n_threads=n_threads)
+    dtype, (n_samples, m) = X.dtype, Z0.shape
+    Et = np.ascontiguousarray(encoder.T) if encoder is not None else np.zeros((0, m), dtype=dtype)
     Ct = np.ascontiguousarray(components.T)
     G = np.ascontiguousarray(dtype.type(lambda_d) * (components @ components.T))
     G[np.diag_indices(m)] += dtype.type(lambda_e)

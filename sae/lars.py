@@ -53,9 +53,9 @@ import numpy as np
 from numba import njit
 
 from sae.coordinate import (
-    _check_threads,
     _objective_and_gap,
     _refresh_gradient,
+    checked_frame_problem,
     coordinate_descent_codes,
     frame_threads,
     run_chunks,
@@ -370,36 +370,11 @@ def lars_codes(
     >>> bool(np.allclose(path.solution, cd.solution, atol=1e-9)), path.stop_reason
     (True, 'rtol')
     """
-    X = np.asarray(X)
-    if X.ndim != 2:
-        raise ValueError(f"X must be a 2-D array (n_samples, n_features), got shape {X.shape}")
-    dtype = X.dtype if X.dtype in (np.float32, np.float64) else np.dtype(np.float64)
-    X = np.ascontiguousarray(X, dtype=dtype)
-    n_samples, n_features = X.shape
-    components = np.asarray(components, dtype=dtype)
-    if components.ndim != 2 or components.shape[1] != n_features:
-        raise ValueError(f"components must have shape (n_atoms, n_features) with n_features = {n_features}, "
-                         f"got {components.shape}")
-    m = components.shape[0]
-    Z0 = np.ascontiguousarray(Z0, dtype=dtype)
-    if Z0.shape != (n_samples, m):
-        raise ValueError(f"Z0 must have shape (n_samples, n_atoms) = {(n_samples, m)}, got {Z0.shape}")
-    for name, value in (("lambda_d", lambda_d), ("lambda_z", lambda_z), ("lambda_e", lambda_e),
-                        ("rtol", rtol), ("atol", atol)):
-        if not value >= 0:
-            raise ValueError(f"{name} must be >= 0, got {value!r}")
-    if max_iter < 1:
-        raise ValueError(f"max_iter must be >= 1, got {max_iter!r}")
-    n_threads = _check_threads(n_threads)
-    if lambda_e > 0:
-        if encoder is None:
-            raise ValueError(f"encoder is required when lambda_e > 0, got encoder=None and lambda_e={lambda_e!r}")
-        encoder = np.asarray(encoder, dtype=np.float64)
-        if encoder.shape != components.shape:
-            raise ValueError(f"encoder must have the shape of components {components.shape}, got {encoder.shape}")
-        Et = np.ascontiguousarray(encoder.T)
-    else:
-        Et = np.zeros((0, m))
+    X, components, encoder, Z0, n_threads = checked_frame_problem(
+        X, components, encoder, Z0, lambda_d=lambda_d, lambda_z=lambda_z, lambda_e=lambda_e, rtol=rtol, atol=atol,
+        max_iter=max_iter, n_threads=n_threads)
+    dtype, (n_samples, m) = X.dtype, Z0.shape
+    Et = np.ascontiguousarray(encoder.T, dtype=np.float64) if encoder is not None else np.zeros((0, m))
     C64 = components.astype(np.float64)
     Ct = np.ascontiguousarray(C64.T)
     G = np.ascontiguousarray(lambda_d * (C64 @ C64.T))
