@@ -122,14 +122,19 @@ def test_round_trip_in_a_fresh_process_gives_the_in_store_codes_and_predictions(
     # The in-store path: the stored model input, the stored model, the library's Z step and direct encoder.
     X = open_preprocessed(store, keys["preprocess"])["X"][:]
     state, model = open_model(store, keys["model"]), config.train.model
-    in_store = {
-        "encoder": encode_direct(X, state["encoder"], model.lambda_z, model.lambda_e),
-        "exact": solve_codes(X, state["components"], state["encoder"], None, np.zeros((X.shape[0], model.n_atoms),
-                             np.float32), lambda_d=model.lambda_d, lambda_z=model.lambda_z, lambda_e=model.lambda_e,
-                             rtol=model.inner_tolerance, max_iter=model.max_inner).solution,
-    }
-    # ... and per method a classifier fitted on every clip coded by that method (lambda_g = 0: "exact" is
-    # coordinate descent per frame, so all clips at once give the codes of each clip alone), voting per clip.
+    # lambda_g = 0: "exact" is every frame's lasso by its homotopy path (sae.lars), the minimiser that the
+    # training's coordinate descent certifies to the same tolerance
+    Z0 = np.zeros((X.shape[0], model.n_atoms), np.float32)
+    step = dict(lambda_d=model.lambda_d, lambda_z=model.lambda_z, lambda_e=model.lambda_e,
+                rtol=model.inner_tolerance, max_iter=model.max_inner)
+    path = solve_codes(X, state["components"], state["encoder"], None, Z0, method="lars", **step)
+    descent = solve_codes(X, state["components"], state["encoder"], None, Z0, method="cd", **step)
+    assert path.objective[-1] <= descent.objective[-1] * (1 + 1e-6)
+    assert descent.objective[-1] <= path.objective[-1] * (1 + model.inner_tolerance)
+    in_store = {"encoder": encode_direct(X, state["encoder"], model.lambda_z, model.lambda_e),
+                "exact": path.solution}
+    # ... and per method a classifier fitted on every clip coded by that method (the frames' codes do not depend
+    # on the batch, so all clips at once give the codes of each clip alone), voting per clip.
     classify = config.classify
     options = aggregate_options(classify)
     clip_labels = sae_store.clip_table(sae_store.open_store(store))["label_index"]
