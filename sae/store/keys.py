@@ -61,10 +61,11 @@ INDUCTIVE_FIELDS = ("model", "graph", "encode_methods")
 INDUCTIVE_SOURCE = "inductive"
 """Source name of the inductive protocol's results (models fitted per fold on ``preprocess/<key>``)."""
 
-INDUCTIVE_VERSION = 2
+INDUCTIVE_VERSION = 3
 """Version of the inductive protocol, in the key of its results: version 1 encoded a fold's test clips together
 (with a graph between them) and fitted every classifier on the training codes; version 2 does what a model folder
-does with new music (`sae.inductive`)."""
+does with new music (`sae.inductive`); version 3 encodes "exact" for a model without graph term by the homotopy
+path (`sae.lars`, the exact lasso) instead of coordinate descent to the inner tolerance."""
 
 
 def _digest(record: Any) -> str:
