@@ -20,7 +20,8 @@ Encoding methods (`METHODS`)
     relative change for a model trained with the graph term; for one trained
     without, every frame's lasso to the same per-frame duality gap, by its
     homotopy path from ``Z = 0`` (`sae.lars.lars_codes`: the minimiser that
-    coordinate descent certifies, up to 10 times faster from zero).
+    coordinate descent certifies; 24 times faster on real music at
+    lambda_z = 0.03, where the codes are dense).
 ``exact_graph``
     The Z step with the graph term extended to the new frames (`NeighbourGraph`):
     each new frame joins the training graph through its K nearest training
