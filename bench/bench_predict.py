@@ -29,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import dask
 import numpy as np
 from _timing import timed
 from distributed import Client, LocalCluster
@@ -98,7 +99,15 @@ def main() -> None:
     parser.add_argument("--chunk-clips", type=int, default=10)
     parser.add_argument("--atoms", default="128,512")
     parser.add_argument("--workdir", default=None, help="keep the stores and clips here (default: a temporary folder)")
+    parser.add_argument("--malloc-env", default="",
+                        help="glibc settings of the batch workers, e.g. deploy/cluster.py's "
+                             "MALLOC_TRIM_THRESHOLD_=65536,MALLOC_MMAP_THRESHOLD_=33554432 (default: Dask's, "
+                             "MALLOC_TRIM_THRESHOLD_=65536 only)")
     args = parser.parse_args()
+    if args.malloc_env:  # set before the worker processes start: distributed.nanny.pre-spawn-environ
+        dask.config.set({"distributed.nanny.pre-spawn-environ": {
+            **dask.config.get("distributed.nanny.pre-spawn-environ"),
+            **dict(item.split("=", 1) for item in args.malloc_env.split(","))}})
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(args.workdir or tmp)
         workdir.mkdir(parents=True, exist_ok=True)
@@ -106,7 +115,8 @@ def main() -> None:
             n_genres=5, clips_per_genre=-(-args.batch // 5), duration=30.0, seed=1))[: args.batch]
         paths, truth = [c[1] for c in held_out], [c[2] for c in held_out]
         print(f"held-out: {len(paths)} clips of 30 s (seed 1); machine: {os.cpu_count()} cores, "
-              f"load average {os.getloadavg()[0]:.1f} at the start")
+              f"load average {os.getloadavg()[0]:.1f} at the start; batch workers' environment: "
+              f"{args.malloc_env or 'Dask default'}")
         rows = []
         for n_atoms in (int(m) for m in args.atoms.split(",")):
             folder = train(workdir / "train.zarr", n_atoms, args.train_clips, args.max_outer)
