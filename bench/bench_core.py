@@ -113,7 +113,7 @@ def ours_to_target(X, C, target, dtype, repeats):
     return seconds, n_iter, codes_objective(X, C, result.solution.astype(np.float64))
 
 
-def cd_to_target(X, C, target, dtype, repeats, n_threads, solver=coordinate_descent_codes):
+def per_frame_to_target(X, C, target, dtype, repeats, n_threads, solver=coordinate_descent_codes):
     """Time our per-frame Z step (coordinate descent, or ``solver=lars_codes``) with the loosest rtol whose
     objective is <= target."""
     Xd, Cd = X.astype(dtype), C.astype(dtype)
@@ -205,7 +205,7 @@ def bench_codes(X: np.ndarray, n_atoms: int, repeats: int, slow_repeats: int, fi
                                   ("lars", lars_codes, (np.float32,))):
         for dtype in dtypes:
             for n_threads in (None, 1):
-                seconds, rtol, n_iter, objective = cd_to_target(X, C, target, dtype, repeats, n_threads, solver)
+                seconds, rtol, n_iter, objective = per_frame_to_target(X, C, target, dtype, repeats, n_threads, solver)
                 threads = "all threads" if n_threads is None else "1 thread"
                 name = f"sae {label} {np.dtype(dtype).name} {threads}"
                 ours[name] = seconds

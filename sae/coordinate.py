@@ -392,10 +392,12 @@ def _drive_chunk(
         codes_out[i] = code
 
 
-def frame_threads(n_samples: int, n_threads: int | None) -> int:
-    """The threads a per-frame solve uses: ``n_threads``, by default numba's setting, at most one per frame."""
-    threads = numba.get_num_threads() if n_threads is None else n_threads
-    return max(1, min(threads, n_samples))
+def frame_chunks(n_samples: int, n_threads: int | None, run: int = 1) -> tuple[int, int]:
+    """(threads, chunks) of a per-frame solve: ``n_threads`` (by default numba's setting), at most one per frame;
+    one chunk in the calling thread, else up to 4 interleaved chunks per thread, each of whole runs of ``run``
+    frames."""
+    threads = max(1, min(numba.get_num_threads() if n_threads is None else n_threads, n_samples))
+    return threads, 1 if threads == 1 else max(1, min(-(-n_samples // run), 4 * threads))
 
 
 def run_chunks(chunk: Callable[[int, int], object], n_chunks: int, threads: int) -> None:
@@ -577,8 +579,7 @@ def coordinate_descent_codes(
     scalars = np.array([lambda_d, lambda_e, lambda_z, 0.0], dtype=dtype)
     eps = STATIONARY_ULPS * float(np.finfo(dtype).eps)
 
-    threads = frame_threads(n_samples, n_threads)
-    n_chunks = 1 if threads == 1 else min(n_samples, 4 * threads)
+    threads, n_chunks = frame_chunks(n_samples, n_threads)
     history = np.zeros((n_chunks, max_iter + 1))
     tail = np.zeros((n_chunks, max_iter + 2))
     sweeps = np.zeros(n_samples, dtype=np.int64)

@@ -57,7 +57,7 @@ from sae.coordinate import (
     _refresh_gradient,
     checked_frame_problem,
     coordinate_descent_codes,
-    frame_threads,
+    frame_chunks,
     run_chunks,
 )
 from sae.solvers import SolverResult
@@ -386,8 +386,7 @@ def lars_codes(
     ended = np.zeros(n_samples, dtype=np.bool_)
     objectives = np.zeros((n_samples, 3))
     args = (X, Ct, Et, G, lambdas, max_steps, Z0, Z, steps, ended, objectives)
-    threads = frame_threads(n_samples, n_threads)
-    n_chunks = 1 if threads == 1 else max(1, min(-(-n_samples // RUN), 4 * threads))
+    threads, n_chunks = frame_chunks(n_samples, n_threads, RUN)
     run_chunks(lambda first, stride: _drive_chunk(*args, first, stride), n_chunks, threads)
 
     start, final, gap = objectives[:, 0], objectives[:, 1], objectives[:, 2]
