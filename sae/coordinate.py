@@ -32,15 +32,19 @@ Every frame stops on its own duality gap.
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, TypeVar, cast
 
 import numba
 import numpy as np
 from numba import njit
+from threadpoolctl import ThreadpoolController
 
 from sae.solvers import STOP_CODES, SolverResult, StopReason, duality_gap, gap_stop_code
 
@@ -382,7 +386,7 @@ def _drive_chunk(
     b, q, cx, ex = np.full(m, zero), np.full(m, zero), np.full(m, zero), np.full(m, zero)
     q64, w, zs = np.zeros(m), np.zeros(m), np.zeros(m)
     index = np.zeros(m, np.int64)
-    L = np.zeros((m, m))
+    L = np.empty((m, m))  # only the entries written are read: no zeroing of (m, m) per chunk
     for i in range(first, X.shape[0], stride):
         sweeps, code = _solve_frame(
             X[i], Ct, Et, G, scalars, lambda_z64, rtol, atol, max_iter, eps, Z[i],
@@ -406,14 +410,73 @@ def run_chunks(chunk: Callable[[int, int], object], n_chunks: int, threads: int)
     The compiled kernels release the GIL, so Python threads run them in parallel.  They replace numba's
     parallel loops: numba's OpenMP threads spin for a while after each parallel region, and every BLAS call
     that followed one (the D step's products, right after the Z step) ran up to 100x slower against them.
+    The threads are kept between calls (`_frame_pool`): the online fit solves thousands of small batches.
     """
     if threads <= 1 or n_chunks <= 1:
         for first in range(n_chunks):
             chunk(first, n_chunks)
         return
-    with _PARALLEL_LOCK, ThreadPoolExecutor(threads, thread_name_prefix="sae-frames") as pool:
+    with _PARALLEL_LOCK:
+        pool = _frame_pool(threads)
         for future in [pool.submit(chunk, first, n_chunks) for first in range(n_chunks)]:
             future.result()
+
+
+_POOL: dict[str, Any] = {"pool": None, "threads": 0, "pid": None}
+
+
+def _frame_pool(threads: int) -> ThreadPoolExecutor:
+    """The threads of `run_chunks` (held under ``_PARALLEL_LOCK``): made again in a forked child or for more
+    threads than the last call's."""
+    if _POOL["pool"] is None or _POOL["pid"] != os.getpid() or _POOL["threads"] < threads:
+        if _POOL["pool"] is not None and _POOL["pid"] == os.getpid():
+            _POOL["pool"].shutdown(wait=True)
+        _POOL.update(pool=ThreadPoolExecutor(threads, thread_name_prefix="sae-frames"), threads=threads,
+                     pid=os.getpid())
+    return _POOL["pool"]
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+_BLAS: dict[str, Any] = {"controller": None, "pid": None, "depth": 0, "limit": None}
+
+
+@contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """BLAS on one thread while the block runs (threadpoolctl), for the matrix products around a per-frame solve.
+
+    OpenBLAS's threads spin for a while after every call, waiting for the next: a small product (a Gram
+    matrix, a mini-batch's statistics) made before the frames' threads start left them competing with a
+    spinning BLAS thread for the second core, and a batch of 256 frames took as long on 2 threads as on 1
+    (9-10 ms at m = 128, lambda_z = 0.03; 5.0 ms with BLAS on one thread).  In the main thread only:
+    OpenBLAS ignores a request for more threads made from any other thread, so a limit set there could not
+    be lifted (Dask's workers run BLAS on one thread anyway).  Nested uses share one limit.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    if _BLAS["pid"] != os.getpid():
+        _BLAS.update(controller=ThreadpoolController(), pid=os.getpid(), depth=0, limit=None)
+    if _BLAS["depth"] == 0:
+        _BLAS["limit"] = _BLAS["controller"].limit(limits=1, user_api="blas")
+    _BLAS["depth"] += 1
+    try:
+        yield
+    finally:
+        _BLAS["depth"] -= 1
+        if _BLAS["depth"] == 0:
+            _BLAS["limit"].restore_original_limits()
+            _BLAS["limit"] = None
+
+
+def with_one_blas_thread(solver: F) -> F:
+    """``solver`` run under `one_blas_thread` (the per-frame solvers: their Gram matrix, then their threads)."""
+
+    @functools.wraps(solver)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with one_blas_thread():
+            return solver(*args, **kwargs)
+
+    return cast(F, wrapper)
 
 
 def _check_threads(n_threads: int | None) -> int | None:
@@ -464,6 +527,7 @@ def checked_frame_problem(
     return X, components, encoder, np.ascontiguousarray(Z0, dtype=dtype), _check_threads(n_threads)
 
 
+@with_one_blas_thread
 def coordinate_descent_codes(
     X: np.ndarray,
     components: np.ndarray,

@@ -59,6 +59,7 @@ from sae.coordinate import (
     coordinate_descent_codes,
     frame_chunks,
     run_chunks,
+    with_one_blas_thread,
 )
 from sae.solvers import SolverResult
 
@@ -323,7 +324,7 @@ def _drive_chunk(X, Ct, Et, G, lambdas, max_steps, Z0, Z, steps_out, ended_out, 
                                  np.zeros(m), np.zeros(m))
     active = np.zeros(m, np.int64)
     state = np.zeros(m, np.int64)
-    L = np.zeros((m, m))
+    L = np.empty((m, m))  # only the entries written are read: no zeroing of (m, m) per chunk
     n_samples = X.shape[0]
     for start in range(first * RUN, n_samples, stride * RUN):
         for i in range(start, min(start + RUN, n_samples)):
@@ -333,6 +334,7 @@ def _drive_chunk(X, Ct, Et, G, lambdas, max_steps, Z0, Z, steps_out, ended_out, 
             ended_out[i] = ended
 
 
+@with_one_blas_thread
 def lars_codes(
     X: np.ndarray,
     components: np.ndarray,

@@ -213,3 +213,50 @@ def test_concurrent_calls_from_threads_agree_with_sequential_ones(rng):
         futures = [pool.submit(lambda k=k: cd(X, C, n_threads=1 if k % 2 else None).solution) for k in range(8)]
         for future in futures:
             np.testing.assert_array_equal(future.result(), expected)
+
+
+def _blas_threads():
+    from threadpoolctl import threadpool_info
+
+    return sorted({info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"})
+
+
+def test_one_blas_thread_inside_the_solvers_and_the_limit_is_lifted_after(rng):
+    """The per-frame solvers run their products with BLAS on one thread (in the main thread: OpenBLAS ignores
+    a request for more threads from any other, so other threads leave the setting alone); nested uses share
+    the limit, lifted when the outermost ends."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sae import coordinate
+    from sae.coordinate import one_blas_thread
+
+    before = _blas_threads()
+    if before == [1]:
+        pytest.skip("BLAS runs on one thread in this process already (OPENBLAS_NUM_THREADS=1?)")
+    seen = []
+
+    def solve_and_look():
+        inside = []
+        original = coordinate.checked_frame_problem
+
+        def look(*args, **kwargs):
+            inside.append(_blas_threads())
+            return original(*args, **kwargs)
+
+        coordinate.checked_frame_problem = look
+        try:
+            cd(*coherent_problem(rng))
+        finally:
+            coordinate.checked_frame_problem = original
+        return inside[0]
+
+    with one_blas_thread():
+        seen.append(_blas_threads())
+        with one_blas_thread():
+            seen.append(_blas_threads())
+        seen.append(_blas_threads())
+    assert seen == [[1]] * 3 and _blas_threads() == before
+    assert solve_and_look() == [1] and _blas_threads() == before
+    with ThreadPoolExecutor(1) as pool:  # another thread: no change
+        assert pool.submit(solve_and_look).result() == before
+    assert _blas_threads() == before
