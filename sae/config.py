@@ -100,6 +100,14 @@ class ModelConfig(_Config):
         "path (needs lambda_g = 0; certified by the same gap; fastest at small lambda_z), 'fista' = FISTA on all "
         "codes, 'auto' = cd if lambda_g = 0 else fista.",
     )
+    fit_method: Literal["alternating", "online"] = Field(
+        "alternating",
+        description="How the dictionary is learned: 'alternating' = the Z, D and E steps in turn over all frames "
+        "(outer iterations), 'online' = online dictionary learning by mini-batches of batch_size frames (needs "
+        "lambda_g = 0; max_outer then caps the epochs, rtol stops them on the change of the epoch's objective; "
+        "z_solver='lars' codes the batches fastest).",
+    )
+    batch_size: int = Field(256, ge=1, description="Frames per mini-batch of the online fit.")
     z_stop: Literal["gap", "change"] = Field(
         "change",
         description="Z-step stop with FISTA: 'change' = relative change of the objective <= the inner rtol (the "
@@ -130,6 +138,13 @@ class ModelConfig(_Config):
                 f"lambda_g={self.lambda_g}: "
                 "use z_solver='fista' or 'auto'"
             )
+        if self.fit_method == "online" and self.lambda_g > 0:
+            raise ValueError(
+                f"fit_method='online' needs lambda_g = 0 (the graph term couples all frames), got lambda_g={self.lambda_g}: "
+                "use fit_method='alternating'"
+            )
+        if self.fit_method == "online" and self.balance_lambdas:
+            raise ValueError("fit_method='online' does not balance the weights: set balance_lambdas=False")
         return self
 
 

@@ -63,7 +63,7 @@ class StructuredAutoEncoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
 
     Parameters
     ----------
-    n_atoms, lambda_d, lambda_z, lambda_g, lambda_e, rtol, inner_rtol, atol, max_outer, max_inner, fista_restart, balance_lambdas, dtype, random_state, init, z_solver, z_stop
+    n_atoms, lambda_d, lambda_z, lambda_g, lambda_e, rtol, inner_rtol, atol, max_outer, max_inner, fista_restart, balance_lambdas, dtype, random_state, init, z_solver, z_stop, fit_method, batch_size
         Exactly the fields of :class:`sae.config.ModelConfig`, with its defaults
         and its constraints; they are validated by ``fit``.  ``random_state`` may
         also be a ``numpy.random.RandomState`` or ``Generator``, from which an
@@ -120,6 +120,8 @@ class StructuredAutoEncoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
         init: str = "uniform",
         z_solver: str = "auto",
         z_stop: str = "change",
+        fit_method: str = "alternating",
+        batch_size: int = 256,
     ) -> None:
         self.n_atoms = n_atoms
         self.lambda_d = lambda_d
@@ -138,6 +140,8 @@ class StructuredAutoEncoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
         self.init = init
         self.z_solver = z_solver
         self.z_stop = z_stop
+        self.fit_method = fit_method
+        self.batch_size = batch_size
 
     def _validated_config(self) -> ModelConfig:
         """Build the ModelConfig from the parameters; pydantic errors become ValueError."""

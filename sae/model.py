@@ -46,6 +46,7 @@ import scipy.sparse as sp
 from sae.config import ModelConfig
 from sae.coordinate import coordinate_descent_codes
 from sae.lars import lars_codes
+from sae.online import fit_online
 from sae.outer import (
     TERM_NAMES,
     TERM_WEIGHTS,
@@ -368,12 +369,8 @@ def solve_codes(
     if Z0.shape != (X.shape[0], components.shape[0]):
         expected = (X.shape[0], components.shape[0])
         raise ValueError(f"Z0 must have shape (n_samples, n_atoms) = {expected}, got {Z0.shape}")
-    terms = code_terms(X, components, encoder, lambda_d, lambda_e)
     laplacian = _as_laplacian(laplacian, X.shape[0], lambda_g, dtype)
-    if laplacian is not None:
-        laplacian_norm = spectral_norm(laplacian) if laplacian_norm is None else laplacian_norm
-        terms.append(GraphDirichlet(laplacian, lambda_g, laplacian_norm=laplacian_norm))
-    if not terms:  # no smooth term: argmin of lambda_z ||Z||_1 is 0
+    if laplacian is None and lambda_d <= 0 and lambda_e <= 0:  # no smooth term: argmin of lambda_z ||Z||_1 is 0
         Z = np.zeros_like(Z0)
         value = L1Norm(lambda_z).value(Z0)
         return SolverResult(Z, 1, "rtol", np.array([value, 0.0]))  # exact in one step
@@ -383,6 +380,10 @@ def solve_codes(
             X, components, encoder if lambda_e > 0 else None, Z0, lambda_d=lambda_d, lambda_z=lambda_z,
             lambda_e=lambda_e, rtol=rtol, atol=atol, max_iter=max_iter, n_threads=n_threads,
         )
+    terms = code_terms(X, components, encoder, lambda_d, lambda_e)
+    if laplacian is not None:
+        laplacian_norm = spectral_norm(laplacian) if laplacian_norm is None else laplacian_norm
+        terms.append(GraphDirichlet(laplacian, lambda_g, laplacian_norm=laplacian_norm))
     beta = code_lipschitz(components, lambda_d=lambda_d, lambda_e=lambda_e, lambda_g=lambda_g,
                           laplacian_norm=laplacian_norm)
     return fista(terms, L1Norm(lambda_z), Z0, rtol=rtol, atol=atol, max_iter=max_iter, lipschitz=beta,
@@ -498,6 +499,10 @@ def fit_sae(
     weighted term equals ``lambda_z ||Z||_1`` (`balanced_weights`, `rebalance`),
     and training goes on with them (``FitResult.config`` holds them).
 
+    With ``config.fit_method = "online"`` (no graph term) the dictionary (and
+    encoder) are learned by mini-batches instead, for at most ``max_outer``
+    epochs, then every frame is coded once (:mod:`sae.online`).
+
     Every array of the computation is in ``config.dtype``: ``X`` and the
     Laplacian are converted (copied) if they are not.  ``||L||_2`` is estimated
     once per fit.  One log line per outer iteration (logger ``sae.model``),
@@ -540,4 +545,6 @@ def fit_sae(
     ):
         if array.shape != shape:
             raise ValueError(f"init[{name!r}] must have shape {shape}, got {array.shape}")
+    if config.fit_method == "online":
+        return fit_online(backend, lambda start, stop: X[start:stop], config, C, E, Z, rng, callback=callback)
     return alternate(backend, config, C, E, Z, callback=callback)
