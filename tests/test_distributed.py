@@ -114,6 +114,42 @@ def test_a_fit_from_sampled_frames_of_a_stored_array_matches_the_reference(threa
     np.testing.assert_allclose(result.codes @ result.components, reference.codes @ reference.components, atol=1e-3)
 
 
+@pytest.mark.parametrize("lambda_e", [0.0, 1.0])
+def test_the_online_fit_of_a_stored_array_is_the_in_memory_one(thread_client, tmp_path, lambda_e, monkeypatch):
+    """fit_method='online': the epochs read the stored frames block by block in the in-memory fit's order
+    (blocks of the order smaller than the data here), the last Z step runs on the cluster's blocks; then a
+    rerun of the finished training returns at once."""
+    from sae import online
+
+    monkeypatch.setattr(online, "ORDER_BLOCK", 96)
+    X, _ = make_data(500)
+    config = ModelConfig(n_atoms=8, lambda_e=lambda_e, max_outer=3, rtol=1e-9, random_state=4, init="frames",
+                         fit_method="online", batch_size=40, z_solver="lars")
+    reference = fit_sae(X, config)
+    group = zarr.open_group(str(tmp_path / "model.zarr"), mode="w")
+    records = []
+    result = fit_distributed(_store_array(tmp_path / "data.zarr", X), config, client=thread_client, block_size=128,
+                             checkpoint=group, callback=records.append)
+    unfinished = zarr.open_group(str(tmp_path / "unfinished.zarr"), mode="w")
+    fit_distributed(X, config.model_copy(update={"max_outer": 1}), client=thread_client, block_size=128,
+                    checkpoint=unfinished)
+    longer = fit_distributed(X, config, client=thread_client, block_size=128, checkpoint=unfinished)
+    assert longer.resumed_from == 0  # a longer online fit starts again: its statistics are not kept
+    np.testing.assert_array_equal(longer.components, reference.components)
+    np.testing.assert_array_equal(result.components, reference.components)
+    np.testing.assert_allclose(result.codes[:], reference.codes, rtol=1e-6, atol=1e-7)
+    assert [r["iteration"] for r in records] == [1, 2, 3, 4] and records[-1]["online"] is False
+    np.testing.assert_allclose([r["total"] for r in result.history], [r["total"] for r in reference.history],
+                               rtol=1e-6)
+    assert read_checkpoint(group)["iteration"] == 4 and read_checkpoint(group)["stop_reason"] == "max_outer"
+    again = fit_distributed(_store_array(tmp_path / "data.zarr", X), config, client=thread_client, block_size=128,
+                            checkpoint=group)
+    assert again.resumed_from == 4 and again.n_iter == result.n_iter == reference.n_iter == 3
+    more = fit_distributed(X, config.model_copy(update={"max_outer": 4}), client=thread_client, block_size=128,
+                           checkpoint=group)
+    assert more.resumed_from == 0 and more.n_iter == 4  # 3 epochs done are fewer than 4
+
+
 @pytest.mark.parametrize("density", [0.0, 1.0])
 def test_sparse_and_dense_code_blocks_give_the_same_iterates(thread_client, small, density):
     """Code blocks kept as CSR (density 1.0: always) or dense (0.0: never) follow the same global FISTA."""

@@ -23,6 +23,7 @@ from sae.config import TrainConfig
 from sae.distributed.blocks import LaplacianRef
 from sae.distributed.checkpoints import checkpoint_arrays, read_checkpoint
 from sae.distributed.trainer import fit_distributed
+from sae.online import iterations_done
 from sae.progress import Interrupt, go_on
 from sae.store.keys import MODEL, model_identity, model_key
 
@@ -86,11 +87,11 @@ def train_model(
         group = store.stage_group(root, MODEL, key, config=stage_config, mode="w")
         done = None
     if done is not None and store.is_complete(root, MODEL, key) and (
-        done["stop_reason"] == "rtol" or done["iteration"] >= config.max_outer
+        done["stop_reason"] == "rtol" or iterations_done(done["history"]) >= config.max_outer
     ):
         logger.info("model %s: complete at outer iteration %d (%s), skipped", key, done["iteration"], done["stop_reason"])
         last = done["history"][-1]
-        return {"key": key, "n_iter": done["iteration"], "stop_reason": done["stop_reason"] or "max_outer",
+        return {"key": key, "n_iter": iterations_done(done["history"]), "stop_reason": done["stop_reason"] or "max_outer",
                 "resumed_from": done["iteration"], "objective": last["total"],
                 "sparsity_percent": last["sparsity_percent"], "seconds": 0.0, "skipped": True}
     group.attrs.update({"complete": False, "max_outer": config.max_outer, "block_size": train.block_size})

@@ -72,6 +72,7 @@ from sae.distributed.order import Ordering, cluster_order, halo_plans, halo_want
 from sae.distributed.zstep import CodeState, Tuning, block_fista, code_problem, solve_block_codes, state_solution
 from sae.graph import laplacian_norm_bound
 from sae.model import check_laplacian, code_lipschitz, code_step_options, init_encoder, initial_dictionary
+from sae.online import fit_online, iterations_done
 from sae.outer import FitResult, alternate
 from sae.progress import Interrupt, go_on
 from sae.store import json_safe
@@ -705,13 +706,19 @@ def _fit_distributed(X: Any, config: ModelConfig, client: Any, laplacian: Any, b
     backend.interrupt = interrupt
     m, use_encoder = config.n_atoms, config.lambda_e > 0
     state = read_checkpoint(checkpoint) if checkpoint is not None else None
+    if state is not None and config.fit_method == "online" and not (
+        state["stop_reason"] == "rtol" or iterations_done(state["history"]) >= config.max_outer
+    ):
+        logger.info("the online fit keeps no statistics in its checkpoints: it starts again (it ended at "
+                    "iteration %d)", state["iteration"])
+        state = None
     if state is not None:
         C = np.asarray(state["components"], dtype=dtype)
         E = np.asarray(state["encoder"], dtype=dtype) if use_encoder else None
         start_outer, history = state["iteration"], state["history"]
         logger.info("resuming from the checkpoint of outer iteration %d", start_outer)
-        if state["stop_reason"] == "rtol" or start_outer >= config.max_outer:
-            return DistributedFit(components=C, encoder=E, codes=state["codes"], history=history, n_iter=start_outer,
+        if state["stop_reason"] == "rtol" or iterations_done(history) >= config.max_outer:
+            return DistributedFit(components=C, encoder=E, codes=state["codes"], history=history, n_iter=iterations_done(history),
                                   stop_reason=state["stop_reason"] or "max_outer", resumed_from=start_outer)
         backend.reload = partial(backend.read_codes, state["codes"], start_outer, state["frame_of_row"])
     else:
@@ -720,8 +727,12 @@ def _fit_distributed(X: Any, config: ModelConfig, client: Any, laplacian: Any, b
         E = init_encoder(m, backend.n_features, rng=rng, dtype=dtype) if use_encoder else None
         start_outer, history = 0, None
         backend.reload = partial(backend.zero_codes, m)
-    fit = alternate(backend, config, C, E, backend.reload(), history,
-                    callback=None if callback is None else (lambda fit_state: callback(fit_state.record)))
+    on_record = None if callback is None else (lambda fit_state: callback(fit_state.record))
+    if config.fit_method == "online":  # the epochs read the frames here, block by block; the last Z step is the cluster's
+        fit = fit_online(backend, lambda start, stop: np.asarray(X[start:stop], dtype=dtype), config, C, E,
+                         backend.reload(), rng, callback=on_record, interrupt=interrupt)
+    else:
+        fit = alternate(backend, config, C, E, backend.reload(), history, callback=on_record)
     if checkpoint is not None:
         codes: Any = checkpoint[f"checkpoint_{int(checkpoint.attrs['checkpoint_slot'])}"]["codes"]
     elif return_codes:
