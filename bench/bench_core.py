@@ -19,8 +19,10 @@ subject to ``||d_j||_2 <= 1`` (plus ``lambda2/2 ||z||^2``, lambda2 = 1e-9 by def
 objective with lambda_g = lambda_e = 0 divided by lambda_d: lambda1 = lambda_z / lambda_d.
 It returns the dictionary only: its solution is scored with the codes SPAMS's ``lasso``
 gives for it (exact), and its time is trainDL's plus lasso's.  It runs for a few numbers of
-epochs (``--spams-epochs``, mini-batches of 256); our fit is timed to the first outer
-iteration whose objective is at least as good as each.
+epochs (``--spams-epochs``, mini-batches of 256, from the dictionary our online fit starts from:
+m frames drawn at random); our alternating fit is timed to the first outer iteration whose
+objective is at least as good as each, and our online fit (``fit_method="online"``, the same
+algorithm, ``--online-epochs``) to the first of its runs of 1, 2, 3, ... epochs that is.
 Our coordinate-descent Z step (`sae.coordinate`, the default when lambda_g = 0) and our
 homotopy path (`sae.lars`, z_solver="lars") stop on a per-frame duality gap: each is timed
 with the loosest rtol of 1e-2, 1e-3, ... whose objective is at least as good as the target;
@@ -51,7 +53,7 @@ from _timing import timed
 from sae.config import ModelConfig
 from sae.coordinate import coordinate_descent_codes
 from sae.lars import lars_codes
-from sae.model import fit_sae, objective_terms, solve_codes
+from sae.model import fit_sae, objective_terms, sample_dictionary, solve_codes
 
 LAMBDA_D, LAMBDA_Z = 10.0, 1.0
 ALPHA = LAMBDA_Z / LAMBDA_D  # sklearn's 1/2||x - z D||^2 + alpha ||z||_1 is ours divided by lambda_d
@@ -245,10 +247,17 @@ def bench_codes(X: np.ndarray, n_atoms: int, repeats: int, slow_repeats: int, fi
             print(f"  -> {name} vs {peer[0]}: {peer[1] / ours[name]:.1f}x")
 
 
+def start_dictionary(X: np.ndarray, n_atoms: int) -> np.ndarray:
+    """The initial dictionary of our online fit (init="frames", random_state 0), as float64: trainDL starts from it
+    too, since the objective after a few epochs depends on the start as much as on the method (1 epoch at
+    lambda_z = 0.03, m = 128: 692-726 from four draws of frames, for trainDL and for ours alike)."""
+    return sample_dictionary(X, n_atoms, rng=np.random.default_rng(0), dtype=np.float32).astype(np.float64)
+
+
 def spams_train(X: np.ndarray, n_atoms: int, epochs: int, n_threads: int = -1,
                 batch_size: int = 256) -> tuple[float, float, np.ndarray, np.ndarray]:
-    """SPAMS's trainDL (mode 2, modeD 0: atoms in the unit ball) for ``epochs`` passes, then lasso's codes,
-    both with ``n_threads`` (-1: all).
+    """SPAMS's trainDL (mode 2, modeD 0: atoms in the unit ball) from `start_dictionary` for ``epochs`` passes,
+    then lasso's codes, both with ``n_threads`` (-1: all).
 
     Returns trainDL's seconds, lasso's seconds, the dictionary C (m, n) and the codes Z (N, m).
     """
@@ -258,8 +267,9 @@ def spams_train(X: np.ndarray, n_atoms: int, epochs: int, n_threads: int = -1,
 
     Xf = np.asfortranarray(X.T, dtype=np.float64)  # (n, N): SPAMS's orientation, one frame per column
     iterations = epochs * -(-len(X) // batch_size)
+    D0 = np.asfortranarray(start_dictionary(X, n_atoms).T)
     tic = time.perf_counter()
-    D = spams.trainDL(Xf, K=n_atoms, lambda1=ALPHA, mode=2, modeD=0, iter=iterations, batchsize=batch_size,
+    D = spams.trainDL(Xf, D=D0, lambda1=ALPHA, mode=2, modeD=0, iter=iterations, batchsize=batch_size,
                       numThreads=n_threads, verbose=False)
     learned = time.perf_counter() - tic
     tic = time.perf_counter()
@@ -289,7 +299,7 @@ def spams_fit_rows(X: np.ndarray, n_atoms: int, epochs_list, repeats: int) -> li
 
 
 def bench_fit(X: np.ndarray, n_atoms: int, repeats: int, max_iter: int, spams_epochs=(), skip_sklearn=False,
-              z_solvers=("auto",)) -> None:
+              z_solvers=("auto",), online_epochs=(), online_solver="lars") -> None:
     print(f"\n== full fit (lambda_g = lambda_e = 0): N={len(X)}, n={X.shape[1]}, m={n_atoms}, medians of {repeats} ==")
 
     def score(model) -> float:
@@ -317,6 +327,32 @@ def bench_fit(X: np.ndarray, n_atoms: int, repeats: int, max_iter: int, spams_ep
 
     for solver in z_solvers:
         our_fit(X, n_atoms, repeats, peers, solver)
+    if online_epochs:
+        our_online_fit(X, n_atoms, repeats, peers, online_epochs, online_solver)
+
+
+def our_online_fit(X: np.ndarray, n_atoms: int, repeats: int, peers, epochs_list, z_solver: str) -> None:
+    """fit_sae with fit_method="online" (mini-batches of 256 and the first dictionary as trainDL's:
+    `start_dictionary`; every frame's codes certified to a relative gap of 1e-5, the thesis's tolerance) for
+    each number of epochs, then timed to each peer's objective: the first of these runs that reaches it."""
+    config = ModelConfig(n_atoms=n_atoms, lambda_d=LAMBDA_D, lambda_z=LAMBDA_Z, rtol=1e-9, inner_rtol=1e-5,
+                         random_state=0, z_solver=z_solver, fit_method="online", batch_size=256, init="frames")
+    fit_sae(X[:4 * n_atoms], config.model_copy(update={"max_outer": 1}))  # numba: compile or load from cache
+    rows = []
+    for epochs in epochs_list:
+        seconds, result = timed(lambda: fit_sae(X, config.model_copy(update={"max_outer": epochs})), repeats)
+        objective = codes_objective(X, result.components, result.codes)
+        rows.append((epochs, seconds, objective))
+        print(f"  sae online (z_solver={z_solver}) {epochs} epoch{'s' if epochs > 1 else ''}:"
+              f"{'':<12}{seconds:8.2f} s   objective {objective:.6e}   (last Z step {result.history[-1]['seconds']:.2f} s)")
+    for name, seconds, objective in peers:
+        reached = [(epochs, ours) for epochs, ours, value in rows if value <= objective]
+        if not reached:
+            print(f"  vs {name}: objective {objective:.6e} not reached (ours {rows[-1][2]:.6e})")
+            continue
+        epochs, ours = reached[0]
+        print(f"  vs {name}: ours online reaches its objective in {epochs} epoch{'s' if epochs > 1 else ''}, "
+              f"{ours:.2f} s: its time / ours = {seconds / ours:.2f}x")
 
 
 def our_fit(X: np.ndarray, n_atoms: int, repeats: int, peers, z_solver: str) -> None:
@@ -368,8 +404,12 @@ def main() -> None:
     parser.add_argument("--skip-fit-sklearn", action="store_true", help="full fit without the scikit-learn peers")
     parser.add_argument("--lambda-z", type=float, default=LAMBDA_Z,
                         help="weight of the l1 term (lambda_d = 10): small values make many non-zeros per frame")
-    parser.add_argument("--fit-z-solvers", nargs="+", default=["auto"], choices=["auto", "cd", "lars"],
-                        help="Z-step solvers of our full fit, one fit each")
+    parser.add_argument("--fit-z-solvers", nargs="*", default=["auto"], choices=["auto", "cd", "lars"],
+                        help="Z-step solvers of our alternating full fit, one fit each (none: skip it)")
+    parser.add_argument("--online-epochs", type=int, nargs="*", default=[1, 2, 3, 5, 10, 30],
+                        help="epochs of our online fit (fit_method='online'), one row each (none: skip)")
+    parser.add_argument("--online-z-solver", default="lars", choices=["cd", "lars"],
+                        help="Z-step solver of the online fit's mini-batches")
     args = parser.parse_args()
     LAMBDA_Z, ALPHA = args.lambda_z, args.lambda_z / LAMBDA_D
 
@@ -380,7 +420,7 @@ def main() -> None:
                     args.sklearn_algorithms)
     if not args.skip_fit:
         bench_fit(X, args.fit_atoms, args.fit_repeats, args.fit_max_iter, args.spams_epochs, args.skip_fit_sklearn,
-                  args.fit_z_solvers)
+                  args.fit_z_solvers, args.online_epochs, args.online_z_solver)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"\npeak RSS of this process: {peak:.0f} MB")
 

@@ -35,6 +35,12 @@ instead), ``--no-stealing-pause`` with ``--work-stealing off`` (the cluster's
 ``--offload-previous`` against ``--memory-limit`` (Dask spilling block states
 to disk).  ``--repeats N`` runs each fit N times on fresh clusters and prints
 the medians.
+
+``--lambda-g 0 --fit-method online --z-solver lars`` times the online fit without graph term
+(`sae.online`): ``--max-outer`` epochs of mini-batches in this process, reading the store a block
+at a time, then the codes of every frame on the workers; e.g. at GTZAN scale::
+
+    python bench/bench_train.py --lambda-g 0 --fit-method online --z-solver lars --max-outer 2 --workers 2
 """
 
 from __future__ import annotations
@@ -192,6 +198,13 @@ def main() -> None:
     parser.add_argument("--memory-check", default="refuse", choices=("refuse", "warn"),
                         help="fit_distributed's check of the workers' memory before training")
     parser.add_argument("--repeats", type=int, default=1, help="fits per number of workers (medians printed)")
+    parser.add_argument("--lambda-z", type=float, default=1.0)
+    parser.add_argument("--fit-method", default="alternating", choices=("alternating", "online"),
+                        help="'online' (needs --lambda-g 0): --max-outer epochs of mini-batches in this process, "
+                             "then the codes of every frame on the workers")
+    parser.add_argument("--batch-size", type=int, default=256, help="frames per mini-batch of the online fit")
+    parser.add_argument("--z-solver", default=None, choices=("auto", "fista", "cd", "lars"),
+                        help="Z-step solver (default: ModelConfig's)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
@@ -206,9 +219,13 @@ def main() -> None:
           f"{time.perf_counter() - tic:.1f} s ({root})")
     single = matmul_gflops()
     print(f"float32 GEMM, one thread: {single:.1f} GFLOP/s (median of 5)")
-    config = ModelConfig(n_atoms=args.n_atoms, lambda_g=args.lambda_g, max_outer=args.max_outer,
-                         max_inner=args.max_inner, inner_rtol=args.inner_rtol, random_state=0,
-                         **({"z_stop": args.z_stop} if args.z_stop else {}))
+    config = ModelConfig(n_atoms=args.n_atoms, lambda_g=args.lambda_g, lambda_z=args.lambda_z,
+                         max_outer=args.max_outer, max_inner=args.max_inner, inner_rtol=args.inner_rtol,
+                         random_state=0, fit_method=args.fit_method, batch_size=args.batch_size,
+                         **({"z_stop": args.z_stop} if args.z_stop else {}),
+                         **({"z_solver": args.z_solver} if args.z_solver else {}))
+    if config.lambda_g == 0:
+        laplacian = None
     tuning = Tuning(array_pool=not args.no_pool, pause_work_stealing=not args.no_stealing_pause)
     settings = {"distributed.scheduler.work-stealing": args.work_stealing == "on"}
     if args.malloc_env:
@@ -250,11 +267,18 @@ def main() -> None:
                   f"blocks of {block_size} frames:")
             print(f"  total {total:.1f} s, median per outer iteration "
                   f"{statistics.median(r['seconds'] for r in records):.2f} s, Z step {z_seconds:.1f} s for {inner} "
-                  f"FISTA iterations ({1000 * z_seconds / max(inner, 1):.1f} ms each)")
+                  f"{config.z_step_method} iterations ({1000 * z_seconds / max(inner, 1):.1f} ms each)")
             print(f"  final objective {records[-1]['total']:.6g}, non-zeros {records[-1]['sparsity_percent']:.2f}%")
-            share = inner * flops_per_apply / z_seconds / 1e9 / (single * n_workers)
-            print(f"  Z step reaches {100 * share:.1f}% of the measured GEMM throughput "
-                  f"({n_workers} x {single:.1f} GFLOP/s)")
+            if config.z_step_method == "fista" and config.fit_method == "alternating":
+                share = inner * flops_per_apply / z_seconds / 1e9 / (single * n_workers)
+                print(f"  Z step reaches {100 * share:.1f}% of the measured GEMM throughput "
+                      f"({n_workers} x {single:.1f} GFLOP/s)")
+            if config.fit_method == "online":
+                epochs = [r for r in records if r.get("online")]
+                times = ", ".join(f"{r['seconds']:.1f}" for r in epochs)
+                objectives = ", ".join(f"{r['total']:.6g}" for r in epochs)
+                print(f"  {len(epochs)} epochs in this process: {times} s (objectives {objectives}); codes of "
+                      f"every frame on the workers {records[-1]['seconds']:.1f} s")
             for pid, (name, rss) in sorted(memory.peaks.items()):
                 print(f"  peak RSS {rss / 2**20:8.1f} MiB  pid {pid} {name}")
             print(f"  sum of the peaks {peak / 2**30:.2f} GiB, CPU time of the other processes {workers_cpu:.1f} s")
