@@ -59,6 +59,7 @@ from sae import __version__
 from sae.config import ClassifyConfig, CQTConfig, GraphConfig, ModelConfig, PreprocessConfig, TrainConfig
 from sae.inference import (DEFAULT_METHOD, METHODS, ClipCodes, TrainedModel, TrainingGraph, available_methods,
                            classifier_codes)
+from sae.online import iterations_done
 
 __all__ = [
     "MODEL_LAYOUT",
@@ -553,7 +554,7 @@ def export_model(
             "model_version": group.attrs.get("version"),
             "results_key": results_key,
             "results_version": None if results is None else results.get("version"),
-            "outer_iterations": state["iteration"],
+            "outer_iterations": iterations_done(state["history"]),  # epochs of an online fit
             "stop_reason": state["stop_reason"],
         },
         "sae_version": __version__,

@@ -25,7 +25,7 @@ import json
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 
 class _Config(BaseModel):
@@ -115,6 +115,16 @@ class ModelConfig(_Config):
         "per-frame gap; with a graph, tens of times more iterations).",
     )
 
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict[str, Any]:
+        """The fields, without ``fit_method`` and ``batch_size`` for the alternating fit: the keys of every result
+        computed before the online fit existed (fingerprints of the configurations that hold a model) stay."""
+        data = handler(self)
+        if self.fit_method == "alternating":
+            data.pop("fit_method", None)
+            data.pop("batch_size", None)
+        return data
+
     @property
     def inner_tolerance(self) -> float:
         return self.rtol if self.inner_rtol is None else self.inner_rtol
@@ -140,8 +150,8 @@ class ModelConfig(_Config):
             )
         if self.fit_method == "online" and self.lambda_g > 0:
             raise ValueError(
-                f"fit_method='online' needs lambda_g = 0 (the graph term couples all frames), got lambda_g={self.lambda_g}: "
-                "use fit_method='alternating'"
+                f"fit_method='online' needs lambda_g = 0 (the graph term couples all frames), got "
+                f"lambda_g={self.lambda_g}: use fit_method='alternating'"
             )
         if self.fit_method == "online" and self.balance_lambdas:
             raise ValueError("fit_method='online' does not balance the weights: set balance_lambdas=False")

@@ -37,7 +37,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from typing import Any, TypeVar, cast
 
@@ -418,7 +418,9 @@ def run_chunks(chunk: Callable[[int, int], object], n_chunks: int, threads: int)
         return
     with _PARALLEL_LOCK:
         pool = _frame_pool(threads)
-        for future in [pool.submit(chunk, first, n_chunks) for first in range(n_chunks)]:
+        futures = [pool.submit(chunk, first, n_chunks) for first in range(n_chunks)]
+        wait(futures)  # every chunk done before the lock is released, even when one has failed
+        for future in futures:
             future.result()
 
 
@@ -426,9 +428,9 @@ _POOL: dict[str, Any] = {"pool": None, "threads": 0, "pid": None}
 
 
 def _frame_pool(threads: int) -> ThreadPoolExecutor:
-    """The threads of `run_chunks` (held under ``_PARALLEL_LOCK``): made again in a forked child or for more
-    threads than the last call's."""
-    if _POOL["pool"] is None or _POOL["pid"] != os.getpid() or _POOL["threads"] < threads:
+    """The threads of `run_chunks` (held under ``_PARALLEL_LOCK``): made again in a forked child or for another
+    number of threads than the last call's."""
+    if _POOL["pool"] is None or _POOL["pid"] != os.getpid() or _POOL["threads"] != threads:
         if _POOL["pool"] is not None and _POOL["pid"] == os.getpid():
             _POOL["pool"].shutdown(wait=True)
         _POOL.update(pool=ThreadPoolExecutor(threads, thread_name_prefix="sae-frames"), threads=threads,

@@ -253,7 +253,8 @@ class FitState:
     """What the outer loop passes to ``callback`` after every outer iteration.
 
     The arrays are the live iterates: read or copy them, do not modify them.
-    ``codes`` is as the backend holds them (an (N, m) array in memory).
+    ``codes`` is as the backend holds them (an (N, m) array in memory), or None after an epoch of the online
+    fit (:mod:`sae.online`), which codes its mini-batches only.
     ``record`` is the history entry of this iteration (see :class:`FitResult`).
     """
 

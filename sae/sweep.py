@@ -42,6 +42,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from sae.config import PipelineConfig
+from sae.online import iterations_done
 
 __all__ = [
     "SWEEP_SECTIONS",
@@ -273,7 +274,7 @@ def point_row(
         "baseline_std": results["baseline"]["accuracy_std"],
         "chance": results["sae"]["chance"],
         "sparsity_percent": last["sparsity_percent"],
-        "outer_iterations": int(last["iteration"]),
+        "outer_iterations": iterations_done(history),  # epochs of an online fit
         **{f"inner_{step}": int(sum(r.get(f"inner_{step}", 0) for r in history))
            for step in ("codes", "dictionary", "encoder")},
         "train_seconds": float(sum(r.get("seconds", 0.0) for r in history)),

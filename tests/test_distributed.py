@@ -123,6 +123,7 @@ def test_the_online_fit_of_a_stored_array_is_the_in_memory_one(thread_client, tm
 
     monkeypatch.setattr(online, "ORDER_BLOCK", 96)
     X, _ = make_data(500)
+    assert len(list(online.epoch_order(len(X), np.random.default_rng(0)))) == 6
     config = ModelConfig(n_atoms=8, lambda_e=lambda_e, max_outer=3, rtol=1e-9, random_state=4, init="frames",
                          fit_method="online", batch_size=40, z_solver="lars")
     reference = fit_sae(X, config)
@@ -145,9 +146,16 @@ def test_the_online_fit_of_a_stored_array_is_the_in_memory_one(thread_client, tm
     again = fit_distributed(_store_array(tmp_path / "data.zarr", X), config, client=thread_client, block_size=128,
                             checkpoint=group)
     assert again.resumed_from == 4 and again.n_iter == result.n_iter == reference.n_iter == 3
-    more = fit_distributed(X, config.model_copy(update={"max_outer": 4}), client=thread_client, block_size=128,
+    # 3 epochs done are fewer than 5: trained again; its checkpoint (iteration 6) does not go into the slot of
+    # the one still recorded as complete (iteration 4, slot 0), which a crash would have left half-written
+    slot = group.attrs["checkpoint_slot"]
+    more = fit_distributed(X, config.model_copy(update={"max_outer": 5}), client=thread_client, block_size=128,
                            checkpoint=group)
-    assert more.resumed_from == 0 and more.n_iter == 4  # 3 epochs done are fewer than 4
+    assert more.resumed_from == 0 and more.n_iter == 5 and group.attrs["checkpoint_slot"] == 1 - slot == 1
+    with pytest.raises(ValueError, match="holds an online fit and the configuration asks for "
+                                         "fit_method='alternating'"):
+        fit_distributed(X, config.model_copy(update={"fit_method": "alternating"}), client=thread_client,
+                        block_size=128, checkpoint=group)
 
 
 @pytest.mark.parametrize("density", [0.0, 1.0])

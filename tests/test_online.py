@@ -11,7 +11,7 @@ from sae import online
 from sae.config import ModelConfig
 from sae.estimator import StructuredAutoEncoder
 from sae.lars import lars_codes
-from sae.model import fit_sae, objective_terms, solve_codes
+from sae.model import fit_sae, objective_terms, solve_codes, solve_encoder
 
 
 def sparse_data(rng, n_samples, n_features=10, n_atoms=6):
@@ -122,9 +122,13 @@ def test_online_fit_with_an_encoder(rng):
     final = objective_terms(X, fit.codes, fit.components, fit.encoder, None, config)
     assert fit.history[-1]["total"] == pytest.approx(final["total"], rel=1e-10)
     assert fit.history[-1]["total"] < 0.5 * fit.history[0]["total"]
-    # the learned encoder fits the codes better than the one it started from
+    # the learned encoder fits the codes better than the one it started from, and nearly as well as the best
+    # encoder for them (4.6 % above measured; with one gradient step per batch, and statistics over other frames
+    # than the codes' sums, it was 1.95x and worse)
     initial = objective_terms(X, fit.codes, fit.components, _initial_encoder(config, X), None, config)
     assert final["encoder"] < 0.5 * initial["encoder"]
+    best = solve_encoder(X.T @ X, fit.codes.T @ X, fit.encoder, lambda_e=2.0, rtol=1e-12, max_iter=20000).solution
+    assert final["encoder"] <= 1.1 * objective_terms(X, fit.codes, fit.components, best, None, config)["encoder"]
 
 
 def _initial_encoder(config, X):

@@ -336,7 +336,28 @@ def test_the_init_option_names_a_new_model_and_leaves_the_earlier_keys_as_they_w
     default = TrainConfig(model=ModelConfig(n_atoms=16))
     assert "init" not in model_identity(default, "p", None)["train"]["model"]
     assert set(ModelConfig.model_fields) - set(model_identity(default, "p", None)["train"]["model"]) == {
-        "init", "max_outer"}
+        "init", "max_outer", "fit_method", "batch_size"}
     frames = TrainConfig(model=ModelConfig(n_atoms=16, init="frames"))
     assert model_identity(frames, "p", None)["train"]["model"]["init"] == "frames"
     assert model_key(frames, "p") != model_key(default, "p")
+
+
+def test_the_online_fit_names_new_models_and_leaves_every_earlier_key_as_it_was():
+    """fit_method and batch_size are left out of every dump of an alternating fit's configuration, so the
+    fingerprints of all configurations holding a model (model keys, inductive results, sweeps) stay."""
+    from sae.config import ClassifyConfig, ModelConfig, PipelineConfig, TrainConfig
+    from sae.store.keys import model_identity, model_key
+
+    default = ModelConfig(n_atoms=16)
+    dumped = default.model_dump()
+    assert "fit_method" not in dumped and "batch_size" not in dumped
+    assert ModelConfig.model_validate(dumped) == default
+    assert "fit_method" not in PipelineConfig().model_dump_json() and "fit_method" not in ClassifyConfig(
+        model=default).model_dump_json()
+    online = ModelConfig(n_atoms=16, fit_method="online", batch_size=64)
+    assert ModelConfig.model_validate(online.model_dump()) == online
+    identity = model_identity(TrainConfig(model=online), "p", None)["train"]["model"]
+    assert identity["fit_method"] == "online" and identity["batch_size"] == 64
+    assert model_key(TrainConfig(model=online), "p") != model_key(TrainConfig(model=default), "p")
+    assert model_key(TrainConfig(model=online), "p") != model_key(
+        TrainConfig(model=online.model_copy(update={"batch_size": 32})), "p")

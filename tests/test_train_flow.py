@@ -61,6 +61,33 @@ def test_train_model_resumes_and_skips(training_store, client):
         train_model(path, "pre", train, client=client)
 
 
+def test_an_online_model_is_complete_for_its_epochs_and_a_longer_one_starts_again(training_store, client):
+    """fit_method='online' in the training stage: its key differs from the alternating model's, it is complete
+    for as many epochs as it ran (its last record, the codes of every frame, is numbered after the epochs),
+    and a run with more epochs trains again from the start (no statistics are kept)."""
+    from sae.stages.train import model_complete
+
+    path, X, _ = training_store
+    online = ModelConfig(n_atoms=8, max_outer=3, random_state=0, fit_method="online", batch_size=50,
+                         z_solver="lars")
+    train = TrainConfig(model=online, block_size=128)
+    assert model_key(train, "pre") != model_key(TrainConfig(model=online.model_copy(
+        update={"fit_method": "alternating"}), block_size=128), "pre")
+    first = train_model(path, "pre", train, client=client)
+    assert first["n_iter"] == 3 and not first["skipped"]
+    assert model_complete(path, first["key"], 3) and not model_complete(path, first["key"], 4)
+    again = train_model(path, "pre", train, client=client)
+    assert again["skipped"] and again["n_iter"] == 3 and again["objective"] == first["objective"]
+    longer = train.model_copy(update={"model": online.model_copy(update={"max_outer": 4})})
+    assert model_key(longer, "pre") == first["key"]
+    trained = train_model(path, "pre", longer, client=client)
+    assert not trained["skipped"] and trained["resumed_from"] == 0 and trained["n_iter"] == 4
+    reference = fit_sae(X, longer.model)
+    assert trained["objective"] == pytest.approx(reference.history[-1]["total"], rel=1e-5)
+    model = open_model(path, first["key"])
+    assert model["complete"] and [r.get("online") for r in model["history"]] == [False] + [True] * 4 + [False]
+
+
 def test_a_checkpoint_free_training_writes_its_final_codes_and_nothing_else(training_store, client):
     path, X, L = training_store
     model = ModelConfig(n_atoms=8, lambda_g=3.0, max_outer=3, max_inner=10, random_state=0)

@@ -494,6 +494,9 @@ class ClusterBackend:
             return Z_blocks
         self.interrupt(f"outer iteration {iteration}, before its checkpoint")
         slot = iteration % 2
+        if self.checkpoint.attrs.get("last_complete_outer") is not None and \
+                self.checkpoint.attrs.get("checkpoint_slot") == slot:
+            slot = 1 - slot  # never into the slot of the last complete checkpoint (a fit started again)
         target = checkpoint_slot(self.checkpoint, slot, self.n_samples, C.shape[0], self.n_features, self.block_size,
                                  self.dtype, E is not None)
         # the codes of the blocks in their order while the training goes on (no rows move; the slot records
@@ -706,6 +709,12 @@ def _fit_distributed(X: Any, config: ModelConfig, client: Any, laplacian: Any, b
     backend.interrupt = interrupt
     m, use_encoder = config.n_atoms, config.lambda_e > 0
     state = read_checkpoint(checkpoint) if checkpoint is not None else None
+    if state is not None and any(record.get("online") for record in state["history"]) != (
+        config.fit_method == "online"
+    ):
+        held = "an alternating" if config.fit_method == "online" else "an online"
+        raise ValueError(f"the checkpoint group holds {held} fit and the configuration asks for "
+                         f"fit_method={config.fit_method!r}: give another checkpoint group")
     if state is not None and config.fit_method == "online" and not (
         state["stop_reason"] == "rtol" or iterations_done(state["history"]) >= config.max_outer
     ):

@@ -109,9 +109,6 @@ def model_identity(train: TrainConfig, preprocess_key: str, graph_key: str | Non
     config["model"].pop("max_outer")
     if config["model"]["init"] == "uniform":  # the keys of the models trained before the option
         config["model"].pop("init")
-    if config["model"]["fit_method"] == "alternating":  # likewise; the batch size is the online fit's only
-        config["model"].pop("fit_method")
-        config["model"].pop("batch_size")
     config.pop("lookahead")
     config.pop("offload_previous")
     config.pop("memory_check")
