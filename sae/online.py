@@ -297,7 +297,8 @@ def learn_online(
     ``read(start, stop)`` returns frames ``start:stop`` as an array (stop - start, n) in the working dtype;
     ``code_batch(X_t, C, E)`` returns the batch's codes as a :class:`~sae.solvers.SolverResult` (the caller's
     Z step); ``previous_total`` is the objective of the initial point (the first epoch's change is measured
-    against it); ``interrupt`` (`sae.progress.Interrupt`) is called before every block is read.  Returns the
+    against it); ``interrupt`` (`sae.progress.Interrupt`) is called before every block is read and before
+    every mini-batch.  Returns the
     final ``C`` and ``E`` (in the frames' dtype), one history record per epoch (:func:`sae.outer.history_record`,
     with ``online = True`` and ``seconds``; the terms are the batches' sums) and the stop reason, "rtol" or
     "max_outer".
@@ -317,6 +318,8 @@ def learn_online(
             interrupt(f"online epoch {epoch}, frames {start}:{stop}")
             frames = read(start, stop)
             for first in range(0, stop - start, eta):
+                if first:  # a block of real music takes tens of seconds: a stop is noticed batch by batch
+                    interrupt(f"online epoch {epoch}, frames {start}:{stop}, mini-batch {first // eta + 1}")
                 batch = frames[np.sort(permutation[first:first + eta])]
                 dictionary, encoding = C.astype(dtype), None if E is None else E.astype(dtype)
                 started = time.perf_counter()

@@ -165,3 +165,26 @@ def test_online_fit_refuses_what_it_cannot_do():
         ModelConfig(balance_lambdas=True, fit_method="online")
     with pytest.raises(ValueError, match="batch_size"):
         ModelConfig(batch_size=0)
+
+
+def test_an_interrupt_stops_the_epochs_between_mini_batches(rng):
+    X = sparse_data(rng, 300)
+    config = ModelConfig(n_atoms=6, max_outer=2, random_state=0, fit_method="online", batch_size=50,
+                         dtype="float64")
+    asked = []
+
+    class Stop(RuntimeError):
+        pass
+
+    def interrupt(where):
+        asked.append(where)
+        if len(asked) == 4:
+            raise Stop(where)
+
+    C0 = np.random.default_rng(0).random((6, X.shape[1]))
+    with pytest.raises(Stop, match="online epoch 1, frames 0:300, mini-batch 4"):
+        online.learn_online(lambda start, stop: X[start:stop], len(X), config, C0, None, np.random.default_rng(1),
+                            1.0, code_batch=lambda batch, C, E: solve_codes(
+                                batch, C, E, None, np.zeros((len(batch), 6)), lambda_d=10.0, lambda_z=1.0,
+                                method="lars"), interrupt=interrupt)
+    assert asked[0] == "online epoch 1, frames 0:300"
