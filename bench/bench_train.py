@@ -285,7 +285,7 @@ def main() -> None:
         total, z_seconds, inner, peak, workers_cpu = (statistics.median(values) for values in zip(*runs))
         totals[n_workers] = total
         print(f"\n{n_workers} worker(s), median of {len(runs)}: total {total:.1f} s, "
-              f"{1000 * z_seconds / max(inner, 1):.1f} ms per FISTA iteration, "
+              f"{1000 * z_seconds / max(inner, 1):.1f} ms per {config.z_step_method} iteration, "
               f"sum of the peaks {peak / 2**30:.2f} GiB, CPU time of the other processes {workers_cpu:.1f} s (runs: "
               f"{', '.join(f'{t:.1f} s / {p / 2**30:.2f} GiB / {c:.1f} s CPU' for t, _, _, p, c in runs)})")
     if 1 in totals and 2 in totals:
