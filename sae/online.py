@@ -47,11 +47,12 @@ same frames in the same order.  Its history record holds the terms summed
 over the batches, each coded with the dictionary of its time: an estimate of
 the objective, not a bound (the final dictionary, fitted to the recent frames,
 gave 1 % more than the last epoch's sum on ``bench/bench_train.py``'s data at
-GTZAN scale, at most 0.1 % more on the tests'): ``online = True`` marks them.  Epochs stop when that sum changes by at most
-``rtol`` relative, or after ``max_outer`` epochs; then the codes of every frame
-are solved once more with the final ``C`` and ``E``, and that last record is
-the true objective (`fit_online`).  The time is in the epochs' coding: the D
-step costs ``O(m^2 n)`` per batch whatever the batch size.
+GTZAN scale, at most 0.1 % more on the tests'): ``online = True`` marks them.
+Epochs stop when that sum changes by at most ``rtol`` relative, or after
+``max_outer`` epochs; then the codes of every frame are solved once more with
+the final ``C`` and ``E``, and that last record is the true objective
+(`fit_online`).  The time is in the epochs' coding: the D step costs
+``O(m^2 n)`` per batch whatever the batch size.
 
 On a cluster (:func:`sae.distributed.fit_distributed`) the epochs run in the
 calling process, reading the frames block by block (sequential by nature: each
