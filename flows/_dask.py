@@ -10,9 +10,12 @@ sub-tasks).  A task run by a thread pool (local runs) has no cluster.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
+
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from sae.progress import Interrupt, ProgressCallback, go_on
 
@@ -44,18 +47,17 @@ def run_gone_check(step: str) -> Interrupt:
     is left: a write under way when the run goes still ends (its work is not
     recorded as complete), and a command whose host vanishes without closing
     its connection is noticed only when the scheduler's connection to it
-    times out.  Off a Dask worker, or in a thread that executes no task of it,
-    the check does nothing (the step dies with its process).  Call this in the
-    task's thread.
+    times out.  Off a Dask worker (a command's local threads) the check raises
+    once the command's flow run is being stopped (`StoppableTaskRunner`); in a
+    thread that executes no task of the worker it does nothing (the step dies
+    with its process).  Call this in the task's thread.
     """
-    import threading
-
     from distributed import get_worker
 
     try:
         worker = get_worker()
     except ValueError:
-        return go_on
+        return _stopping_check(step)
     # the key of the task this thread executes (a thread that inherited the worker but runs no task of it: none)
     key = worker.active_threads.get(threading.get_ident())
     if key is None:
@@ -70,6 +72,41 @@ def run_gone_check(step: str) -> Interrupt:
                           f"the store keeps what was complete. Run the command again to resume.")
 
     return check
+
+
+#: Set when a flow run of this process is being stopped (`StoppableTaskRunner`): its tasks' threads stop too.
+STOPPING = threading.Event()
+
+
+def _stopping_check(step: str) -> Interrupt:
+    """Off a Dask worker: a check that raises `RunGone` once this process's flow run is being stopped."""
+
+    def check(where: str) -> None:
+        if STOPPING.is_set():
+            raise RunGone(f"{step}: the command was stopped, so it stopped at {where} without writing more; the "
+                          f"store keeps what was complete. Run the command again to resume.")
+
+    return check
+
+
+class StoppableTaskRunner(ThreadPoolTaskRunner):
+    """Prefect's thread-pool task runner, but a flow run stopped by a signal (SIGTERM, Ctrl-C) stops its tasks.
+
+    Leaving a flow run's context joins the threads of its running tasks.  A task that runs for minutes (a
+    training) would keep a stopped command alive to its end: Prefect sets an event per task before it joins,
+    but only its task engine can read it.  This runner sets `STOPPING` first, which the checks of
+    `run_gone_check` made off a Dask worker read, so the task stops at its next check (a training: the next
+    Z-step iteration or mini-batch).  A flow run entered clears it.
+    """
+
+    def __enter__(self) -> StoppableTaskRunner:
+        STOPPING.clear()
+        return super().__enter__()
+
+    def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> None:
+        if exc_type is not None and not issubclass(exc_type, Exception):  # TerminationSignal, KeyboardInterrupt
+            STOPPING.set()
+        super().__exit__(exc_type, exc_value, traceback)
 
 
 def not_gone(task: Any, task_run: Any, state: Any) -> bool:

@@ -40,9 +40,9 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
-from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+from prefect.task_runners import TaskRunner
 
-from flows._dask import checked, cluster_client, run_gone_check
+from flows._dask import StoppableTaskRunner, checked, cluster_client, run_gone_check
 from flows._progress import Progress, worker_logs
 from flows._runs import run_namer
 from sae.config import ClassifyConfig
@@ -117,7 +117,7 @@ def _results_key(parameters: dict[str, Any]) -> str:
 
 
 @flow(name="classify", flow_run_name=run_namer("classify", _results_key),
-      task_runner=ThreadPoolTaskRunner(max_workers=2))
+      task_runner=StoppableTaskRunner(max_workers=2))
 def classify_flow(
     store: str,
     preprocess_key: str,

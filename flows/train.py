@@ -36,9 +36,9 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
-from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+from prefect.task_runners import TaskRunner
 
-from flows._dask import dask_client, not_gone, run_gone_check
+from flows._dask import StoppableTaskRunner, dask_client, not_gone, run_gone_check
 from flows._progress import Progress, worker_logs
 from flows._runs import run_namer
 from sae.config import TrainConfig
@@ -119,7 +119,7 @@ def _model_key(parameters: dict[str, Any]) -> str:
     return model_key(train, parameters["preprocess_key"], parameters.get("graph_key"))
 
 
-@flow(name="train", flow_run_name=run_namer("train", _model_key), task_runner=ThreadPoolTaskRunner(max_workers=1))
+@flow(name="train", flow_run_name=run_namer("train", _model_key), task_runner=StoppableTaskRunner(max_workers=1))
 def train_flow(store: str, preprocess_key: str, train: TrainConfig, graph_key: str | None = None) -> dict[str, Any]:
     """Train the structured auto-encoder on ``preprocess/<preprocess_key>`` of ``store``.
 

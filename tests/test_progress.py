@@ -304,3 +304,43 @@ def test_steps_on_dask_workers_send_their_progress_to_the_scheduler(client):
     messages = [message for _, message in client.get_events(TOPIC)]
     assert [(m["step"], m["done"], m["total"], m["store"]) for m in messages] == [
         ("classify sae", 0, 2, "/a.zarr"), ("classify sae", 1, 2, "/a.zarr"), ("classify sae", 2, 2, "/a.zarr")]
+
+
+def test_a_flow_run_stopped_by_a_signal_stops_the_tasks_of_its_threads():
+    """SIGTERM or Ctrl-C in a flow run: Prefect's thread-pool runner joins its running tasks' threads before the
+    command can end; StoppableTaskRunner first sets the event that run_gone_check's checks read off a Dask
+    worker, so a training or a classification stops at its next check instead of running to its end."""
+    import threading
+
+    from flows._dask import STOPPING, RunGone, StoppableTaskRunner, run_gone_check
+
+    started, stopped = threading.Event(), []
+
+    def work():
+        check = run_gone_check("the work")
+        started.set()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                check("part 7")
+            except RunGone as error:
+                stopped.append((str(error), time.monotonic()))
+                return
+            time.sleep(0.01)
+
+    runner = StoppableTaskRunner(max_workers=1)
+    with pytest.raises(KeyboardInterrupt):
+        with runner:
+            worker = threading.Thread(target=work)  # as the runner's own thread would run the task
+            worker.start()
+            assert started.wait(10) and not STOPPING.is_set()
+            raise KeyboardInterrupt
+    worker.join(10)
+    assert stopped and "the work: the command was stopped, so it stopped at part 7" in stopped[0][0]
+    with StoppableTaskRunner(max_workers=1):  # a new flow run clears it
+        assert not STOPPING.is_set()
+        run_gone_check("other work")("part 1")
+    with pytest.raises(ValueError):  # an ordinary failure does not stop the other tasks
+        with StoppableTaskRunner(max_workers=1):
+            raise ValueError("a task failed")
+    assert not STOPPING.is_set()
