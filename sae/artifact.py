@@ -59,7 +59,7 @@ from sae import __version__
 from sae.config import ClassifyConfig, CQTConfig, GraphConfig, ModelConfig, PreprocessConfig, TrainConfig
 from sae.inference import (DEFAULT_METHOD, METHODS, ClipCodes, TrainedModel, TrainingGraph, available_methods,
                            classifier_codes)
-from sae.online import iterations_done
+from sae.outer import iterations_done
 
 __all__ = [
     "MODEL_LAYOUT",

@@ -88,23 +88,9 @@ from sae.outer import Backend, FitResult, FitState, history_record, log_outer, s
 from sae.progress import Interrupt, go_on
 from sae.terms import inner
 
-__all__ = ["epoch_order", "fit_online", "forgetting_factor", "learn_online", "iterations_done"]
+__all__ = ["epoch_order", "fit_online", "forgetting_factor", "learn_online"]
 
 logger = logging.getLogger(__name__)
-
-
-def iterations_done(history: list[dict[str, Any]]) -> int:
-    """The outer iterations, or the epochs of an online fit, that ``history`` records (`FitResult.n_iter`).
-
-    >>> iterations_done([{"iteration": 0}, {"iteration": 1}, {"iteration": 2}])
-    2
-    >>> iterations_done([{"iteration": 0, "online": False}, {"iteration": 1, "online": True},
-    ...                  {"iteration": 2, "online": False}])
-    1
-    """
-    if any(record.get("online") for record in history):
-        return sum(1 for record in history if record.get("online"))
-    return int(history[-1]["iteration"])
 
 
 def forgetting_factor(t: int, eta: int, cap: float = np.inf) -> float:

@@ -41,6 +41,8 @@ __all__ = [
     "FitState",
     "alternate",
     "history_record",
+    "iterations_done",
+    "training_done",
     "TERM_NAMES",
     "TERM_WEIGHTS",
     "weigh_terms",
@@ -181,6 +183,26 @@ def log_outer(log: logging.Logger, record: dict[str, Any]) -> None:
         record["iteration"], record["total"], record["relative_change"], record["sparsity_percent"],
         record["inner_codes"], record["inner_dictionary"], record["inner_encoder"], record["seconds"],
     )
+
+
+def iterations_done(history: list[dict[str, Any]]) -> int:
+    """The outer iterations, or the epochs of an online fit, that ``history`` records (`FitResult.n_iter`).
+
+    >>> iterations_done([{"iteration": 0}, {"iteration": 1}, {"iteration": 2}])
+    2
+    >>> iterations_done([{"iteration": 0, "online": False}, {"iteration": 1, "online": True},
+    ...                  {"iteration": 2, "online": False}])
+    1
+    """
+    if any(record.get("online") for record in history):
+        return sum(1 for record in history if record.get("online"))
+    return int(history[-1]["iteration"])
+
+
+def training_done(history: list[dict[str, Any]], stop_reason: str | None, max_outer: int) -> bool:
+    """Whether a training whose checkpoint holds ``history`` and ``stop_reason`` is over for ``max_outer``:
+    converged (rtol), or trained for at least ``max_outer`` iterations (`iterations_done`)."""
+    return stop_reason == "rtol" or iterations_done(history) >= max_outer
 
 
 # --------------------------------------------------------------------------- balancing the weights

@@ -42,7 +42,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from sae.config import PipelineConfig
-from sae.online import iterations_done
+from sae.outer import iterations_done
 
 __all__ = [
     "SWEEP_SECTIONS",

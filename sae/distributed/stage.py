@@ -23,7 +23,7 @@ from sae.config import TrainConfig
 from sae.distributed.blocks import LaplacianRef
 from sae.distributed.checkpoints import checkpoint_arrays, read_checkpoint
 from sae.distributed.trainer import fit_distributed
-from sae.online import iterations_done
+from sae.outer import iterations_done, training_done
 from sae.progress import Interrupt, go_on
 from sae.store.keys import MODEL, model_identity, model_key
 
@@ -87,7 +87,7 @@ def train_model(
         group = store.stage_group(root, MODEL, key, config=stage_config, mode="w")
         done = None
     if done is not None and store.is_complete(root, MODEL, key) and (
-        done["stop_reason"] == "rtol" or iterations_done(done["history"]) >= config.max_outer
+        training_done(done["history"], done["stop_reason"], config.max_outer)
     ):
         logger.info("model %s: complete at outer iteration %d (%s), skipped", key, done["iteration"], done["stop_reason"])
         last = done["history"][-1]

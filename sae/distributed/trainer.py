@@ -72,8 +72,8 @@ from sae.distributed.order import Ordering, cluster_order, halo_plans, halo_want
 from sae.distributed.zstep import CodeState, Tuning, block_fista, code_problem, solve_block_codes, state_solution
 from sae.graph import laplacian_norm_bound
 from sae.model import check_laplacian, code_lipschitz, code_step_options, init_encoder, initial_dictionary
-from sae.online import fit_online, iterations_done
-from sae.outer import FitResult, alternate
+from sae.online import fit_online
+from sae.outer import FitResult, alternate, iterations_done, training_done
 from sae.progress import Interrupt, go_on
 from sae.store import json_safe
 
@@ -715,8 +715,8 @@ def _fit_distributed(X: Any, config: ModelConfig, client: Any, laplacian: Any, b
         held = "an alternating" if config.fit_method == "online" else "an online"
         raise ValueError(f"the checkpoint group holds {held} fit and the configuration asks for "
                          f"fit_method={config.fit_method!r}: give another checkpoint group")
-    if state is not None and config.fit_method == "online" and not (
-        state["stop_reason"] == "rtol" or iterations_done(state["history"]) >= config.max_outer
+    if state is not None and config.fit_method == "online" and not training_done(
+        state["history"], state["stop_reason"], config.max_outer
     ):
         logger.info("the online fit keeps no statistics in its checkpoints: it starts again (it ended at "
                     "iteration %d)", state["iteration"])
@@ -726,7 +726,7 @@ def _fit_distributed(X: Any, config: ModelConfig, client: Any, laplacian: Any, b
         E = np.asarray(state["encoder"], dtype=dtype) if use_encoder else None
         start_outer, history = state["iteration"], state["history"]
         logger.info("resuming from the checkpoint of outer iteration %d", start_outer)
-        if state["stop_reason"] == "rtol" or iterations_done(history) >= config.max_outer:
+        if training_done(history, state["stop_reason"], config.max_outer):
             return DistributedFit(components=C, encoder=E, codes=state["codes"], history=history, n_iter=iterations_done(history),
                                   stop_reason=state["stop_reason"] or "max_outer", resumed_from=start_outer)
         backend.reload = partial(backend.read_codes, state["codes"], start_outer, state["frame_of_row"])

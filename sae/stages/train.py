@@ -22,7 +22,7 @@ def model_complete(store: str, key: str, max_outer: int) -> bool:
     """Whether ``model/<key>`` is complete: converged (rtol), or trained for at least ``max_outer`` iterations
     (epochs of an online fit)."""
     from sae.distributed import read_checkpoint
-    from sae.online import iterations_done
+    from sae.outer import training_done
 
     if not sae_store.is_complete(store, MODEL, key):
         return False
@@ -30,7 +30,7 @@ def model_complete(store: str, key: str, max_outer: int) -> bool:
         state = read_checkpoint(sae_store.stage_group(store, MODEL, key, mode="r"))
     except sae_store.StoreDamaged:
         return False
-    return state is not None and (state["stop_reason"] == "rtol" or iterations_done(state["history"]) >= max_outer)
+    return state is not None and training_done(state["history"], state["stop_reason"], max_outer)
 
 
 def require_model(store: str, key: str, max_outer: int) -> None:
