@@ -35,8 +35,8 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.context import FlowRunContext
-from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows._dask import StoppableTaskRunner
 from flows.classify import submit_classification
 from flows.graph import graph_task, preprocess_task
 from flows.train import train_task
@@ -48,7 +48,7 @@ from sae.stages.results import brief, check_folds
 __all__ = ["COLUMNS", "noise_experiment_flow", "run_experiment"]
 
 
-@flow(name="noise-experiment", task_runner=ThreadPoolTaskRunner(max_workers=2))
+@flow(name="noise-experiment", task_runner=StoppableTaskRunner(max_workers=2))
 def noise_experiment_flow(
     store: str,
     noise_stds: tuple[float, ...] = (0.0, 0.1, 0.2),

@@ -31,9 +31,9 @@ from typing import Any
 import dask
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+from prefect.task_runners import TaskRunner
 
-from flows._dask import checked, cluster_client, not_gone, run_gone_check
+from flows._dask import StoppableTaskRunner, checked, cluster_client, not_gone, run_gone_check
 from flows._progress import Progress, worker_logs
 from flows._runs import run_namer
 from sae.config import GraphConfig, PreprocessConfig
@@ -76,7 +76,7 @@ def _graph_key(parameters: dict[str, Any]) -> str:
     return graph_key(preprocess_key(preprocess), GraphConfig.model_validate(parameters["graph"]))
 
 
-@flow(name="graph", flow_run_name=run_namer("graph", _graph_key), task_runner=ThreadPoolTaskRunner(max_workers=1))
+@flow(name="graph", flow_run_name=run_namer("graph", _graph_key), task_runner=StoppableTaskRunner(max_workers=1))
 def graph_flow(store: str, preprocess: PreprocessConfig, graph: GraphConfig) -> dict[str, Any]:
     """Preprocess the frames of ``store`` and build their graph; returns both stages' metadata.
 

@@ -27,8 +27,9 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 from prefect.futures import as_completed
-from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+from prefect.task_runners import TaskRunner
 
+from flows._dask import StoppableTaskRunner
 from flows._progress import Progress
 from flows._runs import run_namer
 from sae.audio import prepare_ingest, process_batch
@@ -49,7 +50,7 @@ def ingest_batch(store: str, chunk_index: int, clip_indices: list[int]) -> list[
     return process_batch(store, chunk_index, clip_indices)
 
 
-@flow(name="ingest", task_runner=ThreadPoolTaskRunner(max_workers=2),
+@flow(name="ingest", task_runner=StoppableTaskRunner(max_workers=2),
       flow_run_name=run_namer("ingest", lambda p: Path(IngestConfig.model_validate(p["config"]).store).name))
 def ingest_flow(config: IngestConfig) -> dict[str, Any]:
     """Ingest ``config.data`` into the store ``config.store``; return a summary.

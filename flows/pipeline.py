@@ -44,8 +44,9 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.context import FlowRunContext
-from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+from prefect.task_runners import TaskRunner
 
+from flows._dask import StoppableTaskRunner
 from flows._runs import run_namer, stage_tags
 from sae import store as sae_store
 from sae.config import PipelineConfig
@@ -266,7 +267,7 @@ def _store_name(parameters: dict[str, Any]) -> str:
 
 
 @flow(name="pipeline", flow_run_name=run_namer("pipeline", _store_name),
-      task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=False)
+      task_runner=StoppableTaskRunner(max_workers=1), log_prints=False)
 def pipeline_flow(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # noqa: B008 - frozen model
     """Ingest, preprocess and build the graph, train, classify, export the model; each stage skipped when complete.
 
@@ -329,7 +330,7 @@ def _stage_name(parameters: dict[str, Any]) -> str:
 
 
 @flow(name="pipeline-stage", flow_run_name=run_namer("stage", _stage_name),
-      task_runner=ThreadPoolTaskRunner(max_workers=1))
+      task_runner=StoppableTaskRunner(max_workers=1))
 def stage_flow(
     stage: Literal["ingest", "graph", "train", "classify"],
     config: PipelineConfig = PipelineConfig(),  # noqa: B008 - frozen model

@@ -27,8 +27,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 from prefect.futures import as_completed
-from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows._dask import StoppableTaskRunner
 from sae import collection
 
 DEFAULT_CHUNK_CLIPS = 16
@@ -46,7 +46,7 @@ def encode_batch(out: str, key: str, chunk_index: int, clip_indices: list[int], 
     return records
 
 
-@flow(name="encode-collection", task_runner=ThreadPoolTaskRunner(max_workers=2))
+@flow(name="encode-collection", task_runner=StoppableTaskRunner(max_workers=2))
 def encode_flow(model: str, data: str, out: str, method: str | None = None,
                 chunk_clips: int = DEFAULT_CHUNK_CLIPS) -> dict[str, Any]:
     """Encode every clip of ``data`` with the model folder ``model`` into the store ``out`` (resumes).
@@ -90,7 +90,7 @@ def encode_flow(model: str, data: str, out: str, method: str | None = None,
             "failed_batches": sorted(failed)}
 
 
-@flow(name="predict", task_runner=ThreadPoolTaskRunner(max_workers=1))
+@flow(name="predict", task_runner=StoppableTaskRunner(max_workers=1))
 def predict_flow(model: str, data: str, out: str, method: str | None = None, cluster: str | None = None,
                  chunk_clips: int = DEFAULT_CHUNK_CLIPS) -> dict[str, Any]:
     """Classify the clips of a folder or manifest with a model folder; the result table as an artifact.

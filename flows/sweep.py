@@ -47,8 +47,8 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import FlowRunContext
-from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows._dask import StoppableTaskRunner
 from flows._runs import run_namer, stage_tags
 from flows.classify import submit_classification
 from flows.graph import graph_task, preprocess_task
@@ -76,7 +76,7 @@ def _parameter_names(parameters: dict[str, Any]) -> str:
 
 
 @flow(name="sweep-stages", flow_run_name=run_namer("sweep-stages", lambda p: _parameter_names(p["parameters"])),
-      task_runner=ThreadPoolTaskRunner(max_workers=8))
+      task_runner=StoppableTaskRunner(max_workers=8))
 def sweep_stages_flow(config: PipelineConfig, parameters: dict[str, list[Any]], parallel: int) -> dict[str, Any]:
     """Steps 2-4 of the module docstring for the points of a sweep whose ingestion is complete.
 
@@ -118,7 +118,7 @@ def sweep_stages_flow(config: PipelineConfig, parameters: dict[str, list[Any]], 
 
 
 @flow(name="sweep", flow_run_name=run_namer("sweep", lambda p: _parameter_names(p["parameters"])),
-      task_runner=ThreadPoolTaskRunner(max_workers=1))
+      task_runner=StoppableTaskRunner(max_workers=1))
 def sweep_flow(
     config: PipelineConfig = PipelineConfig(),  # noqa: B008 - frozen model
     parameters: dict[str, list[Any]] = {"train.model.balance_lambdas": [False, True]},  # noqa: B006 - never mutated

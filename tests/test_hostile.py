@@ -330,6 +330,46 @@ def test_a_stopped_run_s_training_stops_on_the_cluster_and_writes_no_more_checkp
     assert _last_checkpoint(store)[1:] == (outer + 1, "max_outer")  # resumed from the kept checkpoint
 
 
+def test_sigterm_during_a_local_training_ends_the_command_at_once_and_it_resumes(workdir, services, tmp_path):
+    """On local threads the training runs in a task thread of the command: a SIGTERM must stop it at its next
+    iteration, not when it has run its 500 outer iterations, and leave the last checkpoint to resume from."""
+    root, _ = workdir
+    long = {**TINY, "train": {**TINY["train"], "model": {**TINY["train"]["model"], "max_outer": 500, "rtol": 1e-12}}}
+    (tmp_path / "long.yaml").write_text(yaml.safe_dump(long))
+    store = tmp_path / "local.zarr"
+    command = ("-c", str(tmp_path / "long.yaml"), "--data", str(root / "data"), "--store", str(store))
+    process = psutil.Popen(sae_command("run", *command), cwd=tmp_path, env=services,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while (_last_checkpoint(store)[1] or 0) < 2:  # two outer iterations into the training
+            assert process.poll() is None, process.stderr.read()
+            assert time.monotonic() < deadline, "the training wrote no second checkpoint in time"
+            time.sleep(0.2)
+        descendants = process.children(recursive=True)
+        sent = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(120)
+        stopped_after = time.monotonic() - sent
+    finally:
+        if process.poll() is None:
+            process.kill()
+    stderr = process.stderr.read()
+    assert code == 143, stderr
+    assert "terminated: the store keeps every completed stage; run again to resume" in stderr
+    # The flow engine's report of the crash to the server takes seconds; the training's own stop, one iteration.
+    assert stopped_after < 30, stopped_after
+    outer, reason = _last_checkpoint(store)[1:]
+    assert outer < 500 and reason == ""  # stopped, not run to its end
+    gone, alive = psutil.wait_procs(descendants, timeout=30)
+    assert not alive, [p.cmdline() for p in alive]
+    time.sleep(2)
+    assert _last_checkpoint(store)[1:] == (outer, reason)  # nothing writes any more
+    resumed = run(sae_command("train", *command, "--set", f"train.model.max_outer={outer + 1}"), services, tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _last_checkpoint(store)[1:] == (outer + 1, "max_outer")  # resumed from the kept checkpoint
+
+
 def test_ctrl_c_inside_an_event_loop_that_absorbs_cancellation_still_stops_the_command():
     """While the default handler is installed, asyncio.run turns Ctrl-C into a cancellation of its task; a task
     that absorbs it would let the command run on. Under the command's handlers, Ctrl-C is KeyboardInterrupt."""

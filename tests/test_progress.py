@@ -344,3 +344,24 @@ def test_a_flow_run_stopped_by_a_signal_stops_the_tasks_of_its_threads():
         with StoppableTaskRunner(max_workers=1):
             raise ValueError("a task failed")
     assert not STOPPING.is_set()
+
+
+def test_every_flow_of_the_project_runs_its_local_tasks_on_the_stoppable_runner():
+    """A flow on Prefect's plain thread-pool runner would keep a stopped command alive until its running task
+    ends (a graph stage measured 200 s after a SIGTERM; 2.7 s with the stoppable runner)."""
+    import importlib
+    import pkgutil
+
+    import flows
+    from prefect import Flow
+
+    from flows._dask import StoppableTaskRunner
+
+    found = {}
+    for module_info in pkgutil.iter_modules(flows.__path__):
+        module = importlib.import_module(f"flows.{module_info.name}")
+        found.update({f"{module.__name__}.{name}": value for name, value in vars(module).items()
+                      if isinstance(value, Flow) and value.__module__ == module.__name__})
+    assert len(found) >= 10, sorted(found)
+    assert {name: type(each.task_runner).__name__ for name, each in found.items()
+            if not isinstance(each.task_runner, StoppableTaskRunner)} == {}
