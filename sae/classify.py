@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import scipy.linalg
 from sklearn.base import clone
 from sklearn.linear_model import LogisticRegression, RidgeClassifier
 from sklearn.metrics import confusion_matrix
@@ -47,6 +48,7 @@ __all__ = [
     "Split",
     "make_classifier",
     "choose_C",
+    "ridge_path_accuracies",
     "cv_splits",
     "evaluate_split",
     "chance_level",
@@ -144,12 +146,56 @@ def choose_C(vectors: np.ndarray, labels: np.ndarray, groups: np.ndarray, config
     splitter = StratifiedGroupKFold(n_splits=n_inner, shuffle=True, random_state=config.random_state)
     scores = np.zeros(len(config.C_grid))
     for train, test in splitter.split(vectors, labels, groups):
+        if config.classifier == "ridge":
+            scores += ridge_path_accuracies(vectors[train], labels[train], vectors[test], labels[test],
+                                            config.C_grid, config.scaling)
+            continue
         for i, C in enumerate(config.C_grid):
             model = clone(_classifier(config, C)).fit(vectors[train], labels[train])
             scores[i] += np.mean(model.predict(vectors[test]) == labels[test])
     grid = np.asarray(config.C_grid, dtype=np.float64)
     best = np.flatnonzero(scores == scores.max())
     return float(grid[best].min())
+
+
+def ridge_path_accuracies(train_vectors: np.ndarray, train_labels: np.ndarray, test_vectors: np.ndarray,
+                          test_labels: np.ndarray, C_grid: Sequence[float], scaling: str = "none") -> np.ndarray:
+    """Test accuracy of ``make_classifier("ridge", C=C, scaling=scaling)`` fitted on the training vectors, for
+    every C of ``C_grid``, from one Gram matrix.
+
+    ``RidgeClassifier(alpha)`` regresses the one-vs-rest targets (+1 / -1) on
+    the centred vectors: ``W = (Xc^T Xc + alpha I)^-1 Xc^T Yc``, the intercept
+    making the fit pass through the means, and predicts the class of the
+    largest score.  The d x d Gram matrix ``Xc^T Xc``, what a fit costs when
+    there are more vectors than features, is formed once for the whole grid
+    (a Cholesky factorisation per C then costs d^3 / 3) instead of once per C:
+    the choice of C by nested folds is what made a split of 5,220 vectors x
+    1,536 take 10-15 s.  The same predictions as scikit-learn's up to rounding
+    (a test compares them).
+    """
+    if scaling == "standard":
+        scaler = StandardScaler().fit(train_vectors)
+    elif scaling == "minmax":
+        scaler = MinMaxScaler().fit(train_vectors)
+    else:
+        scaler = None
+    X = np.asarray(train_vectors if scaler is None else scaler.transform(train_vectors), dtype=np.float64)
+    T = np.asarray(test_vectors if scaler is None else scaler.transform(test_vectors), dtype=np.float64)
+    classes, y = np.unique(train_labels, return_inverse=True)
+    Y = np.full((y.size, classes.size), -1.0)
+    Y[np.arange(y.size), y] = 1.0
+    x_mean, y_mean = X.mean(axis=0), Y.mean(axis=0)
+    X -= x_mean
+    Y -= y_mean
+    T -= x_mean
+    gram, targets = X.T @ X, X.T @ Y
+    diagonal = np.diag(gram).copy()
+    accuracies = np.empty(len(C_grid))
+    for i, C in enumerate(C_grid):
+        np.fill_diagonal(gram, diagonal + 1.0 / C)
+        scores = T @ scipy.linalg.cho_solve(scipy.linalg.cho_factor(gram, overwrite_a=False), targets) + y_mean
+        accuracies[i] = np.mean(classes[np.argmax(scores, axis=1)] == test_labels)
+    return accuracies
 
 
 @dataclass(frozen=True)

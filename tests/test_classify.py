@@ -18,6 +18,8 @@ from sae.classify import (
     cross_validate,
     cv_splits,
     evaluate_split,
+    make_classifier,
+    ridge_path_accuracies,
     run_splits,
     split_groups,
 )
@@ -168,6 +170,25 @@ def test_nested_choice_of_C_equals_a_grid_search_on_the_training_vectors_only(rn
     assert choose_C(features.vectors, features.labels, features.groups, config.model_copy(update={"C_grid": ()})) == 1.0
     with pytest.raises(ValueError, match="C_grid must hold values > 0"):
         ClassifyConfig(C_grid=(1.0, 0.0))
+
+
+@pytest.mark.parametrize("scaling", ["none", "standard", "minmax"])
+@pytest.mark.parametrize("n_classes, n_train, n_features", [(2, 60, 8), (5, 200, 30), (4, 40, 90)])
+def test_the_ridge_path_predicts_as_scikit_learn_s_ridge_classifier_at_every_C(rng, scaling, n_classes, n_train,
+                                                                               n_features):
+    """One eigendecomposition for every C of the grid: the same test accuracy as a RidgeClassifier fitted per C
+    (binary and multi-class, more vectors than features and fewer)."""
+    centres = rng.normal(size=(n_classes, n_features))
+    labels = rng.integers(0, n_classes, size=n_train + 50) * 3 + 1  # not 0..k-1: classes are kept by value
+    vectors = centres[(labels - 1) // 3] * rng.uniform(0.1, 1.0, size=n_features) + rng.normal(
+        scale=3.0, size=(labels.size, n_features)) + rng.uniform(-3, 3, size=n_features)
+    grid = (1e-4, 0.01, 0.1, 1.0, 100.0)
+    train, test = slice(0, n_train), slice(n_train, None)
+    expected = [np.mean(make_classifier("ridge", C=C, scaling=scaling).fit(vectors[train], labels[train])
+                        .predict(vectors[test]) == labels[test]) for C in grid]
+    got = ridge_path_accuracies(vectors[train], labels[train], vectors[test], labels[test], grid, scaling)
+    assert got.tolist() == expected
+    assert len(set(expected)) > 1  # the grid matters on these data, so the comparison can tell Cs apart
 
 
 def test_chance_level():
