@@ -32,14 +32,13 @@ Every frame stops on its own duality gap.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
-from typing import Any, TypeVar, cast
+from typing import Any
 
 import numba
 import numpy as np
@@ -438,7 +437,6 @@ def _frame_pool(threads: int) -> ThreadPoolExecutor:
     return _POOL["pool"]
 
 
-F = TypeVar("F", bound=Callable[..., Any])
 _BLAS: dict[str, Any] = {"controller": None, "pid": None, "depth": 0, "limit": None}
 
 
@@ -468,17 +466,6 @@ def one_blas_thread() -> Iterator[None]:
         if _BLAS["depth"] == 0:
             _BLAS["limit"].restore_original_limits()
             _BLAS["limit"] = None
-
-
-def with_one_blas_thread(solver: F) -> F:
-    """``solver`` run under `one_blas_thread` (the per-frame solvers: their Gram matrix, then their threads)."""
-
-    @functools.wraps(solver)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with one_blas_thread():
-            return solver(*args, **kwargs)
-
-    return cast(F, wrapper)
 
 
 def _check_threads(n_threads: int | None) -> int | None:
@@ -529,7 +516,7 @@ def checked_frame_problem(
     return X, components, encoder, np.ascontiguousarray(Z0, dtype=dtype), _check_threads(n_threads)
 
 
-@with_one_blas_thread
+@one_blas_thread()  # a context manager of contextlib is a decorator too, entered at each call
 def coordinate_descent_codes(
     X: np.ndarray,
     components: np.ndarray,

@@ -58,8 +58,8 @@ from sae.coordinate import (
     checked_frame_problem,
     coordinate_descent_codes,
     frame_chunks,
+    one_blas_thread,
     run_chunks,
-    with_one_blas_thread,
 )
 from sae.solvers import SolverResult
 
@@ -334,7 +334,7 @@ def _drive_chunk(X, Ct, Et, G, lambdas, max_steps, Z0, Z, steps_out, ended_out, 
             ended_out[i] = ended
 
 
-@with_one_blas_thread
+@one_blas_thread()
 def lars_codes(
     X: np.ndarray,
     components: np.ndarray,
