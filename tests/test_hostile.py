@@ -269,6 +269,33 @@ def _last_checkpoint(store: Path) -> tuple[str, int | None, str | None]:
     return key, attrs.get("last_complete_outer"), attrs.get("stop_reason")
 
 
+def _long_run_into_its_training(data: Path, store: Path, services: dict[str, str], *options: str
+                                ) -> tuple[psutil.Popen, tuple[str, ...]]:
+    """`sae run` of the tiny configuration with a training of 500 outer iterations, two checkpoints into its
+    training; the process and the command's arguments (without ``run``)."""
+    long = {**TINY, "train": {**TINY["train"], "model": {**TINY["train"]["model"], "max_outer": 500, "rtol": 1e-12}}}
+    config = store.parent / f"{store.stem}.yaml"
+    config.write_text(yaml.safe_dump(long))
+    command = ("-c", str(config), "--data", str(data), "--store", str(store))
+    process = psutil.Popen(sae_command("run", *command, *options), cwd=store.parent, env=services,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while (_last_checkpoint(store)[1] or 0) < 2:  # two outer iterations into the training
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"the training wrote no second checkpoint in time: {process.stderr.read()}")
+        time.sleep(0.2)
+    return process, command
+
+
+def _resumes_from_its_checkpoint(command: tuple[str, ...], store: Path, outer: int, services: dict[str, str]) -> None:
+    """`sae train` of the same configuration, one outer iteration more than kept, resumes from the checkpoint."""
+    resumed = run(sae_command("train", *command, "--set", f"train.model.max_outer={outer + 1}"), services,
+                  store.parent)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _last_checkpoint(store)[1:] == (outer + 1, "max_outer")  # resumed from the kept checkpoint
+
+
 @pytest.fixture(scope="module")
 def dask_cluster(services, tmp_path_factory):
     """A Dask scheduler and one worker of two threads from deploy/cluster.py, on 127.0.0.1; (address, log folder)."""
@@ -292,18 +319,9 @@ def test_a_stopped_run_s_training_stops_on_the_cluster_and_writes_no_more_checkp
 
     root, _ = workdir
     address, logs = dask_cluster
-    long = {**TINY, "train": {**TINY["train"], "model": {**TINY["train"]["model"], "max_outer": 500, "rtol": 1e-12}}}
-    (tmp_path / "long.yaml").write_text(yaml.safe_dump(long))
     store = tmp_path / "orphan.zarr"
-    command = ("-c", str(tmp_path / "long.yaml"), "--data", str(root / "data"), "--store", str(store))
-    process = psutil.Popen(sae_command("run", *command, "--cluster", address), cwd=tmp_path, env=services,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process, command = _long_run_into_its_training(root / "data", store, services, "--cluster", address)
     try:
-        deadline = time.monotonic() + 240
-        while (_last_checkpoint(store)[1] or 0) < 2:  # two outer iterations into the training
-            assert process.poll() is None, process.stderr.read()
-            assert time.monotonic() < deadline, "the training wrote no second checkpoint in time"
-            time.sleep(0.2)
         process.send_signal(signum)
         process.wait(60)
     finally:
@@ -325,27 +343,16 @@ def test_a_stopped_run_s_training_stops_on_the_cluster_and_writes_no_more_checkp
             time.sleep(0.5)
     with sae_store.store_lock(store, wait=5):
         pass
-    resumed = run(sae_command("train", *command, "--set", f"train.model.max_outer={outer + 1}"), services, tmp_path)
-    assert resumed.returncode == 0, resumed.stderr
-    assert _last_checkpoint(store)[1:] == (outer + 1, "max_outer")  # resumed from the kept checkpoint
+    _resumes_from_its_checkpoint(command, store, outer, services)
 
 
 def test_sigterm_during_a_local_training_ends_the_command_at_once_and_it_resumes(workdir, services, tmp_path):
     """On local threads the training runs in a task thread of the command: a SIGTERM must stop it at its next
     iteration, not when it has run its 500 outer iterations, and leave the last checkpoint to resume from."""
     root, _ = workdir
-    long = {**TINY, "train": {**TINY["train"], "model": {**TINY["train"]["model"], "max_outer": 500, "rtol": 1e-12}}}
-    (tmp_path / "long.yaml").write_text(yaml.safe_dump(long))
     store = tmp_path / "local.zarr"
-    command = ("-c", str(tmp_path / "long.yaml"), "--data", str(root / "data"), "--store", str(store))
-    process = psutil.Popen(sae_command("run", *command), cwd=tmp_path, env=services,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process, command = _long_run_into_its_training(root / "data", store, services)
     try:
-        deadline = time.monotonic() + 240
-        while (_last_checkpoint(store)[1] or 0) < 2:  # two outer iterations into the training
-            assert process.poll() is None, process.stderr.read()
-            assert time.monotonic() < deadline, "the training wrote no second checkpoint in time"
-            time.sleep(0.2)
         descendants = process.children(recursive=True)
         sent = time.monotonic()
         process.send_signal(signal.SIGTERM)
@@ -365,9 +372,7 @@ def test_sigterm_during_a_local_training_ends_the_command_at_once_and_it_resumes
     assert not alive, [p.cmdline() for p in alive]
     time.sleep(2)
     assert _last_checkpoint(store)[1:] == (outer, reason)  # nothing writes any more
-    resumed = run(sae_command("train", *command, "--set", f"train.model.max_outer={outer + 1}"), services, tmp_path)
-    assert resumed.returncode == 0, resumed.stderr
-    assert _last_checkpoint(store)[1:] == (outer + 1, "max_outer")  # resumed from the kept checkpoint
+    _resumes_from_its_checkpoint(command, store, outer, services)
 
 
 def test_ctrl_c_inside_an_event_loop_that_absorbs_cancellation_still_stops_the_command():
