@@ -185,9 +185,8 @@ def ridge_path_accuracies(train_vectors: np.ndarray, train_labels: np.ndarray, t
     Y = np.full((y.size, classes.size), -1.0)
     Y[np.arange(y.size), y] = 1.0
     x_mean, y_mean = X.mean(axis=0), Y.mean(axis=0)
-    X -= x_mean
+    X, T = X - x_mean, T - x_mean  # new arrays: the caller's vectors are left as they are
     Y -= y_mean
-    T -= x_mean
     gram, targets = X.T @ X, X.T @ Y
     diagonal = np.diag(gram).copy()
     accuracies = np.empty(len(C_grid))

@@ -186,8 +186,10 @@ def test_the_ridge_path_predicts_as_scikit_learn_s_ridge_classifier_at_every_C(r
     train, test = slice(0, n_train), slice(n_train, None)
     expected = [np.mean(make_classifier("ridge", C=C, scaling=scaling).fit(vectors[train], labels[train])
                         .predict(vectors[test]) == labels[test]) for C in grid]
+    before = vectors.copy()
     got = ridge_path_accuracies(vectors[train], labels[train], vectors[test], labels[test], grid, scaling)
     assert got.tolist() == expected
+    assert np.array_equal(vectors, before)  # slices of the caller's array, left unchanged
     assert len(set(expected)) > 1  # the grid matters on these data, so the comparison can tell Cs apart
 
 
