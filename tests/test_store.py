@@ -166,6 +166,23 @@ def test_stage_groups(group, tmp_path):
         store.stage_group(group, "graph", "clips/../x", config={})
 
 
+def test_stage_groups_of_one_stage_created_at_once_by_several_threads(tmp_path):
+    """Two tasks of a run (the baseline's and the codes' classification) create the first groups of a stage at
+    the same moment: the stage's parent group must not be created twice (zarr's require_group is not atomic)."""
+    import threading
+
+    for attempt in range(20):
+        root = store.create_store(tmp_path / f"race{attempt}.zarr", CQT, CLIPS, chunk_clips=3)
+        barrier = threading.Barrier(4)
+
+        def create(key: str, root=root, barrier=barrier) -> str:
+            barrier.wait()
+            return store.stage_group(root, "results", key, config={"key": key}).attrs["config"]["key"]
+
+        with ThreadPoolExecutor(4) as pool:
+            assert sorted(pool.map(create, ["a1", "b2", "c3", "d4"])) == ["a1", "b2", "c3", "d4"]
+
+
 @pytest.mark.parametrize("shape, density", [((50, 40), 0.1), ((7, 3), 0.0), ((200, 200), 0.05)])
 def test_sparse_round_trip_and_row_ranges(group, rng, shape, density):
     matrix = sp.random_array(shape, density=density, format="csr", dtype=np.float32, rng=rng)

@@ -68,7 +68,10 @@ def stage_group(
         return found
     if exists:
         del root[name]
-    parent = root.require_group(stage)
+    try:
+        parent = root.require_group(stage)
+    except zarr.errors.ContainsGroupError:  # created meanwhile by another task of the run (the baseline's results)
+        parent = root[stage]
     created = parent.create_group(key)
     created.attrs.update({"config": wanted, "complete": False, "created": _now()})
     return created
