@@ -114,11 +114,13 @@ def make_classifier(
         model = LogisticRegression(C=C, max_iter=1000)
     else:
         model = RidgeClassifier(alpha=1.0 / C)
-    if scaling == "minmax":
-        return make_pipeline(MinMaxScaler(), model)
-    if scaling == "standard":
-        return make_pipeline(StandardScaler(), model)
-    return model
+    scaler = _vector_scaler(scaling)
+    return model if scaler is None else make_pipeline(scaler, model)
+
+
+def _vector_scaler(scaling: str) -> Any:
+    """The unfitted scaler of ``scaling`` (one of `VECTOR_SCALINGS`), None for "none"."""
+    return {"minmax": MinMaxScaler, "standard": StandardScaler}.get(scaling, lambda: None)()
 
 
 def _classifier(config: ClassifyConfig, C: float | None = None) -> Any:
@@ -173,12 +175,9 @@ def ridge_path_accuracies(train_vectors: np.ndarray, train_labels: np.ndarray, t
     1,536 take 10-15 s.  The same predictions as scikit-learn's up to rounding
     (a test compares them).
     """
-    if scaling == "standard":
-        scaler = StandardScaler().fit(train_vectors)
-    elif scaling == "minmax":
-        scaler = MinMaxScaler().fit(train_vectors)
-    else:
-        scaler = None
+    scaler = _vector_scaler(scaling)
+    if scaler is not None:
+        scaler.fit(train_vectors)
     X = np.asarray(train_vectors if scaler is None else scaler.transform(train_vectors), dtype=np.float64)
     T = np.asarray(test_vectors if scaler is None else scaler.transform(test_vectors), dtype=np.float64)
     classes, y = np.unique(train_labels, return_inverse=True)
