@@ -452,6 +452,40 @@ def test_an_interrupt_stops_the_fit_before_it_writes_and_the_last_checkpoint_sta
     assert len(z_iterations) == state["history"][1]["inner_codes"] + 1  # the start, then every iteration
 
 
+def test_a_stopped_fit_resumed_with_max_outer_at_its_checkpoint_ends_with_the_codes_in_the_frames_order(
+        thread_client, small, tmp_path):
+    """Stopped after the checkpoint of outer iteration 1 (its codes in the blocks' k-means order), then asked for
+    max_outer = 1: nothing to train, but the codes must become the final ones, as a run ended at 1 writes them (a
+    classification read None codes from that model before)."""
+    X, L = small
+    config = ModelConfig(n_atoms=8, lambda_g=10.0, max_outer=1, max_inner=20, rtol=1e-9, random_state=0)
+    straight = fit_distributed(X, config, client=thread_client, laplacian=L, block_size=100,
+                               checkpoint=zarr.open_group(str(tmp_path / "a.zarr"), mode="w"))
+    group = zarr.open_group(str(tmp_path / "b.zarr"), mode="w")
+
+    class Gone(RuntimeError):
+        pass
+
+    def interrupt(where):
+        if where == "outer iteration 2, before its checkpoint":
+            raise Gone
+
+    with pytest.raises(Gone):
+        fit_distributed(X, config.model_copy(update={"max_outer": 4}), client=thread_client, laplacian=L,
+                        block_size=100, checkpoint=group, interrupt=interrupt)
+    stopped = read_checkpoint(group)
+    assert stopped["iteration"] == 1 and stopped["stop_reason"] == "" and stopped["frame_of_row"] is not None
+    assert not np.array_equal(stopped["frame_of_row"], np.arange(X.shape[0]))  # the blocks' order indeed
+
+    resumed = fit_distributed(X, config, client=thread_client, laplacian=L, block_size=100, checkpoint=group)
+    assert resumed.resumed_from == 1 and resumed.n_iter == 1 and resumed.stop_reason == "max_outer"
+    final = read_checkpoint(group)
+    assert final["stop_reason"] == "max_outer" and final["frame_of_row"] is None
+    np.testing.assert_array_equal(final["codes"][:], straight.codes[:])
+    np.testing.assert_array_equal(resumed.codes[:], straight.codes[:])
+    np.testing.assert_array_equal(final["components"], straight.components)
+
+
 def _start(args, **kw):
     return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kw)
 

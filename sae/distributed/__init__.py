@@ -45,7 +45,7 @@ not divide evenly among the workers (nothing when they do); ``offload_previous``
 """
 
 from sae.distributed.blocks import LaplacianRef, block_bounds
-from sae.distributed.checkpoints import checkpoint_arrays, read_checkpoint
+from sae.distributed.checkpoints import checkpoint_arrays, ends_training, read_checkpoint
 from sae.distributed.stage import open_model, train_model
 from sae.distributed.trainer import DistributedFit, fit_distributed
 from sae.distributed.zstep import Tuning
@@ -60,4 +60,5 @@ __all__ = [
     "fit_distributed",
     "read_checkpoint",
     "checkpoint_arrays",
+    "ends_training",
 ]

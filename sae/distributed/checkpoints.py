@@ -17,6 +17,9 @@ hold block ``b`` in chunk ``b`` (no row moves between outer iterations) and
 the slot's ``frame_of_row`` (N,) says which frame each row holds; the last
 checkpoint is written in the frames' order, without ``frame_of_row``.
 `read_checkpoint` reports which (``frame_of_row`` None: row i is frame i).
+A training stopped after a checkpoint and resumed with ``max_outer`` at most
+that checkpoint's iteration trains no more, but writes it again as the final
+one (`ends_training` tells a final checkpoint).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any
 
 import zarr
 
-__all__ = ["checkpoint_slot", "checkpoint_arrays", "read_checkpoint", "write_frame_of_row"]
+__all__ = ["checkpoint_slot", "checkpoint_arrays", "read_checkpoint", "write_frame_of_row", "ends_training"]
 
 
 def checkpoint_slot(
@@ -105,3 +108,21 @@ def read_checkpoint(group: zarr.Group) -> dict[str, Any] | None:
         "stop_reason": group.attrs.get("stop_reason", ""),
         "frame_of_row": sub["frame_of_row"][:] if "frame_of_row" in sub else None,
     }
+
+
+def ends_training(state: dict[str, Any] | None, max_outer: int) -> bool:
+    """Whether a checkpoint (`read_checkpoint`) ends a training for ``max_outer``: the final one (with a stop
+    reason: codes in the frames' order) of a training converged or run for at least ``max_outer`` iterations.
+
+    A checkpoint written while a training went on (stop reason "") does not, even at ``max_outer`` iterations
+    or more (a run stopped after it, asked again for fewer): resuming from it writes the final one.
+
+    >>> ends_training({"history": [{"iteration": 0}, {"iteration": 2}], "stop_reason": "max_outer"}, 2)
+    True
+    >>> ends_training({"history": [{"iteration": 0}, {"iteration": 2}], "stop_reason": ""}, 2)
+    False
+    """
+    from sae.outer import training_done
+
+    return state is not None and bool(state["stop_reason"]) and training_done(state["history"], state["stop_reason"],
+                                                                              max_outer)

@@ -21,9 +21,9 @@ import zarr
 
 from sae.config import TrainConfig
 from sae.distributed.blocks import LaplacianRef
-from sae.distributed.checkpoints import checkpoint_arrays, read_checkpoint
+from sae.distributed.checkpoints import checkpoint_arrays, ends_training, read_checkpoint
 from sae.distributed.trainer import fit_distributed
-from sae.outer import iterations_done, training_done
+from sae.outer import iterations_done
 from sae.progress import Interrupt, go_on
 from sae.store.keys import MODEL, model_identity, model_key
 
@@ -86,12 +86,10 @@ def train_model(
         logger.warning("%s: training again from the start", error)
         group = store.stage_group(root, MODEL, key, config=stage_config, mode="w")
         done = None
-    if done is not None and store.is_complete(root, MODEL, key) and (
-        training_done(done["history"], done["stop_reason"], config.max_outer)
-    ):
+    if store.is_complete(root, MODEL, key) and ends_training(done, config.max_outer):
         logger.info("model %s: complete at outer iteration %d (%s), skipped", key, done["iteration"], done["stop_reason"])
         last = done["history"][-1]
-        return {"key": key, "n_iter": iterations_done(done["history"]), "stop_reason": done["stop_reason"] or "max_outer",
+        return {"key": key, "n_iter": iterations_done(done["history"]), "stop_reason": done["stop_reason"],
                 "resumed_from": done["iteration"], "objective": last["total"],
                 "sparsity_percent": last["sparsity_percent"], "seconds": 0.0, "skipped": True}
     group.attrs.update({"complete": False, "max_outer": config.max_outer, "block_size": train.block_size})

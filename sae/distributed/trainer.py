@@ -727,7 +727,13 @@ def _fit_distributed(X: Any, config: ModelConfig, client: Any, laplacian: Any, b
         start_outer, history = state["iteration"], state["history"]
         logger.info("resuming from the checkpoint of outer iteration %d", start_outer)
         if training_done(history, state["stop_reason"], config.max_outer):
-            return DistributedFit(components=C, encoder=E, codes=state["codes"], history=history, n_iter=iterations_done(history),
+            codes = state["codes"]
+            if not state["stop_reason"]:  # a run stopped after this checkpoint, resumed with max_outer at most its
+                # iteration: its codes become the final ones (in the frames' order), as the last iteration writes them
+                backend.save(start_outer, backend.read_codes(codes, start_outer, state["frame_of_row"]), C, E, history,
+                             "max_outer")
+                codes = checkpoint[f"checkpoint_{int(checkpoint.attrs['checkpoint_slot'])}"]["codes"]
+            return DistributedFit(components=C, encoder=E, codes=codes, history=history, n_iter=iterations_done(history),
                                   stop_reason=state["stop_reason"] or "max_outer", resumed_from=start_outer)
         backend.reload = partial(backend.read_codes, state["codes"], start_outer, state["frame_of_row"])
     else:

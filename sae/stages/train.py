@@ -20,9 +20,8 @@ logger = logging.getLogger("sae.stages")
 
 def model_complete(store: str, key: str, max_outer: int) -> bool:
     """Whether ``model/<key>`` is complete: converged (rtol), or trained for at least ``max_outer`` iterations
-    (epochs of an online fit)."""
-    from sae.distributed import read_checkpoint
-    from sae.outer import training_done
+    (epochs of an online fit), its last checkpoint the final one (`sae.distributed.ends_training`)."""
+    from sae.distributed import ends_training, read_checkpoint
 
     if not sae_store.is_complete(store, MODEL, key):
         return False
@@ -30,7 +29,7 @@ def model_complete(store: str, key: str, max_outer: int) -> bool:
         state = read_checkpoint(sae_store.stage_group(store, MODEL, key, mode="r"))
     except sae_store.StoreDamaged:
         return False
-    return state is not None and training_done(state["history"], state["stop_reason"], max_outer)
+    return ends_training(state, max_outer)
 
 
 def require_model(store: str, key: str, max_outer: int) -> None:
