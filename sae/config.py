@@ -73,6 +73,11 @@ class ModelConfig(_Config):
         description="Inner stop: relative change (FISTA), or relative duality gap of every frame (cd Z step); "
         "None means rtol.",
     )
+    dictionary_rtol: float | None = Field(
+        None, gt=0, lt=1,
+        description="Stop of the D and E steps: relative change of their objective (FISTA on the (m, m) and "
+        "(m, n) statistics, milliseconds per iteration whatever the number of frames); None means the inner rtol.",
+    )
     atol: float = Field(0.0, ge=0, description="Inner stop: absolute change of the sub-objective.")
     max_outer: int = Field(50, ge=1, description="Cap on outer (alternating) iterations.")
     max_inner: int = Field(
@@ -117,9 +122,12 @@ class ModelConfig(_Config):
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: Any) -> dict[str, Any]:
-        """The fields, without ``fit_method`` and ``batch_size`` for the alternating fit: the keys of every result
-        computed before the online fit existed (fingerprints of the configurations that hold a model) stay."""
+        """The fields, without ``fit_method`` and ``batch_size`` for the alternating fit and without
+        ``dictionary_rtol`` when it is None: the keys of every result computed before those fields existed
+        (fingerprints of the configurations that hold a model) stay."""
         data = handler(self)
+        if self.dictionary_rtol is None:
+            data.pop("dictionary_rtol", None)
         if self.fit_method == "alternating":
             data.pop("fit_method", None)
             data.pop("batch_size", None)
@@ -128,6 +136,10 @@ class ModelConfig(_Config):
     @property
     def inner_tolerance(self) -> float:
         return self.rtol if self.inner_rtol is None else self.inner_rtol
+
+    @property
+    def dictionary_tolerance(self) -> float:
+        return self.inner_tolerance if self.dictionary_rtol is None else self.dictionary_rtol
 
     @property
     def z_step_method(self) -> Literal["fista", "cd", "lars"]:

@@ -63,7 +63,7 @@ class StructuredAutoEncoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
 
     Parameters
     ----------
-    n_atoms, lambda_d, lambda_z, lambda_g, lambda_e, rtol, inner_rtol, atol, max_outer, max_inner, fista_restart, balance_lambdas, dtype, random_state, init, z_solver, z_stop, fit_method, batch_size
+    n_atoms, lambda_d, lambda_z, lambda_g, lambda_e, rtol, inner_rtol, dictionary_rtol, atol, max_outer, max_inner, fista_restart, balance_lambdas, dtype, random_state, init, z_solver, z_stop, fit_method, batch_size
         Exactly the fields of :class:`sae.config.ModelConfig`, with its defaults
         and its constraints; they are validated by ``fit``.  ``random_state`` may
         also be a ``numpy.random.RandomState`` or ``Generator``, from which an
@@ -110,6 +110,7 @@ class StructuredAutoEncoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
         lambda_e: float = 0.0,
         rtol: float = 1e-5,
         inner_rtol: float | None = None,
+        dictionary_rtol: float | None = None,
         atol: float = 0.0,
         max_outer: int = 50,
         max_inner: int = 500,
@@ -130,6 +131,7 @@ class StructuredAutoEncoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
         self.lambda_e = lambda_e
         self.rtol = rtol
         self.inner_rtol = inner_rtol
+        self.dictionary_rtol = dictionary_rtol
         self.atol = atol
         self.max_outer = max_outer
         self.max_inner = max_inner

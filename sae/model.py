@@ -491,8 +491,8 @@ def fit_sae(
     Every outer iteration runs the Z step (:func:`solve_codes` with
     :func:`code_step_options`), then the D step (if ``lambda_d > 0``), then the
     E step (if ``lambda_e > 0``), each warm-started from the current iterate
-    with ``rtol = config.inner_tolerance``, ``atol = config.atol`` and
-    ``max_iter = config.max_inner``.  Stops when ``|F_prev - F| <= config.rtol |F|``
+    with ``rtol = config.inner_tolerance`` (``config.dictionary_tolerance`` for
+    the D and E steps), ``atol = config.atol`` and ``max_iter = config.max_inner``.  Stops when ``|F_prev - F| <= config.rtol |F|``
     ("rtol") or after ``config.max_outer`` iterations ("max_outer").  With
     ``config.balance_lambdas``, the weights ``lambda_d``, ``lambda_g``,
     ``lambda_e`` are rescaled after the first outer iteration so that every

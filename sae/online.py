@@ -330,7 +330,7 @@ def learn_online(
                     _update_atoms(statistics.A, statistics.B, C, residual)
                     _replace_unused(statistics.A, C, batch, rng)
                 if E is not None:
-                    E = _step_encoder(statistics.S, statistics.B, E, config.inner_tolerance)
+                    E = _step_encoder(statistics.S, statistics.B, E, config.dictionary_tolerance)
         terms = {"reconstruction": sums["reconstruction"], "sparsity": sums["sparsity"], "graph": float("nan"),
                  "encoder": sums["encoder"] if E is not None else float("nan"), "nnz": sums["nnz"]}
         steps = {"codes": {"n_iter": largest, "stop_reason": "online"},

@@ -381,7 +381,8 @@ def alternate(
     ``history``: the records of a run being resumed (it goes on after its last
     iteration, with the weights it was trained with when they were
     balanced), or None to start with the record of the initial point.  The
-    sub-problems stop on ``config.inner_tolerance``, ``config.atol`` and
+    Z step stops on ``config.inner_tolerance``, the D and E steps on
+    ``config.dictionary_tolerance``, all on ``config.atol`` and
     ``config.max_inner``.  One log line per outer iteration on
     ``backend.logger``, then ``callback(FitState(...))``.
     """
@@ -397,7 +398,7 @@ def alternate(
         history = [history_record(0, config, backend.terms(Z, C, E, None, None), size, None, {})]
         history[0]["seconds"] = 0.0
     data = backend.data_statistics() if (config.lambda_d > 0 or E is not None) else None
-    inner_kw = inner_options(config)
+    statistics_kw = inner_options(config) | {"rtol": config.dictionary_tolerance}  # the D and E steps
     stop_reason = "max_outer"
     iteration = start = history[-1]["iteration"]
     for iteration in range(start + 1, config.max_outer + 1):
@@ -408,12 +409,12 @@ def alternate(
         stats = backend.statistics(Z)
         if config.lambda_d > 0:
             result = solve_dictionary(stats["ZtZ"], stats["ZtX"], C, lambda_d=config.lambda_d,
-                                      data_sq_norm=data["X_sq"], **inner_kw)
+                                      data_sq_norm=data["X_sq"], **statistics_kw)
             C = result.solution
             steps["dictionary"] = {"n_iter": result.n_iter, "stop_reason": result.stop_reason}
         if E is not None:
             result = solve_encoder(data["XtX"], stats["ZtX"], E, lambda_e=config.lambda_e,
-                                   codes_sq_norm=stats["Z_sq"], **inner_kw)
+                                   codes_sq_norm=stats["Z_sq"], **statistics_kw)
             E = result.solution
             steps["encoder"] = {"n_iter": result.n_iter, "stop_reason": result.stop_reason}
         terms = backend.terms(Z, C, E, steps["codes"], stats)

@@ -258,6 +258,35 @@ def test_graph_term_lowers_dirichlet_energy_on_a_noisy_circle(rng):
     assert energy(50.0) < 0.5 * energy(0.0)
 
 
+def test_the_d_and_e_steps_stop_on_their_own_tolerance_and_the_z_step_on_the_inner_one(rng):
+    """dictionary_rtol: the D and E steps (cheap: FISTA on the statistics) solved to their minimiser given the
+    codes, while the Z step keeps the loose inner tolerance; with the loose one for all, they are not."""
+    # nearly dense codes on 12 atoms for 6 features: ZtZ ill-conditioned, the D step's objective changes little
+    # per iteration long before its minimiser (as on real music at lambda_z = 0.03)
+    X = rng.random((80, 6)) @ rng.random((6, 6))
+    loose = ModelConfig(n_atoms=12, lambda_z=0.03, lambda_e=1.0, dtype="float64", rtol=1e-12, max_outer=3,
+                        inner_rtol=1e-2, max_inner=20000, random_state=0)
+    fits = {name: fit_sae(X, config) for name, config in
+            (("loose", loose), ("tight", loose.model_copy(update={"dictionary_rtol": 1e-14})))}
+    # the first Z step starts from the same point with the same tolerance: the same iterations
+    assert fits["loose"].history[1]["inner_codes"] == fits["tight"].history[1]["inner_codes"]
+
+    def residuals(fit):
+        """Distance to a fixed point of the projected gradient step, for C then E, given the last codes."""
+        Z, C, E = fit.codes, fit.components, fit.encoder
+        grad_C = loose.lambda_d * (Z.T @ Z @ C - Z.T @ X)
+        grad_E = loose.lambda_e * (E @ X.T @ X - Z.T @ X)
+        step_C = 1.0 / (loose.lambda_d * np.linalg.norm(Z.T @ Z, 2))
+        step_E = 1.0 / (loose.lambda_e * np.linalg.norm(X.T @ X, 2))
+        return (np.abs(project_rows_to_ball(C - step_C * grad_C) - C).max(),
+                np.abs(project_rows_to_ball(E - step_E * grad_E) - E).max())
+
+    assert max(residuals(fits["tight"])) < 1e-8
+    assert min(residuals(fits["loose"])) > 1e-5
+    steps = {name: [record["inner_dictionary"] for record in fit.history[1:]] for name, fit in fits.items()}
+    assert min(steps["tight"]) > 10 * max(steps["loose"]), steps
+
+
 def test_weights_switch_terms_off(rng):
     # lambda_d = 0: components stay at their initialisation and the Z step is the direct encoder
     X = rng.random((20, 4))

@@ -353,10 +353,25 @@ def test_the_init_option_names_a_new_model_and_leaves_the_earlier_keys_as_they_w
     default = TrainConfig(model=ModelConfig(n_atoms=16))
     assert "init" not in model_identity(default, "p", None)["train"]["model"]
     assert set(ModelConfig.model_fields) - set(model_identity(default, "p", None)["train"]["model"]) == {
-        "init", "max_outer", "fit_method", "batch_size"}
+        "init", "max_outer", "fit_method", "batch_size", "dictionary_rtol"}
     frames = TrainConfig(model=ModelConfig(n_atoms=16, init="frames"))
     assert model_identity(frames, "p", None)["train"]["model"]["init"] == "frames"
     assert model_key(frames, "p") != model_key(default, "p")
+
+
+def test_a_tolerance_of_the_dictionary_step_names_a_new_model_and_none_leaves_the_earlier_keys():
+    from sae.config import ModelConfig, PipelineConfig, TrainConfig
+    from sae.store.keys import model_identity, model_key
+
+    default = ModelConfig(n_atoms=16)
+    assert "dictionary_rtol" not in default.model_dump() and "dictionary_rtol" not in PipelineConfig().model_dump_json()
+    assert default.dictionary_tolerance == default.inner_tolerance == default.rtol
+    tight = ModelConfig(n_atoms=16, inner_rtol=1e-3, dictionary_rtol=1e-7)
+    assert (tight.inner_tolerance, tight.dictionary_tolerance) == (1e-3, 1e-7)
+    assert ModelConfig.model_validate(tight.model_dump()) == tight
+    assert model_identity(TrainConfig(model=tight), "p", None)["train"]["model"]["dictionary_rtol"] == 1e-7
+    assert model_key(TrainConfig(model=tight), "p") != model_key(
+        TrainConfig(model=tight.model_copy(update={"dictionary_rtol": None})), "p")
 
 
 def test_the_online_fit_names_new_models_and_leaves_every_earlier_key_as_it_was():
