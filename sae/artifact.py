@@ -339,12 +339,15 @@ def cached_model(path: str | os.PathLike) -> TrainedModel:
 
 
 def model_keys(store: str | os.PathLike) -> list[str]:
-    """Keys of the complete trained models of a store (``model/<key>``)."""
+    """Keys of the complete trained models of a store (``model/<key>``; `sae.distributed.open_model`'s
+    ``complete``)."""
     from sae import store as sae_store
+    from sae.distributed import open_model
     from sae.store.keys import MODEL
 
     root = sae_store.open_store(store)
-    return [key for key in sae_store.stages(root).get(MODEL, []) if sae_store.is_complete(root, MODEL, key)]
+    return [key for key in sae_store.stages(root).get(MODEL, []) if sae_store.is_complete(root, MODEL, key)
+            and open_model(root, key)["complete"]]
 
 
 def resolve_model_key(store: str | os.PathLike, model_key: str | None = None) -> str:

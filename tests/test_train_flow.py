@@ -88,6 +88,46 @@ def test_an_online_model_is_complete_for_its_epochs_and_a_longer_one_starts_agai
     assert model["complete"] and [r.get("online") for r in model["history"]] == [False] + [True] * 4 + [False]
 
 
+def test_a_model_marked_complete_on_a_checkpoint_in_block_order_is_not_complete_and_training_makes_it_final(
+        training_store, client):
+    """A store left by an earlier version: a training stopped after its checkpoint of outer iteration 1 (codes in
+    the blocks' k-means order), then marked complete by a run asked for max_outer = 1.  Its codes cannot be read
+    (None): it is not a complete model for the classification, the export or the pipeline; training it again
+    writes the final checkpoint without training more, and it is then the model a straight run gives."""
+    from sae.artifact import model_keys
+    from sae.distributed import checkpoint_arrays
+    from sae.stages.train import model_complete
+
+    path, X, L = training_store
+    model = ModelConfig(n_atoms=8, lambda_g=3.0, max_outer=1, max_inner=10, random_state=0)
+    train = TrainConfig(model=model, block_size=128)
+
+    class Gone(RuntimeError):
+        pass
+
+    def interrupt(where):
+        if where == "outer iteration 2, before its checkpoint":
+            raise Gone
+
+    longer = TrainConfig(model=model.model_copy(update={"max_outer": 3}), block_size=128)
+    with pytest.raises(Gone):
+        train_model(path, "pre", longer, client=client, graph_key="pre-g", interrupt=interrupt)
+    key = model_key(train, "pre", "pre-g")
+    group = store.stage_group(path, "model", key, mode="a")
+    store.mark_complete(group, arrays=checkpoint_arrays(group))  # what the earlier version did
+    state = open_model(path, key)
+    assert state["codes"] is None and not state["complete"]
+    assert not model_complete(path, key, 1) and key not in model_keys(path)
+
+    out = train_model(path, "pre", train, client=client, graph_key="pre-g")
+    assert not out["skipped"] and out["resumed_from"] == 1 and out["n_iter"] == 1
+    state = open_model(path, key)
+    assert state["complete"] and state["stop_reason"] == "max_outer"
+    assert model_complete(path, key, 1) and key in model_keys(path)
+    reference = fit_sae(X, model, L)  # the same first outer iteration, in memory
+    np.testing.assert_allclose(state["codes"][:], reference.codes, rtol=1e-4, atol=1e-5)
+
+
 def test_a_checkpoint_free_training_writes_its_final_codes_and_nothing_else(training_store, client):
     path, X, L = training_store
     model = ModelConfig(n_atoms=8, lambda_g=3.0, max_outer=3, max_inner=10, random_state=0)

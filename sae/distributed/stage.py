@@ -113,6 +113,9 @@ def open_model(store_path: Any, key: str) -> dict[str, Any]:
 
     ``codes`` is None while an unfinished training's last checkpoint holds
     them in the order of its blocks (:mod:`sae.distributed.checkpoints`).
+    ``complete``: the group is marked complete and its last checkpoint is the
+    final one (a stop reason, the codes in the frames' order; a group that an
+    earlier version marked complete on a checkpoint in the blocks' order is not).
 
     Reads the last complete checkpoint of ``model/<key>`` (the final one when
     the group is complete).
@@ -124,7 +127,8 @@ def open_model(store_path: Any, key: str) -> dict[str, Any]:
     state = read_checkpoint(group)
     if state is None:
         raise ValueError(f"model/{key} holds no complete outer iteration yet: run train_model first")
-    state["complete"] = store.is_complete(root, MODEL, key)
-    if state.pop("frame_of_row") is not None:  # an unfinished training's codes, in its blocks' order
+    in_blocks = state.pop("frame_of_row") is not None
+    if in_blocks:  # an unfinished training's codes, in its blocks' order
         state["codes"] = None
+    state["complete"] = store.is_complete(root, MODEL, key) and bool(state["stop_reason"]) and not in_blocks
     return state
