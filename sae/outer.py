@@ -69,7 +69,8 @@ TERM_WEIGHTS = {"reconstruction": ("lambda_d", 0.5), "sparsity": ("lambda_z", 1.
 
 
 def inner_options(config: ModelConfig) -> dict[str, Any]:
-    """The stopping options of the inner FISTA steps (Z, D and E) that ``config`` sets.
+    """The stopping options of the inner steps that ``config`` sets (the Z step's; the D and E steps replace
+    ``rtol`` with ``config.dictionary_tolerance``).
 
     >>> inner_options(ModelConfig(rtol=1e-4, max_inner=50))
     {'rtol': 0.0001, 'atol': 0.0, 'max_iter': 50, 'restart': True}

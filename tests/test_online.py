@@ -131,6 +131,23 @@ def test_online_fit_with_an_encoder(rng):
     assert final["encoder"] <= 1.1 * objective_terms(X, fit.codes, fit.components, best, None, config)["encoder"]
 
 
+def test_the_online_encoder_step_stops_on_the_dictionary_tolerance(rng, monkeypatch):
+    import sae.online
+
+    asked = []
+
+    def recording(S, B, E, rtol):
+        asked.append(rtol)
+        return E
+
+    monkeypatch.setattr(sae.online, "_step_encoder", recording)
+    X = sparse_data(rng, 200)
+    config = ModelConfig(n_atoms=4, lambda_e=2.0, dtype="float64", max_outer=1, rtol=1e-3, dictionary_rtol=1e-8,
+                         random_state=0, fit_method="online", batch_size=50, z_solver="lars")
+    fit_sae(X, config)
+    assert asked and set(asked) == {1e-8}
+
+
 def _initial_encoder(config, X):
     from sae.model import init_dictionary, init_encoder
 
