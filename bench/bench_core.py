@@ -34,6 +34,8 @@ the codes dense, where coordinate descent is slow and the paths are long.
     python bench/bench_core.py --fista-dtypes --skip-pyunlocbox           # without the slow FISTA rows
     python bench/bench_core.py --fista-dtypes --skip-pyunlocbox --skip-fit  # the Z step against sklearn and SPAMS
     python bench/bench_core.py --fista-dtypes --skip-pyunlocbox --skip-fit --lambda-z 0.03
+    python bench/bench_core.py --fista-dtypes --skip-pyunlocbox --skip-fit --skip-cd --n-samples 2000 \
+        --sklearn-algorithms lasso_lars --store dev.zarr --model KEY   # frames and dictionary of real music
 
 Medians over --repeats runs (FISTA and pyunlocbox: --slow-repeats, they take minutes);
 peak RSS of the process at the end.  Targets: Z step >= 5x faster than scikit-learn's
@@ -78,6 +80,26 @@ def dictionary_from(X: np.ndarray, n_atoms: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     atoms = X[rng.choice(len(X), n_atoms, replace=False)].copy()
     return atoms / np.linalg.norm(atoms, axis=1, keepdims=True)
+
+
+def stored_frames(store: str, model: str | None, n_samples: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n_samples`` frames drawn at random (seed 0, in stored order) from the model input of ``model/<model>`` in
+    ``store``, and that model's dictionary, both float64."""
+    from sae import store as sae_store
+    from sae.distributed import open_model
+    from sae.preprocess import open_preprocessed
+
+    if model is None:
+        raise SystemExit("--store needs --model KEY (a trained model/<KEY> of the store)")
+    state = open_model(store, model)
+    config = sae_store.stage_group(store, "model", model, mode="r").attrs["config"]
+    if config["train"]["model"]["lambda_d"] != LAMBDA_D:
+        raise SystemExit(f"model/{model} has lambda_d = {config['train']['model']['lambda_d']}: this benchmark's "
+                         f"objective has lambda_d = {LAMBDA_D}")
+    X = open_preprocessed(store, config["preprocess"])["X"]
+    rows = np.sort(np.random.default_rng(0).choice(X.shape[0], size=min(n_samples, X.shape[0]), replace=False))
+    frames = np.concatenate([np.asarray(X[a:b]) for a, b in ((r, r + 1) for r in rows)]).astype(np.float64)
+    return frames, np.asarray(state["components"], dtype=np.float64)
 
 
 def codes_objective(X: np.ndarray, C: np.ndarray, Z: np.ndarray) -> float:
@@ -188,8 +210,8 @@ def best_sklearn_seconds(rows) -> float:
 
 
 def bench_codes(X: np.ndarray, n_atoms: int, repeats: int, slow_repeats: int, fista_dtypes, pyunlocbox: bool,
-                algorithms=("lasso_cd", "lasso_lars")):
-    C = dictionary_from(X, n_atoms, seed=1)
+                algorithms=("lasso_cd", "lasso_lars"), components: np.ndarray | None = None, cd: bool = True):
+    C = dictionary_from(X, n_atoms, seed=1) if components is None else components
     print(f"\n== Z step: N={len(X)}, n={X.shape[1]}, m={n_atoms}, lambda_d={LAMBDA_D}, lambda_z={LAMBDA_Z} ==")
     rows = []
     for algorithm in algorithms:
@@ -203,7 +225,7 @@ def bench_codes(X: np.ndarray, n_atoms: int, repeats: int, slow_repeats: int, fi
     for name, seconds, objective in rows + spams:
         print(f"  {name:<38} {seconds:8.3f} s   objective {objective:.6e}")
     ours = {}
-    for label, solver, dtypes in (("cd", coordinate_descent_codes, (np.float32, np.float64)),
+    for label, solver, dtypes in (("cd", coordinate_descent_codes, (np.float32, np.float64) if cd else ()),
                                   ("lars", lars_codes, (np.float32,))):
         for dtype in dtypes:
             for n_threads in (None, 1):
@@ -214,13 +236,14 @@ def bench_codes(X: np.ndarray, n_atoms: int, repeats: int, slow_repeats: int, fi
                 steps = "full sweeps" if label == "cd" else "pieces of a path"
                 print(f"  {name:<38} {seconds:8.3f} s   objective {objective:.6e}   (rtol {rtol:g}, "
                       f"{n_iter} {steps} at most)")
-    # the default tolerance of the fit (ModelConfig.rtol = 1e-5): gap-certified, beyond the target
-    Xf, Cf = X.astype(np.float32), C.astype(np.float32)
-    seconds, result = timed(lambda: coordinate_descent_codes(
-        Xf, Cf, None, np.zeros((len(X), n_atoms), np.float32), lambda_d=LAMBDA_D, lambda_z=LAMBDA_Z, rtol=1e-5), repeats)
-    objective = codes_objective(X, C, result.solution.astype(np.float64))
-    print(f"  {'sae cd float32 all threads, rtol 1e-5':<38} {seconds:8.3f} s   objective {objective:.6e}   "
-          f"({result.n_iter} full sweeps at most; {best_sklearn_seconds(rows) / seconds:.1f}x vs best sklearn)")
+    if cd:  # the default tolerance of the fit (ModelConfig.rtol = 1e-5): gap-certified, beyond the target
+        Xf, Cf = X.astype(np.float32), C.astype(np.float32)
+        seconds, result = timed(lambda: coordinate_descent_codes(
+            Xf, Cf, None, np.zeros((len(X), n_atoms), np.float32), lambda_d=LAMBDA_D, lambda_z=LAMBDA_Z, rtol=1e-5),
+            repeats)
+        objective = codes_objective(X, C, result.solution.astype(np.float64))
+        print(f"  {'sae cd float32 all threads, rtol 1e-5':<38} {seconds:8.3f} s   objective {objective:.6e}   "
+              f"({result.n_iter} full sweeps at most; {best_sklearn_seconds(rows) / seconds:.1f}x vs best sklearn)")
     for dtype in fista_dtypes:
         seconds, n_iter, objective = ours_to_target(X, C, target, dtype, slow_repeats)
         name = f"sae FISTA {np.dtype(dtype).name}"
@@ -239,10 +262,12 @@ def bench_codes(X: np.ndarray, n_atoms: int, repeats: int, slow_repeats: int, fi
         for peer, peer_seconds, _ in spams:
             line += f", {peer_seconds / seconds:6.1f}x vs SPAMS {peer.split(')')[-1].strip()}"
         print(line)
-    default = ours["sae cd float32 all threads"]
-    print(f"  -> default Z step (cd float32) vs best sparse_encode: {best_sklearn / default:.1f}x (target >= 5x)")
+    if cd:
+        default = ours["sae cd float32 all threads"]
+        print(f"  -> default Z step (cd float32) vs best sparse_encode: {best_sklearn / default:.1f}x (target >= 5x)")
     if spams:
-        for name in ("sae cd float32 all threads", "sae lars float32 all threads", "sae lars float32 1 thread"):
+        for name in [name for name in ("sae cd float32 all threads", "sae lars float32 all threads",
+                                       "sae lars float32 1 thread") if name in ours]:
             peer = spams[0] if name.endswith("all threads") else spams[-1]
             print(f"  -> {name} vs {peer[0]}: {peer[1] / ours[name]:.1f}x")
 
@@ -397,6 +422,11 @@ def main() -> None:
     parser.add_argument("--sklearn-algorithms", nargs="+", default=["lasso_cd", "lasso_lars"],
                         choices=["lasso_cd", "lasso_lars"], help="sparse_encode peers of the Z step")
     parser.add_argument("--skip-codes", action="store_true")
+    parser.add_argument("--skip-cd", action="store_true", help="leave our coordinate-descent rows out of the Z step")
+    parser.add_argument("--store", default=None,
+                        help="take the Z step's frames (--n-samples drawn at random) and dictionary from a trained "
+                             "model of this store (real music) instead of synthetic ones; needs --model")
+    parser.add_argument("--model", default=None, help="key of model/<key> in --store (lambda_d must be 10)")
     parser.add_argument("--skip-fit", action="store_true")
     parser.add_argument("--fit-repeats", type=int, default=1, help="repeats of the full fits (medians)")
     parser.add_argument("--spams-epochs", type=int, nargs="*", default=[1, 3, 10, 30],
@@ -415,9 +445,13 @@ def main() -> None:
 
     X = make_data(args.n_samples, args.n_features, seed=0)
     fista_dtypes = [np.dtype(name).type for name in args.fista_dtypes]
-    for n_atoms in [] if args.skip_codes else args.atoms:
+    if args.store is not None:
+        frames, components = stored_frames(args.store, args.model, args.n_samples)
+        bench_codes(frames, components.shape[0], args.repeats, args.slow_repeats, fista_dtypes,
+                    not args.skip_pyunlocbox, args.sklearn_algorithms, components=components, cd=not args.skip_cd)
+    for n_atoms in [] if args.skip_codes or args.store is not None else args.atoms:
         bench_codes(X, n_atoms, args.repeats, args.slow_repeats, fista_dtypes, not args.skip_pyunlocbox,
-                    args.sklearn_algorithms)
+                    args.sklearn_algorithms, cd=not args.skip_cd)
     if not args.skip_fit:
         bench_fit(X, args.fit_atoms, args.fit_repeats, args.fit_max_iter, args.spams_epochs, args.skip_fit_sklearn,
                   args.fit_z_solvers, args.online_epochs, args.online_z_solver)
