@@ -87,6 +87,7 @@ def stored_frames(store: str, model: str | None, n_samples: int) -> tuple[np.nda
     ``store``, and that model's dictionary, both float64."""
     from sae import store as sae_store
     from sae.distributed import open_model
+    from sae.model import _take_rows
     from sae.preprocess import open_preprocessed
 
     if model is None:
@@ -98,7 +99,7 @@ def stored_frames(store: str, model: str | None, n_samples: int) -> tuple[np.nda
                          f"objective has lambda_d = {LAMBDA_D}")
     X = open_preprocessed(store, config["preprocess"])["X"]
     rows = np.sort(np.random.default_rng(0).choice(X.shape[0], size=min(n_samples, X.shape[0]), replace=False))
-    frames = np.concatenate([np.asarray(X[a:b]) for a, b in ((r, r + 1) for r in rows)]).astype(np.float64)
+    frames = _take_rows(X, rows).astype(np.float64)
     return frames, np.asarray(state["components"], dtype=np.float64)
 
 
