@@ -728,8 +728,9 @@ def _fit_distributed(X: Any, config: ModelConfig, client: Any, laplacian: Any, b
         logger.info("resuming from the checkpoint of outer iteration %d", start_outer)
         if training_done(history, state["stop_reason"], config.max_outer):
             codes = state["codes"]
-            if not state["stop_reason"]:  # a run stopped after this checkpoint, resumed with max_outer at most its
-                # iteration: its codes become the final ones (in the frames' order), as the last iteration writes them
+            # a run stopped after this checkpoint, resumed with max_outer at most its iteration: its codes become
+            # the final ones (in the frames' order), as the last iteration writes them
+            if not state["stop_reason"]:
                 backend.save(start_outer, backend.read_codes(codes, start_outer, state["frame_of_row"]), C, E, history,
                              "max_outer")
                 codes = checkpoint[f"checkpoint_{int(checkpoint.attrs['checkpoint_slot'])}"]["codes"]
