@@ -119,7 +119,9 @@ def _model_key(parameters: dict[str, Any]) -> str:
     return model_key(train, parameters["preprocess_key"], parameters.get("graph_key"))
 
 
-@flow(name="train", flow_run_name=run_namer("train", _model_key), task_runner=StoppableTaskRunner(max_workers=1))
+# one task, which trains on an in-process cluster of every core (flows._dask.dask_client): BLAS on one thread
+@flow(name="train", flow_run_name=run_namer("train", _model_key),
+      task_runner=StoppableTaskRunner(max_workers=1, one_blas_thread=True))
 def train_flow(store: str, preprocess_key: str, train: TrainConfig, graph_key: str | None = None) -> dict[str, Any]:
     """Train the structured auto-encoder on ``preprocess/<preprocess_key>`` of ``store``.
 

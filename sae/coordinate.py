@@ -35,16 +35,15 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
-from contextlib import contextmanager
 from typing import Any
 
 import numba
 import numpy as np
 from numba import njit
-from threadpoolctl import ThreadpoolController
 
+from sae.blas import one_blas_thread
 from sae.solvers import STOP_CODES, SolverResult, StopReason, duality_gap, gap_stop_code
 
 __all__ = ["coordinate_descent_codes", "STATIONARY_ULPS", "PRE_SWEEPS"]
@@ -435,37 +434,6 @@ def _frame_pool(threads: int) -> ThreadPoolExecutor:
         _POOL.update(pool=ThreadPoolExecutor(threads, thread_name_prefix="sae-frames"), threads=threads,
                      pid=os.getpid())
     return _POOL["pool"]
-
-
-_BLAS: dict[str, Any] = {"controller": None, "pid": None, "depth": 0, "limit": None}
-
-
-@contextmanager
-def one_blas_thread() -> Iterator[None]:
-    """BLAS on one thread while the block runs (threadpoolctl), for the matrix products around a per-frame solve.
-
-    OpenBLAS's threads spin for a while after every call, waiting for the next: a small product (a Gram
-    matrix, a mini-batch's statistics) made before the frames' threads start left them competing with a
-    spinning BLAS thread for the second core, and a batch of 256 frames took as long on 2 threads as on 1
-    (9-10 ms at m = 128, lambda_z = 0.03; 5.0 ms with BLAS on one thread).  In the main thread only:
-    OpenBLAS ignores a request for more threads made from any other thread, so a limit set there could not
-    be lifted (Dask's workers run BLAS on one thread anyway).  Nested uses share one limit.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    if _BLAS["pid"] != os.getpid():
-        _BLAS.update(controller=ThreadpoolController(), pid=os.getpid(), depth=0, limit=None)
-    if _BLAS["depth"] == 0:
-        _BLAS["limit"] = _BLAS["controller"].limit(limits=1, user_api="blas")
-    _BLAS["depth"] += 1
-    try:
-        yield
-    finally:
-        _BLAS["depth"] -= 1
-        if _BLAS["depth"] == 0:
-            _BLAS["limit"].restore_original_limits()
-            _BLAS["limit"] = None
 
 
 def _check_threads(n_threads: int | None) -> int | None:

@@ -52,13 +52,13 @@ import logging
 import numpy as np
 from numba import njit
 
+from sae.blas import one_blas_thread
 from sae.coordinate import (
     _objective_and_gap,
     _refresh_gradient,
     checked_frame_problem,
     coordinate_descent_codes,
     frame_chunks,
-    one_blas_thread,
     run_chunks,
 )
 from sae.solvers import SolverResult

@@ -83,7 +83,7 @@ import numpy as np
 from numba import njit
 
 from sae.config import ModelConfig
-from sae.coordinate import one_blas_thread
+from sae.blas import one_blas_thread
 from sae.outer import Backend, FitResult, FitState, history_record, log_outer, solve_encoder
 from sae.progress import Interrupt, go_on
 from sae.terms import inner

@@ -5,6 +5,7 @@ import pytest
 import scipy.sparse as sp
 from sklearn.decomposition import sparse_encode
 
+from sae.blas import blas_threads as _blas_threads
 from sae.config import ModelConfig
 from sae.coordinate import coordinate_descent_codes
 from sae.model import fit_sae, init_encoder, solve_codes
@@ -215,20 +216,14 @@ def test_concurrent_calls_from_threads_agree_with_sequential_ones(rng):
             np.testing.assert_array_equal(future.result(), expected)
 
 
-def _blas_threads():
-    from threadpoolctl import threadpool_info
-
-    return sorted({info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"})
-
-
 def test_one_blas_thread_inside_the_solvers_and_the_limit_is_lifted_after(rng):
     """The per-frame solvers run their products with BLAS on one thread (in the main thread: OpenBLAS ignores
-    a request for more threads from any other, so other threads leave the setting alone); nested uses share
-    the limit, lifted when the outermost ends."""
+    a count set from any other once the main thread has set one, so other threads leave the setting alone);
+    nested uses share the limit, lifted when the outermost ends."""
     from concurrent.futures import ThreadPoolExecutor
 
     from sae import coordinate
-    from sae.coordinate import one_blas_thread
+    from sae.blas import one_blas_thread
 
     before = _blas_threads()
     if before == [1]:
@@ -257,6 +252,6 @@ def test_one_blas_thread_inside_the_solvers_and_the_limit_is_lifted_after(rng):
         seen.append(_blas_threads())
     assert seen == [[1]] * 3 and _blas_threads() == before
     assert solve_and_look() == [1] and _blas_threads() == before
-    with ThreadPoolExecutor(1) as pool:  # another thread: no change
+    with ThreadPoolExecutor(1) as pool:  # another thread: no change (OpenBLAS keeps the main thread's count)
         assert pool.submit(solve_and_look).result() == before
     assert _blas_threads() == before

@@ -22,6 +22,7 @@ from distributed import Client, LocalCluster
 from sklearn.neighbors import kneighbors_graph
 
 from flows._dask import LOOPBACK
+from sae.blas import blas_threads
 from sae.config import ModelConfig
 from sae.distributed import LaplacianRef, Tuning, block_bounds, fit_distributed, read_checkpoint
 from sae.distributed import blocks, kernel, memory, offload, zstep
@@ -323,6 +324,23 @@ def test_work_stealing_is_paused_during_a_training(thread_client, small):
     assert thread_client.run_on_scheduler(_stealing)
 
 
+def test_blas_runs_on_one_thread_while_a_training_runs_on_threads_of_this_process(thread_client, small):
+    """Workers that are threads of this process share its BLAS: one thread per product while the fit runs (each
+    task a core, as in Dask's worker processes), as it was afterwards; a fit that fails lifts it too."""
+    X, L = small
+    before = blas_threads()
+    if before == [1]:
+        pytest.skip("BLAS already runs on one thread here")
+    seen = []
+    config = ModelConfig(n_atoms=4, lambda_g=1.0, max_outer=2, max_inner=3, random_state=0)
+    fit_distributed(X, config, client=thread_client, laplacian=L, block_size=100,
+                    callback=lambda record: seen.append(blas_threads()))
+    assert seen == [[1], [1]] and blas_threads() == before
+    with pytest.raises(ValueError):
+        fit_distributed(X, config, client=thread_client, block_size=100)
+    assert blas_threads() == before
+
+
 def test_graph_term_needs_a_laplacian(thread_client, small):
     X, L = small
     config = ModelConfig(n_atoms=4, lambda_g=1.0, max_outer=1)
@@ -380,8 +398,11 @@ def test_same_result_whatever_the_number_of_workers(small):
     for n_workers in (1, 2):
         with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, host="127.0.0.1",
                           **LOOPBACK) as cluster, Client(cluster) as client:
-            fit = fit_distributed(X, config, client=client, laplacian=L, block_size=100)
+            blas = []  # workers in other processes: this process's BLAS is left as it is
+            fit = fit_distributed(X, config, client=client, laplacian=L, block_size=100,
+                                  callback=lambda record, blas=blas: blas.append(blas_threads()))
             totals.append([r["total"] for r in fit.history])
+            assert blas and all(threads == blas_threads() for threads in blas)
     np.testing.assert_allclose(totals[0], totals[1], rtol=1e-5)
 
 

@@ -365,3 +365,30 @@ def test_every_flow_of_the_project_runs_its_local_tasks_on_the_stoppable_runner(
     assert len(found) >= 10, sorted(found)
     assert {name: type(each.task_runner).__name__ for name, each in found.items()
             if not isinstance(each.task_runner, StoppableTaskRunner)} == {}
+
+
+def test_task_runners_of_several_threads_and_the_train_flow_run_blas_on_one_thread_while_they_run():
+    """Tasks on several threads of one process make the parallelism, as on Dask's worker processes: BLAS on one
+    thread while the runner runs (two block iterations ran four BLAS threads on two cores), lifted after, also
+    when a task fails; a runner of one thread leaves it alone unless it trains (an in-process cluster)."""
+    from flows._dask import StoppableTaskRunner
+    from flows.train import train_flow
+    from sae.blas import blas_threads
+
+    before = blas_threads()
+    if before == [1]:
+        pytest.skip("BLAS runs on one thread in this process already (OPENBLAS_NUM_THREADS=1?)")
+    with StoppableTaskRunner(max_workers=2):
+        several = blas_threads()
+    with StoppableTaskRunner(max_workers=1):
+        alone = blas_threads()
+    assert several == [1] and alone == before and blas_threads() == before
+    with pytest.raises(ValueError):
+        with StoppableTaskRunner(max_workers=2):
+            raise ValueError("a task failed")
+    assert blas_threads() == before
+    runner = train_flow.task_runner.duplicate()  # what a flow run uses
+    assert runner.one_blas_thread and StoppableTaskRunner(max_workers=2).duplicate().one_blas_thread
+    with runner:
+        assert blas_threads() == [1]
+    assert blas_threads() == before

@@ -37,6 +37,7 @@ import numpy as np
 import scipy.sparse as sp
 import zarr
 
+from sae.blas import one_blas_thread
 from sae.config import ModelConfig
 from sae.distributed.blocks import (
     LaplacianRef,
@@ -162,6 +163,32 @@ def without_work_stealing(client: Any) -> Iterator[None]:
                 client.run_on_scheduler(_pause_work_stealing, pause=False)
             except Exception:  # the cluster is gone: nothing to resume
                 logger.debug("could not resume work stealing", exc_info=True)
+
+
+@contextmanager
+def one_blas_thread_per_task(client: Any) -> Iterator[None]:
+    """BLAS on one thread while a training runs on worker threads of this process (`sae.blas.one_blas_thread`).
+
+    Dask's worker processes start with one BLAS thread: the parallelism is the tasks'.  Workers that are
+    threads of this process (``LocalCluster(processes=False)``, what the commands run on without
+    ``--cluster``) share its BLAS, which spread each block iteration's products over both cores while the
+    other block's did the same: an iteration of the Z step on the development set took 5.2-5.5 s instead of
+    2.9 s.  Nothing changes for workers in other processes.  The limit is set from the main thread only
+    (`sae.blas.one_blas_thread`): a fit called in another thread relies on its caller's (the train flow's task
+    runner sets it for the commands).
+    """
+    import os
+
+    try:
+        pids = client.run(os.getpid)
+        threads = sum(info.get("nthreads", 0) for address, info in client.scheduler_info()["workers"].items()
+                      if pids.get(address) == os.getpid())
+    except Exception as error:  # e.g. a scheduler that refuses functions: BLAS left as it is
+        logger.warning("could not tell whether the workers are threads of this process (%s): BLAS's threads left "
+                       "as they are", error)
+        threads = 0
+    with one_blas_thread() if threads > 1 else _nothing():
+        yield
 
 
 # --------------------------------------------------------------------------- the backend
@@ -672,7 +699,8 @@ def fit_distributed(
         except Exception as error:  # only memory is at stake: the pool is also trimmed by the tasks
             logger.warning("could not start the workers' pool trimming (%s)", error)
     try:
-        with without_work_stealing(client) if tuning.pause_work_stealing else _nothing():
+        with without_work_stealing(client) if tuning.pause_work_stealing else _nothing(), \
+                one_blas_thread_per_task(client):
             return _fit_distributed(X, config, client, laplacian, block_size, laplacian_norm, lookahead,
                                     offload_previous, checkpoint, checkpoint_final_only, return_codes, callback,
                                     tuning, memory_check, order, interrupt)
