@@ -100,28 +100,17 @@ class StoppableTaskRunner(ThreadPoolTaskRunner):
     Z-step iteration or mini-batch).  A flow run entered clears it.  Every flow of the project runs its local
     tasks on it (a graph stage stopped 2.7 s after a SIGTERM instead of 200 s).
 
-    ``one_blas_thread`` (default: with more than one thread): BLAS on one thread while the runner runs, as on
-    Dask's worker processes, since its tasks make the parallelism (`sae.blas.one_blas_thread`, entered in the
-    flow's thread, the main one in a command: `sae encode` of 48 clips on two threads 49-54 s -> 38 s).  The
-    train flow asks for it with one thread: its task trains on an in-process cluster of every core.
+    With more than one thread, BLAS runs on one thread while the runner runs, as on Dask's worker processes,
+    since its tasks make the parallelism (`sae.blas.one_blas_thread`, entered in the flow's thread, the main
+    one in a command: `sae encode` of 48 clips on two threads 49-54 s -> 38 s).
     """
-
-    def __init__(self, max_workers: int | None = None, one_blas_thread: bool | None = None) -> None:
-        super().__init__(max_workers=max_workers)
-        self.one_blas_thread = self._max_workers > 1 if one_blas_thread is None else one_blas_thread
-
-    def duplicate(self) -> StoppableTaskRunner:
-        return type(self)(max_workers=self._max_workers, one_blas_thread=self.one_blas_thread)
 
     def __enter__(self) -> StoppableTaskRunner:
         STOPPING.clear()
-        self._blas = one_blas_thread() if self.one_blas_thread else nullcontext()
+        runner = super().__enter__()  # raises for a runner already started: its limit stays as it is
+        self._blas = one_blas_thread() if self._max_workers > 1 else nullcontext()
         self._blas.__enter__()
-        try:
-            return super().__enter__()
-        except BaseException:
-            self._blas.__exit__(None, None, None)
-            raise
+        return runner
 
     def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> None:
         if exc_type is not None and not issubclass(exc_type, Exception):  # TerminationSignal, KeyboardInterrupt
@@ -129,7 +118,9 @@ class StoppableTaskRunner(ThreadPoolTaskRunner):
         try:
             super().__exit__(exc_type, exc_value, traceback)
         finally:
-            self._blas.__exit__(None, None, None)
+            blas = self.__dict__.pop("_blas", None)  # (a runner is pickled with its attributes)
+            if blas is not None:
+                blas.__exit__(None, None, None)
 
 
 def not_gone(task: Any, task_run: Any, state: Any) -> bool:

@@ -12,6 +12,7 @@ from flows._dask import LOOPBACK
 from sae import store
 from sae.config import CQTConfig, ModelConfig, TrainConfig
 from sae.distributed import open_model, train_model
+from sae.blas import blas_threads
 from sae.model import fit_sae
 from sae.store.keys import model_key
 from tests.test_distributed import make_data
@@ -181,6 +182,7 @@ def test_train_flow_logs_and_matches_reference(training_store):
     path, X, _ = training_store
     train = TrainConfig(model=ModelConfig(n_atoms=8, lambda_e=1.0, max_outer=3, max_inner=50, random_state=0),
                         block_size=150)
+    blas_before = blas_threads()
     try:
         out = train_flow(store=path, preprocess_key="pre", train=train)
     finally:
@@ -192,6 +194,9 @@ def test_train_flow_logs_and_matches_reference(training_store):
     # one line per outer iteration from the task's run logger (the only one that writes "relative change")
     for outer in range(1, out["n_iter"] + 1):
         assert f"outer {outer}: objective" in printed
+    # 3 blocks on the in-process cluster's 2 threads: BLAS on one thread per product (flows.train.blas_for_training)
+    assert "(1 workers; BLAS on 1 thread(s) per product)" in printed or blas_threads() == [1]
+    assert blas_threads() == blas_before
     assert printed.count("relative change") >= out["n_iter"]
     model = open_model(path, out["key"])
     np.testing.assert_allclose(model["components"].shape, (8, X.shape[1]))
