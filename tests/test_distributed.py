@@ -635,6 +635,31 @@ def test_a_block_iteration_is_the_same_from_csr_and_dense_iterates():
     assert csr.scalars == pytest.approx(dense.scalars, rel=1e-6)
 
 
+def test_the_stacked_halo_is_its_pieces_one_after_the_other_whatever_they_are():
+    """Same-worker states (dense or CSR, x_k or x_{k-1}) cut by their plan, and packs (dense or CSR), written in
+    place into one pooled array: equal to stacking the pieces, bit for bit."""
+    rng = np.random.default_rng(5)
+
+    def sparse_codes(n):
+        codes = rng.standard_normal((n, 6)).astype(np.float32)
+        codes[rng.random(codes.shape) < 0.7] = 0
+        return codes
+
+    dense, thin = sparse_codes(40), sparse_codes(30)
+    dense_prev, thin_prev = sparse_codes(40), sparse_codes(30)
+    plan_a, plan_b = {3: np.array([5, 1, 39, 7])}, {3: np.array([0, 29, 4])}
+    pack_dense, pack_sparse = {3: sparse_codes(5)}, {3: sp.csr_array(sparse_codes(2))}
+    states = (zstep.CodeState(dense, dense_prev), zstep.CodeState(sp.csr_array(thin), sp.csr_array(thin_prev)))
+    sources = [(states[0], plan_a), pack_dense, (states[1], plan_b), pack_sparse]
+    for previous, (a, b) in ((False, (dense, thin)), (True, (dense_prev, thin_prev))):
+        expected = np.vstack([a[plan_a[3]], pack_dense[3], b[plan_b[3]], pack_sparse[3].toarray()])
+        for empty in (np.empty, memory.pooled_empty):
+            got = zstep._stacked_halo(sources, 3, 6, np.float32, previous=previous, empty=empty)
+            assert got.dtype == np.float32 and got.flags.c_contiguous
+            np.testing.assert_array_equal(got, expected)
+    assert zstep._stacked_halo([], 3, 6, np.float32).shape == (0, 6)
+
+
 def test_a_graph_row_is_the_row_of_the_sparse_products():
     """`kernel.graph_row` (neighbour rows added four at a time, then the rest) against scipy's L_own x + L_halo h,
     for rows of 0 to 9 or more entries in each part."""
