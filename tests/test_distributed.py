@@ -325,8 +325,9 @@ def test_work_stealing_is_paused_during_a_training(thread_client, small):
 
 
 def test_blas_runs_on_one_thread_while_a_training_runs_on_threads_of_this_process(thread_client, small):
-    """Workers that are threads of this process share its BLAS: one thread per product while the fit runs (each
-    task a core, as in Dask's worker processes), as it was afterwards; a fit that fails lifts it too."""
+    """Workers that are threads of this process share its BLAS: one thread per product while a fit of several
+    blocks runs (each task a core, as in Dask's worker processes), as it was afterwards; a fit that fails lifts
+    it too; a fit of one block leaves it alone."""
     X, L = small
     before = blas_threads()
     if before == [1]:
@@ -339,6 +340,10 @@ def test_blas_runs_on_one_thread_while_a_training_runs_on_threads_of_this_proces
     with pytest.raises(ValueError):
         fit_distributed(X, config, client=thread_client, block_size=100)
     assert blas_threads() == before
+    alone = []  # one block: one task at a time, its products keep every core
+    fit_distributed(X, config, client=thread_client, laplacian=L, block_size=len(X),
+                    callback=lambda record: alone.append(blas_threads()))
+    assert alone == [before, before]
 
 
 def test_graph_term_needs_a_laplacian(thread_client, small):

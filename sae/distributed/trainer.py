@@ -166,19 +166,23 @@ def without_work_stealing(client: Any) -> Iterator[None]:
 
 
 @contextmanager
-def one_blas_thread_per_task(client: Any) -> Iterator[None]:
+def one_blas_thread_per_task(client: Any, n_blocks: int) -> Iterator[None]:
     """BLAS on one thread while a training runs on worker threads of this process (`sae.blas.one_blas_thread`).
 
     Dask's worker processes start with one BLAS thread: the parallelism is the tasks'.  Workers that are
     threads of this process (``LocalCluster(processes=False)``, what the commands run on without
     ``--cluster``) share its BLAS, which spread each block iteration's products over both cores while the
     other block's did the same: an iteration of the Z step on the development set took 5.2-5.5 s instead of
-    2.9 s.  Nothing changes for workers in other processes.  The limit is set from the main thread only
+    2.9 s.  Nothing changes for workers in other processes, nor for one block (its products keep every
+    core).  The limit is set from the main thread only
     (`sae.blas.one_blas_thread`): a fit called in another thread relies on its caller's (the train flow's task
     runner sets it for the commands).
     """
     import os
 
+    if n_blocks < 2:
+        yield
+        return
     try:
         pids = client.run(os.getpid)
         threads = sum(info.get("nthreads", 0) for address, info in client.scheduler_info()["workers"].items()
@@ -700,7 +704,7 @@ def fit_distributed(
             logger.warning("could not start the workers' pool trimming (%s)", error)
     try:
         with without_work_stealing(client) if tuning.pause_work_stealing else _nothing(), \
-                one_blas_thread_per_task(client):
+                one_blas_thread_per_task(client, _n_blocks(X, block_size)):
             return _fit_distributed(X, config, client, laplacian, block_size, laplacian_norm, lookahead,
                                     offload_previous, checkpoint, checkpoint_final_only, return_codes, callback,
                                     tuning, memory_check, order, interrupt)
@@ -715,6 +719,14 @@ def fit_distributed(
 @contextmanager
 def _nothing() -> Iterator[None]:
     yield
+
+
+def _n_blocks(X: Any, block_size: Any) -> int:
+    """How many blocks a training of ``X`` cuts (0 for arguments the training refuses with its own message)."""
+    shape = getattr(X, "shape", ())
+    if len(shape) != 2 or not isinstance(block_size, (int, np.integer)) or block_size < 1:
+        return 0
+    return math.ceil(int(shape[0]) / int(block_size))
 
 
 def _fit_distributed(X: Any, config: ModelConfig, client: Any, laplacian: Any, block_size: int,
