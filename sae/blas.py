@@ -63,7 +63,13 @@ def one_blas_thread() -> Iterator[None]:
 
 
 def blas_threads() -> list[int]:
-    """The thread counts of the BLAS libraries loaded in this process, sorted and without repeats."""
+    """The thread counts of the BLAS libraries of this process threaded by their own threads, sorted, no repeats.
+
+    Left out: a BLAS threaded by OpenMP, whose count is OpenMP's, kept per thread, so that a limit set in the
+    main thread does not reach the others (faiss-cpu brings an OpenBLAS of that kind, for faiss's own
+    products; numpy's and scipy's wheels, which our products use, are threaded by their own threads).
+    """
     from threadpoolctl import threadpool_info
 
-    return sorted({info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"})
+    return sorted({info["num_threads"] for info in threadpool_info()
+                   if info["user_api"] == "blas" and info.get("threading_layer") != "openmp"})
