@@ -15,11 +15,21 @@ first outer iterations, timed as a whole and with its parts switched off:
   kNN graph of real music links frames far apart in time: neighbour rows come
   from memory).
 
+With ``--store`` (and ``--graph KEY``, default the store's only graph), the
+block is a real one: the frames of the stored graph ordered by k-means
+cluster as the trainer orders them (`sae.distributed.order.cluster_order`,
+blocks of ``--block-size``), block ``--block`` of them, with its own rows of
+the stored Laplacian, timed in the block's order (the store's within it) and
+in a bandwidth-reducing order (scipy's reverse Cuthill-McKee), alone and two
+passes at once on two threads (what two single-threaded workers, or an
+in-process cluster of two threads, run).
+
 It prints the median time per call, the share of the products, and the
 machine's float32 GEMM throughput (one thread) for reference::
 
     python bench/bench_kernel.py                     # N_b = 161,000, m = 512 (a block at GTZAN scale)
     python bench/bench_kernel.py --rows 40000 --repeats 3
+    python bench/bench_kernel.py --store dev.zarr    # a block of real music (the development set)
 """
 
 from __future__ import annotations
@@ -68,6 +78,37 @@ def laplacian(indices: np.ndarray) -> sp.csr_array:
     return laplacian_from_neighbors(indices, distances)
 
 
+def stored_block(store: str, graph: str | None, block_size: int, block: int | None) -> sp.csr_array:
+    """The own rows of L of one block of a stored graph's frames in the trainer's cluster order (sorted frames)."""
+    from sae.distributed.order import Ordering, cluster_order
+    from sae.preprocess import open_preprocessed
+    from sae.store import open_store, stage_group
+    from sae.store.sparse import read_sparse
+
+    graphs = sorted(open_store(store)["graph"].group_keys()) if graph is None else [graph]
+    if len(graphs) != 1:
+        raise SystemExit(f"--store has graphs {graphs}: name one with --graph")
+    group = stage_group(store, "graph", graphs[0], mode="r")
+    L = read_sparse(group, "laplacian")
+    X = open_preprocessed(store, group.attrs["preprocess"])["X"]
+    n_blocks = -(-L.shape[0] // block_size)
+    members = Ordering(L.shape[0], block_size, cluster_order(X, n_blocks)).members
+    rows = members[n_blocks // 2 if block is None else block]
+    own = sp.csr_array(L[rows][:, rows])
+    own.sort_indices()
+    print(f"graph/{graphs[0]}: {L.shape[0]:,} frames, {n_blocks} blocks of {block_size:,}; block "
+          f"{n_blocks // 2 if block is None else block}: {len(rows):,} frames, {100 * own.nnz / L[rows].nnz:.0f} % "
+          f"of its links inside it")
+    return own
+
+
+def in_rows_of(matrix: sp.csr_array, width: int) -> float:
+    """The share of the off-diagonal non-zeros of ``matrix`` within ``width`` rows of the diagonal."""
+    coo = sp.coo_array(matrix)
+    off = coo.row != coo.col
+    return float(np.mean(np.abs(coo.row[off] - coo.col[off]) < width))
+
+
 def gemm_gflops(rng: np.random.Generator, size: int = 2048) -> float:
     """The machine's float32 GEMM throughput on one thread (median of 5), GFLOP/s."""
     a = rng.random((size, size), dtype=np.float32)
@@ -83,8 +124,21 @@ def main() -> None:
     parser.add_argument("--bins", type=int, default=96)
     parser.add_argument("--neighbors", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--store", default=None, help="time a real block: the graph of this store (see above)")
+    parser.add_argument("--graph", default=None, help="key of graph/<key> in --store (default: its only graph)")
+    parser.add_argument("--block-size", type=int, default=50_000, help="frames per block (the trainer's default)")
+    parser.add_argument("--block", type=int, default=None, help="which block (default: the middle one)")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
+    stored = None
+    if args.store is not None:
+        from scipy.sparse.csgraph import reverse_cuthill_mckee
+
+        stored = stored_block(args.store, args.graph, args.block_size, args.block)
+        order = reverse_cuthill_mckee(stored, symmetric_mode=True)
+        reordered = sp.csr_array(stored[order][:, order])
+        reordered.sort_indices()
+        args.rows = stored.shape[0]
     N, m, n = args.rows, args.atoms, args.bins
     f32 = np.float32
     X = rng.random((N, n), dtype=f32)
@@ -107,6 +161,10 @@ def main() -> None:
         "graph, temporal": graph_rows(laplacian(temporal_neighbors(N, args.neighbors))),
         "graph, scattered": graph_rows(laplacian(scattered_neighbors(N, args.neighbors, rng))),
     }
+    if stored is not None:
+        for name, matrix in (("stored", stored), ("stored, RCM", reordered)):
+            print(f"  {name}: {100 * in_rows_of(matrix, 64):.0f} % of the links within 64 rows")
+        graphs = {"graph, stored": graph_rows(stored), "graph, stored, RCM": graph_rows(reordered)}
     iterates = Iterates(x, x_prev, P, P_prev)
     reconstruction = Reconstruction(X, C, np.ascontiguousarray(C.T))
 
@@ -136,6 +194,22 @@ def main() -> None:
         assert np.isfinite(sums[SUMS.index("l1")])
         print(f"  {name:18s} {seconds * 1e3:8.1f} ms  {flops / seconds / 1e9:6.1f} GFLOP/s "
               f"({100 * flops / seconds / 1e9 / peak:.0f}% of GEMM; products {100 * base / seconds:.0f}% of the time)")
+    if stored is not None:  # two passes at once, each on its own copy of the iterates and buffers (two workers)
+        from concurrent.futures import ThreadPoolExecutor
+
+        copies = [(Iterates(*(a.copy() for a in iterates)),
+                   Work(*(np.empty_like(a) for a in work))) for _ in range(2)]
+        rows = graphs["graph, stored"]
+        terms = Terms(True, True, True, False, False)
+
+        def pair(pool: ThreadPoolExecutor) -> None:
+            for future in [pool.submit(block_iterate, state, reconstruction, rows, none, coefficients, terms, buffers)
+                           for state, buffers in copies]:
+                future.result()
+
+        with ThreadPoolExecutor(2) as pool:
+            seconds, _ = timed(lambda: pair(pool), args.repeats)
+        print(f"  {'two at once':18s} {seconds * 1e3:8.1f} ms  for the pair (graph, stored; two threads)")
 
 
 if __name__ == "__main__":
