@@ -174,9 +174,8 @@ def one_blas_thread_per_task(client: Any, n_blocks: int) -> Iterator[None]:
     ``--cluster``) share its BLAS, which spread each block iteration's products over both cores while the
     other block's did the same: an iteration of the Z step on the development set took 5.2-5.5 s instead of
     2.9 s.  Nothing changes for workers in other processes, nor for one block (its products keep every
-    core).  The limit is set from the main thread only
-    (`sae.blas.one_blas_thread`): a fit called in another thread relies on its caller's (the train flow's task
-    runner sets it for the commands).
+    core).  The limit is set from the main thread only (`sae.blas.one_blas_thread`): a fit called in another
+    thread relies on its caller's (the commands' train flow sets it: `flows.train.blas_for_training`).
     """
     import os
 
