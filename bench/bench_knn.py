@@ -6,6 +6,10 @@ On CQT-like synthetic frames (N x 96, float32), for each N of --sizes:
   single-threaded worker processes (N <= --exact-max only: its cost grows as N^2);
 - ``sae approximate (blocked pynndescent)``: `sae.knn.approximate_neighbors`,
   same cluster (pynndescent compiled on every worker before timing, untimed);
+- ``sae exact (local threads, ...)``: the same on Dask's threaded scheduler
+  (what ``sae run`` without a cluster runs), BLAS on every core against one
+  thread per tile (`sae.blas.one_blas_thread`, what the graph stage sets when
+  it runs several tiles);
 - ``sae faiss (graph.method=faiss)``: `sae.knn.faiss_neighbors` in this
   process (all cores), self removed, ties by index;
 - peers, raw faiss in this process with all cores: ``faiss HNSW``
@@ -29,12 +33,15 @@ from __future__ import annotations
 import argparse
 import threading
 import time
+from contextlib import nullcontext
 
+import dask
 import numpy as np
 import psutil
 from distributed import Client, LocalCluster
 
 from flows._dask import LOOPBACK
+from sae.blas import one_blas_thread
 from sae.knn import (
     HNSW_EF_CONSTRUCTION,
     HNSW_EF_SEARCH,
@@ -161,6 +168,11 @@ def main() -> None:
                 lambda: approximate_neighbors(X, k, block_size=args.block_size,
                                               n_neighbors_build=args.n_neighbors_build, random_state=0),
                 args.repeats)))
+        if n <= args.exact_max:  # what `sae run` without a cluster runs: the tiles on Dask's local threads
+            for name, blas in (("BLAS on every core", nullcontext), ("BLAS on one thread", one_blas_thread)):
+                with dask.config.set(scheduler="threads"), blas():
+                    rows.append((f"sae exact (local threads, {name})", *measure(
+                        lambda: exact_neighbors(X, k, block_size=args.exact_block_size), args.repeats)))
         rows.append(("sae faiss (graph.method=faiss)", *measure(
             lambda: faiss_neighbors(X, k, block_size=args.block_size, hnsw_m=args.hnsw_m,
                                     ef_construction=args.ef_construction, ef_search=args.ef_search), args.repeats)))

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
+from prefect.context import FlowRunContext
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from sae.blas import one_blas_thread
@@ -88,6 +89,20 @@ def _stopping_check(step: str) -> Interrupt:
                           f"store keeps what was complete. Run the command again to resume.")
 
     return check
+
+
+def blas_for_local_tasks(several: Callable[[], bool]) -> AbstractContextManager[None]:
+    """BLAS on one thread (`sae.blas.one_blas_thread`) while several pieces of BLAS work of this flow run at once
+    on threads of this process (``several()``, asked only then): a training of several blocks on an in-process
+    cluster, the tiles of an exact kNN on Dask's threaded scheduler.  Only when the flow's tasks run here
+    (`StoppableTaskRunner`): a cluster's workers run BLAS on one thread already.  Entered in the flow's thread,
+    the main thread of a command, the only one OpenBLAS takes a count from; one piece of work keeps every core
+    for its products.
+    """
+    context = FlowRunContext.get()
+    if context is None or not isinstance(context.task_runner, StoppableTaskRunner) or not several():
+        return nullcontext()
+    return one_blas_thread()
 
 
 class StoppableTaskRunner(ThreadPoolTaskRunner):

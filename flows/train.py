@@ -30,7 +30,7 @@ an in-process ``distributed.LocalCluster`` of threads::
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -39,10 +39,10 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 from prefect.task_runners import TaskRunner
 
-from flows._dask import StoppableTaskRunner, dask_client, not_gone, run_gone_check
+from flows._dask import StoppableTaskRunner, blas_for_local_tasks, dask_client, not_gone, run_gone_check
 from flows._progress import Progress, worker_logs
 from flows._runs import run_namer
-from sae.blas import blas_threads, one_blas_thread
+from sae.blas import blas_threads
 from sae.config import TrainConfig
 from sae.distributed import open_model, train_model
 from sae.distributed.budget import TrainingDoesNotFit
@@ -125,21 +125,16 @@ def _model_key(parameters: dict[str, Any]) -> str:
 
 
 def blas_for_training(store: str, preprocess_key: str, train: TrainConfig) -> AbstractContextManager[None]:
-    """BLAS on one thread while a training of several blocks runs on local threads (`sae.blas.one_blas_thread`).
+    """BLAS on one thread while a training of several blocks runs on local threads (`blas_for_local_tasks`).
 
     Without a cluster the training runs on an in-process cluster of every core (`flows._dask.dask_client`),
     two blocks at once on two cores, whose workers share this process's BLAS: each block's products would
     spread over both cores while the other block's did the same (a Z-step iteration on the development set
     5.2-5.5 s -> 2.9 s with the limit).  One block (the built-in data) keeps both cores for its products.
-    Entered in the flow's thread (the main thread of a command), the only one OpenBLAS takes a count from.
     """
-    context = FlowRunContext.get()
-    if context is None or not isinstance(context.task_runner, StoppableTaskRunner):
-        return nullcontext()  # on a cluster: its workers run BLAS on one thread already
     from sae.preprocess import open_preprocessed
 
-    n_rows = open_preprocessed(store, preprocess_key)["X"].shape[0]
-    return one_blas_thread() if n_rows > train.block_size else nullcontext()
+    return blas_for_local_tasks(lambda: open_preprocessed(store, preprocess_key)["X"].shape[0] > train.block_size)
 
 
 @flow(name="train", flow_run_name=run_namer("train", _model_key), task_runner=StoppableTaskRunner(max_workers=1))

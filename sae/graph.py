@@ -42,6 +42,7 @@ True
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Literal
 
 import numpy as np
@@ -315,6 +316,18 @@ def laplacian_from_neighbors(
 # --------------------------------------------------------------------------- the graph stage in a store
 
 
+RECALL_BLOCK = 8192
+"""The recall check's exact search (`sae.knn.sample_recall`) runs by blocks of at most this many frames."""
+
+
+def exact_tiles(n_rows: int, config: Any) -> int:
+    """How many exact-distance tile tasks (BLAS products) the graph stage of ``n_rows`` frames runs: the exact
+    kNN's one per pair of blocks, else the recall check's one per block (none without it)."""
+    if config.method == "exact":
+        return math.ceil(n_rows / config.block_size) ** 2
+    return math.ceil(n_rows / min(config.block_size, RECALL_BLOCK)) if config.recall_sample > 0 else 0
+
+
 def run_graph(
     store_path: Any,
     preprocess_key: str,
@@ -387,7 +400,7 @@ def run_graph(
     if config.method != "exact" and config.recall_sample > 0:
         measured = sample_recall(
             X, indices, distances, n_queries=config.recall_sample, metric=config.metric,
-            block_size=min(config.block_size, 8192), random_state=config.random_state,
+            block_size=min(config.block_size, RECALL_BLOCK), random_state=config.random_state,
         )
         recall, recall_queries = measured["recall"], measured["n_queries"]
     W = adjacency_matrix(
