@@ -41,6 +41,31 @@ def prefect_harness(tmp_path_factory):
                 os.environ[name] = value
 
 
+@pytest.fixture
+def task_run_messages():
+    """The messages of Prefect's task run loggers during the test (a list, filled as they log).
+
+    A handler on the run logger itself: independent of propagation and of stderr capture.
+    """
+    import logging
+
+    class Collect(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.INFO)
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    collect = Collect()
+    run_logger = logging.getLogger("prefect.task_runs")
+    run_logger.addHandler(collect)
+    try:
+        yield collect.messages
+    finally:
+        run_logger.removeHandler(collect)
+
+
 @pytest.fixture(autouse=True)
 def _restore_dask_config():
     """Give every test the dask configuration it started with.

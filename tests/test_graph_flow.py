@@ -164,37 +164,20 @@ def test_an_interrupted_preprocess_or_graph_is_never_complete_and_its_rerun_comp
         assert out["key"] == keys[stage] and not out["skipped"] and store.is_complete(store_path, stage, keys[stage])
 
 
-def test_exact_tiles_on_local_threads_run_blas_on_one_thread_each(store_path):
+def test_exact_tiles_on_local_threads_run_blas_on_one_thread_each(store_path, task_run_messages):
     """Several exact tiles on Dask's local threads at once: BLAS on one thread each while the graph stage runs
     (29,800 frames in blocks of 8,192: 7.7 -> 5.0 s), lifted after; one tile keeps every core."""
-    import logging
-
     from sae.blas import blas_threads
 
     before = blas_threads()
     if before == [1]:
         pytest.skip("BLAS runs on one thread in this process already (OPENBLAS_NUM_THREADS=1?)")
-
-    class Collect(logging.Handler):
-        def __init__(self):
-            super().__init__()
-            self.messages = []
-
-        def emit(self, record):
-            self.messages.append(record.getMessage())
-
-    collect = Collect()
-    run_logger = logging.getLogger("prefect.task_runs")
-    run_logger.addHandler(collect)
     preprocess = PreprocessConfig(frames_per_clip=20)
-    try:
-        run_graph_flow(store_path, preprocess, GraphConfig(method="exact", block_size=64))  # 220 rows: 16 tiles
-        several = [m for m in collect.messages if m.startswith("kNN (exact")]
-        collect.messages.clear()
-        run_graph_flow(store_path, preprocess, GraphConfig(method="exact", block_size=256))  # one tile
-        alone = [m for m in collect.messages if m.startswith("kNN (exact")]
-    finally:
-        run_logger.removeHandler(collect)
+    run_graph_flow(store_path, preprocess, GraphConfig(method="exact", block_size=64))  # 220 rows: 16 tiles
+    several = [m for m in task_run_messages if m.startswith("kNN (exact")]
+    task_run_messages.clear()
+    run_graph_flow(store_path, preprocess, GraphConfig(method="exact", block_size=256))  # one tile
+    alone = [m for m in task_run_messages if m.startswith("kNN (exact")]
     assert several == ["kNN (exact, euclidean) on threads; BLAS on 1 thread(s) per product"]
     assert alone == [f"kNN (exact, euclidean) on threads; BLAS on {'/'.join(map(str, before))} thread(s) per product"]
     assert blas_threads() == before

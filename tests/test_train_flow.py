@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 
 import numpy as np
 import pytest
@@ -164,30 +163,15 @@ def test_a_damaged_checkpoint_is_trained_again_from_the_start(training_store, cl
 
 
 @pytest.mark.slow
-def test_train_flow_logs_and_matches_reference(training_store):
+def test_train_flow_logs_and_matches_reference(training_store, task_run_messages):
     from flows.train import train_flow
 
-    class Collect(logging.Handler):
-        def __init__(self):
-            super().__init__(logging.INFO)
-            self.messages = []
-
-        def emit(self, record):
-            self.messages.append(record.getMessage())
-
-    # A handler on the run logger itself: independent of propagation and of stderr capture.
-    collect = Collect()
-    run_logger = logging.getLogger("prefect.task_runs")
-    run_logger.addHandler(collect)
     path, X, _ = training_store
     train = TrainConfig(model=ModelConfig(n_atoms=8, lambda_e=1.0, max_outer=3, max_inner=50, random_state=0),
                         block_size=150)
     blas_before = blas_threads()
-    try:
-        out = train_flow(store=path, preprocess_key="pre", train=train)
-    finally:
-        run_logger.removeHandler(collect)
-    printed = "\n".join(collect.messages)
+    out = train_flow(store=path, preprocess_key="pre", train=train)
+    printed = "\n".join(task_run_messages)
     reference = fit_sae(X, train.model)
     assert abs(out["objective"] - reference.history[-1]["total"]) <= 5e-3 * reference.history[-1]["total"]
     assert out["n_iter"] == reference.n_iter
