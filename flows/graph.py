@@ -37,7 +37,7 @@ from flows._dask import StoppableTaskRunner, blas_for_local_tasks, checked, clus
 from flows._progress import Progress, worker_logs
 from flows._runs import run_namer
 from sae.config import GraphConfig, PreprocessConfig
-from sae.blas import blas_threads
+from sae.blas import blas_threads_text
 from sae.graph import exact_tiles, run_graph
 from sae.preprocess import run_preprocess
 from sae.store.keys import graph_key, preprocess_key
@@ -67,7 +67,7 @@ def graph_task(store: str, preprocess_key: str, config: GraphConfig) -> dict[str
     """kNN, recall, W and L written to ``graph/<key>``."""
     gone = run_gone_check("the graph")
     with worker_logs(store), dask_scheduler() as where:
-        blas = f"; BLAS on {'/'.join(map(str, blas_threads()))} thread(s) per product" if where == "threads" else ""
+        blas = f"; {blas_threads_text()}" if where == "threads" else ""
         get_run_logger().info("kNN (%s, %s) on %s%s", config.method, config.metric, where, blas)
         progress = Progress("knn", None, "steps", store=store, log_seconds=10.0)
         return run_graph(store, preprocess_key, config, progress=checked(progress, gone), interrupt=gone)

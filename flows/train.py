@@ -42,7 +42,7 @@ from prefect.task_runners import TaskRunner
 from flows._dask import StoppableTaskRunner, blas_for_local_tasks, dask_client, not_gone, run_gone_check
 from flows._progress import Progress, worker_logs
 from flows._runs import run_namer
-from sae.blas import blas_threads
+from sae.blas import blas_threads_text
 from sae.config import TrainConfig
 from sae.distributed import open_model, train_model
 from sae.distributed.budget import TrainingDoesNotFit
@@ -88,8 +88,7 @@ def train_task(store: str, preprocess_key: str, graph_key: str | None, train: Tr
     gone = run_gone_check(f"the training of model/{key}")
     with worker_logs(store), dask_client() as client:
         address = client.scheduler.address
-        blas = (f"; BLAS on {'/'.join(map(str, blas_threads()))} thread(s) per product"
-                if address.startswith("inproc://") else "")  # an in-process cluster: this process's BLAS
+        blas = f"; {blas_threads_text()}" if address.startswith("inproc://") else ""  # this process's BLAS
         logger.info("training on %s (%d workers%s)", address, len(client.scheduler_info()["workers"]), blas)
         out = train_model(store, preprocess_key, train, client=client, graph_key=graph_key, callback=report,
                           interrupt=gone)

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["one_blas_thread", "blas_threads"]
+__all__ = ["one_blas_thread", "blas_threads", "blas_threads_text"]
 
 _STATE: dict[str, Any] = {"pid": None, "depth": 0, "limit": None}
 
@@ -73,3 +73,8 @@ def blas_threads() -> list[int]:
 
     return sorted({info["num_threads"] for info in threadpool_info()
                    if info["user_api"] == "blas" and info.get("threading_layer") != "openmp"})
+
+
+def blas_threads_text() -> str:
+    """``"BLAS on N thread(s) per product"`` (counts of `blas_threads` joined by ``/``), for the stages' logs."""
+    return f"BLAS on {'/'.join(map(str, blas_threads()))} thread(s) per product"

@@ -725,7 +725,7 @@ def _n_blocks(X: Any, block_size: Any) -> int:
     shape = getattr(X, "shape", ())
     if len(shape) != 2 or not isinstance(block_size, (int, np.integer)) or block_size < 1:
         return 0
-    return math.ceil(int(shape[0]) / int(block_size))
+    return len(block_bounds(int(shape[0]), int(block_size)))
 
 
 def _fit_distributed(X: Any, config: ModelConfig, client: Any, laplacian: Any, block_size: int,
